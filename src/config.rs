@@ -1,0 +1,741 @@
+//! The whole configuration surface: defaults, loading, validation and redaction.
+//!
+//! Configuration is layered: built-in defaults, then an optional TOML file (`--config PATH`),
+//! then environment variables `OUTBOX_RELAY_<SECTION>__<KEY>`. Everything the rest of the crate
+//! reads comes from a [`Config`] that has passed [`Config::validate`], so the loops never meet a
+//! value they have to second-guess. Every error names the key it is about, in one line, because
+//! the operator reading it has only that line to go on.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::table::{Identifier, TopicTemplate};
+
+/// Prefix of every environment variable the relay reads.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
+
+/// Environment variable naming the config file, the same as `--config`.
+pub const CONFIG_FILE_ENV: &str = "OUTBOX_RELAY_CONFIG";
+
+/// Properties the relay sets itself because its delivery guarantee depends on them.
+/// A user value that contradicts one of these is a configuration error, not a silent override.
+const ENFORCED_PROPERTIES: &[(&str, &[&str], &str)] = &[
+    (
+        "enable.idempotence",
+        &["true"],
+        "the relay needs the idempotent producer so that librdkafka's retries never duplicate or reorder records",
+    ),
+    (
+        "acks",
+        &["all", "-1"],
+        "a row is marked published only after every in-sync replica has it",
+    ),
+    (
+        "request.required.acks",
+        &["all", "-1"],
+        "a row is marked published only after every in-sync replica has it",
+    ),
+];
+
+/// Words that mark a librdkafka property as secret in `config` output and logs.
+const SECRET_PROPERTY_WORDS: &[&str] =
+    &["password", "secret", "pem", "token", "oauthbearer.config"];
+
+/// The effective configuration of one relay process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The PostgreSQL database that holds the outbox table.
+    pub database: DatabaseConfig,
+    /// The Kafka cluster the rows are published to.
+    pub kafka: KafkaConfig,
+    /// Where the outbox rows live and how their columns map onto a Kafka record.
+    pub outbox: OutboxConfig,
+    /// How the relay loop batches, polls, backs off and stops.
+    pub relay: RelayConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// Log output.
+    pub log: LogConfig,
+}
+
+/// `[database]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// A libpq-style connection string: a `postgres://` URL or `key=value` pairs.
+    pub url: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://postgres@localhost:5432/postgres".to_owned(),
+        }
+    }
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap brokers, `host:port`.
+    pub brokers: String,
+    /// librdkafka producer properties passed through as they are (keys as in librdkafka's
+    /// CONFIGURATION.md; an underscore in a key stands for a dot, so that environment
+    /// variables can carry them).
+    #[serde(deserialize_with = "deserialize_properties")]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "localhost:9092".to_owned(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[outbox]`: the table and how its columns become a Kafka record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// The outbox table, optionally schema-qualified (`app.outbox`). Taken literally, so
+    /// case matters.
+    pub table: String,
+    /// Builds the topic from columns, for example `outbox.event.{aggregatetype}`.
+    /// When set, `columns.topic` is not used.
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub topic_template: Option<String>,
+    /// What "published" means for a row: `update` sets the published-at column, `delete`
+    /// removes the row once the broker has it.
+    pub mark: MarkMode,
+    /// Column names.
+    pub columns: Columns,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            table: "outbox".to_owned(),
+            topic_template: None,
+            mark: MarkMode::Update,
+            columns: Columns::default(),
+        }
+    }
+}
+
+/// How a row is recorded as published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarkMode {
+    /// Set the published-at column to `now()`; the row stays for `audit` and history.
+    Update,
+    /// Delete the row; the table holds only what is still to be published.
+    Delete,
+}
+
+/// `[outbox.columns]`: the name of each column the relay reads or writes. An empty string
+/// means the table has no such column (allowed for the optional ones).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Columns {
+    /// Identifies a row when marking it; also the claim order unless `order_by` is set.
+    pub id: String,
+    /// Orders the claim; per-key order on the topic follows it. Defaults to `id`.
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub order_by: Option<String>,
+    /// The stable id sent as the `event_id` header (may be the same column as `id`).
+    pub event_id: String,
+    /// The topic, unless `outbox.topic_template` is set.
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub topic: Option<String>,
+    /// The record key; rows without one are spread over partitions.
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub key: Option<String>,
+    /// The record value: jsonb, json, text or bytea. NULL is a tombstone.
+    pub payload: String,
+    /// A JSON object of string values, sent as record headers.
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub headers: Option<String>,
+    /// When the row was written; feeds the oldest-pending-age metric.
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub created_at: Option<String>,
+    /// Set when the broker has the row (`mark = "update"`).
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub published_at: Option<String>,
+    /// Counts failed delivery attempts.
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub attempts: Option<String>,
+    /// The error of the last failed attempt.
+    #[serde(
+        serialize_with = "serialize_optional",
+        deserialize_with = "deserialize_optional"
+    )]
+    pub last_error: Option<String>,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Columns {
+            id: "id".to_owned(),
+            order_by: None,
+            event_id: "event_id".to_owned(),
+            topic: Some("topic".to_owned()),
+            key: Some("key".to_owned()),
+            payload: "payload".to_owned(),
+            headers: Some("headers".to_owned()),
+            created_at: Some("created_at".to_owned()),
+            published_at: Some("published_at".to_owned()),
+            attempts: Some("attempts".to_owned()),
+            last_error: Some("last_error".to_owned()),
+        }
+    }
+}
+
+/// `[relay]`: the loop's pacing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Most rows claimed and produced in one batch.
+    pub batch_size: usize,
+    /// How long an idle relay waits before looking for new rows again.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// First wait after a database or broker failure; doubles up to `backoff_max`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Longest wait between retries.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// After SIGTERM, how long the relay may spend finishing its in-flight batch. Rows
+    /// still unacknowledged then stay unpublished and are sent again by the next run.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// How often the pending-row metrics are refreshed.
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(200),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            stats_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving `/metrics`; empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9187".to_owned(),
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `outbox_relay=debug,rdkafka=warn`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration problem, always tied to the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// Dotted key, for example `relay.batch_size`.
+    pub key: String,
+    /// What is wrong and, where it helps, what to do.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file at `path` if given, then `OUTBOX_RELAY_*`
+    /// environment variables, and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(path)
+    }
+
+    fn load_from(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{}: no such file", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // `OUTBOX_RELAY_CONFIG` names the file, it is not a key of the file.
+        let env = Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__");
+        let config: Config = figment
+            .merge(env)
+            .extract()
+            .map_err(|error| describe_figment_error(&error))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value the loops rely on. Called by [`Config::load`]; call it again after
+    /// changing a loaded config in code.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.database
+            .url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| {
+                ConfigError::new("database.url", describe_url_error(&self.database.url, &e))
+            })?;
+
+        if self.kafka.brokers.split(',').all(|b| b.trim().is_empty()) {
+            return Err(ConfigError::new(
+                "kafka.brokers",
+                "is empty; give host:port[,host:port...]",
+            ));
+        }
+        for (name, value) in &self.kafka.properties {
+            check_property(name, value)?;
+        }
+        // librdkafka checks every property name and value when a native config is built;
+        // doing it here turns a typo into an exit-2 error instead of a failing daemon.
+        if let Err(e) = crate::publisher::producer_config(self).create_native_config() {
+            let key = match &e {
+                rdkafka::error::KafkaError::ClientConfig(_, _, key, _) => {
+                    format!("kafka.properties.{key}")
+                }
+                _ => "kafka.properties".to_owned(),
+            };
+            return Err(ConfigError::new(
+                key,
+                format!("rejected by librdkafka: {}", config_error_text(&e)),
+            ));
+        }
+
+        self.validate_outbox()?;
+
+        let relay = &self.relay;
+        if !(1..=100_000).contains(&relay.batch_size) {
+            return Err(ConfigError::new(
+                "relay.batch_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        for (key, value) in [
+            ("relay.poll_interval", relay.poll_interval),
+            ("relay.backoff_initial", relay.backoff_initial),
+            ("relay.backoff_max", relay.backoff_max),
+            ("relay.stats_interval", relay.stats_interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+        }
+        if relay.backoff_max < relay.backoff_initial {
+            return Err(ConfigError::new(
+                "relay.backoff_max",
+                "must not be less than relay.backoff_initial",
+            ));
+        }
+
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                format!(
+                    "\"{}\" is not an address; use IP:PORT such as 0.0.0.0:9187, or \"\" to disable",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::new("log.level", format!("\"{}\": {e}", self.log.level)))?;
+        Ok(())
+    }
+
+    fn validate_outbox(&self) -> Result<(), ConfigError> {
+        let outbox = &self.outbox;
+        Identifier::parse_qualified(&outbox.table)
+            .map_err(|p| ConfigError::new("outbox.table", p))?;
+        let columns = &outbox.columns;
+        for (key, name) in columns.named() {
+            Identifier::parse(name)
+                .map_err(|p| ConfigError::new(format!("outbox.columns.{key}"), p))?;
+        }
+        match (&outbox.topic_template, &columns.topic) {
+            (Some(template), _) => {
+                TopicTemplate::parse(template)
+                    .map_err(|p| ConfigError::new("outbox.topic_template", p))?;
+            }
+            (None, Some(_)) => {}
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "outbox.columns.topic",
+                    "is empty and outbox.topic_template is not set; the relay needs one of them to know the topic",
+                ));
+            }
+        }
+        if outbox.mark == MarkMode::Update && columns.published_at.is_none() {
+            return Err(ConfigError::new(
+                "outbox.columns.published_at",
+                "is empty, but outbox.mark = \"update\" needs it; name the column or set outbox.mark = \"delete\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, with passwords and other secrets replaced by `********`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut redacted = self.clone();
+        redacted.database.url = redact_connection_string(&self.database.url);
+        for (name, value) in redacted.kafka.properties.iter_mut() {
+            if is_secret_property(name) {
+                *value = REDACTED.to_owned();
+            }
+        }
+        // Serializing plain structs of strings, numbers and maps cannot fail.
+        toml::to_string(&redacted).unwrap_or_else(|e| format!("# could not render config: {e}\n"))
+    }
+}
+
+impl Columns {
+    /// Every configured column name with its key under `outbox.columns`.
+    pub fn named(&self) -> Vec<(&'static str, &str)> {
+        let mut named = vec![
+            ("id", self.id.as_str()),
+            ("event_id", self.event_id.as_str()),
+            ("payload", self.payload.as_str()),
+        ];
+        for (key, column) in [
+            ("order_by", &self.order_by),
+            ("topic", &self.topic),
+            ("key", &self.key),
+            ("headers", &self.headers),
+            ("created_at", &self.created_at),
+            ("published_at", &self.published_at),
+            ("attempts", &self.attempts),
+            ("last_error", &self.last_error),
+        ] {
+            if let Some(column) = column {
+                named.push((key, column.as_str()));
+            }
+        }
+        named
+    }
+}
+
+/// Shown in place of a secret.
+pub const REDACTED: &str = "********";
+
+/// Whether a librdkafka property holds a secret that must never be printed.
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_PROPERTY_WORDS.iter().any(|word| name.contains(word))
+}
+
+/// Replaces the password in a `postgres://` URL or a `key=value` connection string.
+pub fn redact_connection_string(conn: &str) -> String {
+    if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
+        return match url::Url::parse(conn) {
+            Ok(mut url) => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some(REDACTED));
+                }
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k.eq_ignore_ascii_case("password") {
+                            REDACTED.to_owned()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                if !pairs.is_empty() {
+                    url.query_pairs_mut().clear().extend_pairs(pairs);
+                }
+                url.to_string()
+            }
+            // A URL we cannot parse may still hold a password; show nothing of it.
+            Err(_) => REDACTED.to_owned(),
+        };
+    }
+    redact_key_value_password(conn)
+}
+
+/// Redacts `password=...` (quoted or not) in a libpq key/value string.
+fn redact_key_value_password(conn: &str) -> String {
+    let mut out = String::with_capacity(conn.len());
+    let mut rest = conn;
+    while let Some(pos) = find_password_key(rest) {
+        out.push_str(&rest[..pos]);
+        let after_key = &rest[pos + "password".len()..];
+        let eq = after_key.find('=').map(|i| i + 1).unwrap_or(0);
+        out.push_str(&rest[pos..pos + "password".len() + eq]);
+        let value = after_key[eq..].trim_start();
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            let mut end = quoted.len();
+            for (i, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            1 + end
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        out.push_str(REDACTED);
+        rest = &value[value_len.min(value.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Position of a `password` key (followed by optional spaces and `=`) in a key/value string.
+fn find_password_key(s: &str) -> Option<usize> {
+    let lower = s.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(found) = lower[from..].find("password") {
+        let pos = from + found;
+        let starts_word = pos == 0 || lower.as_bytes()[pos - 1].is_ascii_whitespace();
+        let followed_by_eq = lower[pos + "password".len()..]
+            .trim_start()
+            .starts_with('=');
+        if starts_word && followed_by_eq {
+            return Some(pos);
+        }
+        from = pos + 1;
+    }
+    None
+}
+
+/// tokio-postgres says only "invalid connection string"; find the part that is wrong so the
+/// operator does not have to. Never echoes the password.
+fn describe_url_error(url: &str, error: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    let detail = error.source().map(|s| format!(": {s}")).unwrap_or_default();
+    if let Some(rest) = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+    {
+        let authority = rest.split(['/', '?']).next().unwrap_or("");
+        let host_port = authority.rsplit('@').next().unwrap_or("");
+        for host in host_port.split(',') {
+            if let Some((_, port)) = host.rsplit_once(':')
+                && !port.is_empty()
+                && port.parse::<u16>().is_err()
+                && !host.ends_with(']')
+            {
+                return format!("invalid port \"{port}\"");
+            }
+        }
+        return format!("not a valid postgres:// URL{detail}");
+    }
+    format!(
+        "not a valid connection string (postgres://user@host:port/db or key=value pairs){detail}"
+    )
+}
+
+fn check_property(name: &str, value: &str) -> Result<(), ConfigError> {
+    let key = format!("kafka.properties.{name}");
+    if name == "bootstrap.servers" || name == "metadata.broker.list" {
+        return Err(ConfigError::new(
+            key,
+            "set the brokers with kafka.brokers instead",
+        ));
+    }
+    for (enforced, allowed, why) in ENFORCED_PROPERTIES {
+        if name == *enforced && !allowed.contains(&value.to_ascii_lowercase().as_str()) {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "\"{value}\" is not allowed: {why}; remove the key or set it to \"{}\"",
+                    allowed[0]
+                ),
+            ));
+        }
+    }
+    if name == "transactional.id" {
+        return Err(ConfigError::new(
+            key,
+            "the relay does not use Kafka transactions; remove the key",
+        ));
+    }
+    Ok(())
+}
+
+fn config_error_text(error: &rdkafka::error::KafkaError) -> String {
+    match error {
+        rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => description.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Turns a figment error into one line that names the key and where its value came from.
+fn describe_figment_error(error: &figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let mut path = error.path.clone();
+    let problem = match &error.kind {
+        Kind::UnknownField(field, expected) => {
+            if path.last() != Some(field) {
+                path.push(field.clone());
+            }
+            let expected: Vec<String> = expected.iter().map(|e| e.to_string()).collect();
+            format!("unknown key; expected one of: {}", expected.join(", "))
+        }
+        Kind::MissingField(field) => {
+            path.push(field.to_string());
+            "is required".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let origin = error.metadata.as_ref().map(|meta| match &meta.source {
+        Some(figment::Source::File(file)) => format!(" (in {})", file.display()),
+        _ if meta.name.contains("environment") => {
+            let var: Vec<String> = path.iter().map(|k| k.to_ascii_uppercase()).collect();
+            format!(
+                " (from environment variable {ENV_PREFIX}{})",
+                var.join("__")
+            )
+        }
+        _ => String::new(),
+    });
+    let key = if path.is_empty() {
+        "config".to_owned()
+    } else {
+        path.join(".")
+    };
+    ConfigError::new(key, format!("{problem}{}", origin.unwrap_or_default()))
+}
+
+/// Environment values arrive as TOML-ish scalars (figment parses `5000` as a number), and TOML
+/// files may write numbers and booleans; librdkafka wants strings. Underscores in keys stand
+/// for dots because environment variable names cannot hold dots.
+fn deserialize_properties<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: BTreeMap<String, Scalar> = BTreeMap::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| (k.replace('_', "."), v.0))
+        .collect())
+}
+
+struct Scalar(String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Any {
+            S(String),
+            I(i64),
+            U(u64),
+            F(f64),
+            B(bool),
+        }
+        Ok(Scalar(
+            match Any::deserialize(d)
+                .map_err(|_| serde::de::Error::custom("expected a string, number or boolean"))?
+            {
+                Any::S(s) => s,
+                Any::I(i) => i.to_string(),
+                Any::U(u) => u.to_string(),
+                Any::F(f) => f.to_string(),
+                Any::B(b) => b.to_string(),
+            },
+        ))
+    }
+}
+
+/// Optional names are written as an empty string when absent, since neither TOML nor
+/// environment variables can say "null".
+fn deserialize_optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    Ok(s.filter(|s| !s.is_empty()))
+}
+
+fn serialize_optional<S: Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(value.as_deref().unwrap_or(""))
+}

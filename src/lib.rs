@@ -1,0 +1,35 @@
+//! outbox-relay: publishes the rows of a transactional outbox table to Kafka.
+//!
+//! Applications insert an event row into the outbox table in the same transaction as their
+//! business change. The relay claims unpublished rows in order, produces them with an
+//! idempotent producer, waits for every delivery report, and only then marks the acknowledged
+//! rows published. Delivery is at-least-once: a crash between the broker's acknowledgement and
+//! the mark publishes those rows again, and every record carries the row's stable `event_id`
+//! header so consumers can drop the repeat.
+//!
+//! The modules follow the data flow:
+//!
+//! - [`config`]: the configuration surface, its defaults, validation and redaction.
+//! - [`schema`]: the outbox table's migrations, embedded from `sql/migrations/`.
+//! - [`table`]: which column plays which role, checked against the catalog; all outbox SQL.
+//! - [`outbox`]: the database side: claim, mark published, record failures, stats.
+//! - [`record`]: what Kafka record a row becomes (key, value, headers, `event_id`).
+//! - [`publisher`]: the Kafka side: producer settings, sending, delivery outcomes.
+//! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`shutdown`], [`backoff`]: the small pieces the loop is built from.
+
+pub mod backoff;
+pub mod config;
+pub mod metrics;
+pub mod outbox;
+pub mod publisher;
+pub mod record;
+pub mod relay;
+pub mod schema;
+pub mod shutdown;
+pub mod table;
+
+pub use config::Config;
+pub use relay::Relay;
+pub use shutdown::Shutdown;

@@ -1,0 +1,126 @@
+//! The `outbox-relay` command: parse arguments, load the configuration, call into the library,
+//! and turn the result into an exit code (0 done, 1 failed, 2 configuration problem).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use outbox_relay::config::{CONFIG_FILE_ENV, Config, LogFormat};
+use outbox_relay::{Relay, Shutdown, schema};
+
+/// Publishes the rows of a transactional outbox table to Kafka, at least once, in order per key.
+#[derive(Parser)]
+#[command(name = "outbox-relay", version)]
+struct Cli {
+    /// TOML configuration file; environment variables OUTBOX_RELAY_<SECTION>__<KEY> override it.
+    #[arg(long, short, global = true, env = CONFIG_FILE_ENV, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Relay outbox rows to Kafka until SIGTERM or SIGINT.
+    Run,
+    /// Create or upgrade the standard outbox table (running it again is a no-op).
+    Migrate,
+    /// Print the effective configuration as TOML, with secrets redacted.
+    Config,
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("outbox-relay: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Command::Config = cli.command {
+        print!("{}", config.to_redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("outbox-relay: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run => run(config).await,
+            Command::Migrate => migrate(config).await,
+            Command::Config => ExitCode::SUCCESS,
+        }
+    })
+}
+
+async fn run(config: Config) -> ExitCode {
+    let shutdown = Shutdown::new();
+    if let Err(e) = shutdown.on_signals() {
+        eprintln!("outbox-relay: cannot install signal handlers: {e}");
+        return ExitCode::from(EXIT_FAILED);
+    }
+    let result = match Relay::new(config, shutdown) {
+        Ok(relay) => relay.run().await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "relay stopped");
+            eprintln!("outbox-relay: {e}");
+            ExitCode::from(if e.is_config_problem() {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILED
+            })
+        }
+    }
+}
+
+async fn migrate(config: Config) -> ExitCode {
+    match schema::migrate(&config).await {
+        Ok(report) if report.applied.is_empty() => {
+            println!("schema is up to date (version {})", report.version);
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            for name in &report.applied {
+                println!("applied {name}");
+            }
+            println!("schema is at version {}", report.version);
+            ExitCode::SUCCESS
+        }
+        Err(e @ schema::MigrateError::CustomLayout) => {
+            eprintln!("outbox-relay: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("outbox-relay: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    // RUST_LOG, when set, wins over log.level: it is the usual way to turn up logging briefly.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

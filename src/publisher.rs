@@ -1,0 +1,236 @@
+//! Everything that touches Kafka: producer setup, sending a batch of records, and reading the
+//! delivery reports back into a per-row outcome.
+//!
+//! The producer is idempotent with `acks=all`, so librdkafka's own retries neither duplicate
+//! nor reorder records within a partition, and an acknowledged record is on every in-sync
+//! replica. Keys are partitioned with murmur2 as the Java client does, so a key lands where a
+//! Java producer would put it. This module reports outcomes; it never touches the table.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+
+use crate::config::Config;
+use crate::record::Record;
+
+/// Producer settings the relay chooses. Users may override the tunable ones through
+/// `kafka.properties`; the guarantee-bearing ones are refused by config validation.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("client.id", "outbox-relay"),
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    // Java-compatible murmur2 for keyed records; NULL keys are spread at random.
+    ("partitioner", "murmur2_random"),
+    // Java's delivery.timeout.ms default: long enough to ride out a broker restart, short
+    // enough that a dead cluster surfaces as row errors and metrics within minutes.
+    ("message.timeout.ms", "120000"),
+];
+
+/// A failure at the Kafka boundary that is not about one record.
+#[derive(Debug, thiserror::Error)]
+pub enum PublisherError {
+    /// librdkafka refused to create the producer.
+    #[error("cannot create the Kafka producer: {0}")]
+    Create(KafkaError),
+}
+
+/// Why one record did not reach the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryError {
+    /// A short, fixed label for metrics (`message_timeout`, `unknown_topic`, ...).
+    pub reason: &'static str,
+    /// The full error, stored in the row's last-error column.
+    pub message: String,
+    /// Whether the broker side may accept it later without any change to the row.
+    pub transient: bool,
+}
+
+/// What happened to one record of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The broker acknowledged it; its row may be marked published.
+    Acked,
+    /// It was not delivered; its row stays unpublished and records the error.
+    Failed(DeliveryError),
+    /// It was not sent because an earlier record of the same topic and key failed to enqueue;
+    /// sending it would have overtaken that record. The row stays unpublished, untouched.
+    Deferred,
+}
+
+/// The Kafka producer with the relay's settings.
+pub struct Publisher {
+    producer: FutureProducer<RelayContext>,
+}
+
+/// The librdkafka configuration for a relay: brokers, the relay's defaults, then the user's
+/// properties.
+pub fn producer_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (name, value) in PRODUCER_DEFAULTS {
+        client.set(*name, *value);
+    }
+    for (name, value) in &config.kafka.properties {
+        client.set(name, value);
+    }
+    client.set_log_level(RDKafkaLogLevel::Info);
+    client
+}
+
+impl Publisher {
+    /// Creates the producer. It connects lazily, so an unreachable broker is not an error here;
+    /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
+    pub fn new(config: &Config) -> Result<Publisher, PublisherError> {
+        let producer = producer_config(config)
+            .create_with_context(RelayContext)
+            .map_err(PublisherError::Create)?;
+        Ok(Publisher { producer })
+    }
+
+    /// Sends every record and waits for every delivery report. Records of one topic and key
+    /// are enqueued in the given order; the idempotent producer keeps that order per partition.
+    pub async fn publish(&self, records: &[Record]) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Deferred; records.len()];
+        let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(records.len());
+        let mut blocked: HashSet<(&str, Option<&str>)> = HashSet::new();
+        let mut next_to_await = 0;
+
+        for (index, record) in records.iter().enumerate() {
+            let key = (record.topic.as_str(), record.key.as_deref());
+            if blocked.contains(&key) {
+                continue;
+            }
+            loop {
+                match self.producer.send_result(future_record(record)) {
+                    Ok(delivery) => {
+                        in_flight.push((index, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                        if next_to_await < in_flight.len() =>
+                    {
+                        // The local queue is full: wait for the oldest record to be acknowledged,
+                        // which frees its slot, then try again.
+                        let (done, delivery) = &mut in_flight[next_to_await];
+                        outcomes[*done] = outcome_of(delivery.await);
+                        next_to_await += 1;
+                    }
+                    Err((error, _)) => {
+                        outcomes[index] = Outcome::Failed(classify(&error));
+                        blocked.insert(key);
+                        break;
+                    }
+                }
+            }
+        }
+        for (index, delivery) in in_flight.into_iter().skip(next_to_await) {
+            outcomes[index] = outcome_of(delivery.await);
+        }
+        outcomes
+    }
+
+    /// Waits up to `timeout` for queued records to be delivered (at shutdown).
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)
+    }
+
+    /// A fatal producer error (the idempotent producer lost its guarantees, for example after a
+    /// sequence gap); the producer must be replaced.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
+    }
+}
+
+fn future_record(record: &Record) -> FutureRecord<'_, str, [u8]> {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (name, value) in &record.headers {
+        headers = headers.insert(Header {
+            key: name,
+            value: value.as_deref(),
+        });
+    }
+    let mut future = FutureRecord::to(&record.topic).headers(headers);
+    if let Some(key) = &record.key {
+        future = future.key(key.as_str());
+    }
+    if let Some(payload) = &record.payload {
+        future = future.payload(payload.as_slice());
+    }
+    future
+}
+
+fn outcome_of(
+    report: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) -> Outcome {
+    match report {
+        Ok(Ok(_)) => Outcome::Acked,
+        Ok(Err((error, _))) => Outcome::Failed(classify(&error)),
+        Err(_) => Outcome::Failed(DeliveryError {
+            reason: "producer_closed",
+            message: "the producer was closed before the delivery report arrived".to_owned(),
+            transient: true,
+        }),
+    }
+}
+
+/// Labels a Kafka error for metrics and decides whether it is about the record or the cluster.
+pub fn classify(error: &KafkaError) -> DeliveryError {
+    use RDKafkaErrorCode as C;
+    let (reason, transient) = match error.rdkafka_error_code() {
+        Some(C::MessageTimedOut) => ("message_timeout", true),
+        Some(C::QueueFull) => ("queue_full", true),
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => {
+            ("unknown_topic", false)
+        }
+        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => ("message_too_large", false),
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => {
+            ("not_authorized", false)
+        }
+        Some(C::InvalidRecord | C::InvalidMessage | C::InvalidArgument) => {
+            ("invalid_record", false)
+        }
+        Some(C::AllBrokersDown | C::BrokerTransportFailure) => ("broker_unavailable", true),
+        _ => ("other", true),
+    };
+    DeliveryError {
+        reason,
+        message: error.to_string(),
+        transient,
+    }
+}
+
+/// Routes librdkafka's own log lines and errors into `tracing`.
+pub struct RelayContext;
+
+impl ClientContext for RelayContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility, "{message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, "Kafka client error: {reason}");
+    }
+}

@@ -1,0 +1,216 @@
+//! Turns an outbox row into the Kafka record it becomes.
+//!
+//! This is the only place that decides what a record looks like: key, value, headers, and the
+//! `event_id` header that lets consumers deduplicate. A row that cannot become a valid record
+//! (a NULL topic, headers that are not an object of strings) is refused here with an error that
+//! says what is wrong with it; it is never published half-encoded.
+
+use crate::table::TopicSource;
+
+/// The name of the header carrying the row's stable event id.
+pub const EVENT_ID_HEADER: &str = "event_id";
+
+/// Longest topic name Kafka accepts.
+const MAX_TOPIC_LEN: usize = 249;
+
+/// One outbox row as read by the claim statement, before it is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// The row's id as text; identifies it when marking.
+    pub id: String,
+    /// The stable event id; becomes the `event_id` header.
+    pub event_id: String,
+    /// The record key, if the row has one.
+    pub key: Option<String>,
+    /// The record value; `None` (SQL NULL) is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// The headers column as JSON text.
+    pub headers: Option<String>,
+    /// Values of the topic column, or of the template's columns in order.
+    pub topic_values: Vec<Option<String>>,
+}
+
+/// A record ready to hand to the producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Destination topic.
+    pub topic: String,
+    /// Partitioning key.
+    pub key: Option<String>,
+    /// Value bytes; `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// Headers in order; the last one is always `event_id`.
+    pub headers: Vec<(String, Option<String>)>,
+}
+
+impl Record {
+    /// Builds the record for `row`, or says why the row cannot be published.
+    pub fn from_row(row: &OutboxRow, topic: &TopicSource) -> Result<Record, String> {
+        let topic = topic.topic(&row.topic_values)?;
+        check_topic_name(&topic)?;
+        let mut headers = match &row.headers {
+            Some(json) => parse_headers(json)?,
+            None => Vec::new(),
+        };
+        // The relay's event_id is the one consumers deduplicate on; a row cannot override it.
+        headers.retain(|(name, _)| name != EVENT_ID_HEADER);
+        headers.push((EVENT_ID_HEADER.to_owned(), Some(row.event_id.clone())));
+        Ok(Record {
+            topic,
+            key: row.key.clone(),
+            payload: row.payload.clone(),
+            headers,
+        })
+    }
+}
+
+/// Kafka accepts topic names of ASCII letters, digits, `.`, `_` and `-`, up to 249 characters.
+fn check_topic_name(topic: &str) -> Result<(), String> {
+    let valid_chars = topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if topic.is_empty()
+        || topic == "."
+        || topic == ".."
+        || topic.len() > MAX_TOPIC_LEN
+        || !valid_chars
+    {
+        return Err(format!(
+            "topic \"{}\" is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -)",
+            topic.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
+/// Headers are a JSON object whose values are strings (or null for a header without value).
+fn parse_headers(json: &str) -> Result<Vec<(String, Option<String>)>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("headers are not valid JSON: {e}"))?;
+    let object = match value {
+        serde_json::Value::Object(object) => object,
+        serde_json::Value::Null => return Ok(Vec::new()),
+        other => {
+            return Err(format!(
+                "headers must be a JSON object of strings, found {}",
+                json_kind(&other)
+            ));
+        }
+    };
+    object
+        .into_iter()
+        .map(|(name, value)| match value {
+            serde_json::Value::String(s) => Ok((name, Some(s))),
+            serde_json::Value::Null => Ok((name, None)),
+            other => Err(format!(
+                "header \"{name}\" is {}; header values must be strings",
+                json_kind(&other)
+            )),
+        })
+        .collect()
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{Identifier, TopicTemplate};
+
+    fn row() -> OutboxRow {
+        OutboxRow {
+            id: "7".into(),
+            event_id: "0b5e3a1c-8a3f-4c59-9f0e-2d7b1c7c9a11".into(),
+            key: Some("order-1".into()),
+            payload: Some(br#"{"total":3}"#.to_vec()),
+            headers: Some(r#"{"type":"OrderPlaced","event_id":"forged"}"#.into()),
+            topic_values: vec![Some("orders".into())],
+        }
+    }
+
+    fn topic_column() -> TopicSource {
+        TopicSource::Column(Identifier::parse("topic").unwrap())
+    }
+
+    #[test]
+    fn a_record_carries_the_rows_headers_and_its_own_event_id_last() {
+        let record = Record::from_row(&row(), &topic_column()).unwrap();
+        assert_eq!(record.topic, "orders");
+        assert_eq!(record.key.as_deref(), Some("order-1"));
+        assert_eq!(
+            record.headers,
+            vec![
+                ("type".to_owned(), Some("OrderPlaced".to_owned())),
+                (
+                    "event_id".to_owned(),
+                    Some("0b5e3a1c-8a3f-4c59-9f0e-2d7b1c7c9a11".to_owned())
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_header_that_is_not_a_string_refuses_the_row_and_names_the_header() {
+        let mut row = row();
+        row.headers = Some(r#"{"retries": 3}"#.into());
+        let err = Record::from_row(&row, &topic_column()).unwrap_err();
+        assert!(
+            err.contains("\"retries\"") && err.contains("number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn headers_that_are_not_an_object_refuse_the_row() {
+        let mut row = row();
+        row.headers = Some("[1,2]".into());
+        assert!(
+            Record::from_row(&row, &topic_column())
+                .unwrap_err()
+                .contains("an array")
+        );
+    }
+
+    #[test]
+    fn a_null_topic_refuses_the_row() {
+        let mut row = row();
+        row.topic_values = vec![None];
+        assert!(
+            Record::from_row(&row, &topic_column())
+                .unwrap_err()
+                .contains("NULL")
+        );
+    }
+
+    #[test]
+    fn an_invalid_topic_name_refuses_the_row() {
+        let mut row = row();
+        row.topic_values = vec![Some("no spaces allowed".into())];
+        assert!(
+            Record::from_row(&row, &topic_column())
+                .unwrap_err()
+                .contains("not a valid Kafka topic")
+        );
+    }
+
+    #[test]
+    fn a_template_topic_is_built_from_the_rows_columns() {
+        let mut row = row();
+        row.topic_values = vec![Some("order".into())];
+        let source =
+            TopicSource::Template(TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap());
+        assert_eq!(
+            Record::from_row(&row, &source).unwrap().topic,
+            "outbox.event.order"
+        );
+    }
+}

@@ -1,0 +1,436 @@
+//! The loop that joins the table and the producer: claim, produce, await every report, mark.
+//!
+//! Invariants this loop keeps:
+//! - a row is marked published only after its own delivery report said the broker has it;
+//! - a row whose delivery failed is never marked; it records the error and is tried again;
+//! - a database or broker outage pauses the loop with capped backoff; it never ends it;
+//! - after a shutdown request no new batch is claimed; the batch in flight is finished
+//!   (reports and mark) within the grace period, or left unmarked to be sent again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::metrics::{self, Metrics, ServeError};
+use crate::outbox::{Outbox, OutboxError};
+use crate::publisher::{Outcome, Publisher, PublisherError};
+use crate::record::Record;
+use crate::shutdown::Shutdown;
+use crate::table::Mapping;
+
+/// Why the relay stopped other than by a shutdown request. Outages are not in this list: the
+/// relay waits them out.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The table does not match the configuration (missing, or a column of the wrong type).
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// The producer could not be created from the configuration.
+    #[error(transparent)]
+    Publisher(#[from] PublisherError),
+    /// The metrics endpoint could not be opened.
+    #[error(transparent)]
+    Metrics(#[from] ServeError),
+}
+
+impl RelayError {
+    /// Whether the operator must change configuration or schema (exit code 2) rather than
+    /// something outside the relay having failed.
+    pub fn is_config_problem(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Outbox(OutboxError::Layout(_) | OutboxError::TableMissing(_))
+        ) || matches!(self, RelayError::Publisher(_))
+    }
+}
+
+/// One relay: the configuration, its metrics and the shutdown it obeys.
+pub struct Relay {
+    config: Config,
+    mapping: Mapping,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+}
+
+/// Rows of a batch whose outcome must still be written to the table.
+#[derive(Debug, Default)]
+struct Settlement {
+    /// Acknowledged rows: id and topic (for the per-topic counter).
+    acked: Vec<(String, String)>,
+    /// Failed rows: id and error text.
+    failed: Vec<(String, String)>,
+    /// Set once the acknowledged rows are marked, so a retry does not count them twice.
+    acked_marked: bool,
+}
+
+/// What one turn of the loop found.
+enum Turn {
+    /// No unpublished rows.
+    Idle,
+    /// A batch went out and its outcome is recorded.
+    Relayed {
+        claimed: usize,
+        broker_unavailable: bool,
+    },
+    /// The outcome could not be recorded; it must be before the next claim.
+    Unsettled(Settlement, OutboxError),
+    /// Shutdown's grace period ended with reports outstanding; the rows stay unpublished.
+    Abandoned { rows: usize },
+}
+
+impl Relay {
+    /// A relay for a validated configuration.
+    pub fn new(config: Config, shutdown: Shutdown) -> Result<Relay, RelayError> {
+        let mapping = Mapping::from_config(&config).map_err(|problem| {
+            OutboxError::Layout(crate::table::LayoutError {
+                key: "outbox".into(),
+                problem,
+            })
+        })?;
+        Ok(Relay {
+            config,
+            mapping,
+            metrics: Metrics::new(),
+            shutdown,
+        })
+    }
+
+    /// The relay's metrics, also served at `/metrics`.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until shutdown is requested, or until the configuration turns out not to fit the
+    /// table. Database and broker outages are waited out.
+    pub async fn run(self) -> Result<(), RelayError> {
+        if let Ok(addr) = self.config.metrics.listen.parse() {
+            metrics::serve(addr, self.metrics.clone(), self.shutdown.clone()).await?;
+        }
+        let mut publisher = Publisher::new(&self.config)?;
+        tokio::spawn(report_pending(
+            self.config.clone(),
+            self.mapping.clone(),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        ));
+        info!(table = %self.mapping.table_name(), brokers = %self.config.kafka.brokers, "relay starting");
+
+        let relay = &self.config.relay;
+        let mut backoff = Backoff::new(relay.backoff_initial, relay.backoff_max);
+        let mut connection: Option<Outbox> = None;
+        let mut leading = false;
+        let mut unsettled: Option<Settlement> = None;
+        let mut deadline: Option<Instant> = None;
+
+        loop {
+            if self.shutdown.is_requested() {
+                let deadline =
+                    *deadline.get_or_insert_with(|| Instant::now() + relay.shutdown_timeout);
+                if unsettled.is_none() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    if let Some(s) = &unsettled {
+                        warn!(
+                            rows = s.acked.len(),
+                            "shutdown grace period over before acknowledged rows could be marked; \
+                             they stay unpublished and will be published again (consumers deduplicate by event_id)"
+                        );
+                    }
+                    break;
+                }
+            }
+
+            let outbox = match connection.take().filter(|c| !c.is_closed()) {
+                Some(outbox) => outbox,
+                None => {
+                    leading = false;
+                    match Outbox::connect(&self.config, &self.mapping).await {
+                        Ok(outbox) => {
+                            info!(table = %self.mapping.table_name(), "connected to PostgreSQL");
+                            if !outbox.layout().order_is_meaningful() {
+                                warn!(
+                                    column = %outbox.layout().mapping.order_by.as_str(),
+                                    "the claim order column is a uuid: per-key order holds only if ids are time-ordered (UUIDv7); set outbox.columns.order_by to a sequence column"
+                                );
+                            }
+                            outbox
+                        }
+                        Err(e) if e.is_transient() => {
+                            let delay = backoff.next_delay();
+                            warn!(error = %e, retry_in = ?delay, "database unavailable; retrying");
+                            self.pause(delay, deadline).await;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+
+            if let Some(mut settlement) = unsettled.take()
+                && let Err(e) = self.settle(&outbox, &mut settlement).await
+            {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "could not mark the last batch; retrying");
+                unsettled = Some(settlement);
+                self.pause(delay, deadline).await;
+                continue;
+            }
+            if self.shutdown.is_requested() {
+                break;
+            }
+
+            if !leading {
+                match self.take_lead(&outbox).await {
+                    Ok(true) => leading = true,
+                    Ok(false) => {
+                        connection = Some(outbox);
+                        self.pause(relay.poll_interval, deadline).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        warn!(error = %e, retry_in = ?delay, "database error; reconnecting");
+                        self.pause(delay, deadline).await;
+                        continue;
+                    }
+                }
+            }
+
+            match self.relay_batch(&outbox, &publisher).await {
+                Ok(Turn::Idle) => {
+                    backoff.reset();
+                    connection = Some(outbox);
+                    self.pause(relay.poll_interval, deadline).await;
+                }
+                Ok(Turn::Relayed {
+                    claimed,
+                    broker_unavailable,
+                }) => {
+                    connection = Some(outbox);
+                    if broker_unavailable {
+                        let delay = backoff.next_delay();
+                        warn!(retry_in = ?delay, "the broker took none of the batch; backing off");
+                        self.pause(delay, deadline).await;
+                    } else {
+                        backoff.reset();
+                        if claimed < relay.batch_size {
+                            // A partial batch means the table is drained for now.
+                            self.pause(relay.poll_interval, deadline).await;
+                        }
+                    }
+                }
+                Ok(Turn::Unsettled(settlement, e)) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?delay, "could not mark the batch; retrying before claiming more");
+                    unsettled = Some(settlement);
+                    self.pause(delay, deadline).await;
+                }
+                Ok(Turn::Abandoned { rows }) => {
+                    warn!(
+                        rows,
+                        "shutdown grace period over with delivery reports outstanding; the batch stays unpublished and will be published again"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?delay, "database error; reconnecting");
+                    self.pause(delay, deadline).await;
+                }
+            }
+
+            if let Some(fatal) = publisher.fatal_error() {
+                error!(error = %fatal, "the Kafka producer hit a fatal error; replacing it");
+                publisher = Publisher::new(&self.config)?;
+            }
+        }
+
+        let flush_time = deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        if let Err(e) = publisher.flush(flush_time) {
+            debug!(error = %e, "flush at shutdown incomplete");
+        }
+        info!("relay stopped");
+        Ok(())
+    }
+
+    /// Claims one batch, publishes it, awaits every report and records the outcome.
+    async fn relay_batch(
+        &self,
+        outbox: &Outbox,
+        publisher: &Publisher,
+    ) -> Result<Turn, OutboxError> {
+        let started = Instant::now();
+        let claimed = outbox.claim(self.config.relay.batch_size).await?;
+        if claimed.is_empty() {
+            return Ok(Turn::Idle);
+        }
+        let claimed_count = claimed.len();
+
+        let mut settlement = Settlement::default();
+        let mut records = Vec::with_capacity(claimed.len());
+        let mut ids = Vec::with_capacity(claimed.len());
+        for row in claimed {
+            let built = row.and_then(|row| match Record::from_row(&row, &self.mapping.topic) {
+                Ok(record) => Ok((row.id, record)),
+                Err(problem) => Err((row.id, problem)),
+            });
+            match built {
+                Ok((id, record)) => {
+                    ids.push(id);
+                    records.push(record);
+                }
+                Err((id, problem)) => {
+                    warn!(row = %id, error = %problem, "row cannot be published");
+                    self.metrics
+                        .publish_errors
+                        .with_label_values(&["invalid_row"])
+                        .inc();
+                    if !id.is_empty() {
+                        settlement.failed.push((id, problem));
+                    }
+                }
+            }
+        }
+
+        let outcomes = tokio::select! {
+            outcomes = publisher.publish(&records) => outcomes,
+            _ = self.shutdown.grace_expired(self.config.relay.shutdown_timeout) => {
+                return Ok(Turn::Abandoned { rows: records.len() });
+            }
+        };
+
+        let mut broker_failures = 0;
+        let mut first_failure = None;
+        for ((id, record), outcome) in ids.into_iter().zip(records).zip(outcomes) {
+            match outcome {
+                Outcome::Acked => settlement.acked.push((id, record.topic)),
+                Outcome::Failed(failure) => {
+                    self.metrics
+                        .publish_errors
+                        .with_label_values(&[failure.reason])
+                        .inc();
+                    if failure.transient {
+                        broker_failures += 1;
+                    }
+                    first_failure.get_or_insert_with(|| format!("row {id}: {}", failure.message));
+                    settlement.failed.push((id, failure.message));
+                }
+                Outcome::Deferred => {}
+            }
+        }
+        if let Some(first) = first_failure {
+            warn!(
+                failed = settlement.failed.len(),
+                acknowledged = settlement.acked.len(),
+                first = %first,
+                "some records of the batch were not delivered; their rows stay unpublished"
+            );
+        }
+        let broker_unavailable = settlement.acked.is_empty() && broker_failures > 0;
+
+        if let Err(e) = self.settle(outbox, &mut settlement).await {
+            return Ok(Turn::Unsettled(settlement, e));
+        }
+        self.metrics
+            .batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Turn::Relayed {
+            claimed: claimed_count,
+            broker_unavailable,
+        })
+    }
+
+    /// Writes a batch's outcome: marks the acknowledged rows, records the failed ones.
+    async fn settle(
+        &self,
+        outbox: &Outbox,
+        settlement: &mut Settlement,
+    ) -> Result<(), OutboxError> {
+        if !settlement.acked_marked {
+            let ids: Vec<String> = settlement.acked.iter().map(|(id, _)| id.clone()).collect();
+            outbox.mark_published(&ids).await?;
+            settlement.acked_marked = true;
+            for (_, topic) in &settlement.acked {
+                self.metrics.published.with_label_values(&[topic]).inc();
+            }
+        }
+        outbox.mark_failed(&settlement.failed).await?;
+        debug!(
+            published = settlement.acked.len(),
+            failed = settlement.failed.len(),
+            "batch settled"
+        );
+        Ok(())
+    }
+
+    /// Takes the table's leadership lock, or logs who holds it.
+    async fn take_lead(&self, outbox: &Outbox) -> Result<bool, OutboxError> {
+        if outbox.try_lead().await? {
+            info!(table = %self.mapping.table_name(), "leading: this relay publishes the table");
+            return Ok(true);
+        }
+        let holder = outbox.leader_pid().await?;
+        debug!(
+            table = %self.mapping.table_name(),
+            leader_backend_pid = ?holder,
+            "standing by: another relay publishes this table"
+        );
+        Ok(false)
+    }
+
+    /// Waits `delay`, cut short by a shutdown request; once shutdown is requested, never past
+    /// the grace deadline.
+    async fn pause(&self, delay: Duration, deadline: Option<Instant>) {
+        match deadline {
+            Some(deadline) => {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                tokio::time::sleep(delay.min(remaining)).await;
+            }
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = self.shutdown.requested() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Refreshes the pending-row gauges on a connection of its own, so a slow count over a large
+/// backlog never delays the relay loop.
+async fn report_pending(
+    config: Config,
+    mapping: Mapping,
+    metrics: Arc<Metrics>,
+    shutdown: Shutdown,
+) {
+    let mut connection: Option<Outbox> = None;
+    loop {
+        let outbox = match connection.take().filter(|c| !c.is_closed()) {
+            Some(outbox) => Some(outbox),
+            None => Outbox::connect(&config, &mapping).await.ok(),
+        };
+        if let Some(outbox) = outbox {
+            match outbox.pending_stats().await {
+                Ok(stats) => {
+                    metrics.pending_rows.set(stats.rows);
+                    metrics
+                        .oldest_pending_age
+                        .set(stats.oldest_age_seconds.unwrap_or(0.0));
+                    connection = Some(outbox);
+                }
+                Err(e) => debug!(error = %e, "pending-row stats unavailable"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.relay.stats_interval) => {}
+            _ = shutdown.requested() => return,
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The outbox schema as versioned migrations, embedded from `sql/migrations/` so that the
+//! files users copy into their own migrations and what `outbox-relay migrate` applies are the
+//! same text.
+//!
+//! Applied versions are recorded in `outbox_relay_schema_migrations`; `migrate` applies the
+//! missing ones in order, in one transaction, under an advisory lock so that two relays
+//! starting together cannot both apply them.
+
+use tokio_postgres::Client;
+
+use crate::config::{Config, OutboxConfig};
+
+/// One schema change, identified by its version.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    /// Applied in ascending order; never reused.
+    pub version: i32,
+    /// File name without extension.
+    pub name: &'static str,
+    /// The SQL, exactly as in `sql/migrations/`.
+    pub sql: &'static str,
+}
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_create_outbox",
+    sql: include_str!("../sql/migrations/0001_create_outbox.sql"),
+}];
+
+const LOCK_KEY: &str = "outbox-relay:migrate";
+
+const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS outbox_relay_schema_migrations (
+    version    int PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)";
+
+/// A failure to migrate.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The configuration maps a table of the user's own; its schema is the user's to manage.
+    #[error(
+        "outbox.table: migrate creates the standard `outbox` table, but the configuration maps a custom table \
+         or columns; create and migrate that table yourself (the relay only reads and marks it)"
+    )]
+    CustomLayout,
+    /// The database refused a statement or could not be reached.
+    #[error(transparent)]
+    Database(#[from] crate::outbox::OutboxError),
+    /// A migration's SQL failed.
+    #[error("migration {name} failed: {source}")]
+    Statement {
+        /// Which migration.
+        name: &'static str,
+        /// The database's error.
+        source: tokio_postgres::Error,
+    },
+}
+
+/// What `migrate` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateReport {
+    /// Names of the migrations applied by this call, in order.
+    pub applied: Vec<&'static str>,
+    /// The schema version afterwards.
+    pub version: i32,
+}
+
+/// Applies the migrations the database does not have yet. Running it again is a no-op.
+pub async fn migrate(config: &Config) -> Result<MigrateReport, MigrateError> {
+    if !uses_standard_layout(&config.outbox) {
+        return Err(MigrateError::CustomLayout);
+    }
+    let mut client = crate::outbox::connect_client(config).await?;
+    apply(&mut client).await
+}
+
+fn uses_standard_layout(outbox: &OutboxConfig) -> bool {
+    let standard = OutboxConfig::default();
+    outbox.table == standard.table
+        && outbox.topic_template.is_none()
+        && outbox.columns == standard.columns
+}
+
+async fn apply(client: &mut Client) -> Result<MigrateReport, MigrateError> {
+    let wrap = |name: &'static str| move |source| MigrateError::Statement { name, source };
+    let tx = client.transaction().await.map_err(wrap("begin"))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&LOCK_KEY],
+    )
+    .await
+    .map_err(wrap("lock"))?;
+    tx.batch_execute(CREATE_VERSION_TABLE)
+        .await
+        .map_err(wrap("version table"))?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM outbox_relay_schema_migrations", &[])
+        .await
+        .map_err(wrap("read versions"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut report = MigrateReport {
+        applied: Vec::new(),
+        version: applied.iter().copied().max().unwrap_or(0),
+    };
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        tx.batch_execute(migration.sql)
+            .await
+            .map_err(wrap(migration.name))?;
+        tx.execute(
+            "INSERT INTO outbox_relay_schema_migrations (version, name) VALUES ($1, $2)",
+            &[&migration.version, &migration.name],
+        )
+        .await
+        .map_err(wrap(migration.name))?;
+        report.applied.push(migration.name);
+        report.version = report.version.max(migration.version);
+    }
+    tx.commit().await.map_err(wrap("commit"))?;
+    Ok(report)
+}

@@ -1,0 +1,663 @@
+//! The harness the integration tests stand on: a real PostgreSQL and a real Kafka-protocol
+//! broker (tansu) started on free loopback ports, a fresh database per test, a real consumer
+//! to read topics back, and the relay run either in-process or as the built binary.
+//!
+//! `OUTBOX_TEST_DATABASE_URL` (a superuser URL) and `OUTBOX_TEST_KAFKA_BROKERS` point the tests
+//! at servers that are already running instead; every test still gets its own database and
+//! its own topics, so tests never see each other's rows or records.
+
+#![allow(dead_code)]
+
+pub mod broker;
+pub mod postgres;
+
+use std::future::Future;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_relay::config::Config;
+use outbox_relay::metrics::Metrics;
+use outbox_relay::relay::RelayError;
+use outbox_relay::{Relay, Shutdown};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+pub use broker::Broker;
+pub use postgres::Postgres;
+
+/// How long a test waits for something that should happen in well under a second on an idle
+/// machine. Generous, because CI machines are loaded; a passing test never waits this long.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A PostgreSQL database and a broker for one test.
+pub struct TestEnv {
+    /// The server this test started, if it started one.
+    pub postgres: Option<Postgres>,
+    /// The broker this test started, if it started one.
+    pub broker: Option<Broker>,
+    /// Superuser URL of this test's own database.
+    pub database_url: String,
+    /// Bootstrap servers.
+    pub brokers: String,
+    _work: tempfile::TempDir,
+}
+
+impl TestEnv {
+    /// Starts (or connects to) PostgreSQL and a broker, and creates a fresh database.
+    pub async fn start() -> TestEnv {
+        Self::start_with(Postgres::start, Broker::start).await
+    }
+
+    /// As [`TestEnv::start`], with a broker whose data survives a restart.
+    pub async fn start_durable_broker() -> TestEnv {
+        Self::start_with(Postgres::start, Broker::start_durable).await
+    }
+
+    async fn start_with(pg: fn() -> Postgres, broker: fn() -> Broker) -> TestEnv {
+        let (postgres, admin_url) = match std::env::var("OUTBOX_TEST_DATABASE_URL") {
+            Ok(url) => (None, url),
+            Err(_) => {
+                let server = pg();
+                let url = server.url("postgres");
+                (Some(server), url)
+            }
+        };
+        let (broker, brokers) = match std::env::var("OUTBOX_TEST_KAFKA_BROKERS") {
+            Ok(brokers) => (None, brokers),
+            Err(_) => {
+                let server = broker();
+                let brokers = server.address();
+                (Some(server), brokers)
+            }
+        };
+        let database = unique_name("db");
+        let admin = connect(&admin_url).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .expect("create test database");
+        let database_url = replace_dbname(&admin_url, &database);
+        TestEnv {
+            postgres,
+            broker,
+            database_url,
+            brokers,
+            _work: tempfile::tempdir().expect("work dir"),
+        }
+    }
+
+    /// A relay configuration for this environment: fast polling, no metrics endpoint.
+    pub fn config(&self) -> Config {
+        let mut config = Config::default();
+        config.database.url = self.database_url.clone();
+        config.kafka.brokers = self.brokers.clone();
+        config.metrics.listen = String::new();
+        config.relay.poll_interval = Duration::from_millis(20);
+        config.relay.stats_interval = Duration::from_millis(100);
+        config.relay.backoff_initial = Duration::from_millis(50);
+        config.relay.backoff_max = Duration::from_secs(1);
+        config
+    }
+
+    /// A new connection to this test's database.
+    pub async fn client(&self) -> Client {
+        connect(&self.database_url).await
+    }
+
+    /// Creates the standard outbox table with the relay's own migrate.
+    pub async fn migrate(&self) {
+        outbox_relay::schema::migrate(&self.config())
+            .await
+            .expect("migrate");
+    }
+
+    /// Creates a topic with a unique name and returns the name.
+    pub async fn create_topic(&self, partitions: i32) -> String {
+        let name = unique_name("topic");
+        create_topic(&self.brokers, &name, partitions).await;
+        name
+    }
+
+    /// A file under this test's scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self._work.path().join(name)
+    }
+
+    /// Starts a relay in this process.
+    pub fn spawn_relay(&self, config: Config) -> RunningRelay {
+        RunningRelay::spawn(config)
+    }
+}
+
+fn replace_dbname(url: &str, database: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.scheme().starts_with("postgres") => {
+            parsed.set_path(&format!("/{database}"));
+            parsed.to_string()
+        }
+        _ => format!("{url} dbname={database}"),
+    }
+}
+
+/// Connects to PostgreSQL, panicking with the reason if it cannot.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to test PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+/// A name no other test uses: lower case, so it is the same quoted or not.
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the caller retries if it is taken later).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Makes the child receive `signal` when the test process dies, so no server outlives it.
+pub fn set_parent_death_signal(command: &mut Command, signal: i32) {
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// True (and forgets the child) if the server process has exited, e.g. because its port was
+/// taken between choosing it and binding it.
+pub fn reap_if_exited(child: &mut Option<Child>) -> bool {
+    if let Some(running) = child.as_mut()
+        && let Ok(Some(_)) = running.try_wait()
+    {
+        *child = None;
+        return true;
+    }
+    false
+}
+
+/// Waits until `condition` holds, checking every 25 ms, and panics naming `what` after `within`.
+pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kafka
+
+/// Creates `name` with `partitions` partitions and waits until the broker reports it.
+pub async fn create_topic(brokers: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    for result in results {
+        result.unwrap_or_else(|(topic, e)| panic!("create topic {topic}: {e}"));
+    }
+    let name = name.to_owned();
+    wait_until(PATIENCE, "the new topic's metadata", || {
+        let admin = &admin;
+        let name = name.clone();
+        async move {
+            admin
+                .inner()
+                .fetch_metadata(Some(&name), Duration::from_secs(5))
+                .map(|m| {
+                    m.topics().iter().any(|t| {
+                        t.name() == name && t.error().is_none() && !t.partitions().is_empty()
+                    })
+                })
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Partition it was on.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+    /// Key as text.
+    pub key: Option<String>,
+    /// Value bytes; `None` for a tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Received {
+    /// The value of header `name` as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()))
+    }
+
+    /// The `event_id` header.
+    pub fn event_id(&self) -> String {
+        self.header("event_id")
+            .expect("every record carries an event_id header")
+    }
+
+    /// The payload as text.
+    pub fn payload_text(&self) -> Option<String> {
+        self.payload
+            .as_ref()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+    }
+}
+
+fn consumer(brokers: &str) -> StreamConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique_name("reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("consumer")
+}
+
+/// Number of partitions of `topic`.
+pub fn partition_count(brokers: &str, topic: &str) -> i32 {
+    let consumer = consumer(brokers);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().len() as i32)
+        .unwrap_or(0)
+}
+
+/// Reads `topic` from the beginning until `expected` records arrived; panics if they do not
+/// arrive within [`PATIENCE`]. Records are returned in arrival order (per-partition order).
+pub async fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Received> {
+    let consumer = consumer(brokers);
+    let partitions = partition_count(brokers, topic);
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("assignment");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut received = Vec::with_capacity(expected);
+    let deadline = Instant::now() + PATIENCE;
+    while received.len() < expected {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let message = match tokio::time::timeout(remaining, consumer.recv()).await {
+            Ok(Ok(message)) => message,
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => panic!(
+                "received {} of {expected} records from {topic} within {PATIENCE:?}",
+                received.len()
+            ),
+        };
+        received.push(to_received(&message));
+    }
+    received
+}
+
+/// Header marking the harness's own end-of-topic records.
+const SENTINEL_HEADER: &str = "outbox-test-sentinel";
+
+/// Everything on `topic` right now, exactly: writes a sentinel record to every partition, then
+/// reads from the beginning until each partition's sentinel arrives, and returns the records
+/// before them. (Counting by high watermarks is not an option: tansu 0.6 reports them short.)
+pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let partitions = partition_count(brokers, topic);
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    for p in 0..partitions {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: SENTINEL_HEADER,
+            value: Some("end"),
+        });
+        producer
+            .send(
+                FutureRecord::<(), ()>::to(topic)
+                    .partition(p)
+                    .headers(headers),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("sentinel to {topic}/{p}: {e}"));
+    }
+    let consumer = consumer(brokers);
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("assignment");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut ended = std::collections::HashSet::new();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while ended.len() < partitions as usize {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let message = match tokio::time::timeout(remaining, consumer.recv()).await {
+            Ok(Ok(message)) => message,
+            Ok(Err(e)) => panic!("reading {topic}: {e}"),
+            Err(_) => panic!(
+                "reading {topic}: sentinels of {} partitions missing",
+                partitions as usize - ended.len()
+            ),
+        };
+        let received = to_received(&message);
+        if received.header(SENTINEL_HEADER).is_some() {
+            ended.insert(received.partition);
+        } else if !ended.contains(&received.partition) {
+            records.push(received);
+        }
+    }
+    records
+}
+
+fn to_received(message: &rdkafka::message::BorrowedMessage<'_>) -> Received {
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(|v| v.to_vec())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Received {
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        payload: message.payload().map(|p| p.to_vec()),
+        headers,
+    }
+}
+
+/// The partition the Java client's default partitioner picks for a keyed record.
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+/// Kafka's `Utils.murmur2`, ported bit for bit, as the reference the relay is checked against.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let length = data.len();
+    let mut h: u32 = SEED ^ (length as u32);
+    for chunk in data.chunks_exact(4) {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = &data[length & !3..];
+    if tail.len() >= 3 {
+        h ^= (tail[2] as u32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as u32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay
+
+/// A relay running as a task of this test.
+pub struct RunningRelay {
+    /// Requests its shutdown.
+    pub shutdown: Shutdown,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    handle: JoinHandle<Result<(), RelayError>>,
+}
+
+impl RunningRelay {
+    /// Starts a relay task.
+    pub fn spawn(config: Config) -> RunningRelay {
+        let shutdown = Shutdown::new();
+        let relay = Relay::new(config, shutdown.clone()).expect("relay");
+        let metrics = relay.metrics();
+        let handle = tokio::spawn(relay.run());
+        RunningRelay {
+            shutdown,
+            metrics,
+            handle,
+        }
+    }
+
+    /// Requests shutdown and waits for the relay to finish.
+    pub async fn stop(self) -> Result<(), RelayError> {
+        self.shutdown.request();
+        tokio::time::timeout(PATIENCE, self.handle)
+            .await
+            .expect("relay stops")
+            .expect("relay task")
+    }
+
+    /// Whether the task has ended (it should not, short of shutdown or a config problem).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+/// Path of the built `outbox-relay` binary.
+pub fn relay_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_outbox-relay")
+}
+
+/// Writes `config` to a TOML file and returns its path.
+pub fn write_config(env: &TestEnv, config: &Config) -> PathBuf {
+    let path = env.path(&format!("{}.toml", unique_name("config")));
+    std::fs::write(&path, toml::to_string(config).expect("config as TOML")).expect("write config");
+    path
+}
+
+/// Runs `outbox-relay ARGS` to completion with `env_vars`, returning exit code, stdout, stderr.
+pub fn run_command(args: &[&str], env_vars: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = Command::new(relay_binary());
+    command.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OUTBOX_RELAY_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(env_vars.iter().copied());
+    let out = command.output().expect("run outbox-relay");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts `outbox-relay run` as a child process with `config`; its log goes to a file.
+pub fn spawn_relay_process(env: &TestEnv, config: &Config) -> RelayProcess {
+    let config_path = write_config(env, config);
+    let log_path = env.path(&format!("{}.log", unique_name("relay")));
+    let log = std::fs::File::create(&log_path).expect("relay log");
+    let mut command = Command::new(relay_binary());
+    command
+        .arg("--config")
+        .arg(&config_path)
+        .arg("run")
+        .env("RUST_LOG", "outbox_relay=debug,info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    set_parent_death_signal(&mut command, libc::SIGKILL);
+    RelayProcess {
+        child: command.spawn().expect("spawn outbox-relay"),
+        log_path,
+    }
+}
+
+/// The relay binary running as a child process.
+pub struct RelayProcess {
+    child: Child,
+    /// Where its stdout and stderr go.
+    pub log_path: PathBuf,
+}
+
+impl RelayProcess {
+    /// Sends `signal` (SIGTERM, SIGKILL...).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit code (None if killed by a signal).
+    pub async fn wait(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "relay did not exit; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outbox rows
+
+/// One event to insert into the standard outbox table.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Topic.
+    pub topic: String,
+    /// Key.
+    pub key: Option<String>,
+    /// JSON payload text, or None for a tombstone.
+    pub payload: Option<String>,
+    /// JSON headers object text.
+    pub headers: Option<String>,
+}
+
+impl NewEvent {
+    /// A keyed event with a small JSON payload.
+    pub fn keyed(topic: &str, key: &str, n: usize) -> NewEvent {
+        NewEvent {
+            topic: topic.to_owned(),
+            key: Some(key.to_owned()),
+            payload: Some(format!(r#"{{"key":"{key}","n":{n}}}"#)),
+            headers: None,
+        }
+    }
+}
+
+/// Inserts events in one transaction (one statement) and returns their ids in order.
+pub async fn insert_events(client: &Client, events: &[NewEvent]) -> Vec<i64> {
+    let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
+    let keys: Vec<Option<&str>> = events.iter().map(|e| e.key.as_deref()).collect();
+    let payloads: Vec<Option<&str>> = events.iter().map(|e| e.payload.as_deref()).collect();
+    let headers: Vec<Option<&str>> = events.iter().map(|e| e.headers.as_deref()).collect();
+    let rows = client
+        .query(
+            "INSERT INTO outbox (topic, key, payload, headers) \
+             SELECT t, k, p::jsonb, h::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
+             WITH ORDINALITY AS e(t, k, p, h, n) ORDER BY n RETURNING id",
+            &[&topics, &keys, &payloads, &headers],
+        )
+        .await
+        .expect("insert events");
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Rows of the standard outbox table not yet published.
+pub async fn unpublished_count(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0)
+}
