@@ -548,6 +548,7 @@ fn redact_key_value_password(conn: &str) -> String {
         let eq = after_key.find('=').map(|i| i + 1).unwrap_or(0);
         out.push_str(&rest[pos..pos + "password".len() + eq]);
         let value = after_key[eq..].trim_start();
+        out.push_str(&after_key[eq..after_key.len() - value.len()]);
         let value_len = if let Some(quoted) = value.strip_prefix('\'') {
             let mut escaped = false;
             let mut end = quoted.len();
@@ -738,4 +739,48 @@ fn deserialize_optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String
 
 fn serialize_optional<S: Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(value.as_deref().unwrap_or(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_properties_are_recognised_by_name() {
+        for secret in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+        ] {
+            assert!(is_secret_property(secret), "{secret}");
+        }
+        for plain in [
+            "sasl.username",
+            "linger.ms",
+            "ssl.ca.location",
+            "security.protocol",
+        ] {
+            assert!(!is_secret_property(plain), "{plain}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_redacted_in_urls_and_key_value_strings() {
+        assert_eq!(
+            redact_connection_string("postgres://u:p%40ss@h:5432/db?sslmode=require&password=x"),
+            "postgres://u:********@h:5432/db?sslmode=require&password=********"
+        );
+        assert_eq!(
+            redact_connection_string(r"host=h password='it\'s secret' user=u"),
+            "host=h password=******** user=u"
+        );
+        assert_eq!(
+            redact_connection_string("host=h password = plain user=u"),
+            "host=h password = ******** user=u"
+        );
+        assert_eq!(redact_connection_string("host=h user=u"), "host=h user=u");
+    }
 }

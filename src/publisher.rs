@@ -6,8 +6,9 @@
 //! replica. Keys are partitioned with murmur2 as the Java client does, so a key lands where a
 //! Java producer would put it. This module reports outcomes; it never touches the table.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -87,7 +88,7 @@ impl Publisher {
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
     pub fn new(config: &Config) -> Result<Publisher, PublisherError> {
         let producer = producer_config(config)
-            .create_with_context(RelayContext)
+            .create_with_context(RelayContext::default())
             .map_err(PublisherError::Create)?;
         Ok(Publisher { producer })
     }
@@ -210,11 +211,24 @@ pub fn classify(error: &KafkaError) -> DeliveryError {
     }
 }
 
+/// How long an identical client error stays quiet after it was logged. librdkafka reports a
+/// down broker on every reconnect attempt; once per window is enough for an operator.
+const REPEATED_ERROR_QUIET: Duration = Duration::from_secs(30);
+
 /// Routes librdkafka's own log lines and errors into `tracing`.
-pub struct RelayContext;
+#[derive(Default)]
+pub struct RelayContext {
+    /// When each kind of client error was last logged.
+    last_logged: Mutex<HashMap<String, Instant>>,
+}
 
 impl ClientContext for RelayContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        // Connection failures ("FAIL") also arrive through `error` below, which rate-limits them.
+        if facility == "FAIL" {
+            tracing::debug!(target: "librdkafka", facility, "{message}");
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -231,6 +245,27 @@ impl ClientContext for RelayContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", error = %error, "Kafka client error: {reason}");
+        let kind = error
+            .rdkafka_error_code()
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_else(|| error.to_string());
+        let now = Instant::now();
+        let quiet = match self.last_logged.lock() {
+            Ok(mut last) => {
+                let recent = last
+                    .get(&kind)
+                    .is_some_and(|at| now.duration_since(*at) < REPEATED_ERROR_QUIET);
+                if !recent {
+                    last.insert(kind, now);
+                }
+                recent
+            }
+            Err(_) => false,
+        };
+        if quiet {
+            tracing::debug!(target: "librdkafka", error = %error, "Kafka client error: {reason}");
+        } else {
+            tracing::warn!(target: "librdkafka", error = %error, "Kafka client error: {reason}");
+        }
     }
 }

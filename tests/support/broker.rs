@@ -80,7 +80,10 @@ impl Broker {
             ])
             .args(["--storage-engine", &self.storage])
             .current_dir(self.dir.path())
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("OUTBOX_TEST_TANSU_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -102,9 +105,21 @@ impl Broker {
         false
     }
 
-    /// Kills the broker (no clean shutdown: the point is an outage).
+    /// Stops the broker: SIGTERM, then SIGKILL if it lingers. (A SIGKILL straight away can
+    /// lose tansu's last sqlite writes, such as a topic created a moment before.)
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -128,6 +143,9 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            super::print_log_tail("tansu", &self.log_path());
+        }
     }
 }
 

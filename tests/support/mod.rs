@@ -63,6 +63,13 @@ impl TestEnv {
     }
 
     async fn start_with(pg: fn() -> Postgres, broker: fn() -> Broker) -> TestEnv {
+        // OUTBOX_TEST_LOG=debug shows the in-process relay's log in a failing test's output.
+        if let Ok(filter) = std::env::var("OUTBOX_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let (postgres, admin_url) = match std::env::var("OUTBOX_TEST_DATABASE_URL") {
             Ok(url) => (None, url),
             Err(_) => {
@@ -181,6 +188,27 @@ pub fn set_parent_death_signal(command: &mut Command, signal: i32) {
             Ok(())
         });
     }
+}
+
+/// Prints the end of a server's log, so a failing test shows what the server saw.
+pub fn print_log_tail(name: &str, path: &std::path::Path) {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let kept = std::env::temp_dir().join(format!(
+        "outbox-test-{name}-{}.log",
+        uuid::Uuid::new_v4().simple()
+    ));
+    if std::fs::copy(path, &kept).is_ok() {
+        eprintln!("the whole {name} log is kept at {}", kept.display());
+    }
+    let lines: Vec<&str> = log.lines().collect();
+    let head = &lines[..lines.len().min(20)];
+    let tail = &lines[lines.len().saturating_sub(20).max(head.len())..];
+    eprintln!(
+        "---- the {name} log ({}), first and last lines ----\n{}\n...\n{}",
+        path.display(),
+        head.join("\n"),
+        tail.join("\n")
+    );
 }
 
 /// True (and forgets the child) if the server process has exited, e.g. because its port was
@@ -338,7 +366,10 @@ pub async fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Receive
                 received.len()
             ),
         };
-        received.push(to_received(&message));
+        let record = to_received(&message);
+        if record.header(SENTINEL_HEADER).is_none() {
+            received.push(record);
+        }
     }
     received
 }
@@ -353,6 +384,8 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let partitions = partition_count(brokers, topic);
+    // Earlier calls left sentinels too; this call stops only at its own.
+    let sentinel = unique_name("end");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -360,7 +393,7 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
     for p in 0..partitions {
         let headers = OwnedHeaders::new().insert(Header {
             key: SENTINEL_HEADER,
-            value: Some("end"),
+            value: Some(sentinel.as_str()),
         });
         producer
             .send(
@@ -394,10 +427,13 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
             ),
         };
         let received = to_received(&message);
-        if received.header(SENTINEL_HEADER).is_some() {
-            ended.insert(received.partition);
-        } else if !ended.contains(&received.partition) {
-            records.push(received);
+        match received.header(SENTINEL_HEADER) {
+            Some(id) if id == sentinel => {
+                ended.insert(received.partition);
+            }
+            Some(_) => {}
+            None if !ended.contains(&received.partition) => records.push(received),
+            None => {}
         }
     }
     records

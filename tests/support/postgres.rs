@@ -174,6 +174,9 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            super::print_log_tail("postgres", &self.log_path());
+        }
     }
 }
 
