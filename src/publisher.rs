@@ -36,7 +36,7 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
     /// librdkafka refused to create the producer.
-    #[error("cannot create the Kafka producer: {0}")]
+    #[error("kafka.properties: librdkafka cannot create the producer with this configuration: {0}")]
     Create(KafkaError),
 }
 

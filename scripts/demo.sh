@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Runs outbox-relay end to end on this machine: starts a PostgreSQL server and a tansu broker on
+# free loopback ports, migrates the outbox table, inserts sample events, relays them to Kafka,
+# shows them consumed, and stops everything again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+cargo build --quiet --bin outbox-relay --example tail
+relay_bin=target/debug/outbox-relay
+tail_bin=target/debug/examples/tail
+tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
+pg_bindir=$(pg_config --bindir 2>/dev/null || true)
+if [ ! -x "$pg_bindir/postgres" ]; then
+    pg_bindir=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/postgres | sort -V | tail -1)")
+fi
+
+say() { printf '\n==> %s\n' "$*"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# PostgreSQL refuses to run as root; as root, run it as the postgres OS user.
+as_postgres() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+work=$(mktemp -d /tmp/outbox-relay-demo.XXXXXX)
+chmod 755 "$work"
+relay_pid=""
+tansu_pid=""
+cleanup() {
+    [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null || true
+    [ -n "$tansu_pid" ] && kill "$tansu_pid" 2>/dev/null || true
+    as_postgres "$pg_bindir/pg_ctl" -D "$work/pg" -m fast stop >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+pg_port=$(free_port)
+kafka_port=$(free_port)
+metrics_port=$(free_port)
+
+say "starting PostgreSQL on 127.0.0.1:$pg_port"
+mkdir "$work/pg"
+[ "$(id -u)" -eq 0 ] && chown postgres "$work/pg"
+as_postgres "$pg_bindir/initdb" -D "$work/pg" -A trust -U postgres -E UTF8 --locale=C >/dev/null
+as_postgres "$pg_bindir/pg_ctl" -D "$work/pg" -l "$work/pg/server.log" -w \
+    -o "-p $pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=''" start >/dev/null
+
+say "starting tansu (Kafka protocol) on 127.0.0.1:$kafka_port"
+(cd "$work" && exec "$tansu_bin" broker --listener-url "tcp://127.0.0.1:$kafka_port" \
+    --advertised-listener-url "tcp://127.0.0.1:$kafka_port" --storage-engine memory://tansu/ \
+    >"$work/tansu.log" 2>&1) &
+tansu_pid=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null && break; sleep 0.1; done
+"$tansu_bin" topic create --broker "tcp://127.0.0.1:$kafka_port" --partitions 3 orders >/dev/null
+
+export OUTBOX_RELAY_DATABASE__URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+export OUTBOX_RELAY_KAFKA__BROKERS="127.0.0.1:$kafka_port"
+export OUTBOX_RELAY_METRICS__LISTEN="127.0.0.1:$metrics_port"
+export OUTBOX_RELAY_RELAY__STATS_INTERVAL=1s
+psql_demo() { psql -X -q -v ON_ERROR_STOP=1 "$OUTBOX_RELAY_DATABASE__URL" "$@"; }
+
+say "outbox-relay migrate"
+"$relay_bin" migrate
+
+say "the application writes events in its own transactions"
+psql_demo <<'SQL'
+BEGIN;
+-- ... the business change would be here ...
+INSERT INTO outbox (topic, key, payload, headers) VALUES
+  ('orders', 'order-1', '{"type": "OrderPlaced", "total": 42.50}', '{"type": "OrderPlaced"}'),
+  ('orders', 'order-2', '{"type": "OrderPlaced", "total": 7.00}',  '{"type": "OrderPlaced"}');
+COMMIT;
+BEGIN;
+INSERT INTO outbox (topic, key, payload, headers) VALUES
+  ('orders', 'order-1', '{"type": "OrderPaid"}',    '{"type": "OrderPaid"}'),
+  ('orders', 'order-1', '{"type": "OrderShipped"}', '{"type": "OrderShipped"}'),
+  ('orders', 'order-2', '{"type": "OrderCancelled"}', '{"type": "OrderCancelled"}'),
+  ('orders', 'order-2', NULL, NULL);  -- a tombstone
+COMMIT;
+SELECT id, key, payload, published_at FROM outbox ORDER BY id;
+SQL
+
+say "outbox-relay run (log: $work/relay.log)"
+"$relay_bin" run >"$work/relay.log" 2>&1 &
+relay_pid=$!
+for _ in $(seq 300); do
+    pending=$(psql_demo -At -c "SELECT count(*) FROM outbox WHERE published_at IS NULL")
+    [ "$pending" -eq 0 ] && break
+    sleep 0.1
+done
+psql_demo -c "SELECT id, key, event_id, published_at FROM outbox ORDER BY id"
+
+say "consumed from Kafka (topic orders): one partition per key, in order, with the event_id header"
+timeout 60 "$tail_bin" "127.0.0.1:$kafka_port" orders 6
+
+say "a few of the relay's metrics (http://127.0.0.1:$metrics_port/metrics)"
+for _ in $(seq 50); do
+    curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -q '^outbox_relay_pending_rows 0$' && break
+    sleep 0.1
+done
+curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^outbox_relay_(published_total|pending_rows|oldest_pending_age_seconds|batch_duration_seconds_count)'
+
+say "SIGTERM: the relay finishes its batch and exits"
+kill -TERM "$relay_pid"
+status=0
+wait "$relay_pid" || status=$?
+relay_pid=""
+echo "outbox-relay exited with status $status"
+exit "$status"

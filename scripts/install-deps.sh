@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what the demo and the test suite need on a fresh machine, skipping what is there:
+#   - a PostgreSQL server (Debian's postgresql package) when no server binaries are found;
+#   - tansu, the Kafka-compatible broker, from crates.io (about 10 minutes to build the first time);
+#   - cargo-nextest, the test runner.
+set -euo pipefail
+
+TANSU_VERSION=0.6.0
+TANSU_FEATURES=dynostore,libsql
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+have_postgres_server() {
+    local bindir
+    bindir=$(pg_config --bindir 2>/dev/null || true)
+    if [ -n "$bindir" ] && [ -x "$bindir/postgres" ] && [ -x "$bindir/initdb" ]; then
+        return 0
+    fi
+    compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null
+}
+
+if ! have_postgres_server; then
+    say "installing the PostgreSQL server (Debian package postgresql)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+
+tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
+if ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    say "installing tansu $TANSU_VERSION (about 10 minutes on 2 cores the first time)"
+    cargo install tansu --locked --version "$TANSU_VERSION" --features "$TANSU_FEATURES"
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+    say "installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi

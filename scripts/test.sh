@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. The integration tests start their own PostgreSQL and tansu broker
+# on free loopback ports; this script first installs them if this machine lacks them.
+# Extra arguments go to cargo nextest (for example a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+cargo nextest run --all-targets --no-fail-fast "$@"
