@@ -49,6 +49,9 @@ pub struct DeliveryError {
     pub message: String,
     /// Whether the broker side may accept it later without any change to the row.
     pub transient: bool,
+    /// Whether the broker has disowned this producer session (fenced, or lost its sequence
+    /// state), so that no later record from it can succeed: the producer must be replaced.
+    pub producer_unusable: bool,
 }
 
 /// What happened to one record of a batch.
@@ -181,6 +184,7 @@ fn outcome_of(
             reason: "producer_closed",
             message: "the producer was closed before the delivery report arrived".to_owned(),
             transient: true,
+            producer_unusable: true,
         }),
     }
 }
@@ -188,7 +192,29 @@ fn outcome_of(
 /// Labels a Kafka error for metrics and decides whether it is about the record or the cluster.
 pub fn classify(error: &KafkaError) -> DeliveryError {
     use RDKafkaErrorCode as C;
-    let (reason, transient) = match error.rdkafka_error_code() {
+    let code = error.rdkafka_error_code();
+    // librdkafka recovers an idempotent producer from most of these itself, but a broker that
+    // keeps refusing the session (seen with brokers that fence an epoch bump) leaves it stuck;
+    // a new producer gets a new producer id and starts clean.
+    let producer_unusable = matches!(
+        code,
+        Some(
+            C::ProducerFenced
+                | C::InvalidProducerEpoch
+                | C::OutOfOrderSequenceNumber
+                | C::UnknownProducerId
+                | C::InvalidProducerIdMapping
+        )
+    );
+    if producer_unusable {
+        return DeliveryError {
+            reason: "producer_fenced",
+            message: error.to_string(),
+            transient: true,
+            producer_unusable,
+        };
+    }
+    let (reason, transient) = match code {
         Some(C::MessageTimedOut) => ("message_timeout", true),
         Some(C::QueueFull) => ("queue_full", true),
         Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => {
@@ -208,6 +234,7 @@ pub fn classify(error: &KafkaError) -> DeliveryError {
         reason,
         message: error.to_string(),
         transient,
+        producer_unusable,
     }
 }
 

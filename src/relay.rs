@@ -72,8 +72,12 @@ enum Turn {
     Idle,
     /// A batch went out and its outcome is recorded.
     Relayed {
+        /// Rows claimed.
         claimed: usize,
+        /// No record was acknowledged and some failed for reasons outside the rows.
         broker_unavailable: bool,
+        /// The broker disowned the producer session; the next batch needs a new producer.
+        producer_unusable: bool,
     },
     /// The outcome could not be recorded; it must be before the next claim.
     Unsettled(Settlement, OutboxError),
@@ -209,8 +213,13 @@ impl Relay {
                 Ok(Turn::Relayed {
                     claimed,
                     broker_unavailable,
+                    producer_unusable,
                 }) => {
                     connection = Some(outbox);
+                    if producer_unusable {
+                        warn!("the broker refused this producer session; starting a new producer");
+                        publisher = Publisher::new(&self.config)?;
+                    }
                     if broker_unavailable {
                         let delay = backoff.next_delay();
                         warn!(retry_in = ?delay, "the broker took none of the batch; backing off");
@@ -306,6 +315,7 @@ impl Relay {
         };
 
         let mut broker_failures = 0;
+        let mut producer_unusable = false;
         let mut first_failure = None;
         for ((id, record), outcome) in ids.into_iter().zip(records).zip(outcomes) {
             match outcome {
@@ -318,6 +328,7 @@ impl Relay {
                     if failure.transient {
                         broker_failures += 1;
                     }
+                    producer_unusable |= failure.producer_unusable;
                     first_failure.get_or_insert_with(|| format!("row {id}: {}", failure.message));
                     settlement.failed.push((id, failure.message));
                 }
@@ -343,6 +354,7 @@ impl Relay {
         Ok(Turn::Relayed {
             claimed: claimed_count,
             broker_unavailable,
+            producer_unusable,
         })
     }
 

@@ -1,7 +1,8 @@
 //! A throwaway Kafka-protocol broker (tansu) on a free loopback port.
 //!
-//! Memory storage by default; `start_durable` keeps data in a SQLite file so that a restart on
-//! the same port finds the topics and records it had.
+//! Memory storage. An outage that must keep the broker's data is a freeze (SIGSTOP) and a thaw
+//! (SIGCONT): tansu 0.6's durable sqlite storage loses producer state across restarts and then
+//! fails every produce, so a stop and restart cannot stand in for one.
 
 use std::fs::File;
 use std::net::TcpStream;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, reap_if_exited, set_parent_death_signal};
+use super::{free_port, reap_if_exited, set_parent_death_signal, stop_child};
 
 /// A running tansu broker; killed on drop.
 pub struct Broker {
@@ -28,22 +29,33 @@ impl Broker {
         Self::start_with_storage("memory://tansu/".to_owned())
     }
 
-    /// Starts a broker whose data survives [`Broker::restart`].
-    pub fn start_durable() -> Broker {
-        Self::start_with_storage("sqlite://tansu.db".to_owned())
+    /// Starts a broker on `port`, which the caller reserved (a relay may already be trying it).
+    pub fn start_on(port: u16) -> Broker {
+        let mut broker = Self::unstarted("memory://tansu/".to_owned());
+        broker.port = port;
+        assert!(
+            broker.launch(),
+            "tansu did not start on port {port}; see {}",
+            broker.log_path().display()
+        );
+        broker
     }
 
-    fn start_with_storage(storage: String) -> Broker {
+    fn unstarted(storage: String) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("outbox-relay-tansu-")
             .tempdir()
             .expect("temp dir");
-        let mut broker = Broker {
+        Broker {
             child: None,
             dir,
             port: 0,
             storage,
-        };
+        }
+    }
+
+    fn start_with_storage(storage: String) -> Broker {
+        let mut broker = Self::unstarted(storage);
         for _ in 0..5 {
             broker.port = free_port();
             if broker.launch() {
@@ -105,37 +117,28 @@ impl Broker {
         false
     }
 
-    /// Stops the broker: SIGTERM, then SIGKILL if it lingers. (A SIGKILL straight away can
-    /// lose tansu's last sqlite writes, such as a topic created a moment before.)
+    /// Stops the broker: SIGTERM, then SIGKILL if it lingers.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop_child(self.child.take(), libc::SIGTERM, Duration::from_secs(10));
     }
 
-    /// Starts the broker again on the same port and storage.
-    pub fn restart(&mut self) {
-        self.stop();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.launch() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not restart on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(200));
+    /// Freezes the broker (SIGSTOP): connections stay open but nothing is answered, as with a
+    /// hung broker or a network partition. Its data is kept for [`Broker::thaw`].
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Resumes a frozen broker (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as i32, signal);
+            }
         }
     }
 }

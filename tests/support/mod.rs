@@ -54,15 +54,36 @@ pub struct TestEnv {
 impl TestEnv {
     /// Starts (or connects to) PostgreSQL and a broker, and creates a fresh database.
     pub async fn start() -> TestEnv {
-        Self::start_with(Postgres::start, Broker::start).await
+        Self::start_with(Postgres::start, || Some(Broker::start())).await
     }
 
-    /// As [`TestEnv::start`], with a broker whose data survives a restart.
-    pub async fn start_durable_broker() -> TestEnv {
-        Self::start_with(Postgres::start, Broker::start_durable).await
+    /// As [`TestEnv::start`], but the broker's port is only reserved: it starts when the test
+    /// calls [`TestEnv::start_broker`]. (None when the broker is external.)
+    pub async fn start_with_broker_later() -> Option<TestEnv> {
+        if std::env::var("OUTBOX_TEST_KAFKA_BROKERS").is_ok() {
+            eprintln!(
+                "skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot start it"
+            );
+            return None;
+        }
+        let port = free_port();
+        let mut env = Self::start_with(Postgres::start, || None).await;
+        env.brokers = format!("127.0.0.1:{port}");
+        Some(env)
     }
 
-    async fn start_with(pg: fn() -> Postgres, broker: fn() -> Broker) -> TestEnv {
+    /// Starts the broker reserved by [`TestEnv::start_with_broker_later`].
+    pub fn start_broker(&mut self) {
+        let port = self
+            .brokers
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("reserved port");
+        self.broker = Some(Broker::start_on(port));
+    }
+
+    async fn start_with(pg: fn() -> Postgres, broker: fn() -> Option<Broker>) -> TestEnv {
         // OUTBOX_TEST_LOG=debug shows the in-process relay's log in a failing test's output.
         if let Ok(filter) = std::env::var("OUTBOX_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -80,11 +101,13 @@ impl TestEnv {
         };
         let (broker, brokers) = match std::env::var("OUTBOX_TEST_KAFKA_BROKERS") {
             Ok(brokers) => (None, brokers),
-            Err(_) => {
-                let server = broker();
-                let brokers = server.address();
-                (Some(server), brokers)
-            }
+            Err(_) => match broker() {
+                Some(server) => {
+                    let brokers = server.address();
+                    (Some(server), brokers)
+                }
+                None => (None, String::new()),
+            },
         };
         let database = unique_name("db");
         let admin = connect(&admin_url).await;
@@ -211,6 +234,37 @@ pub fn print_log_tail(name: &str, path: &std::path::Path) {
     );
 }
 
+/// Sends `signal` to a server process, waits up to `grace` for it to exit, then kills it.
+pub fn stop_child(child: Option<Child>, signal: i32, grace: Duration) {
+    let Some(mut child) = child else { return };
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Calls `launch` until the server is up again on its old port (which the previous process
+/// may hold for a moment after it exits).
+pub fn relaunch(what: &str, port: u16, mut launch: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !launch() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not restart on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// True (and forgets the child) if the server process has exited, e.g. because its port was
 /// taken between choosing it and binding it.
 pub fn reap_if_exited(child: &mut Option<Child>) -> bool {
@@ -328,6 +382,17 @@ fn consumer(brokers: &str) -> StreamConsumer {
         .expect("consumer")
 }
 
+/// Assigns every partition of `topic` to `consumer`, from the first offset.
+fn assign_from_beginning(consumer: &StreamConsumer, topic: &str, partitions: i32) {
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("assignment");
+    }
+    consumer.assign(&assignment).expect("assign");
+}
+
 /// Number of partitions of `topic`.
 pub fn partition_count(brokers: &str, topic: &str) -> i32 {
     let consumer = consumer(brokers);
@@ -347,13 +412,7 @@ pub fn partition_count(brokers: &str, topic: &str) -> i32 {
 pub async fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Received> {
     let consumer = consumer(brokers);
     let partitions = partition_count(brokers, topic);
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .expect("assignment");
-    }
-    consumer.assign(&assignment).expect("assign");
+    assign_from_beginning(&consumer, topic, partitions);
     let mut received = Vec::with_capacity(expected);
     let deadline = Instant::now() + PATIENCE;
     while received.len() < expected {
@@ -406,13 +465,7 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
             .unwrap_or_else(|(e, _)| panic!("sentinel to {topic}/{p}: {e}"));
     }
     let consumer = consumer(brokers);
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .expect("assignment");
-    }
-    consumer.assign(&assignment).expect("assign");
+    assign_from_beginning(&consumer, topic, partitions);
     let mut ended = std::collections::HashSet::new();
     let mut records = Vec::new();
     let deadline = Instant::now() + PATIENCE;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, reap_if_exited, set_parent_death_signal};
+use super::{free_port, reap_if_exited, relaunch, set_parent_death_signal, stop_child};
 
 /// Bump when the template's initdb options change.
 const TEMPLATE_VERSION: &str = "v1";
@@ -128,7 +128,15 @@ impl Postgres {
                 return false;
             }
             let ready = Command::new(bindir().join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args([
+                    "-q",
+                    "-U",
+                    "postgres",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                ])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -142,32 +150,14 @@ impl Postgres {
 
     /// Stops the server with a fast shutdown (clients are disconnected, data kept).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(&child, libc::SIGINT);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        stop_child(self.child.take(), libc::SIGINT, Duration::from_secs(20));
     }
 
     /// Starts the server again on the same port with the same data.
     pub fn restart(&mut self) {
         self.stop();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.launch() {
-            assert!(
-                Instant::now() < deadline,
-                "PostgreSQL did not restart on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let port = self.port;
+        relaunch("PostgreSQL", port, || self.launch());
     }
 }
 
@@ -177,13 +167,6 @@ impl Drop for Postgres {
         if std::thread::panicking() {
             super::print_log_tail("postgres", &self.log_path());
         }
-    }
-}
-
-fn signal(child: &Child, signal: i32) {
-    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-    unsafe {
-        libc::kill(child.id() as i32, signal);
     }
 }
 
