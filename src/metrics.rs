@@ -85,6 +85,9 @@ impl Metrics {
                 .register(collector)
                 .expect("metric names are unique");
         }
+        for reason in crate::publisher::ERROR_REASONS {
+            publish_errors.with_label_values(&[*reason]);
+        }
         Arc::new(Metrics {
             registry,
             published,

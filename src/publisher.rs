@@ -32,6 +32,23 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("message.timeout.ms", "120000"),
 ];
 
+/// Every `reason` a [`DeliveryError`] can carry, plus `invalid_row` for rows that cannot become
+/// a record at all. The metrics start each at zero so that dashboards see the series from the
+/// first scrape.
+pub const ERROR_REASONS: &[&str] = &[
+    "message_timeout",
+    "queue_full",
+    "unknown_topic",
+    "message_too_large",
+    "not_authorized",
+    "invalid_record",
+    "broker_unavailable",
+    "producer_fenced",
+    "producer_closed",
+    "invalid_row",
+    "other",
+];
+
 /// A failure at the Kafka boundary that is not about one record.
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
@@ -294,5 +311,54 @@ impl ClientContext for RelayContext {
         } else {
             tracing::warn!(target: "librdkafka", error = %error, "Kafka client error: {reason}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_classified_reason_is_a_declared_metric_label() {
+        use RDKafkaErrorCode as C;
+        let codes = [
+            C::MessageTimedOut,
+            C::QueueFull,
+            C::UnknownTopicOrPartition,
+            C::MessageSizeTooLarge,
+            C::TopicAuthorizationFailed,
+            C::InvalidRecord,
+            C::AllBrokersDown,
+            C::ProducerFenced,
+            C::OutOfOrderSequenceNumber,
+            C::RequestTimedOut,
+        ];
+        for code in codes {
+            let failure = classify(&KafkaError::MessageProduction(code));
+            assert!(
+                ERROR_REASONS.contains(&failure.reason),
+                "{code:?} -> {}",
+                failure.reason
+            );
+        }
+    }
+
+    #[test]
+    fn a_fenced_producer_must_be_replaced_but_a_timeout_does_not_need_it() {
+        let fenced = classify(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::ProducerFenced,
+        ));
+        assert!(fenced.producer_unusable && fenced.transient);
+        let timeout = classify(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageTimedOut,
+        ));
+        assert!(!timeout.producer_unusable && timeout.transient);
+        let too_large = classify(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::MessageSizeTooLarge,
+        ));
+        assert!(
+            !too_large.transient,
+            "a record too large for the broker will not fit later either"
+        );
     }
 }

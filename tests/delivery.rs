@@ -116,7 +116,10 @@ async fn twenty_thousand_rows_over_fifty_keys_written_while_relaying_arrive_once
     env.migrate().await;
     let partitions = 3;
     let topic = env.create_topic(partitions).await;
-    let relay = env.spawn_relay(env.config());
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut config = env.config();
+    config.metrics.listen = metrics_addr.clone();
+    let mut relay = spawn_relay_process(&env, &config);
 
     // The writer commits while the relay is already draining: the relay sees the table grow.
     let writer_db = env.client().await;
@@ -182,7 +185,28 @@ async fn twenty_thousand_rows_over_fifty_keys_written_while_relaying_arrive_once
     }
     assert_eq!(last_n.len(), KEYS);
 
-    let published: u64 = relay.metrics.published.with_label_values(&[&topic]).get();
-    assert_eq!(published, ROWS as u64);
-    relay.stop().await.expect("clean stop");
+    let metrics = scrape(&metrics_addr).await;
+    let published = sample(
+        &metrics,
+        &format!("outbox_relay_published_total{{topic=\"{topic}\"}}"),
+    );
+    assert_eq!(published, Some(ROWS as f64), "{metrics}");
+    for name in [
+        "outbox_relay_publish_errors_total",
+        "outbox_relay_batch_duration_seconds",
+        "outbox_relay_pending_rows",
+        "outbox_relay_oldest_pending_age_seconds",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} is served:\n{metrics}"
+        );
+    }
+    relay.signal(libc::SIGTERM);
+    assert_eq!(
+        relay.wait().await,
+        Some(0),
+        "SIGTERM exits 0; log:\n{}",
+        relay.log()
+    );
 }

@@ -34,7 +34,7 @@ async fn a_second_relay_stands_by_and_takes_over_when_the_first_stops() {
     wait_until(PATIENCE, "the second relay to connect", || async {
         let sessions: i64 = db
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox-relay'",
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'outbox-relay' AND datname = current_database()",
                 &[],
             )
             .await
