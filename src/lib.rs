@@ -19,6 +19,8 @@
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`shutdown`], [`backoff`]: the small pieces the loop is built from.
 
+#![warn(missing_docs)]
+
 pub mod backoff;
 pub mod config;
 pub mod metrics;

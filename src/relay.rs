@@ -280,6 +280,7 @@ impl Relay {
             return Ok(Turn::Idle);
         }
         let claimed_count = claimed.len();
+        debug!(rows = claimed_count, "claimed a batch");
 
         let mut settlement = Settlement::default();
         let mut records = Vec::with_capacity(claimed.len());

@@ -43,8 +43,10 @@ impl Shutdown {
         tokio::time::sleep(grace).await;
     }
 
-    /// Requests shutdown on the first SIGTERM or SIGINT. Returns an error if the signal
-    /// handlers cannot be installed.
+    /// Requests shutdown on the first SIGTERM or SIGINT; a second one exits the process at once
+    /// (status 130), for an operator who will not wait for the grace period. Exiting early is
+    /// safe: rows not yet marked are published again by the next run. Returns an error if the
+    /// signal handlers cannot be installed.
     pub fn on_signals(&self) -> std::io::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
@@ -60,7 +62,19 @@ impl Shutdown {
                 "shutdown requested: finishing the batch in flight"
             );
             shutdown.request();
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::warn!(
+                signal = name,
+                "second signal: exiting now; unmarked rows will be published again"
+            );
+            std::process::exit(EXIT_INTERRUPTED);
         });
         Ok(())
     }
 }
+
+/// Exit status after a second signal, as shells report a process ended by SIGINT.
+const EXIT_INTERRUPTED: i32 = 130;

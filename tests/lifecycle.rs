@@ -300,3 +300,59 @@ async fn a_broker_that_hangs_mid_run_is_ridden_out_without_loss_or_false_marks()
     assert_eq!(on_topic.len(), 20_000);
     relay.stop().await.expect("clean stop");
 }
+
+/// A relay whose first batch can never be acknowledged (no broker at all), with `grace`.
+async fn relay_with_a_stuck_batch(grace: std::time::Duration) -> Option<(TestEnv, RelayProcess)> {
+    let env = TestEnv::start_with_broker_later().await?;
+    env.migrate().await;
+    insert_events(
+        &env.client().await,
+        &[NewEvent::keyed(&unique_name("topic"), "k", 1)],
+    )
+    .await;
+    let mut config = env.config();
+    config.relay.shutdown_timeout = grace;
+    let relay = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "the relay to lead and claim", || async {
+        relay.log().contains("leading")
+    })
+    .await;
+    Some((env, relay))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_grace_period_ends_the_relay_exits_and_leaves_the_batch_unpublished() {
+    let Some((env, mut relay)) = relay_with_a_stuck_batch(std::time::Duration::from_secs(1)).await
+    else {
+        return;
+    };
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+    assert!(
+        relay.log().contains("shutdown grace period over"),
+        "log:\n{}",
+        relay.log()
+    );
+    assert_eq!(
+        unpublished_count(&env.client().await).await,
+        1,
+        "an unacknowledged row is never marked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once_without_waiting_for_the_grace_period() {
+    let Some((env, mut relay)) =
+        relay_with_a_stuck_batch(std::time::Duration::from_secs(600)).await
+    else {
+        return;
+    };
+    relay.signal(libc::SIGTERM);
+    wait_until(PATIENCE, "the first signal to be noticed", || async {
+        relay.log().contains("shutdown requested")
+    })
+    .await;
+    relay.signal(libc::SIGINT);
+    assert_eq!(relay.wait().await, Some(130), "log:\n{}", relay.log());
+    assert_eq!(unpublished_count(&env.client().await).await, 1);
+}
