@@ -17,10 +17,12 @@
 //! - [`publisher`]: the Kafka side: producer settings, sending, delivery outcomes.
 //! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`audit`]: reconciles the table with a topic (lost, duplicated, pending, failed rows).
 //! - [`shutdown`], [`backoff`]: the small pieces the loop is built from.
 
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod backoff;
 pub mod config;
 pub mod metrics;

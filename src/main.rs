@@ -28,10 +28,42 @@ enum Command {
     Migrate,
     /// Print the effective configuration as TOML, with secrets redacted.
     Config,
+    /// Reconcile the table with a topic: rows marked published but missing from the topic
+    /// (lost), event ids on the topic more than once (duplicated), rows pending or failed.
+    /// Exits 0 when nothing is lost, 1 otherwise.
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
+    /// The topic to check.
+    #[arg(long)]
+    topic: String,
+    /// Lowest row id to check (inclusive).
+    #[arg(long, value_name = "ID")]
+    from_id: Option<String>,
+    /// Highest row id to check (inclusive).
+    #[arg(long, value_name = "ID")]
+    to_id: Option<String>,
+    /// Only rows created at or after this time (e.g. 2026-11-23T10:00:00Z); the topic is read
+    /// from records of about that time on.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Only rows created before this time.
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// How many ids to list for each finding.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    show: usize,
 }
 
 const EXIT_FAILED: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
+/// `audit` could not finish (database, topic or range problem), as distinct from a finding.
+const EXIT_AUDIT_ERROR: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,6 +90,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run => run(config).await,
             Command::Migrate => migrate(config).await,
+            Command::Audit(args) => audit(config, args).await,
             Command::Config => ExitCode::SUCCESS,
         }
     })
@@ -107,6 +140,36 @@ async fn migrate(config: Config) -> ExitCode {
         Err(e) => {
             eprintln!("outbox-relay: {e}");
             ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn audit(config: Config, args: AuditArgs) -> ExitCode {
+    let range = outbox_relay::outbox::RowRange {
+        from_id: args.from_id,
+        to_id: args.to_id,
+        since: args.since,
+        until: args.until,
+    };
+    match outbox_relay::audit::audit(&config, &args.topic, &range, args.show).await {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => eprintln!("outbox-relay: cannot render the report: {e}"),
+                }
+            } else {
+                print!("{}", report.render_text());
+            }
+            if report.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILED)
+            }
+        }
+        Err(e) => {
+            eprintln!("outbox-relay: audit: {e}");
+            ExitCode::from(EXIT_AUDIT_ERROR)
         }
     }
 }

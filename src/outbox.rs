@@ -12,7 +12,9 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::config::{Config, redact_connection_string};
 use crate::record::OutboxRow;
-use crate::table::{Layout, LayoutError, Mapping, TABLE_COLUMNS_SQL, claim_columns};
+use crate::table::{
+    AUDIT_TOPIC_COLUMN, Layout, LayoutError, Mapping, TABLE_COLUMNS_SQL, claim_columns,
+};
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "outbox-relay";
@@ -24,7 +26,10 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     /// The database could not be reached or refused the login.
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    #[error(
+        "cannot connect to PostgreSQL at {target}: {}",
+        describe_pg_error(source)
+    )]
     Connect {
         /// Host and database, without credentials.
         target: String,
@@ -32,7 +37,7 @@ pub enum OutboxError {
         source: tokio_postgres::Error,
     },
     /// A statement failed (including a lost connection).
-    #[error("PostgreSQL {what} failed: {source}")]
+    #[error("PostgreSQL {what} failed: {}", describe_pg_error(source))]
     Query {
         /// Which statement.
         what: &'static str,
@@ -84,6 +89,36 @@ pub struct PendingStats {
     pub oldest_age_seconds: Option<f64>,
 }
 
+/// One row as `audit` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    /// The row's id as text.
+    pub id: String,
+    /// Its event id.
+    pub event_id: String,
+    /// Whether it is marked published.
+    pub published: bool,
+    /// Failed attempts so far (0 without an attempts column).
+    pub attempts: i64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// Values of the topic column or the template's columns.
+    pub topic_values: Vec<Option<String>>,
+}
+
+/// Bounds on the rows `audit` checks; `None` is unbounded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowRange {
+    /// Lowest id, inclusive.
+    pub from_id: Option<String>,
+    /// Highest id, inclusive.
+    pub to_id: Option<String>,
+    /// Earliest creation time, inclusive (any timestamp PostgreSQL parses).
+    pub since: Option<String>,
+    /// Latest creation time, exclusive.
+    pub until: Option<String>,
+}
+
 /// Opens a plain connection (no statements prepared), for migrations and checks.
 pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
     let target = describe_target(&config.database.url);
@@ -115,6 +150,27 @@ pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
         }
     });
     Ok(client)
+}
+
+/// The useful part of a tokio-postgres error. Its own `Display` says only "db error" for
+/// everything the server reports; the server's message, detail and hint are what an operator
+/// needs.
+pub fn describe_pg_error(error: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!("{}: {}", db.severity(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" ({detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!("; hint: {hint}"));
+        }
+        return text;
+    }
+    match error.source() {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
 }
 
 /// `host:port/dbname` of a connection string, for messages that must not carry a password.
@@ -237,6 +293,53 @@ impl Outbox {
             rows: row.get(0),
             oldest_age_seconds: row.get(1),
         })
+    }
+
+    /// The rows in `range` (and with `topic`, when the topic is a column), in claim order.
+    pub async fn audit_rows(
+        &self,
+        range: &RowRange,
+        topic: Option<&str>,
+    ) -> Result<Vec<AuditRow>, OutboxError> {
+        let rows = self
+            .client
+            .query(
+                &self.layout.audit_rows_sql(),
+                &[
+                    &range.from_id,
+                    &range.to_id,
+                    &range.since,
+                    &range.until,
+                    &topic,
+                ],
+            )
+            .await
+            .map_err(OutboxError::query("audit rows"))?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditRow {
+                id: r.get(0),
+                event_id: r.get(1),
+                published: r.get(2),
+                attempts: r.get(3),
+                last_error: r.get(4),
+                topic_values: (AUDIT_TOPIC_COLUMN..r.len()).map(|i| r.get(i)).collect(),
+            })
+            .collect())
+    }
+
+    /// Milliseconds since the epoch of a timestamp as PostgreSQL reads it (so `audit` accepts
+    /// the same formats in `--since` as the database does).
+    pub async fn epoch_millis(&self, timestamp: &str) -> Result<i64, OutboxError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (extract(epoch FROM $1::text::timestamptz) * 1000)::int8",
+                &[&timestamp],
+            )
+            .await
+            .map_err(OutboxError::query("read timestamp"))?;
+        Ok(row.get(0))
     }
 
     /// Tries to become the one relay publishing this table, with a session advisory lock that

@@ -103,6 +103,37 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     client
 }
 
+/// Property prefixes that say how to reach and authenticate to the cluster. Tools that read
+/// topics (`audit`) take these from `kafka.properties` and leave the producer tuning out.
+const CONNECTION_PROPERTY_PREFIXES: &[&str] = &[
+    "security.",
+    "sasl.",
+    "ssl.",
+    "client.",
+    "socket.",
+    "broker.",
+    "api.version",
+    "metadata.",
+    "reconnect.",
+];
+
+/// The librdkafka configuration for reading topics: brokers, and the connection and security
+/// properties of `kafka.properties`.
+pub fn reader_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (name, value) in &config.kafka.properties {
+        if CONNECTION_PROPERTY_PREFIXES
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            client.set(name, value);
+        }
+    }
+    client.set_log_level(RDKafkaLogLevel::Warning);
+    client
+}
+
 impl Publisher {
     /// Creates the producer. It connects lazily, so an unreachable broker is not an error here;
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.

@@ -49,7 +49,10 @@ pub enum MigrateError {
     #[error(transparent)]
     Database(#[from] crate::outbox::OutboxError),
     /// A migration's SQL failed.
-    #[error("migration {name} failed: {source}")]
+    #[error(
+        "migration {name} failed: {}",
+        crate::outbox::describe_pg_error(source)
+    )]
     Statement {
         /// Which migration.
         name: &'static str,

@@ -473,22 +473,24 @@ impl Layout {
         }
     }
 
+    /// The topic column, or the template's columns, as text, for a `SELECT` list.
+    fn topic_select(&self) -> String {
+        let columns: Vec<String> = self
+            .mapping
+            .topic
+            .columns()
+            .iter()
+            .map(|c| format!("o.{c}::text"))
+            .collect();
+        columns.join(", ")
+    }
+
     /// `SELECT` of the next unpublished rows in claim order; `$1` is the batch size.
     ///
     /// Every column is qualified with the alias `o`: the selected `id::text` is itself named
     /// `id`, and an unqualified `ORDER BY id` would sort by that text ("10" before "9").
     pub fn claim_sql(&self) -> String {
         let m = &self.mapping;
-        let text_or_null = |c: &Option<Identifier>| match c {
-            Some(c) => format!("o.{c}::text"),
-            None => "NULL::text".to_owned(),
-        };
-        let topic: Vec<String> = m
-            .topic
-            .columns()
-            .iter()
-            .map(|c| format!("o.{c}::text"))
-            .collect();
         let filter = match &m.published_at {
             Some(published_at) => format!("WHERE o.{published_at} IS NULL"),
             None => String::new(),
@@ -501,7 +503,7 @@ impl Layout {
             key = text_or_null(&m.key),
             payload = m.payload,
             headers = text_or_null(&m.headers),
-            topic = topic.join(", "),
+            topic = self.topic_select(),
             table = m.table_sql(),
             order = m.order_by,
         )
@@ -561,7 +563,75 @@ impl Layout {
             filter = self.unpublished_filter()
         )
     }
+
+    /// Rows for `audit`, in claim order: id, event id, published?, attempts, last error, then
+    /// the topic columns (as in [`claim_columns`]'s topic position, here from index 5).
+    /// Parameters, each NULL for "no bound": `$1`/`$2` the id range (text, inclusive), `$3`/`$4`
+    /// the created-at range (text timestamps, `[since, until)`), `$5` the topic when it comes
+    /// from a column (a template's topic is checked row by row instead).
+    pub fn audit_rows_sql(&self) -> String {
+        let m = &self.mapping;
+        let published = match &m.published_at {
+            Some(c) => format!("o.{c} IS NOT NULL"),
+            None => "false".to_owned(),
+        };
+        let attempts = match &m.attempts {
+            Some(c) => format!("o.{c}::int8"),
+            None => "0::int8".to_owned(),
+        };
+        let last_error = text_or_null(&m.last_error);
+        let mut filters = vec![
+            format!(
+                "($1::text IS NULL OR o.{id} >= $1::text::{ty})",
+                id = m.id,
+                ty = self.id_type
+            ),
+            format!(
+                "($2::text IS NULL OR o.{id} <= $2::text::{ty})",
+                id = m.id,
+                ty = self.id_type
+            ),
+        ];
+        if let Some(created_at) = &m.created_at {
+            filters.push(format!(
+                "($3::text IS NULL OR o.{created_at} >= $3::text::timestamptz)"
+            ));
+            filters.push(format!(
+                "($4::text IS NULL OR o.{created_at} < $4::text::timestamptz)"
+            ));
+        } else {
+            // Keep $3 and $4 typed; the caller refuses a time range without a created-at column.
+            filters.push("($3::text IS NULL AND $4::text IS NULL)".to_owned());
+        }
+        match &m.topic {
+            TopicSource::Column(c) => {
+                filters.push(format!("($5::text IS NULL OR o.{c} = $5::text)"))
+            }
+            TopicSource::Template(_) => filters.push("($5::text IS NULL OR true)".to_owned()),
+        }
+        format!(
+            "SELECT o.{id}::text, o.{event_id}::text, {published}, {attempts}, {last_error}, {topic} \
+             FROM {table} AS o WHERE {filters} ORDER BY o.{order}",
+            id = m.id,
+            event_id = m.event_id,
+            topic = self.topic_select(),
+            table = m.table_sql(),
+            filters = filters.join(" AND "),
+            order = m.order_by,
+        )
+    }
 }
+
+/// `o.column::text`, or a typed NULL for a column the table does not have.
+fn text_or_null(column: &Option<Identifier>) -> String {
+    match column {
+        Some(c) => format!("o.{c}::text"),
+        None => "NULL::text".to_owned(),
+    }
+}
+
+/// Position of the first topic column in [`Layout::audit_rows_sql`]'s result.
+pub const AUDIT_TOPIC_COLUMN: usize = 5;
 
 /// Columns of a table with their `format_type`; `$1` is the quoted table name.
 pub const TABLE_COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \

@@ -783,3 +783,38 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Produces `record` to `topic` again (same partition, key, value and headers), as a crash
+/// between publish and mark would; `payload` replaces the value when given.
+pub async fn produce_copy(brokers: &str, topic: &str, record: &Received, payload: Option<&[u8]>) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    let mut headers = OwnedHeaders::new();
+    for (key, value) in &record.headers {
+        headers = headers.insert(Header {
+            key,
+            value: value.as_deref(),
+        });
+    }
+    let mut copy = FutureRecord::<[u8], [u8]>::to(topic)
+        .partition(record.partition)
+        .headers(headers);
+    let key = record.key.as_ref().map(|k| k.as_bytes().to_vec());
+    if let Some(key) = &key {
+        copy = copy.key(key.as_slice());
+    }
+    let value = payload
+        .map(|p| p.to_vec())
+        .or_else(|| record.payload.clone());
+    if let Some(value) = &value {
+        copy = copy.payload(value.as_slice());
+    }
+    producer
+        .send(copy, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|(e, _)| panic!("produce a copy: {e}"));
+}
