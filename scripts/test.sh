@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo nextest run --all-targets --no-fail-fast "$@"
+# failpoints compiles in the fault-injection points the crash tests use.
+cargo nextest run --all-targets --features failpoints --no-fail-fast "$@"

@@ -66,6 +66,9 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_AUDIT_ERROR: u8 = 3;
 
 fn main() -> ExitCode {
+    // Only test builds read FAILPOINTS; a release build must not panic on a stray variable.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,

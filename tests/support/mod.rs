@@ -622,6 +622,15 @@ pub fn run_command(args: &[&str], env_vars: &[(&str, &str)]) -> (i32, String, St
 
 /// Starts `outbox-relay run` as a child process with `config`; its log goes to a file.
 pub fn spawn_relay_process(env: &TestEnv, config: &Config) -> RelayProcess {
+    spawn_relay_process_with_env(env, config, &[])
+}
+
+/// As [`spawn_relay_process`], with extra environment variables (such as `FAILPOINTS`).
+pub fn spawn_relay_process_with_env(
+    env: &TestEnv,
+    config: &Config,
+    vars: &[(&str, &str)],
+) -> RelayProcess {
     let config_path = write_config(env, config);
     let log_path = env.path(&format!("{}.log", unique_name("relay")));
     let log = std::fs::File::create(&log_path).expect("relay log");
@@ -631,6 +640,7 @@ pub fn spawn_relay_process(env: &TestEnv, config: &Config) -> RelayProcess {
         .arg(&config_path)
         .arg("run")
         .env("RUST_LOG", "outbox_relay=debug,info")
+        .envs(vars.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
@@ -671,6 +681,24 @@ impl RelayProcess {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until its log contains `text`; on timeout the panic shows the log.
+    pub async fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "the relay never logged {text:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether it is still running.
@@ -817,4 +845,62 @@ pub async fn produce_copy(brokers: &str, topic: &str, record: &Received, payload
         .send(copy, Duration::from_secs(30))
         .await
         .unwrap_or_else(|(e, _)| panic!("produce a copy: {e}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks over a topic's records
+
+/// Whether `copy` is the same record as `original` (event id, key, value, headers and
+/// partition), whatever its offset.
+pub fn is_same_record(original: &Received, copy: &Received) -> bool {
+    original.partition == copy.partition
+        && original.key == copy.key
+        && original.payload == copy.payload
+        && original.headers == copy.headers
+}
+
+/// Duplicated event ids of `records`, each checked byte-identical to its first copy.
+pub fn identical_duplicates(records: &[Received]) -> std::collections::HashSet<String> {
+    let mut first: std::collections::HashMap<String, &Received> = std::collections::HashMap::new();
+    let mut duplicated = std::collections::HashSet::new();
+    for record in records {
+        match first.get(&record.event_id()) {
+            None => {
+                first.insert(record.event_id(), record);
+            }
+            Some(original) => {
+                assert!(
+                    is_same_record(original, record),
+                    "a duplicate differs from its first copy: {original:?} / {record:?}"
+                );
+                duplicated.insert(record.event_id());
+            }
+        }
+    }
+    duplicated
+}
+
+/// Checks that, per key, the first copies of the events arrive in the order of the payload's
+/// `n` (as written by [`NewEvent::keyed`]). Repeats after a crash come later and are ignored.
+pub fn assert_first_copies_in_key_order(records: &[Received]) {
+    let mut sorted: Vec<&Received> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    let mut seen = std::collections::HashSet::new();
+    let mut last: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for record in sorted {
+        if !seen.insert(record.event_id()) {
+            continue;
+        }
+        let key = record.key.clone().unwrap_or_default();
+        let payload: serde_json::Value =
+            serde_json::from_slice(record.payload.as_deref().unwrap_or(b"null"))
+                .expect("JSON payload");
+        let n = payload["n"].as_i64().expect("payload n");
+        if let Some(previous) = last.insert(key.clone(), n) {
+            assert!(
+                n > previous,
+                "key {key}: event {n} arrived after {previous}"
+            );
+        }
+    }
 }
