@@ -18,6 +18,8 @@
 //! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`audit`]: reconciles the table with a topic (lost, duplicated, pending, failed rows).
+//! - [`inbox`]: for consumers: apply each event once, by recording its `event_id` in the same
+//!   transaction as the effect.
 //! - [`shutdown`], [`backoff`]: the small pieces the loop is built from.
 
 #![warn(missing_docs)]
@@ -25,6 +27,7 @@
 pub mod audit;
 pub mod backoff;
 pub mod config;
+pub mod inbox;
 pub mod metrics;
 pub mod outbox;
 pub mod publisher;

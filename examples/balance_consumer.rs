@@ -1,0 +1,109 @@
+//! A consumer that applies a non-idempotent effect exactly once, whatever the relay repeats.
+//!
+//! Each event `{"account": "alice", "amount": 5}` adds `amount` to the account's balance. Adding
+//! twice would be wrong, and the relay may deliver an event twice (a crash between publish and
+//! mark). `outbox_relay::inbox::Inbox` records each `event_id` in the same transaction as the
+//! addition and skips ids it has seen, so every event counts once.
+//!
+//! ```text
+//! cargo run --example balance_consumer -- DATABASE_URL BROKERS TOPIC [GROUP] [--stop-at-end]
+//! ```
+//! `--stop-at-end` exits once every assigned partition has been read to its end.
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use tokio_postgres::{NoTls, Transaction};
+
+use outbox_relay::inbox::{Event, Handled, INBOX_SQL, Inbox, InboxError};
+
+#[derive(serde::Deserialize)]
+struct Deposit {
+    account: String,
+    amount: i64,
+}
+
+/// The effect: add the deposit to the account. Not idempotent on purpose.
+async fn apply(
+    tx: &Transaction<'_>,
+    event: &Event<'_>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let deposit: Deposit = serde_json::from_slice(event.payload.unwrap_or(b"null"))?;
+    tx.execute(
+        "INSERT INTO accounts (account, balance) VALUES ($1, $2) \
+         ON CONFLICT (account) DO UPDATE SET balance = accounts.balance + EXCLUDED.balance",
+        &[&deposit.account, &deposit.amount],
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let stop_at_end = args.iter().any(|a| a == "--stop-at-end");
+    let positional: Vec<&String> = args.iter().filter(|a| !a.starts_with("--")).collect();
+    let [database_url, brokers, topic, rest @ ..] = positional.as_slice() else {
+        eprintln!("usage: balance_consumer DATABASE_URL BROKERS TOPIC [GROUP] [--stop-at-end]");
+        std::process::exit(2);
+    };
+    let group = rest
+        .first()
+        .map(|g| g.as_str())
+        .unwrap_or("balance-consumer");
+
+    let (mut db, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    tokio::spawn(connection);
+    db.batch_execute(INBOX_SQL).await?;
+    db.batch_execute(
+        "CREATE TABLE IF NOT EXISTS accounts (account text PRIMARY KEY, balance bigint NOT NULL)",
+    )
+    .await?;
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers.as_str())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    consumer.subscribe(&[topic.as_str()])?;
+    let inbox = Inbox::new(group);
+
+    let (mut applied, mut duplicates) = (0u64, 0u64);
+    let mut ended = std::collections::HashSet::new();
+    loop {
+        let message = match consumer.recv().await {
+            Ok(message) => message,
+            Err(KafkaError::PartitionEOF(partition)) => {
+                ended.insert(partition);
+                let assigned = consumer.assignment()?.count();
+                if stop_at_end && assigned > 0 && ended.len() >= assigned {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        ended.remove(&message.partition());
+        match inbox.handle(&mut db, &consumer, &message, apply).await {
+            Ok(Handled::Applied) => applied += 1,
+            Ok(Handled::Duplicate) => duplicates += 1,
+            // Not from the relay: nothing to deduplicate on. This consumer skips such records;
+            // yours may prefer to stop.
+            Err(e @ InboxError::MissingEventId { .. }) => {
+                eprintln!("skipping: {e}");
+                consumer.commit_message(&message, CommitMode::Async)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Flush the last offset commits; "no offset stored" only means there is nothing new.
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) | Ok(()) => {}
+        Err(e) => return Err(e.into()),
+    }
+    println!("applied {applied} events, skipped {duplicates} duplicates");
+    Ok(())
+}
