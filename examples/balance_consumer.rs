@@ -25,10 +25,7 @@ struct Deposit {
 }
 
 /// The effect: add the deposit to the account. Not idempotent on purpose.
-async fn apply(
-    tx: &Transaction<'_>,
-    event: &Event<'_>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn apply(tx: &Transaction<'_>, event: &Event<'_>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let deposit: Deposit = serde_json::from_slice(event.payload.unwrap_or(b"null"))?;
     tx.execute(
         "INSERT INTO accounts (account, balance) VALUES ($1, $2) \
@@ -48,18 +45,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         eprintln!("usage: balance_consumer DATABASE_URL BROKERS TOPIC [GROUP] [--stop-at-end]");
         std::process::exit(2);
     };
-    let group = rest
-        .first()
-        .map(|g| g.as_str())
-        .unwrap_or("balance-consumer");
+    let group = rest.first().map(|g| g.as_str()).unwrap_or("balance-consumer");
 
     let (mut db, connection) = tokio_postgres::connect(database_url, NoTls).await?;
     tokio::spawn(connection);
     db.batch_execute(INBOX_SQL).await?;
-    db.batch_execute(
-        "CREATE TABLE IF NOT EXISTS accounts (account text PRIMARY KEY, balance bigint NOT NULL)",
-    )
-    .await?;
+    db.batch_execute("CREATE TABLE IF NOT EXISTS accounts (account text PRIMARY KEY, balance bigint NOT NULL)").await?;
 
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers.as_str())

@@ -29,11 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .set("enable.auto.commit", "false")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0);
+    let partitions = metadata.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
     let mut assignment = TopicPartitionList::new();
     for partition in 0..partitions as i32 {
         assignment.add_partition_offset(&topic, partition, Offset::Beginning)?;
@@ -43,34 +39,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut seen = 0;
     while count.is_none_or(|c| seen < c) {
         let message = consumer.recv().await?;
-        let key = message
-            .key()
-            .map(String::from_utf8_lossy)
-            .unwrap_or_default();
-        let value = message
-            .payload()
-            .map(String::from_utf8_lossy)
-            .unwrap_or("(tombstone)".into());
+        let key = message.key().map(String::from_utf8_lossy).unwrap_or_default();
+        let value = message.payload().map(String::from_utf8_lossy).unwrap_or("(tombstone)".into());
         let headers: Vec<String> = message
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| {
-                        format!(
-                            "{}={}",
-                            h.key,
-                            h.value.map(String::from_utf8_lossy).unwrap_or_default()
-                        )
-                    })
+                    .map(|h| format!("{}={}", h.key, h.value.map(String::from_utf8_lossy).unwrap_or_default()))
                     .collect()
             })
             .unwrap_or_default();
-        println!(
-            "{topic}[{}]@{}  key={key}  {}  {value}",
-            message.partition(),
-            message.offset(),
-            headers.join(" ")
-        );
+        println!("{topic}[{}]@{}  key={key}  {}  {value}", message.partition(), message.offset(), headers.join(" "));
         seen += 1;
     }
     Ok(())

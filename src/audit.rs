@@ -53,9 +53,7 @@ pub enum AuditError {
     #[error("{0}")]
     InvalidRange(String),
     /// The topic stopped answering before its end was reached.
-    #[error(
-        "reading topic {0}: no progress for {READ_STALL_LIMIT:?} before the end of every partition was reached"
-    )]
+    #[error("reading topic {0}: no progress for {READ_STALL_LIMIT:?} before the end of every partition was reached")]
     Stalled(String),
 }
 
@@ -155,16 +153,9 @@ impl AuditReport {
     pub fn render_text(&self) -> String {
         let mut out = String::new();
         let ids = |f: &Finding| {
-            if f.first.is_empty() {
-                String::new()
-            } else {
-                format!("; first: {}", f.first.join(", "))
-            }
+            if f.first.is_empty() { String::new() } else { format!("; first: {}", f.first.join(", ")) }
         };
-        out.push_str(&format!(
-            "audit of topic {} against table {}\n",
-            self.topic, self.table
-        ));
+        out.push_str(&format!("audit of topic {} against table {}\n", self.topic, self.table));
         let r = &self.range;
         let bound = |b: &Option<String>| b.clone().unwrap_or_else(|| "*".to_owned());
         out.push_str(&format!(
@@ -188,15 +179,8 @@ impl AuditReport {
                 _ => format!("p{} empty", p.partition),
             })
             .collect();
-        out.push_str(&format!(
-            "  topic      {} records read ({})\n",
-            self.records_read,
-            spans.join(", ")
-        ));
-        out.push_str(&format!(
-            "  published  {} rows found on the topic\n",
-            self.published
-        ));
+        out.push_str(&format!("  topic      {} records read ({})\n", self.records_read, spans.join(", ")));
+        out.push_str(&format!("  published  {} rows found on the topic\n", self.published));
         if self.lost_detectable {
             out.push_str(&format!(
                 "  lost       {} rows marked published but not on the topic{}\n",
@@ -223,16 +207,8 @@ impl AuditReport {
             self.pending_on_topic,
             ids(&self.pending)
         ));
-        out.push_str(&format!(
-            "  failed     {} rows with failed attempts{}\n",
-            self.failed.count,
-            ids(&self.failed)
-        ));
-        out.push_str(if self.is_clean() {
-            "result: nothing lost\n"
-        } else {
-            "result: PROBLEMS FOUND\n"
-        });
+        out.push_str(&format!("  failed     {} rows with failed attempts{}\n", self.failed.count, ids(&self.failed)));
+        out.push_str(if self.is_clean() { "result: nothing lost\n" } else { "result: PROBLEMS FOUND\n" });
         out
     }
 }
@@ -245,12 +221,7 @@ struct Seen {
 }
 
 /// Audits `topic` against the rows of `range`, listing up to `show` ids per finding.
-pub async fn audit(
-    config: &Config,
-    topic: &str,
-    range: &RowRange,
-    show: usize,
-) -> Result<AuditReport, AuditError> {
+pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) -> Result<AuditReport, AuditError> {
     let mapping = Mapping::from_config(config).map_err(AuditError::InvalidRange)?;
     if (range.since.is_some() || range.until.is_some()) && mapping.created_at.is_none() {
         return Err(AuditError::InvalidRange(
@@ -261,9 +232,7 @@ pub async fn audit(
     for (flag, bound) in [("--since", &range.since), ("--until", &range.until)] {
         if let Some(time) = bound {
             outbox.epoch_millis(time).await.map_err(|e| {
-                AuditError::InvalidRange(format!(
-                    "{flag} \"{time}\": not a time PostgreSQL can read ({e})"
-                ))
+                AuditError::InvalidRange(format!("{flag} \"{time}\": not a time PostgreSQL can read ({e})"))
             })?;
         }
     }
@@ -275,12 +244,7 @@ pub async fn audit(
         .audit_rows(range, topic_filter)
         .await?
         .into_iter()
-        .filter(|row| {
-            mapping
-                .topic
-                .topic(&row.topic_values)
-                .is_ok_and(|t| t == topic)
-        })
+        .filter(|row| mapping.topic.topic(&row.topic_values).is_ok_and(|t| t == topic))
         .collect();
     let start_ms = match &range.since {
         Some(since) => Some(outbox.epoch_millis(since).await? - CLOCK_SKEW_ALLOWANCE_MS),
@@ -289,28 +253,14 @@ pub async fn audit(
 
     let seen: HashMap<String, Seen> = rows
         .iter()
-        .map(|row| {
-            (
-                row.event_id.clone(),
-                Seen {
-                    copies: 0,
-                    first_identity: 0,
-                    conflicting: false,
-                },
-            )
-        })
+        .map(|row| (row.event_id.clone(), Seen { copies: 0, first_identity: 0, conflicting: false }))
         .collect();
     // librdkafka's consumer API blocks; keep it off the async workers.
     let (reader_config, reader_topic) = (config.clone(), topic.to_owned());
-    let TopicRead {
-        records: records_read,
-        partitions,
-        seen,
-    } = tokio::task::spawn_blocking(move || {
-        read_topic(&reader_config, &reader_topic, start_ms, seen)
-    })
-    .await
-    .map_err(|e| AuditError::InvalidRange(format!("the topic reader stopped: {e}")))??;
+    let TopicRead { records: records_read, partitions, seen } =
+        tokio::task::spawn_blocking(move || read_topic(&reader_config, &reader_topic, start_ms, seen))
+            .await
+            .map_err(|e| AuditError::InvalidRange(format!("the topic reader stopped: {e}")))??;
 
     let mut report = AuditReport {
         topic: topic.to_owned(),
@@ -330,10 +280,7 @@ pub async fn audit(
         ..AuditReport::default()
     };
     for row in &rows {
-        let on_topic = seen
-            .get(&row.event_id)
-            .map(|s| (s.copies, s.conflicting))
-            .unwrap_or((0, false));
+        let on_topic = seen.get(&row.event_id).map(|s| (s.copies, s.conflicting)).unwrap_or((0, false));
         match (row.published, on_topic.0) {
             (true, 0) => report.lost.add(&row.id, show),
             (true, _) => report.published += 1,
@@ -378,19 +325,14 @@ fn read_topic(
     start_ms: Option<i64>,
     mut seen: HashMap<String, Seen>,
 ) -> Result<TopicRead, AuditError> {
-    let kafka = |source| AuditError::Kafka {
-        topic: topic.to_owned(),
-        source,
-    };
+    let kafka = |source| AuditError::Kafka { topic: topic.to_owned(), source };
     let consumer: BaseConsumer = crate::publisher::reader_config(config)
         .set("group.id", "outbox-relay-audit")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .create()
         .map_err(kafka)?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(kafka)?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(kafka)?;
     let partitions = match metadata.topics().iter().find(|t| t.name() == topic) {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len() as i32,
         _ => return Err(AuditError::UnknownTopic(topic.to_owned())),
@@ -401,23 +343,15 @@ fn read_topic(
             Some(ms) => Offset::Offset(ms),
             None => Offset::Beginning,
         };
-        assignment
-            .add_partition_offset(topic, partition, offset)
-            .map_err(kafka)?;
+        assignment.add_partition_offset(topic, partition, offset).map_err(kafka)?;
     }
     if start_ms.is_some() {
-        assignment = consumer
-            .offsets_for_times(assignment, Duration::from_secs(30))
-            .map_err(kafka)?;
+        assignment = consumer.offsets_for_times(assignment, Duration::from_secs(30)).map_err(kafka)?;
     }
     consumer.assign(&assignment).map_err(kafka)?;
 
-    let mut spans: Vec<PartitionSpan> = (0..partitions)
-        .map(|partition| PartitionSpan {
-            partition,
-            ..PartitionSpan::default()
-        })
-        .collect();
+    let mut spans: Vec<PartitionSpan> =
+        (0..partitions).map(|partition| PartitionSpan { partition, ..PartitionSpan::default() }).collect();
     let mut ended = vec![false; partitions as usize];
     let mut records = 0u64;
     let mut last_progress = std::time::Instant::now();
@@ -456,11 +390,7 @@ fn read_topic(
             None => {}
         }
     }
-    Ok(TopicRead {
-        records,
-        partitions: spans,
-        seen,
-    })
+    Ok(TopicRead { records, partitions: spans, seen })
 }
 
 fn event_id_of<M: Message>(message: &M) -> Option<String> {

@@ -14,11 +14,7 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at `initial`, never waits longer than `max`.
     pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max,
-            next: initial,
-        }
+        Backoff { initial, max, next: initial }
     }
 
     /// The wait for this failure; the following one will be twice as long (capped). Jitter of
@@ -51,10 +47,7 @@ mod tests {
     fn delays_grow_to_the_cap_and_reset_after_success() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
         let first = b.next_delay();
-        assert!(
-            first >= Duration::from_millis(87) && first <= Duration::from_millis(113),
-            "{first:?}"
-        );
+        assert!(first >= Duration::from_millis(87) && first <= Duration::from_millis(113), "{first:?}");
         let second = b.next_delay();
         assert!(second >= Duration::from_millis(175), "{second:?}");
         for _ in 0..10 {

@@ -31,21 +31,12 @@ const ENFORCED_PROPERTIES: &[(&str, &[&str], &str)] = &[
         &["true"],
         "the relay needs the idempotent producer so that librdkafka's retries never duplicate or reorder records",
     ),
-    (
-        "acks",
-        &["all", "-1"],
-        "a row is marked published only after every in-sync replica has it",
-    ),
-    (
-        "request.required.acks",
-        &["all", "-1"],
-        "a row is marked published only after every in-sync replica has it",
-    ),
+    ("acks", &["all", "-1"], "a row is marked published only after every in-sync replica has it"),
+    ("request.required.acks", &["all", "-1"], "a row is marked published only after every in-sync replica has it"),
 ];
 
 /// Words that mark a librdkafka property as secret in `config` output and logs.
-const SECRET_PROPERTY_WORDS: &[&str] =
-    &["password", "secret", "pem", "token", "oauthbearer.config"];
+const SECRET_PROPERTY_WORDS: &[&str] = &["password", "secret", "pem", "token", "oauthbearer.config"];
 
 /// The effective configuration of one relay process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -75,9 +66,7 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig {
-            url: "postgres://postgres@localhost:5432/postgres".to_owned(),
-        }
+        DatabaseConfig { url: "postgres://postgres@localhost:5432/postgres".to_owned() }
     }
 }
 
@@ -96,10 +85,7 @@ pub struct KafkaConfig {
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        KafkaConfig {
-            brokers: "localhost:9092".to_owned(),
-            properties: BTreeMap::new(),
-        }
+        KafkaConfig { brokers: "localhost:9092".to_owned(), properties: BTreeMap::new() }
     }
 }
 
@@ -112,10 +98,7 @@ pub struct OutboxConfig {
     pub table: String,
     /// Builds the topic from columns, for example `outbox.event.{aggregatetype}`.
     /// When set, `columns.topic` is not used.
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub topic_template: Option<String>,
     /// What "published" means for a row: `update` sets the published-at column, `delete`
     /// removes the row once the broker has it.
@@ -153,56 +136,32 @@ pub struct Columns {
     /// Identifies a row when marking it; also the claim order unless `order_by` is set.
     pub id: String,
     /// Orders the claim; per-key order on the topic follows it. Defaults to `id`.
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub order_by: Option<String>,
     /// The stable id sent as the `event_id` header (may be the same column as `id`).
     pub event_id: String,
     /// The topic, unless `outbox.topic_template` is set.
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub topic: Option<String>,
     /// The record key; rows without one are spread over partitions.
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub key: Option<String>,
     /// The record value: jsonb, json, text or bytea. NULL is a tombstone.
     pub payload: String,
     /// A JSON object of string values, sent as record headers.
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub headers: Option<String>,
     /// When the row was written; feeds the oldest-pending-age metric.
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub created_at: Option<String>,
     /// Set when the broker has the row (`mark = "update"`).
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub published_at: Option<String>,
     /// Counts failed delivery attempts.
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub attempts: Option<String>,
     /// The error of the last failed attempt.
-    #[serde(
-        serialize_with = "serialize_optional",
-        deserialize_with = "deserialize_optional"
-    )]
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub last_error: Option<String>,
 }
 
@@ -271,9 +230,7 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            listen: "127.0.0.1:9187".to_owned(),
-        }
+        MetricsConfig { listen: "127.0.0.1:9187".to_owned() }
     }
 }
 
@@ -289,10 +246,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".to_owned(),
-        }
+        LogConfig { format: LogFormat::Text, level: "info".to_owned() }
     }
 }
 
@@ -318,10 +272,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
-        ConfigError {
-            key: key.into(),
-            problem: problem.into(),
-        }
+        ConfigError { key: key.into(), problem: problem.into() }
     }
 }
 
@@ -336,19 +287,13 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
             if !path.is_file() {
-                return Err(ConfigError::new(
-                    "--config",
-                    format!("{}: no such file", path.display()),
-                ));
+                return Err(ConfigError::new("--config", format!("{}: no such file", path.display())));
             }
             figment = figment.merge(Toml::file_exact(path));
         }
         // `OUTBOX_RELAY_CONFIG` names the file, it is not a key of the file.
         let env = Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__");
-        let config: Config = figment
-            .merge(env)
-            .extract()
-            .map_err(|error| describe_figment_error(&error))?;
+        let config: Config = figment.merge(env).extract().map_err(|error| describe_figment_error(&error))?;
         config.validate()?;
         Ok(config)
     }
@@ -359,15 +304,10 @@ impl Config {
         self.database
             .url
             .parse::<tokio_postgres::Config>()
-            .map_err(|e| {
-                ConfigError::new("database.url", describe_url_error(&self.database.url, &e))
-            })?;
+            .map_err(|e| ConfigError::new("database.url", describe_url_error(&self.database.url, &e)))?;
 
         if self.kafka.brokers.split(',').all(|b| b.trim().is_empty()) {
-            return Err(ConfigError::new(
-                "kafka.brokers",
-                "is empty; give host:port[,host:port...]",
-            ));
+            return Err(ConfigError::new("kafka.brokers", "is empty; give host:port[,host:port...]"));
         }
         for (name, value) in &self.kafka.properties {
             check_property(name, value)?;
@@ -381,20 +321,14 @@ impl Config {
                 }
                 _ => "kafka.properties".to_owned(),
             };
-            return Err(ConfigError::new(
-                key,
-                format!("rejected by librdkafka: {}", config_error_text(&e)),
-            ));
+            return Err(ConfigError::new(key, format!("rejected by librdkafka: {}", config_error_text(&e))));
         }
 
         self.validate_outbox()?;
 
         let relay = &self.relay;
         if !(1..=100_000).contains(&relay.batch_size) {
-            return Err(ConfigError::new(
-                "relay.batch_size",
-                "must be between 1 and 100000",
-            ));
+            return Err(ConfigError::new("relay.batch_size", "must be between 1 and 100000"));
         }
         for (key, value) in [
             ("relay.poll_interval", relay.poll_interval),
@@ -407,10 +341,7 @@ impl Config {
             }
         }
         if relay.backoff_max < relay.backoff_initial {
-            return Err(ConfigError::new(
-                "relay.backoff_max",
-                "must not be less than relay.backoff_initial",
-            ));
+            return Err(ConfigError::new("relay.backoff_max", "must not be less than relay.backoff_initial"));
         }
 
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
@@ -429,17 +360,14 @@ impl Config {
 
     fn validate_outbox(&self) -> Result<(), ConfigError> {
         let outbox = &self.outbox;
-        Identifier::parse_qualified(&outbox.table)
-            .map_err(|p| ConfigError::new("outbox.table", p))?;
+        Identifier::parse_qualified(&outbox.table).map_err(|p| ConfigError::new("outbox.table", p))?;
         let columns = &outbox.columns;
         for (key, name) in columns.named() {
-            Identifier::parse(name)
-                .map_err(|p| ConfigError::new(format!("outbox.columns.{key}"), p))?;
+            Identifier::parse(name).map_err(|p| ConfigError::new(format!("outbox.columns.{key}"), p))?;
         }
         match (&outbox.topic_template, &columns.topic) {
             (Some(template), _) => {
-                TopicTemplate::parse(template)
-                    .map_err(|p| ConfigError::new("outbox.topic_template", p))?;
+                TopicTemplate::parse(template).map_err(|p| ConfigError::new("outbox.topic_template", p))?;
             }
             (None, Some(_)) => {}
             (None, None) => {
@@ -475,11 +403,8 @@ impl Config {
 impl Columns {
     /// Every configured column name with its key under `outbox.columns`.
     pub fn named(&self) -> Vec<(&'static str, &str)> {
-        let mut named = vec![
-            ("id", self.id.as_str()),
-            ("event_id", self.event_id.as_str()),
-            ("payload", self.payload.as_str()),
-        ];
+        let mut named =
+            vec![("id", self.id.as_str()), ("event_id", self.event_id.as_str()), ("payload", self.payload.as_str())];
         for (key, column) in [
             ("order_by", &self.order_by),
             ("topic", &self.topic),
@@ -518,11 +443,7 @@ pub fn redact_connection_string(conn: &str) -> String {
                 let pairs: Vec<(String, String)> = url
                     .query_pairs()
                     .map(|(k, v)| {
-                        let v = if k.eq_ignore_ascii_case("password") {
-                            REDACTED.to_owned()
-                        } else {
-                            v.into_owned()
-                        };
+                        let v = if k.eq_ignore_ascii_case("password") { REDACTED.to_owned() } else { v.into_owned() };
                         (k.into_owned(), v)
                     })
                     .collect();
@@ -580,9 +501,7 @@ fn find_password_key(s: &str) -> Option<usize> {
     while let Some(found) = lower[from..].find("password") {
         let pos = from + found;
         let starts_word = pos == 0 || lower.as_bytes()[pos - 1].is_ascii_whitespace();
-        let followed_by_eq = lower[pos + "password".len()..]
-            .trim_start()
-            .starts_with('=');
+        let followed_by_eq = lower[pos + "password".len()..].trim_start().starts_with('=');
         if starts_word && followed_by_eq {
             return Some(pos);
         }
@@ -596,10 +515,7 @@ fn find_password_key(s: &str) -> Option<usize> {
 fn describe_url_error(url: &str, error: &tokio_postgres::Error) -> String {
     use std::error::Error as _;
     let detail = error.source().map(|s| format!(": {s}")).unwrap_or_default();
-    if let Some(rest) = url
-        .strip_prefix("postgres://")
-        .or_else(|| url.strip_prefix("postgresql://"))
-    {
+    if let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) {
         let authority = rest.split(['/', '?']).next().unwrap_or("");
         let host_port = authority.rsplit('@').next().unwrap_or("");
         for host in host_port.split(',') {
@@ -613,35 +529,24 @@ fn describe_url_error(url: &str, error: &tokio_postgres::Error) -> String {
         }
         return format!("not a valid postgres:// URL{detail}");
     }
-    format!(
-        "not a valid connection string (postgres://user@host:port/db or key=value pairs){detail}"
-    )
+    format!("not a valid connection string (postgres://user@host:port/db or key=value pairs){detail}")
 }
 
 fn check_property(name: &str, value: &str) -> Result<(), ConfigError> {
     let key = format!("kafka.properties.{name}");
     if name == "bootstrap.servers" || name == "metadata.broker.list" {
-        return Err(ConfigError::new(
-            key,
-            "set the brokers with kafka.brokers instead",
-        ));
+        return Err(ConfigError::new(key, "set the brokers with kafka.brokers instead"));
     }
     for (enforced, allowed, why) in ENFORCED_PROPERTIES {
         if name == *enforced && !allowed.contains(&value.to_ascii_lowercase().as_str()) {
             return Err(ConfigError::new(
                 key,
-                format!(
-                    "\"{value}\" is not allowed: {why}; remove the key or set it to \"{}\"",
-                    allowed[0]
-                ),
+                format!("\"{value}\" is not allowed: {why}; remove the key or set it to \"{}\"", allowed[0]),
             ));
         }
     }
     if name == "transactional.id" {
-        return Err(ConfigError::new(
-            key,
-            "the relay does not use Kafka transactions; remove the key",
-        ));
+        return Err(ConfigError::new(key, "the relay does not use Kafka transactions; remove the key"));
     }
     Ok(())
 }
@@ -675,32 +580,20 @@ fn describe_figment_error(error: &figment::Error) -> ConfigError {
         Some(figment::Source::File(file)) => format!(" (in {})", file.display()),
         _ if meta.name.contains("environment") => {
             let var: Vec<String> = path.iter().map(|k| k.to_ascii_uppercase()).collect();
-            format!(
-                " (from environment variable {ENV_PREFIX}{})",
-                var.join("__")
-            )
+            format!(" (from environment variable {ENV_PREFIX}{})", var.join("__"))
         }
         _ => String::new(),
     });
-    let key = if path.is_empty() {
-        "config".to_owned()
-    } else {
-        path.join(".")
-    };
+    let key = if path.is_empty() { "config".to_owned() } else { path.join(".") };
     ConfigError::new(key, format!("{problem}{}", origin.unwrap_or_default()))
 }
 
 /// Environment values arrive as TOML-ish scalars (figment parses `5000` as a number), and TOML
 /// files may write numbers and booleans; librdkafka wants strings. Underscores in keys stand
 /// for dots because environment variable names cannot hold dots.
-fn deserialize_properties<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<BTreeMap<String, String>, D::Error> {
+fn deserialize_properties<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
     let raw: BTreeMap<String, Scalar> = BTreeMap::deserialize(d)?;
-    Ok(raw
-        .into_iter()
-        .map(|(k, v)| (k.replace('_', "."), v.0))
-        .collect())
+    Ok(raw.into_iter().map(|(k, v)| (k.replace('_', "."), v.0)).collect())
 }
 
 struct Scalar(String);
@@ -717,9 +610,7 @@ impl<'de> Deserialize<'de> for Scalar {
             B(bool),
         }
         Ok(Scalar(
-            match Any::deserialize(d)
-                .map_err(|_| serde::de::Error::custom("expected a string, number or boolean"))?
-            {
+            match Any::deserialize(d).map_err(|_| serde::de::Error::custom("expected a string, number or boolean"))? {
                 Any::S(s) => s,
                 Any::I(i) => i.to_string(),
                 Any::U(u) => u.to_string(),
@@ -757,12 +648,7 @@ mod tests {
         ] {
             assert!(is_secret_property(secret), "{secret}");
         }
-        for plain in [
-            "sasl.username",
-            "linger.ms",
-            "ssl.ca.location",
-            "security.protocol",
-        ] {
+        for plain in ["sasl.username", "linger.ms", "ssl.ca.location", "security.protocol"] {
             assert!(!is_secret_property(plain), "{plain}");
         }
     }
@@ -777,10 +663,7 @@ mod tests {
             redact_connection_string(r"host=h password='it\'s secret' user=u"),
             "host=h password=******** user=u"
         );
-        assert_eq!(
-            redact_connection_string("host=h password = plain user=u"),
-            "host=h password = ******** user=u"
-        );
+        assert_eq!(redact_connection_string("host=h password = plain user=u"), "host=h password = ******** user=u");
         assert_eq!(redact_connection_string("host=h user=u"), "host=h user=u");
     }
 }

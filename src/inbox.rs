@@ -30,9 +30,7 @@ const PRUNE_BATCH: i64 = 10_000;
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
     /// The message carries no `event_id` header, so it cannot be deduplicated.
-    #[error(
-        "message {topic}[{partition}]@{offset} has no event_id header; it cannot be deduplicated"
-    )]
+    #[error("message {topic}[{partition}]@{offset} has no event_id header; it cannot be deduplicated")]
     MissingEventId {
         /// Its topic.
         topic: String,
@@ -73,10 +71,7 @@ pub enum InboxError {
 }
 
 fn database(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> InboxError {
-    move |e| InboxError::Database {
-        what,
-        detail: describe_pg_error(&e),
-    }
+    move |e| InboxError::Database { what, detail: describe_pg_error(&e) }
 }
 
 /// What [`Inbox::handle`] did with a message.
@@ -110,10 +105,8 @@ pub struct Event<'a> {
 impl<'a> Event<'a> {
     /// The event carried by `message`, or an error if it has no `event_id` header.
     pub fn from_message(message: &'a BorrowedMessage<'a>) -> Result<Event<'a>, InboxError> {
-        let headers: Vec<(&str, Option<&[u8]>)> = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            message.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default();
         let event_id = headers
             .iter()
             .find(|(name, _)| *name == EVENT_ID_HEADER)
@@ -147,8 +140,7 @@ pub struct Inbox {
 impl Inbox {
     /// The inbox of `consumer` (usually its consumer group) in the table `outbox_inbox`.
     pub fn new(consumer: &str) -> Inbox {
-        Self::with_table("outbox_inbox", consumer)
-            .unwrap_or_else(|_| unreachable!("the default table name is valid"))
+        Self::with_table("outbox_inbox", consumer).unwrap_or_else(|_| unreachable!("the default table name is valid"))
     }
 
     /// The inbox of `consumer` in a table of another name (same columns as `sql/inbox.sql`).
@@ -172,21 +164,11 @@ impl Inbox {
     /// Records `event` in `tx`; true if it is new, false if this consumer applied it before.
     /// For consumers that manage their own transaction and offsets; [`Inbox::handle`] does
     /// the whole sequence.
-    pub async fn record(
-        &self,
-        tx: &Transaction<'_>,
-        event: &Event<'_>,
-    ) -> Result<bool, InboxError> {
+    pub async fn record(&self, tx: &Transaction<'_>, event: &Event<'_>) -> Result<bool, InboxError> {
         let inserted = tx
             .execute(
                 &self.record_sql,
-                &[
-                    &self.consumer,
-                    &event.event_id,
-                    &event.topic,
-                    &event.partition,
-                    &event.offset,
-                ],
+                &[&self.consumer, &event.event_id, &event.topic, &event.partition, &event.offset],
             )
             .await
             .map_err(database("record the event"))?;
@@ -214,24 +196,19 @@ impl Inbox {
         let handled = if self.record(&tx, &event).await? {
             handler(&tx, &event)
                 .await
-                .map_err(|e| InboxError::Handler {
-                    event_id: event.event_id.clone(),
-                    source: e.into(),
-                })?;
+                .map_err(|e| InboxError::Handler { event_id: event.event_id.clone(), source: e.into() })?;
             Handled::Applied
         } else {
             Handled::Duplicate
         };
         tx.commit().await.map_err(database("commit"))?;
         // Only now, with the effect durable, may the offset move past the message.
-        consumer
-            .commit_message(message, CommitMode::Async)
-            .map_err(|source| InboxError::OffsetCommit {
-                topic: message.topic().to_owned(),
-                partition: message.partition(),
-                offset: message.offset(),
-                source,
-            })?;
+        consumer.commit_message(message, CommitMode::Async).map_err(|source| InboxError::OffsetCommit {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            source,
+        })?;
         Ok(handled)
     }
 

@@ -114,11 +114,7 @@ async fn run(config: Config) -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "relay stopped");
             eprintln!("outbox-relay: {e}");
-            ExitCode::from(if e.is_config_problem() {
-                EXIT_CONFIG
-            } else {
-                EXIT_FAILED
-            })
+            ExitCode::from(if e.is_config_problem() { EXIT_CONFIG } else { EXIT_FAILED })
         }
     }
 }
@@ -164,11 +160,7 @@ async fn audit(config: Config, args: AuditArgs) -> ExitCode {
             } else {
                 print!("{}", report.render_text());
             }
-            if report.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_FAILED)
-            }
+            if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
         }
         Err(e) => {
             eprintln!("outbox-relay: audit: {e}");
@@ -180,11 +172,8 @@ async fn audit(config: Config, args: AuditArgs) -> ExitCode {
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
     // RUST_LOG, when set, wins over log.level: it is the usual way to turn up logging briefly.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -11,9 +11,7 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use crate::shutdown::Shutdown;
 
@@ -39,36 +37,22 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
         let published = IntCounterVec::new(
-            Opts::new(
-                "outbox_relay_published_total",
-                "Records acknowledged by the broker and marked published.",
-            ),
+            Opts::new("outbox_relay_published_total", "Records acknowledged by the broker and marked published."),
             &["topic"],
         )
         .expect("static metric definition");
         let publish_errors = IntCounterVec::new(
-            Opts::new(
-                "outbox_relay_publish_errors_total",
-                "Records that could not be published, by reason.",
-            ),
+            Opts::new("outbox_relay_publish_errors_total", "Records that could not be published, by reason."),
             &["reason"],
         )
         .expect("static metric definition");
         let batch_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "outbox_relay_batch_duration_seconds",
-                "Time from claiming a batch to marking it.",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
+            HistogramOpts::new("outbox_relay_batch_duration_seconds", "Time from claiming a batch to marking it.")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
         )
         .expect("static metric definition");
-        let pending_rows = IntGauge::new(
-            "outbox_relay_pending_rows",
-            "Unpublished rows in the outbox table.",
-        )
-        .expect("static metric definition");
+        let pending_rows = IntGauge::new("outbox_relay_pending_rows", "Unpublished rows in the outbox table.")
+            .expect("static metric definition");
         let oldest_pending_age = Gauge::new(
             "outbox_relay_oldest_pending_age_seconds",
             "Age of the oldest unpublished row; 0 when none is pending.",
@@ -81,21 +65,12 @@ impl Metrics {
             Box::new(pending_rows.clone()),
             Box::new(oldest_pending_age.clone()),
         ] {
-            registry
-                .register(collector)
-                .expect("metric names are unique");
+            registry.register(collector).expect("metric names are unique");
         }
         for reason in crate::publisher::ERROR_REASONS {
             publish_errors.with_label_values(&[*reason]);
         }
-        Arc::new(Metrics {
-            registry,
-            published,
-            publish_errors,
-            batch_duration,
-            pending_rows,
-            oldest_pending_age,
-        })
+        Arc::new(Metrics { registry, published, publish_errors, batch_duration, pending_rows, oldest_pending_age })
     }
 
     /// The metrics in Prometheus text exposition format.
@@ -117,26 +92,13 @@ pub struct ServeError {
 
 /// Binds `addr` now (so a taken port fails at startup) and serves `/metrics` until shutdown.
 /// Returns the bound address, which differs from `addr` when its port is 0.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    shutdown: Shutdown,
-) -> Result<SocketAddr, ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| ServeError { addr, source })?;
-    let app = Router::new()
-        .route("/metrics", get(render_metrics))
-        .with_state(metrics);
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, shutdown: Shutdown) -> Result<SocketAddr, ServeError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| ServeError { addr, source })?;
+    let app = Router::new().route("/metrics", get(render_metrics)).with_state(metrics);
     tokio::spawn(async move {
         let stopped = async move { shutdown.requested().await };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
             tracing::error!(error = %e, "metrics endpoint stopped");
         }
     });
@@ -145,8 +107,5 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        metrics.render(),
-    )
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render())
 }

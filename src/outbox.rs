@@ -12,9 +12,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::config::{Config, redact_connection_string};
 use crate::record::OutboxRow;
-use crate::table::{
-    AUDIT_TOPIC_COLUMN, Layout, LayoutError, Mapping, TABLE_COLUMNS_SQL, claim_columns,
-};
+use crate::table::{AUDIT_TOPIC_COLUMN, Layout, LayoutError, Mapping, TABLE_COLUMNS_SQL, claim_columns};
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "outbox-relay";
@@ -26,10 +24,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
     /// The database could not be reached or refused the login.
-    #[error(
-        "cannot connect to PostgreSQL at {target}: {}",
-        describe_pg_error(source)
-    )]
+    #[error("cannot connect to PostgreSQL at {target}: {}", describe_pg_error(source))]
     Connect {
         /// Host and database, without credentials.
         target: String,
@@ -58,10 +53,7 @@ impl OutboxError {
     /// Whether waiting and retrying can help. A layout that does not match the table will not
     /// fix itself; a dropped connection will.
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            OutboxError::Connect { .. } | OutboxError::Query { .. }
-        )
+        matches!(self, OutboxError::Connect { .. } | OutboxError::Query { .. })
     }
 
     fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> OutboxError {
@@ -123,27 +115,15 @@ pub struct RowRange {
 pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
     let target = describe_target(&config.database.url);
     let mut pg: tokio_postgres::Config =
-        config
-            .database
-            .url
-            .parse()
-            .map_err(|source| OutboxError::Connect {
-                target: target.clone(),
-                source,
-            })?;
+        config.database.url.parse().map_err(|source| OutboxError::Connect { target: target.clone(), source })?;
     if pg.get_application_name().is_none() {
         pg.application_name(APPLICATION_NAME);
     }
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
-    let (client, connection) = pg
-        .connect(NoTls)
-        .await
-        .map_err(|source| OutboxError::Connect {
-            target: target.clone(),
-            source,
-        })?;
+    let (client, connection) =
+        pg.connect(NoTls).await.map_err(|source| OutboxError::Connect { target: target.clone(), source })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(database = %target, error = %e, "PostgreSQL connection closed");
@@ -197,35 +177,16 @@ impl Outbox {
     pub async fn connect(config: &Config, mapping: &Mapping) -> Result<Outbox, OutboxError> {
         let client = connect_client(config).await?;
         let layout = Arc::new(resolve_layout(&client, mapping).await?);
-        let claim = client
-            .prepare(&layout.claim_sql())
-            .await
-            .map_err(OutboxError::query("prepare claim"))?;
-        let mark_published = client
-            .prepare(&layout.mark_published_sql())
-            .await
-            .map_err(OutboxError::query("prepare mark"))?;
+        let claim = client.prepare(&layout.claim_sql()).await.map_err(OutboxError::query("prepare claim"))?;
+        let mark_published =
+            client.prepare(&layout.mark_published_sql()).await.map_err(OutboxError::query("prepare mark"))?;
         let mark_failed = match layout.mark_failed_sql() {
-            Some(sql) => Some(
-                client
-                    .prepare(&sql)
-                    .await
-                    .map_err(OutboxError::query("prepare mark-failed"))?,
-            ),
+            Some(sql) => Some(client.prepare(&sql).await.map_err(OutboxError::query("prepare mark-failed"))?),
             None => None,
         };
-        let pending_stats = client
-            .prepare(&layout.pending_stats_sql())
-            .await
-            .map_err(OutboxError::query("prepare stats"))?;
-        Ok(Outbox {
-            client,
-            layout,
-            claim,
-            mark_published,
-            mark_failed,
-            pending_stats,
-        })
+        let pending_stats =
+            client.prepare(&layout.pending_stats_sql()).await.map_err(OutboxError::query("prepare stats"))?;
+        Ok(Outbox { client, layout, claim, mark_published, mark_failed, pending_stats })
     }
 
     /// The layout this connection was checked against.
@@ -240,16 +201,9 @@ impl Outbox {
 
     /// The next unpublished rows in claim order, at most `limit`. A row whose columns cannot be
     /// decoded comes back as `Err((id, problem))` so that the rest of the batch still flows.
-    pub async fn claim(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<Result<OutboxRow, (String, String)>>, OutboxError> {
+    pub async fn claim(&self, limit: usize) -> Result<Vec<Result<OutboxRow, (String, String)>>, OutboxError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self
-            .client
-            .query(&self.claim, &[&limit])
-            .await
-            .map_err(OutboxError::query("claim"))?;
+        let rows = self.client.query(&self.claim, &[&limit]).await.map_err(OutboxError::query("claim"))?;
         Ok(rows.iter().map(decode_row).collect())
     }
 
@@ -259,10 +213,7 @@ impl Outbox {
         if ids.is_empty() {
             return Ok(0);
         }
-        self.client
-            .execute(&self.mark_published, &[&ids])
-            .await
-            .map_err(OutboxError::query("mark published"))
+        self.client.execute(&self.mark_published, &[&ids]).await.map_err(OutboxError::query("mark published"))
     }
 
     /// Records a failed attempt for each `(id, error)`: attempts + 1 and the error text, where
@@ -276,43 +227,20 @@ impl Outbox {
         }
         let ids: Vec<&str> = failures.iter().map(|(id, _)| id.as_str()).collect();
         let errors: Vec<&str> = failures.iter().map(|(_, e)| e.as_str()).collect();
-        self.client
-            .execute(statement, &[&ids, &errors])
-            .await
-            .map_err(OutboxError::query("mark failed"))
+        self.client.execute(statement, &[&ids, &errors]).await.map_err(OutboxError::query("mark failed"))
     }
 
     /// Counts pending rows and the age of the oldest.
     pub async fn pending_stats(&self) -> Result<PendingStats, OutboxError> {
-        let row = self
-            .client
-            .query_one(&self.pending_stats, &[])
-            .await
-            .map_err(OutboxError::query("stats"))?;
-        Ok(PendingStats {
-            rows: row.get(0),
-            oldest_age_seconds: row.get(1),
-        })
+        let row = self.client.query_one(&self.pending_stats, &[]).await.map_err(OutboxError::query("stats"))?;
+        Ok(PendingStats { rows: row.get(0), oldest_age_seconds: row.get(1) })
     }
 
     /// The rows in `range` (and with `topic`, when the topic is a column), in claim order.
-    pub async fn audit_rows(
-        &self,
-        range: &RowRange,
-        topic: Option<&str>,
-    ) -> Result<Vec<AuditRow>, OutboxError> {
+    pub async fn audit_rows(&self, range: &RowRange, topic: Option<&str>) -> Result<Vec<AuditRow>, OutboxError> {
         let rows = self
             .client
-            .query(
-                &self.layout.audit_rows_sql(),
-                &[
-                    &range.from_id,
-                    &range.to_id,
-                    &range.since,
-                    &range.until,
-                    &topic,
-                ],
-            )
+            .query(&self.layout.audit_rows_sql(), &[&range.from_id, &range.to_id, &range.since, &range.until, &topic])
             .await
             .map_err(OutboxError::query("audit rows"))?;
         Ok(rows
@@ -333,10 +261,7 @@ impl Outbox {
     pub async fn epoch_millis(&self, timestamp: &str) -> Result<i64, OutboxError> {
         let row = self
             .client
-            .query_one(
-                "SELECT (extract(epoch FROM $1::text::timestamptz) * 1000)::int8",
-                &[&timestamp],
-            )
+            .query_one("SELECT (extract(epoch FROM $1::text::timestamptz) * 1000)::int8", &[&timestamp])
             .await
             .map_err(OutboxError::query("read timestamp"))?;
         Ok(row.get(0))
@@ -349,10 +274,7 @@ impl Outbox {
         let key = self.leadership_key();
         let row = self
             .client
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                &[&key],
-            )
+            .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
             .await
             .map_err(OutboxError::query("leadership lock"))?;
         Ok(row.get(0))
@@ -380,10 +302,7 @@ impl Outbox {
 
 async fn resolve_layout(client: &Client, mapping: &Mapping) -> Result<Layout, OutboxError> {
     let table = mapping.table_sql();
-    let rows = client
-        .query(TABLE_COLUMNS_SQL, &[&table])
-        .await
-        .map_err(OutboxError::query("read table columns"))?;
+    let rows = client.query(TABLE_COLUMNS_SQL, &[&table]).await.map_err(OutboxError::query("read table columns"))?;
     if rows.is_empty() {
         return Err(OutboxError::TableMissing(mapping.table_name()));
     }
@@ -398,35 +317,16 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, (String, String)> 
         Ok(id) => id,
         Err(e) => return Err((String::new(), format!("id: {e}"))),
     };
-    let field =
-        |name: &str, e: tokio_postgres::Error| (id.clone(), format!("cannot read {name}: {e}"));
-    let event_id: String = row
-        .try_get(claim_columns::EVENT_ID)
-        .map_err(|e| field("event_id", e))?;
-    let key: Option<String> = row
-        .try_get(claim_columns::KEY)
-        .map_err(|e| field("key", e))?;
-    let payload: Option<RawPayload> = row
-        .try_get(claim_columns::PAYLOAD)
-        .map_err(|e| field("payload", e))?;
-    let headers: Option<String> = row
-        .try_get(claim_columns::HEADERS)
-        .map_err(|e| field("headers", e))?;
+    let field = |name: &str, e: tokio_postgres::Error| (id.clone(), format!("cannot read {name}: {e}"));
+    let event_id: String = row.try_get(claim_columns::EVENT_ID).map_err(|e| field("event_id", e))?;
+    let key: Option<String> = row.try_get(claim_columns::KEY).map_err(|e| field("key", e))?;
+    let payload: Option<RawPayload> = row.try_get(claim_columns::PAYLOAD).map_err(|e| field("payload", e))?;
+    let headers: Option<String> = row.try_get(claim_columns::HEADERS).map_err(|e| field("headers", e))?;
     let mut topic_values = Vec::with_capacity(row.len() - claim_columns::TOPIC);
     for i in claim_columns::TOPIC..row.len() {
-        topic_values.push(
-            row.try_get::<_, Option<String>>(i)
-                .map_err(|e| field("topic", e))?,
-        );
+        topic_values.push(row.try_get::<_, Option<String>>(i).map_err(|e| field("topic", e))?);
     }
-    Ok(OutboxRow {
-        id,
-        event_id,
-        key,
-        payload: payload.map(|p| p.0),
-        headers,
-        topic_values,
-    })
+    Ok(OutboxRow { id, event_id, key, payload: payload.map(|p| p.0), headers, topic_values })
 }
 
 /// The payload column's bytes as the record value: JSON text for json and jsonb, UTF-8 for
@@ -437,10 +337,7 @@ struct RawPayload(Vec<u8>);
 const JSONB_FORMAT_VERSION: u8 = 1;
 
 impl<'a> FromSql<'a> for RawPayload {
-    fn from_sql(
-        ty: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         if *ty == Type::JSONB {
             return match raw.split_first() {
                 Some((&JSONB_FORMAT_VERSION, json)) => Ok(RawPayload(json.to_vec())),
@@ -454,9 +351,6 @@ impl<'a> FromSql<'a> for RawPayload {
     }
 
     fn accepts(ty: &Type) -> bool {
-        matches!(
-            *ty,
-            Type::JSONB | Type::JSON | Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::BYTEA
-        )
+        matches!(*ty, Type::JSONB | Type::JSON | Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::BYTEA)
     }
 }

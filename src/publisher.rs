@@ -99,23 +99,20 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     for (name, value) in &config.kafka.properties {
         client.set(name, value);
     }
-    client.set_log_level(RDKafkaLogLevel::Info);
+    client.set_log_level(log_level(config));
     client
+}
+
+/// Info, or Debug when `kafka.properties.debug` asks librdkafka for debug contexts (which it
+/// would otherwise compute and then drop).
+fn log_level(config: &Config) -> RDKafkaLogLevel {
+    if config.kafka.properties.contains_key("debug") { RDKafkaLogLevel::Debug } else { RDKafkaLogLevel::Info }
 }
 
 /// Property prefixes that say how to reach and authenticate to the cluster. Tools that read
 /// topics (`audit`) take these from `kafka.properties` and leave the producer tuning out.
-const CONNECTION_PROPERTY_PREFIXES: &[&str] = &[
-    "security.",
-    "sasl.",
-    "ssl.",
-    "client.",
-    "socket.",
-    "broker.",
-    "api.version",
-    "metadata.",
-    "reconnect.",
-];
+const CONNECTION_PROPERTY_PREFIXES: &[&str] =
+    &["security.", "sasl.", "ssl.", "client.", "socket.", "broker.", "api.version", "metadata.", "reconnect."];
 
 /// The librdkafka configuration for reading topics: brokers, and the connection and security
 /// properties of `kafka.properties`.
@@ -123,14 +120,15 @@ pub fn reader_config(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.kafka.brokers);
     for (name, value) in &config.kafka.properties {
-        if CONNECTION_PROPERTY_PREFIXES
-            .iter()
-            .any(|p| name.starts_with(p))
-        {
+        if CONNECTION_PROPERTY_PREFIXES.iter().any(|p| name.starts_with(p)) {
             client.set(name, value);
         }
     }
-    client.set_log_level(RDKafkaLogLevel::Warning);
+    client.set_log_level(if config.kafka.properties.contains_key("debug") {
+        RDKafkaLogLevel::Debug
+    } else {
+        RDKafkaLogLevel::Warning
+    });
     client
 }
 
@@ -138,9 +136,8 @@ impl Publisher {
     /// Creates the producer. It connects lazily, so an unreachable broker is not an error here;
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
     pub fn new(config: &Config) -> Result<Publisher, PublisherError> {
-        let producer = producer_config(config)
-            .create_with_context(RelayContext::default())
-            .map_err(PublisherError::Create)?;
+        let producer =
+            producer_config(config).create_with_context(RelayContext::default()).map_err(PublisherError::Create)?;
         Ok(Publisher { producer })
     }
 
@@ -194,20 +191,14 @@ impl Publisher {
     /// A fatal producer error (the idempotent producer lost its guarantees, for example after a
     /// sequence gap); the producer must be replaced.
     pub fn fatal_error(&self) -> Option<String> {
-        self.producer
-            .client()
-            .fatal_error()
-            .map(|(code, reason)| format!("{code:?}: {reason}"))
+        self.producer.client().fatal_error().map(|(code, reason)| format!("{code:?}: {reason}"))
     }
 }
 
 fn future_record(record: &Record) -> FutureRecord<'_, str, [u8]> {
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
     for (name, value) in &record.headers {
-        headers = headers.insert(Header {
-            key: name,
-            value: value.as_deref(),
-        });
+        headers = headers.insert(Header { key: name, value: value.as_deref() });
     }
     let mut future = FutureRecord::to(&record.topic).headers(headers);
     if let Some(key) = &record.key {
@@ -220,10 +211,7 @@ fn future_record(record: &Record) -> FutureRecord<'_, str, [u8]> {
 }
 
 fn outcome_of(
-    report: Result<
-        rdkafka::producer::future_producer::OwnedDeliveryResult,
-        futures::channel::oneshot::Canceled,
-    >,
+    report: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
 ) -> Outcome {
     match report {
         Ok(Ok(_)) => Outcome::Acked,
@@ -265,25 +253,14 @@ pub fn classify(error: &KafkaError) -> DeliveryError {
     let (reason, transient) = match code {
         Some(C::MessageTimedOut) => ("message_timeout", true),
         Some(C::QueueFull) => ("queue_full", true),
-        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => {
-            ("unknown_topic", false)
-        }
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => ("unknown_topic", false),
         Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => ("message_too_large", false),
-        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => {
-            ("not_authorized", false)
-        }
-        Some(C::InvalidRecord | C::InvalidMessage | C::InvalidArgument) => {
-            ("invalid_record", false)
-        }
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => ("not_authorized", false),
+        Some(C::InvalidRecord | C::InvalidMessage | C::InvalidArgument) => ("invalid_record", false),
         Some(C::AllBrokersDown | C::BrokerTransportFailure) => ("broker_unavailable", true),
         _ => ("other", true),
     };
-    DeliveryError {
-        reason,
-        message: error.to_string(),
-        transient,
-        producer_unusable,
-    }
+    DeliveryError { reason, message: error.to_string(), transient, producer_unusable }
 }
 
 /// How long an identical client error stays quiet after it was logged. librdkafka reports a
@@ -305,10 +282,7 @@ impl ClientContext for RelayContext {
             return;
         }
         match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", facility, "{message}")
             }
             RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
@@ -320,16 +294,11 @@ impl ClientContext for RelayContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let kind = error
-            .rdkafka_error_code()
-            .map(|c| format!("{c:?}"))
-            .unwrap_or_else(|| error.to_string());
+        let kind = error.rdkafka_error_code().map(|c| format!("{c:?}")).unwrap_or_else(|| error.to_string());
         let now = Instant::now();
         let quiet = match self.last_logged.lock() {
             Ok(mut last) => {
-                let recent = last
-                    .get(&kind)
-                    .is_some_and(|at| now.duration_since(*at) < REPEATED_ERROR_QUIET);
+                let recent = last.get(&kind).is_some_and(|at| now.duration_since(*at) < REPEATED_ERROR_QUIET);
                 if !recent {
                     last.insert(kind, now);
                 }
@@ -366,30 +335,17 @@ mod tests {
         ];
         for code in codes {
             let failure = classify(&KafkaError::MessageProduction(code));
-            assert!(
-                ERROR_REASONS.contains(&failure.reason),
-                "{code:?} -> {}",
-                failure.reason
-            );
+            assert!(ERROR_REASONS.contains(&failure.reason), "{code:?} -> {}", failure.reason);
         }
     }
 
     #[test]
     fn a_fenced_producer_must_be_replaced_but_a_timeout_does_not_need_it() {
-        let fenced = classify(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::ProducerFenced,
-        ));
+        let fenced = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced));
         assert!(fenced.producer_unusable && fenced.transient);
-        let timeout = classify(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageTimedOut,
-        ));
+        let timeout = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut));
         assert!(!timeout.producer_unusable && timeout.transient);
-        let too_large = classify(&KafkaError::MessageProduction(
-            RDKafkaErrorCode::MessageSizeTooLarge,
-        ));
-        assert!(
-            !too_large.transient,
-            "a record too large for the broker will not fit later either"
-        );
+        let too_large = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
+        assert!(!too_large.transient, "a record too large for the broker will not fit later either");
     }
 }

@@ -55,26 +55,14 @@ impl Record {
         // The relay's event_id is the one consumers deduplicate on; a row cannot override it.
         headers.retain(|(name, _)| name != EVENT_ID_HEADER);
         headers.push((EVENT_ID_HEADER.to_owned(), Some(row.event_id.clone())));
-        Ok(Record {
-            topic,
-            key: row.key.clone(),
-            payload: row.payload.clone(),
-            headers,
-        })
+        Ok(Record { topic, key: row.key.clone(), payload: row.payload.clone(), headers })
     }
 }
 
 /// Kafka accepts topic names of ASCII letters, digits, `.`, `_` and `-`, up to 249 characters.
 fn check_topic_name(topic: &str) -> Result<(), String> {
-    let valid_chars = topic
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if topic.is_empty()
-        || topic == "."
-        || topic == ".."
-        || topic.len() > MAX_TOPIC_LEN
-        || !valid_chars
-    {
+    let valid_chars = topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if topic.is_empty() || topic == "." || topic == ".." || topic.len() > MAX_TOPIC_LEN || !valid_chars {
         return Err(format!(
             "topic \"{}\" is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -)",
             topic.escape_debug()
@@ -91,10 +79,7 @@ fn parse_headers(json: &str) -> Result<Vec<(String, Option<String>)>, String> {
         serde_json::Value::Object(object) => object,
         serde_json::Value::Null => return Ok(Vec::new()),
         other => {
-            return Err(format!(
-                "headers must be a JSON object of strings, found {}",
-                json_kind(&other)
-            ));
+            return Err(format!("headers must be a JSON object of strings, found {}", json_kind(&other)));
         }
     };
     object
@@ -102,10 +87,7 @@ fn parse_headers(json: &str) -> Result<Vec<(String, Option<String>)>, String> {
         .map(|(name, value)| match value {
             serde_json::Value::String(s) => Ok((name, Some(s))),
             serde_json::Value::Null => Ok((name, None)),
-            other => Err(format!(
-                "header \"{name}\" is {}; header values must be strings",
-                json_kind(&other)
-            )),
+            other => Err(format!("header \"{name}\" is {}; header values must be strings", json_kind(&other))),
         })
         .collect()
 }
@@ -150,10 +132,7 @@ mod tests {
             record.headers,
             vec![
                 ("type".to_owned(), Some("OrderPlaced".to_owned())),
-                (
-                    "event_id".to_owned(),
-                    Some("0b5e3a1c-8a3f-4c59-9f0e-2d7b1c7c9a11".to_owned())
-                ),
+                ("event_id".to_owned(), Some("0b5e3a1c-8a3f-4c59-9f0e-2d7b1c7c9a11".to_owned())),
             ]
         );
     }
@@ -163,54 +142,35 @@ mod tests {
         let mut row = row();
         row.headers = Some(r#"{"retries": 3}"#.into());
         let err = Record::from_row(&row, &topic_column()).unwrap_err();
-        assert!(
-            err.contains("\"retries\"") && err.contains("number"),
-            "{err}"
-        );
+        assert!(err.contains("\"retries\"") && err.contains("number"), "{err}");
     }
 
     #[test]
     fn headers_that_are_not_an_object_refuse_the_row() {
         let mut row = row();
         row.headers = Some("[1,2]".into());
-        assert!(
-            Record::from_row(&row, &topic_column())
-                .unwrap_err()
-                .contains("an array")
-        );
+        assert!(Record::from_row(&row, &topic_column()).unwrap_err().contains("an array"));
     }
 
     #[test]
     fn a_null_topic_refuses_the_row() {
         let mut row = row();
         row.topic_values = vec![None];
-        assert!(
-            Record::from_row(&row, &topic_column())
-                .unwrap_err()
-                .contains("NULL")
-        );
+        assert!(Record::from_row(&row, &topic_column()).unwrap_err().contains("NULL"));
     }
 
     #[test]
     fn an_invalid_topic_name_refuses_the_row() {
         let mut row = row();
         row.topic_values = vec![Some("no spaces allowed".into())];
-        assert!(
-            Record::from_row(&row, &topic_column())
-                .unwrap_err()
-                .contains("not a valid Kafka topic")
-        );
+        assert!(Record::from_row(&row, &topic_column()).unwrap_err().contains("not a valid Kafka topic"));
     }
 
     #[test]
     fn a_template_topic_is_built_from_the_rows_columns() {
         let mut row = row();
         row.topic_values = vec![Some("order".into())];
-        let source =
-            TopicSource::Template(TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap());
-        assert_eq!(
-            Record::from_row(&row, &source).unwrap().topic,
-            "outbox.event.order"
-        );
+        let source = TopicSource::Template(TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap());
+        assert_eq!(Record::from_row(&row, &source).unwrap().topic, "outbox.event.order");
     }
 }

@@ -21,6 +21,10 @@ use crate::record::Record;
 use crate::shutdown::Shutdown;
 use crate::table::Mapping;
 
+/// After this many consecutive batches of which the broker took nothing, the relay starts a
+/// new producer session (new producer id, metadata and connections).
+const FRESH_PRODUCER_AFTER_REFUSED_BATCHES: u32 = 3;
+
 /// Why the relay stopped other than by a shutdown request. Outages are not in this list: the
 /// relay waits them out.
 #[derive(Debug, thiserror::Error)]
@@ -40,10 +44,8 @@ impl RelayError {
     /// Whether the operator must change configuration or schema (exit code 2) rather than
     /// something outside the relay having failed.
     pub fn is_config_problem(&self) -> bool {
-        matches!(
-            self,
-            RelayError::Outbox(OutboxError::Layout(_) | OutboxError::TableMissing(_))
-        ) || matches!(self, RelayError::Publisher(_))
+        matches!(self, RelayError::Outbox(OutboxError::Layout(_) | OutboxError::TableMissing(_)))
+            || matches!(self, RelayError::Publisher(_))
     }
 }
 
@@ -88,18 +90,9 @@ enum Turn {
 impl Relay {
     /// A relay for a validated configuration.
     pub fn new(config: Config, shutdown: Shutdown) -> Result<Relay, RelayError> {
-        let mapping = Mapping::from_config(&config).map_err(|problem| {
-            OutboxError::Layout(crate::table::LayoutError {
-                key: "outbox".into(),
-                problem,
-            })
-        })?;
-        Ok(Relay {
-            config,
-            mapping,
-            metrics: Metrics::new(),
-            shutdown,
-        })
+        let mapping = Mapping::from_config(&config)
+            .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
+        Ok(Relay { config, mapping, metrics: Metrics::new(), shutdown })
     }
 
     /// The relay's metrics, also served at `/metrics`.
@@ -128,11 +121,12 @@ impl Relay {
         let mut leading = false;
         let mut unsettled: Option<Settlement> = None;
         let mut deadline: Option<Instant> = None;
+        // Consecutive batches of which the broker took nothing.
+        let mut refused_batches = 0u32;
 
         loop {
             if self.shutdown.is_requested() {
-                let deadline =
-                    *deadline.get_or_insert_with(|| Instant::now() + relay.shutdown_timeout);
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + relay.shutdown_timeout);
                 if unsettled.is_none() {
                     break;
                 }
@@ -210,15 +204,23 @@ impl Relay {
                     connection = Some(outbox);
                     self.pause(relay.poll_interval, deadline).await;
                 }
-                Ok(Turn::Relayed {
-                    claimed,
-                    broker_unavailable,
-                    producer_unusable,
-                }) => {
+                Ok(Turn::Relayed { claimed, broker_unavailable, producer_unusable }) => {
                     connection = Some(outbox);
+                    refused_batches = if broker_unavailable { refused_batches + 1 } else { 0 };
                     if producer_unusable {
                         warn!("the broker refused this producer session; starting a new producer");
                         publisher = Publisher::new(&self.config)?;
+                    } else if refused_batches >= FRESH_PRODUCER_AFTER_REFUSED_BATCHES {
+                        // librdkafka recovers most producer-state problems by itself, but one
+                        // it cannot (a broker that lost the producer id, as after a restart
+                        // with fresh storage) shows only as timeouts. A new session costs
+                        // nothing during a real outage and ends that kind of stall.
+                        warn!(
+                            batches = refused_batches,
+                            "nothing delivered in consecutive batches; starting a new producer session"
+                        );
+                        publisher = Publisher::new(&self.config)?;
+                        refused_batches = 0;
                     }
                     if broker_unavailable {
                         let delay = backoff.next_delay();
@@ -258,9 +260,7 @@ impl Relay {
             }
         }
 
-        let flush_time = deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
-            .unwrap_or_default();
+        let flush_time = deadline.map(|d| d.saturating_duration_since(Instant::now())).unwrap_or_default();
         if let Err(e) = publisher.flush(flush_time) {
             debug!(error = %e, "flush at shutdown incomplete");
         }
@@ -269,11 +269,7 @@ impl Relay {
     }
 
     /// Claims one batch, publishes it, awaits every report and records the outcome.
-    async fn relay_batch(
-        &self,
-        outbox: &Outbox,
-        publisher: &Publisher,
-    ) -> Result<Turn, OutboxError> {
+    async fn relay_batch(&self, outbox: &Outbox, publisher: &Publisher) -> Result<Turn, OutboxError> {
         let started = Instant::now();
         let claimed = outbox.claim(self.config.relay.batch_size).await?;
         if claimed.is_empty() {
@@ -297,10 +293,7 @@ impl Relay {
                 }
                 Err((id, problem)) => {
                     warn!(row = %id, error = %problem, "row cannot be published");
-                    self.metrics
-                        .publish_errors
-                        .with_label_values(&["invalid_row"])
-                        .inc();
+                    self.metrics.publish_errors.with_label_values(&["invalid_row"]).inc();
                     if !id.is_empty() {
                         settlement.failed.push((id, problem));
                     }
@@ -326,10 +319,7 @@ impl Relay {
             match outcome {
                 Outcome::Acked => settlement.acked.push((id, record.topic)),
                 Outcome::Failed(failure) => {
-                    self.metrics
-                        .publish_errors
-                        .with_label_values(&[failure.reason])
-                        .inc();
+                    self.metrics.publish_errors.with_label_values(&[failure.reason]).inc();
                     if failure.transient {
                         broker_failures += 1;
                     }
@@ -353,22 +343,12 @@ impl Relay {
         if let Err(e) = self.settle(outbox, &mut settlement).await {
             return Ok(Turn::Unsettled(settlement, e));
         }
-        self.metrics
-            .batch_duration
-            .observe(started.elapsed().as_secs_f64());
-        Ok(Turn::Relayed {
-            claimed: claimed_count,
-            broker_unavailable,
-            producer_unusable,
-        })
+        self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
+        Ok(Turn::Relayed { claimed: claimed_count, broker_unavailable, producer_unusable })
     }
 
     /// Writes a batch's outcome: marks the acknowledged rows, records the failed ones.
-    async fn settle(
-        &self,
-        outbox: &Outbox,
-        settlement: &mut Settlement,
-    ) -> Result<(), OutboxError> {
+    async fn settle(&self, outbox: &Outbox, settlement: &mut Settlement) -> Result<(), OutboxError> {
         if !settlement.acked_marked {
             let ids: Vec<String> = settlement.acked.iter().map(|(id, _)| id.clone()).collect();
             outbox.mark_published(&ids).await?;
@@ -378,11 +358,7 @@ impl Relay {
             }
         }
         outbox.mark_failed(&settlement.failed).await?;
-        debug!(
-            published = settlement.acked.len(),
-            failed = settlement.failed.len(),
-            "batch settled"
-        );
+        debug!(published = settlement.acked.len(), failed = settlement.failed.len(), "batch settled");
         Ok(())
     }
 
@@ -421,12 +397,7 @@ impl Relay {
 
 /// Refreshes the pending-row gauges on a connection of its own, so a slow count over a large
 /// backlog never delays the relay loop.
-async fn report_pending(
-    config: Config,
-    mapping: Mapping,
-    metrics: Arc<Metrics>,
-    shutdown: Shutdown,
-) {
+async fn report_pending(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shutdown: Shutdown) {
     let mut connection: Option<Outbox> = None;
     loop {
         let outbox = match connection.take().filter(|c| !c.is_closed()) {
@@ -437,9 +408,7 @@ async fn report_pending(
             match outbox.pending_stats().await {
                 Ok(stats) => {
                     metrics.pending_rows.set(stats.rows);
-                    metrics
-                        .oldest_pending_age
-                        .set(stats.oldest_age_seconds.unwrap_or(0.0));
+                    metrics.oldest_pending_age.set(stats.oldest_age_seconds.unwrap_or(0.0));
                     connection = Some(outbox);
                 }
                 Err(e) => debug!(error = %e, "pending-row stats unavailable"),

@@ -49,10 +49,7 @@ pub enum MigrateError {
     #[error(transparent)]
     Database(#[from] crate::outbox::OutboxError),
     /// A migration's SQL failed.
-    #[error(
-        "migration {name} failed: {}",
-        crate::outbox::describe_pg_error(source)
-    )]
+    #[error("migration {name} failed: {}", crate::outbox::describe_pg_error(source))]
     Statement {
         /// Which migration.
         name: &'static str,
@@ -81,23 +78,14 @@ pub async fn migrate(config: &Config) -> Result<MigrateReport, MigrateError> {
 
 fn uses_standard_layout(outbox: &OutboxConfig) -> bool {
     let standard = OutboxConfig::default();
-    outbox.table == standard.table
-        && outbox.topic_template.is_none()
-        && outbox.columns == standard.columns
+    outbox.table == standard.table && outbox.topic_template.is_none() && outbox.columns == standard.columns
 }
 
 async fn apply(client: &mut Client) -> Result<MigrateReport, MigrateError> {
     let wrap = |name: &'static str| move |source| MigrateError::Statement { name, source };
     let tx = client.transaction().await.map_err(wrap("begin"))?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-        &[&LOCK_KEY],
-    )
-    .await
-    .map_err(wrap("lock"))?;
-    tx.batch_execute(CREATE_VERSION_TABLE)
-        .await
-        .map_err(wrap("version table"))?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&LOCK_KEY]).await.map_err(wrap("lock"))?;
+    tx.batch_execute(CREATE_VERSION_TABLE).await.map_err(wrap("version table"))?;
     let applied: Vec<i32> = tx
         .query("SELECT version FROM outbox_relay_schema_migrations", &[])
         .await
@@ -105,14 +93,9 @@ async fn apply(client: &mut Client) -> Result<MigrateReport, MigrateError> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let mut report = MigrateReport {
-        applied: Vec::new(),
-        version: applied.iter().copied().max().unwrap_or(0),
-    };
+    let mut report = MigrateReport { applied: Vec::new(), version: applied.iter().copied().max().unwrap_or(0) };
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        tx.batch_execute(migration.sql)
-            .await
-            .map_err(wrap(migration.name))?;
+        tx.batch_execute(migration.sql).await.map_err(wrap(migration.name))?;
         tx.execute(
             "INSERT INTO outbox_relay_schema_migrations (version, name) VALUES ($1, $2)",
             &[&migration.version, &migration.name],

@@ -57,19 +57,13 @@ impl Shutdown {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             };
-            tracing::info!(
-                signal = name,
-                "shutdown requested: finishing the batch in flight"
-            );
+            tracing::info!(signal = name, "shutdown requested: finishing the batch in flight");
             shutdown.request();
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             };
-            tracing::warn!(
-                signal = name,
-                "second signal: exiting now; unmarked rows will be published again"
-            );
+            tracing::warn!(signal = name, "second signal: exiting now; unmarked rows will be published again");
             std::process::exit(EXIT_INTERRUPTED);
         });
         Ok(())

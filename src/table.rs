@@ -22,9 +22,7 @@ impl Identifier {
             return Err("is empty".to_owned());
         }
         if name.len() > 63 {
-            return Err(format!(
-                "\"{name}\" is longer than PostgreSQL's 63-byte identifier limit"
-            ));
+            return Err(format!("\"{name}\" is longer than PostgreSQL's 63-byte identifier limit"));
         }
         if name.contains('\0') {
             return Err("contains a NUL character".to_owned());
@@ -36,9 +34,7 @@ impl Identifier {
     pub fn parse_qualified(name: &str) -> Result<Vec<Identifier>, String> {
         let parts: Vec<&str> = name.split('.').collect();
         if parts.len() > 2 {
-            return Err(format!(
-                "\"{name}\" has more than one dot; use table or schema.table"
-            ));
+            return Err(format!("\"{name}\" has more than one dot; use table or schema.table"));
         }
         parts.into_iter().map(Identifier::parse).collect()
     }
@@ -58,11 +54,7 @@ impl fmt::Display for Identifier {
 
 /// `schema.table` or `table`, quoted.
 fn qualified_sql(parts: &[Identifier]) -> String {
-    parts
-        .iter()
-        .map(|p| p.to_string())
-        .collect::<Vec<_>>()
-        .join(".")
+    parts.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(".")
 }
 
 /// A topic built from literal text and column values, such as `outbox.event.{aggregatetype}`.
@@ -150,10 +142,7 @@ impl TopicTemplate {
                 Segment::Column(column) => match values.next() {
                     Some(Some(value)) => topic.push_str(value),
                     _ => {
-                        return Err(format!(
-                            "topic template column \"{}\" is NULL",
-                            column.as_str()
-                        ));
+                        return Err(format!("topic template column \"{}\" is NULL", column.as_str()));
                     }
                 },
             }
@@ -257,11 +246,7 @@ impl Mapping {
             payload: ident(&c.payload)?,
             headers: optional(&c.headers)?,
             created_at: optional(&c.created_at)?,
-            published_at: if outbox.mark == MarkMode::Update {
-                optional(&c.published_at)?
-            } else {
-                None
-            },
+            published_at: if outbox.mark == MarkMode::Update { optional(&c.published_at)? } else { None },
             attempts: optional(&c.attempts)?,
             last_error: optional(&c.last_error)?,
             mark: outbox.mark,
@@ -275,11 +260,7 @@ impl Mapping {
 
     /// The table name for messages (unquoted, as configured).
     pub fn table_name(&self) -> String {
-        self.table
-            .iter()
-            .map(|p| p.as_str())
-            .collect::<Vec<_>>()
-            .join(".")
+        self.table.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(".")
     }
 
     /// Every column the relay touches, with its config key, for the catalog check.
@@ -316,27 +297,17 @@ impl Mapping {
     /// returns the layout the statements are built from.
     pub fn resolve(&self, table_columns: &[(String, String)]) -> Result<Layout, LayoutError> {
         let type_of = |key: &str, column: &Identifier| -> Result<String, LayoutError> {
-            table_columns
-                .iter()
-                .find(|(name, _)| name == column.as_str())
-                .map(|(_, ty)| ty.clone())
-                .ok_or_else(|| LayoutError {
+            table_columns.iter().find(|(name, _)| name == column.as_str()).map(|(_, ty)| ty.clone()).ok_or_else(|| {
+                LayoutError {
                     key: key.to_owned(),
-                    problem: format!(
-                        "table {} has no column \"{}\"",
-                        self.table_name(),
-                        column.as_str()
-                    ),
-                })
+                    problem: format!("table {} has no column \"{}\"", self.table_name(), column.as_str()),
+                }
+            })
         };
         for (key, column) in self.roles() {
             type_of(&key, column)?;
         }
-        let expect = |key: &str,
-                      column: &Identifier,
-                      allowed: &[&str],
-                      what: &str|
-         -> Result<String, LayoutError> {
+        let expect = |key: &str, column: &Identifier, allowed: &[&str], what: &str| -> Result<String, LayoutError> {
             let ty = type_of(key, column)?;
             let base = ty.split('(').next().unwrap_or(&ty).trim().to_owned();
             if allowed.iter().any(|a| *a == base) {
@@ -344,10 +315,7 @@ impl Mapping {
             } else {
                 Err(LayoutError {
                     key: key.to_owned(),
-                    problem: format!(
-                        "column \"{}\" has type {ty}; expected {what}",
-                        column.as_str()
-                    ),
+                    problem: format!("column \"{}\" has type {ty}; expected {what}", column.as_str()),
                 })
             }
         };
@@ -355,14 +323,7 @@ impl Mapping {
         let payload_type = expect(
             "outbox.columns.payload",
             &self.payload,
-            &[
-                "jsonb",
-                "json",
-                "text",
-                "character varying",
-                "character",
-                "bytea",
-            ],
+            &["jsonb", "json", "text", "character varying", "character", "bytea"],
             "jsonb, json, text or bytea",
         )?;
         let payload = match payload_type.as_str() {
@@ -371,53 +332,23 @@ impl Mapping {
             _ => PayloadKind::Text,
         };
         if let Some(headers) = &self.headers {
-            expect(
-                "outbox.columns.headers",
-                headers,
-                &["jsonb", "json", "text"],
-                "jsonb or json",
-            )?;
+            expect("outbox.columns.headers", headers, &["jsonb", "json", "text"], "jsonb or json")?;
         }
         if let Some(published_at) = &self.published_at {
-            expect(
-                "outbox.columns.published_at",
-                published_at,
-                TIMESTAMPS,
-                "timestamptz",
-            )?;
+            expect("outbox.columns.published_at", published_at, TIMESTAMPS, "timestamptz")?;
         }
         if let Some(created_at) = &self.created_at {
-            expect(
-                "outbox.columns.created_at",
-                created_at,
-                TIMESTAMPS,
-                "timestamptz",
-            )?;
+            expect("outbox.columns.created_at", created_at, TIMESTAMPS, "timestamptz")?;
         }
         if let Some(attempts) = &self.attempts {
-            expect(
-                "outbox.columns.attempts",
-                attempts,
-                &["integer", "bigint", "smallint"],
-                "an integer",
-            )?;
+            expect("outbox.columns.attempts", attempts, &["integer", "bigint", "smallint"], "an integer")?;
         }
         if let Some(last_error) = &self.last_error {
-            expect(
-                "outbox.columns.last_error",
-                last_error,
-                &["text", "character varying"],
-                "text",
-            )?;
+            expect("outbox.columns.last_error", last_error, &["text", "character varying"], "text")?;
         }
         let id_type = type_of("outbox.columns.id", &self.id)?;
         let order_type = type_of("outbox.columns.order_by", &self.order_by)?;
-        Ok(Layout {
-            mapping: self.clone(),
-            payload,
-            id_type,
-            order_type,
-        })
+        Ok(Layout { mapping: self.clone(), payload, id_type, order_type })
     }
 }
 
@@ -475,13 +406,7 @@ impl Layout {
 
     /// The topic column, or the template's columns, as text, for a `SELECT` list.
     fn topic_select(&self) -> String {
-        let columns: Vec<String> = self
-            .mapping
-            .topic
-            .columns()
-            .iter()
-            .map(|c| format!("o.{c}::text"))
-            .collect();
+        let columns: Vec<String> = self.mapping.topic.columns().iter().map(|c| format!("o.{c}::text")).collect();
         columns.join(", ")
     }
 
@@ -512,11 +437,7 @@ impl Layout {
     /// Marks the rows whose ids (as text, `$1`) the broker acknowledged.
     pub fn mark_published_sql(&self) -> String {
         let m = &self.mapping;
-        let ids = format!(
-            "{id} = ANY($1::text[]::{ty}[])",
-            id = m.id,
-            ty = self.id_type
-        );
+        let ids = format!("{id} = ANY($1::text[]::{ty}[])", id = m.id, ty = self.id_type);
         match &m.published_at {
             Some(published_at) => format!(
                 "UPDATE {table} SET {published_at} = now() WHERE {ids} AND {published_at} IS NULL",
@@ -581,32 +502,18 @@ impl Layout {
         };
         let last_error = text_or_null(&m.last_error);
         let mut filters = vec![
-            format!(
-                "($1::text IS NULL OR o.{id} >= $1::text::{ty})",
-                id = m.id,
-                ty = self.id_type
-            ),
-            format!(
-                "($2::text IS NULL OR o.{id} <= $2::text::{ty})",
-                id = m.id,
-                ty = self.id_type
-            ),
+            format!("($1::text IS NULL OR o.{id} >= $1::text::{ty})", id = m.id, ty = self.id_type),
+            format!("($2::text IS NULL OR o.{id} <= $2::text::{ty})", id = m.id, ty = self.id_type),
         ];
         if let Some(created_at) = &m.created_at {
-            filters.push(format!(
-                "($3::text IS NULL OR o.{created_at} >= $3::text::timestamptz)"
-            ));
-            filters.push(format!(
-                "($4::text IS NULL OR o.{created_at} < $4::text::timestamptz)"
-            ));
+            filters.push(format!("($3::text IS NULL OR o.{created_at} >= $3::text::timestamptz)"));
+            filters.push(format!("($4::text IS NULL OR o.{created_at} < $4::text::timestamptz)"));
         } else {
             // Keep $3 and $4 typed; the caller refuses a time range without a created-at column.
             filters.push("($3::text IS NULL AND $4::text IS NULL)".to_owned());
         }
         match &m.topic {
-            TopicSource::Column(c) => {
-                filters.push(format!("($5::text IS NULL OR o.{c} = $5::text)"))
-            }
+            TopicSource::Column(c) => filters.push(format!("($5::text IS NULL OR o.{c} = $5::text)")),
             TopicSource::Template(_) => filters.push("($5::text IS NULL OR true)".to_owned()),
         }
         format!(
@@ -662,9 +569,7 @@ mod tests {
         let t = TopicTemplate::parse("outbox.{aggregatetype}.{{v}}.{type}").unwrap();
         let columns: Vec<&str> = t.columns().iter().map(|c| c.as_str()).collect();
         assert_eq!(columns, ["aggregatetype", "type"]);
-        let topic = t
-            .render(&[Some("order".into()), Some("created".into())])
-            .unwrap();
+        let topic = t.render(&[Some("order".into()), Some("created".into())]).unwrap();
         assert_eq!(topic, "outbox.order.{v}.created");
     }
 
@@ -693,25 +598,16 @@ mod tests {
         let layout = standard_layout();
         assert_eq!(layout.payload, PayloadKind::Json);
         let sql = layout.claim_sql();
-        assert!(
-            sql.contains("WHERE o.\"published_at\" IS NULL ORDER BY o.\"id\" LIMIT $1"),
-            "{sql}"
-        );
+        assert!(sql.contains("WHERE o.\"published_at\" IS NULL ORDER BY o.\"id\" LIMIT $1"), "{sql}");
         assert!(layout.mark_published_sql().contains("::bigint[]"));
     }
 
     #[test]
     fn a_missing_column_is_reported_with_its_config_key() {
         let mapping = Mapping::from_config(&Config::default()).unwrap();
-        let err = mapping
-            .resolve(&[("id".into(), "bigint".into())])
-            .unwrap_err();
+        let err = mapping.resolve(&[("id".into(), "bigint".into())]).unwrap_err();
         assert_eq!(err.key, "outbox.columns.event_id");
-        assert!(
-            err.problem.contains("no column \"event_id\""),
-            "{}",
-            err.problem
-        );
+        assert!(err.problem.contains("no column \"event_id\""), "{}", err.problem);
     }
 
     #[test]

@@ -11,16 +11,11 @@ use support::*;
 /// Relays `count` rows of `topic`, stops the relay, and returns the records by event id.
 async fn relayed(env: &TestEnv, topic: &str, count: usize) -> HashMap<String, Received> {
     let db = env.client().await;
-    let events: Vec<NewEvent> = (0..count)
-        .map(|n| NewEvent::keyed(topic, &format!("k{}", n % 3), n))
-        .collect();
+    let events: Vec<NewEvent> = (0..count).map(|n| NewEvent::keyed(topic, &format!("k{}", n % 3), n)).collect();
     insert_events(&db, &events).await;
     let relay = env.spawn_relay(env.config());
     let received = consume(&env.brokers, topic, count).await;
-    wait_until(PATIENCE, "rows marked", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "rows marked", || async { unpublished_count(&db).await == 0 }).await;
     relay.stop().await.expect("clean stop");
     received.into_iter().map(|r| (r.event_id(), r)).collect()
 }
@@ -36,8 +31,7 @@ fn audit_json(env: &TestEnv, args: &[&str]) -> (i32, serde_json::Value) {
     let mut with_json = args.to_vec();
     with_json.push("--json");
     let (code, stdout, stderr) = audit(env, &with_json);
-    let report =
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
+    let report = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}\n{stderr}"));
     (code, report)
 }
 
@@ -50,10 +44,7 @@ async fn a_clean_relay_run_audits_clean() {
 
     let (code, stdout, stderr) = audit(&env, &["--topic", &topic]);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(
-        stdout.contains("published  50 rows found on the topic"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("published  50 rows found on the topic"), "{stdout}");
     assert!(stdout.contains("lost       0 rows"), "{stdout}");
     assert!(stdout.contains("result: nothing lost"), "{stdout}");
 }
@@ -82,20 +73,9 @@ async fn audit_reports_lost_duplicated_conflicting_pending_and_failed_rows() {
     produce_copy(&env.brokers, &topic, duplicate, None).await;
     // A copy that differs, which the relay must never produce.
     let conflicting = &records[event_ids[1]];
-    produce_copy(
-        &env.brokers,
-        &topic,
-        conflicting,
-        Some(b"{\"tampered\":true}"),
-    )
-    .await;
+    produce_copy(&env.brokers, &topic, conflicting, Some(b"{\"tampered\":true}")).await;
     // A row not yet relayed, and one that keeps failing.
-    db.execute(
-        "INSERT INTO outbox (topic, key, payload) VALUES ($1, 'p', '{}')",
-        &[&topic],
-    )
-    .await
-    .unwrap();
+    db.execute("INSERT INTO outbox (topic, key, payload) VALUES ($1, 'p', '{}')", &[&topic]).await.unwrap();
     db.execute(
         "INSERT INTO outbox (topic, key, payload, attempts, last_error) VALUES ($1, 'f', '{}', 3, 'Broker: Message size too large')",
         &[&topic],
@@ -115,21 +95,13 @@ async fn audit_reports_lost_duplicated_conflicting_pending_and_failed_rows() {
     assert_eq!(report["conflicting"]["first"][0], conflicting.event_id());
     assert_eq!(report["pending"]["count"], 1);
     assert_eq!(report["failed"]["count"], 1);
-    assert!(
-        report["failed"]["first"][0]
-            .as_str()
-            .unwrap()
-            .contains("Message size too large"),
-        "{report:#}"
-    );
+    assert!(report["failed"]["first"][0].as_str().unwrap().contains("Message size too large"), "{report:#}");
     assert_eq!(report["records_read"], 22);
 
     let (code, stdout, _) = audit(&env, &["--topic", &topic]);
     assert_eq!(code, 1);
     assert!(
-        stdout.contains(&format!(
-            "lost       1 rows marked published but not on the topic; first: {lost_id}"
-        )),
+        stdout.contains(&format!("lost       1 rows marked published but not on the topic; first: {lost_id}")),
         "{stdout}"
     );
     assert!(stdout.contains("result: PROBLEMS FOUND"), "{stdout}");
@@ -152,29 +124,16 @@ async fn audit_checks_only_the_requested_id_or_time_range() {
         .unwrap()
         .get(0);
 
-    let (code, report) = audit_json(
-        &env,
-        &["--topic", &topic, "--to-id", &(lost_id - 1).to_string()],
-    );
+    let (code, report) = audit_json(&env, &["--topic", &topic, "--to-id", &(lost_id - 1).to_string()]);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["rows"], 10);
-    let (code, report) = audit_json(
-        &env,
-        &["--topic", &topic, "--from-id", &lost_id.to_string()],
-    );
+    let (code, report) = audit_json(&env, &["--topic", &topic, "--from-id", &lost_id.to_string()]);
     assert_eq!(code, 1, "{report:#}");
     assert_eq!(report["rows"], 1);
 
-    let since = db
-        .query_one("SELECT (now() - interval '1 day')::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0);
+    let since = db.query_one("SELECT (now() - interval '1 day')::text", &[]).await.unwrap().get::<_, String>(0);
     let (code, report) = audit_json(&env, &["--topic", &topic, "--since", &since]);
-    assert_eq!(
-        code, 0,
-        "the backdated lost row is outside the time range: {report:#}"
-    );
+    assert_eq!(code, 0, "the backdated lost row is outside the time range: {report:#}");
     assert_eq!(report["rows"], 10);
     let (code, report) = audit_json(&env, &["--topic", &topic, "--until", &since]);
     assert_eq!(code, 1, "{report:#}");
@@ -191,8 +150,5 @@ async fn audit_of_a_missing_topic_or_a_bad_time_fails_clearly() {
     let topic = env.create_topic(1).await;
     let (code, _, stderr) = audit(&env, &["--topic", &topic, "--since", "yesterday-ish"]);
     assert_eq!(code, 3, "{stderr}");
-    assert!(
-        stderr.contains("--since \"yesterday-ish\"") && stderr.contains("timestamp"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--since \"yesterday-ish\"") && stderr.contains("timestamp"), "{stderr}");
 }

@@ -25,11 +25,7 @@ fn write_file(name: &str, text: &str) -> (tempfile::TempDir, String) {
 
 #[test]
 fn an_invalid_environment_value_exits_2_naming_the_key_and_the_variable() {
-    let err = assert_config_error(
-        &["config"],
-        &[("OUTBOX_RELAY_RELAY__BATCH_SIZE", "lots")],
-        "relay.batch_size",
-    );
+    let err = assert_config_error(&["config"], &[("OUTBOX_RELAY_RELAY__BATCH_SIZE", "lots")], "relay.batch_size");
     assert!(err.contains("OUTBOX_RELAY_RELAY__BATCH_SIZE"), "{err}");
 }
 
@@ -42,11 +38,7 @@ fn an_invalid_file_value_exits_2_naming_the_key_and_the_file() {
 
 #[test]
 fn an_unknown_key_is_an_error_that_lists_the_known_ones() {
-    let err = assert_config_error(
-        &["config"],
-        &[("OUTBOX_RELAY_RELAY__BATCHSIZE", "5")],
-        "relay.batchsize",
-    );
+    let err = assert_config_error(&["config"], &[("OUTBOX_RELAY_RELAY__BATCHSIZE", "5")], "relay.batchsize");
     assert!(err.contains("batch_size"), "{err}");
 }
 
@@ -54,10 +46,7 @@ fn an_unknown_key_is_an_error_that_lists_the_known_ones() {
 fn a_bad_database_url_names_the_part_that_is_wrong() {
     let err = assert_config_error(
         &["config"],
-        &[(
-            "OUTBOX_RELAY_DATABASE__URL",
-            "postgres://app:secret@db:54x2/app",
-        )],
+        &[("OUTBOX_RELAY_DATABASE__URL", "postgres://app:secret@db:54x2/app")],
         "database.url",
     );
     assert!(err.contains("invalid port \"54x2\""), "{err}");
@@ -66,57 +55,30 @@ fn a_bad_database_url_names_the_part_that_is_wrong() {
 
 #[test]
 fn out_of_range_and_unparseable_values_are_refused() {
-    assert_config_error(
-        &["config"],
-        &[("OUTBOX_RELAY_RELAY__BATCH_SIZE", "0")],
-        "relay.batch_size",
-    );
-    assert_config_error(
-        &["config"],
-        &[("OUTBOX_RELAY_METRICS__LISTEN", "everywhere")],
-        "metrics.listen",
-    );
-    assert_config_error(
-        &["config"],
-        &[("OUTBOX_RELAY_KAFKA__BROKERS", " ")],
-        "kafka.brokers",
-    );
+    assert_config_error(&["config"], &[("OUTBOX_RELAY_RELAY__BATCH_SIZE", "0")], "relay.batch_size");
+    assert_config_error(&["config"], &[("OUTBOX_RELAY_METRICS__LISTEN", "everywhere")], "metrics.listen");
+    assert_config_error(&["config"], &[("OUTBOX_RELAY_KAFKA__BROKERS", " ")], "kafka.brokers");
     assert_config_error(
         &["config"],
         &[("OUTBOX_RELAY_OUTBOX__TOPIC_TEMPLATE", "events.{type")],
         "outbox.topic_template",
     );
-    assert_config_error(
-        &["config"],
-        &[("OUTBOX_RELAY_LOG__FORMAT", "xml")],
-        "log.format",
-    );
+    assert_config_error(&["config"], &[("OUTBOX_RELAY_LOG__FORMAT", "xml")], "log.format");
 }
 
 #[test]
 fn a_librdkafka_property_typo_is_caught_before_the_relay_starts() {
     let (_dir, path) = write_file("relay.toml", "[kafka.properties]\n\"linger.msec\" = 5\n");
-    let err = assert_config_error(
-        &["--config", &path, "config"],
-        &[],
-        "kafka.properties.linger.msec",
-    );
+    let err = assert_config_error(&["--config", &path, "config"], &[], "kafka.properties.linger.msec");
     assert!(err.contains("No such configuration property"), "{err}");
 }
 
 #[test]
 fn properties_that_would_weaken_the_delivery_guarantee_are_refused() {
+    assert_config_error(&["config"], &[("OUTBOX_RELAY_KAFKA__PROPERTIES__ACKS", "1")], "kafka.properties.acks");
     assert_config_error(
         &["config"],
-        &[("OUTBOX_RELAY_KAFKA__PROPERTIES__ACKS", "1")],
-        "kafka.properties.acks",
-    );
-    assert_config_error(
-        &["config"],
-        &[(
-            "OUTBOX_RELAY_KAFKA__PROPERTIES__ENABLE_IDEMPOTENCE",
-            "false",
-        )],
+        &[("OUTBOX_RELAY_KAFKA__PROPERTIES__ENABLE_IDEMPOTENCE", "false")],
         "kafka.properties.enable.idempotence",
     );
 }
@@ -145,28 +107,12 @@ fn the_environment_overrides_the_file_which_overrides_the_defaults() {
     );
     assert_eq!(code, 0, "{stderr}");
     let printed: toml::Value = toml::from_str(&stdout).expect("config prints TOML");
-    assert_eq!(
-        printed["kafka"]["brokers"].as_str(),
-        Some("env-broker:9092"),
-        "env wins over the file"
-    );
-    assert_eq!(
-        printed["relay"]["batch_size"].as_integer(),
-        Some(250),
-        "the file wins over defaults"
-    );
-    assert_eq!(
-        printed["relay"]["poll_interval"].as_str(),
-        Some("200ms"),
-        "defaults fill the rest"
-    );
+    assert_eq!(printed["kafka"]["brokers"].as_str(), Some("env-broker:9092"), "env wins over the file");
+    assert_eq!(printed["relay"]["batch_size"].as_integer(), Some(250), "the file wins over defaults");
+    assert_eq!(printed["relay"]["poll_interval"].as_str(), Some("200ms"), "defaults fill the rest");
     let properties = &printed["kafka"]["properties"];
     assert_eq!(properties["linger.ms"].as_str(), Some("2"));
-    assert_eq!(
-        properties["compression.type"].as_str(),
-        Some("lz4"),
-        "env names map _ to ."
-    );
+    assert_eq!(properties["compression.type"].as_str(), Some("lz4"), "env names map _ to .");
 }
 
 #[test]
@@ -177,36 +123,19 @@ fn config_output_redacts_passwords_and_sasl_secrets() {
     );
     let (code, stdout, stderr) = run_command(
         &["--config", &path, "config"],
-        &[(
-            "OUTBOX_RELAY_DATABASE__URL",
-            "postgres://relay:db-pw-789@db.internal:5432/app?password=query-pw-000",
-        )],
+        &[("OUTBOX_RELAY_DATABASE__URL", "postgres://relay:db-pw-789@db.internal:5432/app?password=query-pw-000")],
     );
     assert_eq!(code, 0, "{stderr}");
     for secret in ["kafka-pw-123", "db-pw-789", "query-pw-000"] {
         assert!(!stdout.contains(secret), "{secret} leaked into:\n{stdout}");
     }
-    assert!(
-        stdout.contains("postgres://relay:********@db.internal:5432/app"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("\"sasl.username\" = \"relay\""),
-        "non-secrets stay readable: {stdout}"
-    );
+    assert!(stdout.contains("postgres://relay:********@db.internal:5432/app"), "{stdout}");
+    assert!(stdout.contains("\"sasl.username\" = \"relay\""), "non-secrets stay readable: {stdout}");
 
-    let (code, stdout, _) = run_command(
-        &["config"],
-        &[(
-            "OUTBOX_RELAY_DATABASE__URL",
-            "host=db user=relay password='a b c' dbname=app",
-        )],
-    );
+    let (code, stdout, _) =
+        run_command(&["config"], &[("OUTBOX_RELAY_DATABASE__URL", "host=db user=relay password='a b c' dbname=app")]);
     assert_eq!(code, 0);
-    assert!(
-        !stdout.contains("a b c") && stdout.contains("password=********"),
-        "{stdout}"
-    );
+    assert!(!stdout.contains("a b c") && stdout.contains("password=********"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,36 +143,22 @@ async fn run_against_a_table_missing_a_mapped_column_exits_2_naming_the_column()
     let env = TestEnv::start().await;
     env.client()
         .await
-        .batch_execute(
-            "CREATE TABLE events (id bigint PRIMARY KEY, event_id uuid, topic text, payload jsonb)",
-        )
+        .batch_execute("CREATE TABLE events (id bigint PRIMARY KEY, event_id uuid, topic text, payload jsonb)")
         .await
         .unwrap();
     let mut config = env.config();
     config.outbox.table = "events".into();
     let path = write_config(&env, &config);
-    let (code, _, stderr) = run_command(
-        &["--config", path.to_str().unwrap(), "run"],
-        &[("RUST_LOG", "off")],
-    );
+    let (code, _, stderr) = run_command(&["--config", path.to_str().unwrap(), "run"], &[("RUST_LOG", "off")]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(
-        stderr.contains("outbox.columns.key") && stderr.contains("no column \"key\""),
-        "{stderr}"
-    );
+    assert!(stderr.contains("outbox.columns.key") && stderr.contains("no column \"key\""), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_against_a_missing_table_exits_2_and_suggests_migrate() {
     let env = TestEnv::start().await;
     let path = write_config(&env, &env.config());
-    let (code, _, stderr) = run_command(
-        &["--config", path.to_str().unwrap(), "run"],
-        &[("RUST_LOG", "off")],
-    );
+    let (code, _, stderr) = run_command(&["--config", path.to_str().unwrap(), "run"], &[("RUST_LOG", "off")]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(
-        stderr.contains("outbox.table") && stderr.contains("outbox-relay migrate"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("outbox.table") && stderr.contains("outbox-relay migrate"), "{stderr}");
 }

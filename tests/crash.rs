@@ -10,24 +10,16 @@ use std::time::Duration;
 use support::*;
 
 async fn all_event_ids(db: &tokio_postgres::Client) -> HashSet<String> {
-    db.query("SELECT event_id::text FROM outbox", &[])
+    db.query("SELECT event_id::text FROM outbox", &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+async fn unmarked_event_ids(db: &tokio_postgres::Client) -> HashSet<String> {
+    db.query("SELECT event_id::text FROM outbox WHERE published_at IS NULL", &[])
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect()
-}
-
-async fn unmarked_event_ids(db: &tokio_postgres::Client) -> HashSet<String> {
-    db.query(
-        "SELECT event_id::text FROM outbox WHERE published_at IS NULL",
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// Runs the relay binary until every row is marked, then stops it with SIGTERM.
@@ -36,10 +28,7 @@ async fn drain(env: &TestEnv, config: &outbox_relay::Config) {
     let mut relay = spawn_relay_process(env, config);
     // Up and leading, so that SIGTERM below meets the relay's handler, not the default action.
     relay.wait_for_log("leading").await;
-    wait_until(PATIENCE, "every row marked", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
 }
@@ -47,21 +36,9 @@ async fn drain(env: &TestEnv, config: &outbox_relay::Config) {
 /// Runs `outbox-relay audit` on `topic` and returns its exit code and JSON report.
 fn audit(env: &TestEnv, topic: &str) -> (i32, serde_json::Value) {
     let path = write_config(env, &env.config());
-    let (code, stdout, stderr) = run_command(
-        &[
-            "--config",
-            path.to_str().unwrap(),
-            "audit",
-            "--topic",
-            topic,
-            "--json",
-        ],
-        &[("RUST_LOG", "off")],
-    );
-    (
-        code,
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}")),
-    )
+    let (code, stdout, stderr) =
+        run_command(&["--config", path.to_str().unwrap(), "audit", "--topic", topic, "--json"], &[("RUST_LOG", "off")]);
+    (code, serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}")))
 }
 
 #[cfg(feature = "failpoints")]
@@ -73,52 +50,26 @@ async fn a_crash_between_publish_and_mark_republishes_exactly_that_batch() {
     env.migrate().await;
     let topic = env.create_topic(3).await;
     let db = env.client().await;
-    let events: Vec<NewEvent> = (0..ROWS)
-        .map(|n| NewEvent::keyed(&topic, &format!("k{}", n % 7), n))
-        .collect();
+    let events: Vec<NewEvent> = (0..ROWS).map(|n| NewEvent::keyed(&topic, &format!("k{}", n % 7), n)).collect();
     insert_events(&db, &events).await;
     let mut config = env.config();
     config.relay.batch_size = BATCH;
 
     // Three batches go through; the fourth is acknowledged by the broker, then the process dies.
-    let mut relay = spawn_relay_process_with_env(
-        &env,
-        &config,
-        &[("FAILPOINTS", "relay-before-mark=3*off->return")],
-    );
-    assert_eq!(
-        relay.wait().await,
-        None,
-        "the relay was killed by the fault; log:\n{}",
-        relay.log()
-    );
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-mark=3*off->return")]);
+    assert_eq!(relay.wait().await, None, "the relay was killed by the fault; log:\n{}", relay.log());
     let in_flight = unmarked_event_ids(&db).await;
-    assert_eq!(
-        in_flight.len(),
-        ROWS - 3 * BATCH,
-        "only the three settled batches are marked"
-    );
+    assert_eq!(in_flight.len(), ROWS - 3 * BATCH, "only the three settled batches are marked");
     let before_restart = read_topic(&env.brokers, &topic).await;
-    assert_eq!(
-        before_restart.len(),
-        4 * BATCH,
-        "the fourth batch reached the broker before the crash"
-    );
+    assert_eq!(before_restart.len(), 4 * BATCH, "the fourth batch reached the broker before the crash");
 
     drain(&env, &config).await;
     let records = read_topic(&env.brokers, &topic).await;
     let distinct: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
     assert_eq!(distinct, all_event_ids(&db).await, "nothing lost");
     let duplicated = identical_duplicates(&records);
-    assert_eq!(
-        duplicated.len(),
-        BATCH,
-        "exactly the crashed batch was published twice"
-    );
-    assert!(
-        duplicated.is_subset(&in_flight),
-        "only rows in flight at the crash are duplicated"
-    );
+    assert_eq!(duplicated.len(), BATCH, "exactly the crashed batch was published twice");
+    assert!(duplicated.is_subset(&in_flight), "only rows in flight at the crash are duplicated");
     assert_eq!(records.len(), ROWS + BATCH);
     assert_first_copies_in_key_order(&records);
 
@@ -134,15 +85,9 @@ struct Random(u64);
 
 impl Random {
     fn from_env() -> Random {
-        let seed = std::env::var("OUTBOX_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
+        let seed = std::env::var("OUTBOX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+        });
         eprintln!("random kill times from OUTBOX_TEST_SEED={seed}");
         Random(seed | 1)
     }
@@ -173,9 +118,7 @@ async fn twelve_kill_nines_during_a_fifty_thousand_row_drain_lose_nothing() {
     // Most rows are a backlog, so that the kills find the relay busy; the application writes
     // the rest while the relay is being killed, in transactions of 250 events.
     let events = |range: std::ops::Range<usize>, topic: &str| -> Vec<NewEvent> {
-        range
-            .map(|n| NewEvent::keyed(topic, &format!("key-{}", n % KEYS), n))
-            .collect()
+        range.map(|n| NewEvent::keyed(topic, &format!("key-{}", n % KEYS), n)).collect()
     };
     for start in (0..BACKLOG).step_by(5_000) {
         insert_events(&db, &events(start..start + 5_000, &topic)).await;
@@ -216,10 +159,7 @@ async fn twelve_kill_nines_during_a_fifty_thousand_row_drain_lose_nothing() {
     assert_eq!(distinct, table, "every row reached the topic: nothing lost");
     assert_eq!(unpublished_count(&db).await, 0, "every row is marked");
     let duplicated = identical_duplicates(&records);
-    assert!(
-        duplicated.is_subset(&in_flight_at_a_crash),
-        "duplicates are only rows unmarked at a crash"
-    );
+    assert!(duplicated.is_subset(&in_flight_at_a_crash), "duplicates are only rows unmarked at a crash");
     assert!(
         records.len() - ROWS <= CRASHES * BATCH,
         "at most one batch in flight per crash: {} extra copies",

@@ -14,10 +14,7 @@ fn the_reference_murmur2_matches_kafkas_own_test_vectors() {
     assert_eq!(murmur2(b"foobar"), -790332482);
     assert_eq!(murmur2(b"a-little-bit-long-string"), -985981536);
     assert_eq!(murmur2(b"a-little-bit-longer-string"), -1486304829);
-    assert_eq!(
-        murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
-        -58897971
-    );
+    assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58897971);
     assert_eq!(murmur2(b"abc"), 479470107);
 }
 
@@ -34,72 +31,36 @@ async fn every_row_arrives_as_written_with_its_event_id_and_is_marked() {
             payload: Some(r#"{"total": 42, "items": ["a", "b"]}"#.into()),
             headers: Some(r#"{"type": "OrderPlaced", "traceparent": "00-abc-def-01"}"#.into()),
         },
-        NewEvent {
-            topic: topic.clone(),
-            key: Some("order-1".into()),
-            payload: None,
-            headers: None,
-        },
-        NewEvent {
-            topic: topic.clone(),
-            key: None,
-            payload: Some(r#""unkeyed""#.into()),
-            headers: None,
-        },
+        NewEvent { topic: topic.clone(), key: Some("order-1".into()), payload: None, headers: None },
+        NewEvent { topic: topic.clone(), key: None, payload: Some(r#""unkeyed""#.into()), headers: None },
     ];
     let ids = insert_events(&db, &events).await;
 
     let relay = env.spawn_relay(env.config());
     let received = consume(&env.brokers, &topic, 3).await;
-    wait_until(PATIENCE, "all rows marked", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "all rows marked", || async { unpublished_count(&db).await == 0 }).await;
     relay.stop().await.expect("clean stop");
 
     let rows = db
-        .query(
-            "SELECT event_id::text, published_at IS NOT NULL, attempts FROM outbox ORDER BY id",
-            &[],
-        )
+        .query("SELECT event_id::text, published_at IS NOT NULL, attempts FROM outbox ORDER BY id", &[])
         .await
         .unwrap();
     let event_ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert!(
-        rows.iter()
-            .all(|r| r.get::<_, bool>(1) && r.get::<_, i32>(2) == 0)
-    );
+    assert!(rows.iter().all(|r| r.get::<_, bool>(1) && r.get::<_, i32>(2) == 0));
     assert_eq!(ids.len(), 3);
 
     let by_event: HashMap<String, &Received> = received.iter().map(|r| (r.event_id(), r)).collect();
     let first = by_event[&event_ids[0]];
     assert_eq!(first.key.as_deref(), Some("order-1"));
-    let payload: serde_json::Value =
-        serde_json::from_slice(first.payload.as_ref().unwrap()).unwrap();
-    assert_eq!(
-        payload,
-        serde_json::json!({"total": 42, "items": ["a", "b"]})
-    );
+    let payload: serde_json::Value = serde_json::from_slice(first.payload.as_ref().unwrap()).unwrap();
+    assert_eq!(payload, serde_json::json!({"total": 42, "items": ["a", "b"]}));
     assert_eq!(first.header("type").as_deref(), Some("OrderPlaced"));
-    assert_eq!(
-        first.header("traceparent").as_deref(),
-        Some("00-abc-def-01")
-    );
-    assert_eq!(
-        first.headers.last().map(|h| h.0.as_str()),
-        Some("event_id"),
-        "event_id is the last header"
-    );
+    assert_eq!(first.header("traceparent").as_deref(), Some("00-abc-def-01"));
+    assert_eq!(first.headers.last().map(|h| h.0.as_str()), Some("event_id"), "event_id is the last header");
 
     let tombstone = by_event[&event_ids[1]];
-    assert_eq!(
-        tombstone.payload, None,
-        "a NULL payload is published as a tombstone"
-    );
-    assert_eq!(
-        tombstone.partition, first.partition,
-        "one key, one partition"
-    );
+    assert_eq!(tombstone.payload, None, "a NULL payload is published as a tombstone");
+    assert_eq!(tombstone.partition, first.partition, "one key, one partition");
     assert!(tombstone.offset > first.offset, "one key, in id order");
 
     let unkeyed = by_event[&event_ids[2]];
@@ -136,29 +97,14 @@ async fn twenty_thousand_rows_over_fifty_keys_written_while_relaying_arrive_once
 
     let received = consume(&env.brokers, &topic, ROWS).await;
     let db = env.client().await;
-    wait_until(PATIENCE, "all rows marked", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
-    assert_eq!(
-        read_topic(&env.brokers, &topic).await.len(),
-        ROWS,
-        "no record was published twice"
-    );
+    wait_until(PATIENCE, "all rows marked", || async { unpublished_count(&db).await == 0 }).await;
+    assert_eq!(read_topic(&env.brokers, &topic).await.len(), ROWS, "no record was published twice");
 
     let distinct: HashSet<String> = received.iter().map(|r| r.event_id()).collect();
     assert_eq!(distinct.len(), ROWS, "every event_id arrives exactly once");
-    let table_ids: HashSet<String> = db
-        .query("SELECT event_id::text FROM outbox", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(
-        distinct, table_ids,
-        "the topic holds exactly the table's events"
-    );
+    let table_ids: HashSet<String> =
+        db.query("SELECT event_id::text FROM outbox", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(distinct, table_ids, "the topic holds exactly the table's events");
 
     let mut last_n: HashMap<String, i64> = HashMap::new();
     let mut partition_of: HashMap<String, i32> = HashMap::new();
@@ -166,14 +112,10 @@ async fn twenty_thousand_rows_over_fifty_keys_written_while_relaying_arrive_once
     sorted.sort_by_key(|r| (r.partition, r.offset));
     for record in &sorted {
         let key = record.key.clone().expect("keyed");
-        let payload: serde_json::Value =
-            serde_json::from_slice(record.payload.as_ref().unwrap()).unwrap();
+        let payload: serde_json::Value = serde_json::from_slice(record.payload.as_ref().unwrap()).unwrap();
         let n = payload["n"].as_i64().unwrap();
         if let Some(previous) = last_n.insert(key.clone(), n) {
-            assert!(
-                n > previous,
-                "key {key}: event {n} arrived after {previous}"
-            );
+            assert!(n > previous, "key {key}: event {n} arrived after {previous}");
         }
         let partition = *partition_of.entry(key.clone()).or_insert(record.partition);
         assert_eq!(partition, record.partition, "key {key} changed partition");
@@ -186,10 +128,7 @@ async fn twenty_thousand_rows_over_fifty_keys_written_while_relaying_arrive_once
     assert_eq!(last_n.len(), KEYS);
 
     let metrics = scrape(&metrics_addr).await;
-    let published = sample(
-        &metrics,
-        &format!("outbox_relay_published_total{{topic=\"{topic}\"}}"),
-    );
+    let published = sample(&metrics, &format!("outbox_relay_published_total{{topic=\"{topic}\"}}"));
     assert_eq!(published, Some(ROWS as f64), "{metrics}");
     for name in [
         "outbox_relay_publish_errors_total",
@@ -197,16 +136,8 @@ async fn twenty_thousand_rows_over_fifty_keys_written_while_relaying_arrive_once
         "outbox_relay_pending_rows",
         "outbox_relay_oldest_pending_age_seconds",
     ] {
-        assert!(
-            metrics.contains(&format!("# TYPE {name} ")),
-            "{name} is served:\n{metrics}"
-        );
+        assert!(metrics.contains(&format!("# TYPE {name} ")), "{name} is served:\n{metrics}");
     }
     relay.signal(libc::SIGTERM);
-    assert_eq!(
-        relay.wait().await,
-        Some(0),
-        "SIGTERM exits 0; log:\n{}",
-        relay.log()
-    );
+    assert_eq!(relay.wait().await, Some(0), "SIGTERM exits 0; log:\n{}", relay.log());
 }

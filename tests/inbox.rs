@@ -22,10 +22,7 @@ fn deposit(topic: &str, n: usize) -> NewEvent {
     NewEvent {
         topic: topic.to_owned(),
         key: Some(account.clone()),
-        payload: Some(format!(
-            r#"{{"account": "{account}", "amount": {}}}"#,
-            n % 7 + 1
-        )),
+        payload: Some(format!(r#"{{"account": "{account}", "amount": {}}}"#, n % 7 + 1)),
         headers: None,
     }
 }
@@ -33,48 +30,24 @@ fn deposit(topic: &str, n: usize) -> NewEvent {
 /// The example binary, built next to this test by `cargo nextest run --all-targets`.
 fn balance_consumer() -> PathBuf {
     let deps = std::env::current_exe().expect("test path");
-    let bin = deps
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("examples")
-        .join("balance_consumer");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with cargo build --examples",
-        bin.display()
-    );
+    let bin = deps.parent().and_then(|d| d.parent()).expect("target dir").join("examples").join("balance_consumer");
+    assert!(bin.exists(), "{} is missing: build it with cargo build --examples", bin.display());
     bin
 }
 
 /// Runs the example consumer to the end of the topic and returns its summary line.
 fn run_balance_consumer(env: &TestEnv, topic: &str, group: &str) -> String {
     let out = Command::new(balance_consumer())
-        .args([
-            env.database_url.as_str(),
-            env.brokers.as_str(),
-            topic,
-            group,
-            "--stop-at-end",
-        ])
+        .args([env.database_url.as_str(), env.brokers.as_str(), topic, group, "--stop-at-end"])
         .output()
         .expect("run balance_consumer");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     stdout
 }
 
 async fn balances(db: &tokio_postgres::Client) -> HashMap<String, i64> {
-    db.query("SELECT account, balance FROM accounts", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    db.query("SELECT account, balance FROM accounts", &[]).await.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
 }
 
 /// Each event of the table applied once: the balances an exactly-once consumer must reach.
@@ -95,85 +68,45 @@ async fn the_example_consumer_applies_each_event_once_despite_relay_and_consumer
     env.migrate().await;
     let topic = env.create_topic(3).await;
     let db = env.client().await;
-    insert_events(
-        &db,
-        &(0..ROWS).map(|n| deposit(&topic, n)).collect::<Vec<_>>(),
-    )
-    .await;
+    insert_events(&db, &(0..ROWS).map(|n| deposit(&topic, n)).collect::<Vec<_>>()).await;
 
     // A relay crash after the broker took the second batch: that batch is on the topic twice.
     let mut config = env.config();
     config.relay.batch_size = BATCH;
-    let mut crashing = spawn_relay_process_with_env(
-        &env,
-        &config,
-        &[("FAILPOINTS", "relay-before-mark=1*off->return")],
-    );
-    assert_eq!(
-        crashing.wait().await,
-        None,
-        "the relay crashed on the fault; log:\n{}",
-        crashing.log()
-    );
+    let mut crashing =
+        spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-mark=1*off->return")]);
+    assert_eq!(crashing.wait().await, None, "the relay crashed on the fault; log:\n{}", crashing.log());
     let mut relay = spawn_relay_process(&env, &config);
-    wait_until(PATIENCE, "every row marked", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
     let records = read_topic(&env.brokers, &topic).await;
-    assert_eq!(
-        records.len(),
-        ROWS + BATCH,
-        "the topic holds real duplicates"
-    );
+    assert_eq!(records.len(), ROWS + BATCH, "the topic holds real duplicates");
 
     // Without the inbox, applying every record would count the duplicated batch twice.
     let expected = expected_balances(&db).await;
     let mut naive: HashMap<String, i64> = HashMap::new();
     for record in &records {
-        let deposit: serde_json::Value =
-            serde_json::from_slice(record.payload.as_deref().unwrap()).unwrap();
-        *naive
-            .entry(deposit["account"].as_str().unwrap().to_owned())
-            .or_default() += deposit["amount"].as_i64().unwrap();
+        let deposit: serde_json::Value = serde_json::from_slice(record.payload.as_deref().unwrap()).unwrap();
+        *naive.entry(deposit["account"].as_str().unwrap().to_owned()).or_default() +=
+            deposit["amount"].as_i64().unwrap();
     }
     assert_ne!(naive, expected, "the duplicates would change the balances");
 
     let group = unique_name("balances");
     let summary = run_balance_consumer(&env, &topic, &group);
-    assert!(
-        summary.contains(&format!(
-            "applied {ROWS} events, skipped {BATCH} duplicates"
-        )),
-        "{summary}"
-    );
-    assert_eq!(
-        balances(&db).await,
-        expected,
-        "each event applied exactly once"
-    );
+    assert!(summary.contains(&format!("applied {ROWS} events, skipped {BATCH} duplicates")), "{summary}");
+    assert_eq!(balances(&db).await, expected, "each event applied exactly once");
 
     // A consumer that dies after its database commit and before its offset commit: the next
     // run gets the message again and must skip it.
     insert_events(&db, &[deposit(&topic, ROWS)]).await;
-    wait_until(PATIENCE, "the new row marked", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "the new row marked", || async { unpublished_count(&db).await == 0 }).await;
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0));
     apply_without_committing_the_offset(&env, &topic, &group).await;
     let expected = expected_balances(&db).await;
-    assert_eq!(
-        balances(&db).await,
-        expected,
-        "the crashed consumer's effect is committed"
-    );
+    assert_eq!(balances(&db).await, expected, "the crashed consumer's effect is committed");
     let summary = run_balance_consumer(&env, &topic, &group);
-    assert!(
-        summary.contains("applied 0 events, skipped 1 duplicates"),
-        "redelivered, then skipped: {summary}"
-    );
+    assert!(summary.contains("applied 0 events, skipped 1 duplicates"), "redelivered, then skipped: {summary}");
     assert_eq!(balances(&db).await, expected, "and not applied twice");
 }
 
@@ -190,23 +123,14 @@ async fn apply_without_committing_the_offset(env: &TestEnv, topic: &str, group: 
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
-    let message = tokio::time::timeout(PATIENCE, consumer.recv())
-        .await
-        .expect("the new message")
-        .unwrap();
+    let message = tokio::time::timeout(PATIENCE, consumer.recv()).await.expect("the new message").unwrap();
     let event = Event::from_message(&message).unwrap();
     let deposit: serde_json::Value = serde_json::from_slice(event.payload.unwrap()).unwrap();
     let tx = db.transaction().await.unwrap();
-    assert!(
-        Inbox::new(group).record(&tx, &event).await.unwrap(),
-        "a new event"
-    );
+    assert!(Inbox::new(group).record(&tx, &event).await.unwrap(), "a new event");
     tx.execute(
         "UPDATE accounts SET balance = balance + $2 WHERE account = $1",
-        &[
-            &deposit["account"].as_str().unwrap(),
-            &deposit["amount"].as_i64().unwrap(),
-        ],
+        &[&deposit["account"].as_str().unwrap(), &deposit["amount"].as_i64().unwrap()],
     )
     .await
     .unwrap();
@@ -225,15 +149,8 @@ async fn pruning_deletes_only_old_inbox_rows_of_its_own_consumer() {
     )
     .await
     .unwrap();
-    let pruned = Inbox::new("mine")
-        .prune(&db, std::time::Duration::from_secs(7 * 86_400 + 3_600))
-        .await
-        .unwrap();
+    let pruned = Inbox::new("mine").prune(&db, std::time::Duration::from_secs(7 * 86_400 + 3_600)).await.unwrap();
     assert_eq!(pruned, 3, "days 8, 9 and 10");
-    let left: i64 = db
-        .query_one("SELECT count(*) FROM outbox_inbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let left: i64 = db.query_one("SELECT count(*) FROM outbox_inbox", &[]).await.unwrap().get(0);
     assert_eq!(left, 17, "the other consumer's rows are kept");
 }

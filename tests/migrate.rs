@@ -39,73 +39,40 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
         ("attempts", "integer"),
         ("last_error", "text"),
     ];
-    let expected: Vec<(String, String)> = expected
-        .iter()
-        .map(|(c, t)| (c.to_string(), t.to_string()))
-        .collect();
+    let expected: Vec<(String, String)> = expected.iter().map(|(c, t)| (c.to_string(), t.to_string())).collect();
     assert_eq!(columns, expected);
     let index: String = db
-        .query_one(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'outbox_unpublished_idx'",
-            &[],
-        )
+        .query_one("SELECT indexdef FROM pg_indexes WHERE indexname = 'outbox_unpublished_idx'", &[])
         .await
         .unwrap()
         .get(0);
     assert!(index.contains("WHERE (published_at IS NULL)"), "{index}");
 
-    db.batch_execute("INSERT INTO outbox (topic, payload) VALUES ('t', '{}')")
-        .await
-        .unwrap();
+    db.batch_execute("INSERT INTO outbox (topic, payload) VALUES ('t', '{}')").await.unwrap();
     let (code, stdout, stderr) = migrate();
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.contains("schema is up to date (version 1)"),
-        "{stdout}"
-    );
-    let versions: i64 = db
-        .query_one("SELECT count(*) FROM outbox_relay_schema_migrations", &[])
-        .await
-        .unwrap()
-        .get(0);
+    assert!(stdout.contains("schema is up to date (version 1)"), "{stdout}");
+    let versions: i64 = db.query_one("SELECT count(*) FROM outbox_relay_schema_migrations", &[]).await.unwrap().get(0);
     assert_eq!(versions, 1, "the version is recorded once");
-    let rows: i64 = db
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        rows, 1,
-        "a second migrate leaves the table and its rows alone"
-    );
+    let rows: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 1, "a second migrate leaves the table and its rows alone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_over_a_table_copied_from_sql_records_the_version_without_changing_it() {
     let env = TestEnv::start().await;
     let db = env.client().await;
-    db.batch_execute(include_str!("../sql/migrations/0001_create_outbox.sql"))
-        .await
-        .unwrap();
-    let (code, stdout, stderr) = run_command(
-        &["migrate"],
-        &[("OUTBOX_RELAY_DATABASE__URL", &env.database_url)],
-    );
+    db.batch_execute(include_str!("../sql/migrations/0001_create_outbox.sql")).await.unwrap();
+    let (code, stdout, stderr) = run_command(&["migrate"], &[("OUTBOX_RELAY_DATABASE__URL", &env.database_url)]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("applied 0001_create_outbox"), "{stdout}");
 }
 
 #[test]
 fn migrate_refuses_a_custom_table_layout_with_exit_2() {
-    let (code, _, stderr) = run_command(
-        &["migrate"],
-        &[("OUTBOX_RELAY_OUTBOX__TABLE", "app.events")],
-    );
+    let (code, _, stderr) = run_command(&["migrate"], &[("OUTBOX_RELAY_OUTBOX__TABLE", "app.events")]);
     assert_eq!(code, 2, "{stderr}");
-    assert!(
-        stderr.contains("outbox.table") && stderr.contains("custom table"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("outbox.table") && stderr.contains("custom table"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,11 +81,6 @@ async fn migrate_against_an_unreachable_database_fails_with_a_clear_error() {
     let url = format!("postgres://postgres:hunter2@127.0.0.1:{port}/app");
     let (code, _, stderr) = run_command(&["migrate"], &[("OUTBOX_RELAY_DATABASE__URL", &url)]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "cannot connect to PostgreSQL at 127.0.0.1:{port}/app"
-        )),
-        "{stderr}"
-    );
+    assert!(stderr.contains(&format!("cannot connect to PostgreSQL at 127.0.0.1:{port}/app")), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }

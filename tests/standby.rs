@@ -8,9 +8,8 @@ use std::collections::HashSet;
 use support::*;
 
 async fn insert_rows(env: &TestEnv, topic: &str, from: usize, count: usize) {
-    let events: Vec<NewEvent> = (from..from + count)
-        .map(|n| NewEvent::keyed(topic, &format!("k{}", n % 10), n))
-        .collect();
+    let events: Vec<NewEvent> =
+        (from..from + count).map(|n| NewEvent::keyed(topic, &format!("k{}", n % 10), n)).collect();
     insert_events(&env.client().await, &events).await;
 }
 
@@ -23,10 +22,7 @@ async fn a_second_relay_stands_by_and_takes_over_when_the_first_stops() {
 
     let first = env.spawn_relay(env.config());
     insert_rows(&env, &topic, 0, 500).await;
-    wait_until(PATIENCE, "the first relay to publish", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
+    wait_until(PATIENCE, "the first relay to publish", || async { unpublished_count(&db).await == 0 }).await;
 
     let second = env.spawn_relay(env.config());
     // Each relay holds two sessions (the loop's and the stats query's); four means the second
@@ -44,30 +40,14 @@ async fn a_second_relay_stands_by_and_takes_over_when_the_first_stops() {
     })
     .await;
     insert_rows(&env, &topic, 500, 500).await;
-    wait_until(PATIENCE, "rows written with both relays up", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
-    assert_eq!(
-        first.metrics.published.with_label_values(&[&topic]).get(),
-        1000
-    );
-    assert_eq!(
-        second.metrics.published.with_label_values(&[&topic]).get(),
-        0,
-        "the standby publishes nothing"
-    );
+    wait_until(PATIENCE, "rows written with both relays up", || async { unpublished_count(&db).await == 0 }).await;
+    assert_eq!(first.metrics.published.with_label_values(&[&topic]).get(), 1000);
+    assert_eq!(second.metrics.published.with_label_values(&[&topic]).get(), 0, "the standby publishes nothing");
 
     first.stop().await.expect("clean stop");
     insert_rows(&env, &topic, 1000, 500).await;
-    wait_until(PATIENCE, "the standby to take over", || async {
-        unpublished_count(&db).await == 0
-    })
-    .await;
-    assert_eq!(
-        second.metrics.published.with_label_values(&[&topic]).get(),
-        500
-    );
+    wait_until(PATIENCE, "the standby to take over", || async { unpublished_count(&db).await == 0 }).await;
+    assert_eq!(second.metrics.published.with_label_values(&[&topic]).get(), 500);
     second.stop().await.expect("clean stop");
 
     let records = read_topic(&env.brokers, &topic).await;

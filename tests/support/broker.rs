@@ -33,25 +33,13 @@ impl Broker {
     pub fn start_on(port: u16) -> Broker {
         let mut broker = Self::unstarted("memory://tansu/".to_owned());
         broker.port = port;
-        assert!(
-            broker.launch(),
-            "tansu did not start on port {port}; see {}",
-            broker.log_path().display()
-        );
+        assert!(broker.launch(), "tansu did not start on port {port}; see {}", broker.log_path().display());
         broker
     }
 
     fn unstarted(storage: String) -> Broker {
-        let dir = tempfile::Builder::new()
-            .prefix("outbox-relay-tansu-")
-            .tempdir()
-            .expect("temp dir");
-        Broker {
-            child: None,
-            dir,
-            port: 0,
-            storage,
-        }
+        let dir = tempfile::Builder::new().prefix("outbox-relay-tansu-").tempdir().expect("temp dir");
+        Broker { child: None, dir, port: 0, storage }
     }
 
     fn start_with_storage(storage: String) -> Broker {
@@ -75,27 +63,14 @@ impl Broker {
     }
 
     fn launch(&mut self) -> bool {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("log file");
+        let log = File::options().create(true).append(true).open(self.log_path()).expect("log file");
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let mut command = Command::new(tansu_binary());
         command
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", &self.storage])
             .current_dir(self.dir.path())
-            .env(
-                "RUST_LOG",
-                std::env::var("OUTBOX_TEST_TANSU_LOG").unwrap_or_else(|_| "warn".to_owned()),
-            )
+            .env("RUST_LOG", std::env::var("OUTBOX_TEST_TANSU_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);

@@ -61,9 +61,7 @@ impl TestEnv {
     /// calls [`TestEnv::start_broker`]. (None when the broker is external.)
     pub async fn start_with_broker_later() -> Option<TestEnv> {
         if std::env::var("OUTBOX_TEST_KAFKA_BROKERS").is_ok() {
-            eprintln!(
-                "skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot start it"
-            );
+            eprintln!("skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot start it");
             return None;
         }
         let port = free_port();
@@ -74,12 +72,7 @@ impl TestEnv {
 
     /// Starts the broker reserved by [`TestEnv::start_with_broker_later`].
     pub fn start_broker(&mut self) {
-        let port = self
-            .brokers
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("reserved port");
+        let port = self.brokers.rsplit(':').next().and_then(|p| p.parse().ok()).expect("reserved port");
         self.broker = Some(Broker::start_on(port));
     }
 
@@ -111,18 +104,9 @@ impl TestEnv {
         };
         let database = unique_name("db");
         let admin = connect(&admin_url).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {database}"))
-            .await
-            .expect("create test database");
+        admin.batch_execute(&format!("CREATE DATABASE {database}")).await.expect("create test database");
         let database_url = replace_dbname(&admin_url, &database);
-        TestEnv {
-            postgres,
-            broker,
-            database_url,
-            brokers,
-            _work: tempfile::tempdir().expect("work dir"),
-        }
+        TestEnv { postgres, broker, database_url, brokers, _work: tempfile::tempdir().expect("work dir") }
     }
 
     /// A relay configuration for this environment: fast polling, no metrics endpoint.
@@ -145,9 +129,7 @@ impl TestEnv {
 
     /// Creates the standard outbox table with the relay's own migrate.
     pub async fn migrate(&self) {
-        outbox_relay::schema::migrate(&self.config())
-            .await
-            .expect("migrate");
+        outbox_relay::schema::migrate(&self.config()).await.expect("migrate");
     }
 
     /// Creates a topic with a unique name and returns the name.
@@ -180,9 +162,7 @@ fn replace_dbname(url: &str, database: &str) -> String {
 
 /// Connects to PostgreSQL, panicking with the reason if it cannot.
 pub async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .expect("connect to test PostgreSQL");
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect to test PostgreSQL");
     tokio::spawn(connection);
     client
 }
@@ -194,10 +174,7 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// A free TCP port on 127.0.0.1 (free when asked; the caller retries if it is taken later).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 /// Makes the child receive `signal` when the test process dies, so no server outlives it.
@@ -216,10 +193,7 @@ pub fn set_parent_death_signal(command: &mut Command, signal: i32) {
 /// Prints the end of a server's log, so a failing test shows what the server saw.
 pub fn print_log_tail(name: &str, path: &std::path::Path) {
     let log = std::fs::read_to_string(path).unwrap_or_default();
-    let kept = std::env::temp_dir().join(format!(
-        "outbox-test-{name}-{}.log",
-        uuid::Uuid::new_v4().simple()
-    ));
+    let kept = std::env::temp_dir().join(format!("outbox-test-{name}-{}.log", uuid::Uuid::new_v4().simple()));
     if std::fs::copy(path, &kept).is_ok() {
         eprintln!("the whole {name} log is kept at {}", kept.display());
     }
@@ -257,10 +231,7 @@ pub fn stop_child(child: Option<Child>, signal: i32, grace: Duration) {
 pub fn relaunch(what: &str, port: u16, mut launch: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !launch() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not restart on port {port}"
-        );
+        assert!(Instant::now() < deadline, "{what} did not restart on port {port}");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -288,10 +259,7 @@ where
         if condition().await {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -301,15 +269,10 @@ where
 
 /// Creates `name` with `partitions` partitions and waits until the broker reports it.
 pub async fn create_topic(brokers: &str, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
     let results = admin
-        .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
+        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
         .await
         .expect("create topic");
     for result in results {
@@ -324,9 +287,7 @@ pub async fn create_topic(brokers: &str, name: &str, partitions: i32) {
                 .inner()
                 .fetch_metadata(Some(&name), Duration::from_secs(5))
                 .map(|m| {
-                    m.topics().iter().any(|t| {
-                        t.name() == name && t.error().is_none() && !t.partitions().is_empty()
-                    })
+                    m.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
                 })
                 .unwrap_or(false)
         }
@@ -360,15 +321,12 @@ impl Received {
 
     /// The `event_id` header.
     pub fn event_id(&self) -> String {
-        self.header("event_id")
-            .expect("every record carries an event_id header")
+        self.header("event_id").expect("every record carries an event_id header")
     }
 
     /// The payload as text.
     pub fn payload_text(&self) -> Option<String> {
-        self.payload
-            .as_ref()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
+        self.payload.as_ref().map(|p| String::from_utf8_lossy(p).into_owned())
     }
 }
 
@@ -386,9 +344,7 @@ fn consumer(brokers: &str) -> StreamConsumer {
 fn assign_from_beginning(consumer: &StreamConsumer, topic: &str, partitions: i32) {
     let mut assignment = TopicPartitionList::new();
     for p in 0..partitions {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .expect("assignment");
+        assignment.add_partition_offset(topic, p, Offset::Beginning).expect("assignment");
     }
     consumer.assign(&assignment).expect("assign");
 }
@@ -396,15 +352,8 @@ fn assign_from_beginning(consumer: &StreamConsumer, topic: &str, partitions: i32
 /// Number of partitions of `topic`.
 pub fn partition_count(brokers: &str, topic: &str) -> i32 {
     let consumer = consumer(brokers);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map(|t| t.partitions().len() as i32)
-        .unwrap_or(0)
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    metadata.topics().iter().find(|t| t.name() == topic).map(|t| t.partitions().len() as i32).unwrap_or(0)
 }
 
 /// Reads `topic` from the beginning until `expected` records arrived; panics if they do not
@@ -420,10 +369,7 @@ pub async fn consume(brokers: &str, topic: &str, expected: usize) -> Vec<Receive
         let message = match tokio::time::timeout(remaining, consumer.recv()).await {
             Ok(Ok(message)) => message,
             Ok(Err(e)) => panic!("reading {topic}: {e}"),
-            Err(_) => panic!(
-                "received {} of {expected} records from {topic} within {PATIENCE:?}",
-                received.len()
-            ),
+            Err(_) => panic!("received {} of {expected} records from {topic} within {PATIENCE:?}", received.len()),
         };
         let record = to_received(&message);
         if record.header(SENTINEL_HEADER).is_none() {
@@ -445,22 +391,11 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
     let partitions = partition_count(brokers, topic);
     // Earlier calls left sentinels too; this call stops only at its own.
     let sentinel = unique_name("end");
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("producer");
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("producer");
     for p in 0..partitions {
-        let headers = OwnedHeaders::new().insert(Header {
-            key: SENTINEL_HEADER,
-            value: Some(sentinel.as_str()),
-        });
+        let headers = OwnedHeaders::new().insert(Header { key: SENTINEL_HEADER, value: Some(sentinel.as_str()) });
         producer
-            .send(
-                FutureRecord::<(), ()>::to(topic)
-                    .partition(p)
-                    .headers(headers),
-                Duration::from_secs(30),
-            )
+            .send(FutureRecord::<(), ()>::to(topic).partition(p).headers(headers), Duration::from_secs(30))
             .await
             .unwrap_or_else(|(e, _)| panic!("sentinel to {topic}/{p}: {e}"));
     }
@@ -474,10 +409,7 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
         let message = match tokio::time::timeout(remaining, consumer.recv()).await {
             Ok(Ok(message)) => message,
             Ok(Err(e)) => panic!("reading {topic}: {e}"),
-            Err(_) => panic!(
-                "reading {topic}: sentinels of {} partitions missing",
-                partitions as usize - ended.len()
-            ),
+            Err(_) => panic!("reading {topic}: sentinels of {} partitions missing", partitions as usize - ended.len()),
         };
         let received = to_received(&message);
         match received.header(SENTINEL_HEADER) {
@@ -495,18 +427,12 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
 fn to_received(message: &rdkafka::message::BorrowedMessage<'_>) -> Received {
     let headers = message
         .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_owned(), h.value.map(|v| v.to_vec())))
-                .collect()
-        })
+        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(|v| v.to_vec()))).collect())
         .unwrap_or_default();
     Received {
         partition: message.partition(),
         offset: message.offset(),
-        key: message
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        key: message.key().map(|k| String::from_utf8_lossy(k).into_owned()),
         payload: message.payload().map(|p| p.to_vec()),
         headers,
     }
@@ -568,20 +494,13 @@ impl RunningRelay {
         let relay = Relay::new(config, shutdown.clone()).expect("relay");
         let metrics = relay.metrics();
         let handle = tokio::spawn(relay.run());
-        RunningRelay {
-            shutdown,
-            metrics,
-            handle,
-        }
+        RunningRelay { shutdown, metrics, handle }
     }
 
     /// Requests shutdown and waits for the relay to finish.
     pub async fn stop(self) -> Result<(), RelayError> {
         self.shutdown.request();
-        tokio::time::timeout(PATIENCE, self.handle)
-            .await
-            .expect("relay stops")
-            .expect("relay task")
+        tokio::time::timeout(PATIENCE, self.handle).await.expect("relay stops").expect("relay task")
     }
 
     /// Whether the task has ended (it should not, short of shutdown or a config problem).
@@ -626,11 +545,7 @@ pub fn spawn_relay_process(env: &TestEnv, config: &Config) -> RelayProcess {
 }
 
 /// As [`spawn_relay_process`], with extra environment variables (such as `FAILPOINTS`).
-pub fn spawn_relay_process_with_env(
-    env: &TestEnv,
-    config: &Config,
-    vars: &[(&str, &str)],
-) -> RelayProcess {
+pub fn spawn_relay_process_with_env(env: &TestEnv, config: &Config, vars: &[(&str, &str)]) -> RelayProcess {
     let config_path = write_config(env, config);
     let log_path = env.path(&format!("{}.log", unique_name("relay")));
     let log = std::fs::File::create(&log_path).expect("relay log");
@@ -645,10 +560,7 @@ pub fn spawn_relay_process_with_env(
         .stdout(log.try_clone().expect("log"))
         .stderr(log);
     set_parent_death_signal(&mut command, libc::SIGKILL);
-    RelayProcess {
-        child: command.spawn().expect("spawn outbox-relay"),
-        log_path,
-    }
+    RelayProcess { child: command.spawn().expect("spawn outbox-relay"), log_path }
 }
 
 /// The relay binary running as a child process.
@@ -674,11 +586,7 @@ impl RelayProcess {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.code();
             }
-            assert!(
-                Instant::now() < deadline,
-                "relay did not exit; log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "relay did not exit; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -687,11 +595,7 @@ impl RelayProcess {
     pub async fn wait_for_log(&self, text: &str) {
         let deadline = Instant::now() + PATIENCE;
         while !self.log().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "the relay never logged {text:?}; log:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "the relay never logged {text:?}; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -716,6 +620,9 @@ impl Drop for RelayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            print_log_tail("relay", &self.log_path);
+        }
     }
 }
 
@@ -769,14 +676,7 @@ pub async fn insert_events(client: &Client, events: &[NewEvent]) -> Vec<i64> {
 
 /// Rows of the standard outbox table not yet published.
 pub async fn unpublished_count(client: &Client) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0)
+    client.query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[]).await.expect("count").get(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -785,22 +685,11 @@ pub async fn unpublished_count(client: &Client) -> i64 {
 /// GETs `/metrics` from `addr` and returns the response (status line, headers and body).
 pub async fn scrape(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connect to /metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n")
-        .await
-        .expect("request");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n").await.expect("request");
     let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    assert!(
-        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
-        "{response}"
-    );
+    stream.read_to_string(&mut response).await.expect("response");
+    assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
 
@@ -817,34 +706,21 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 pub async fn produce_copy(brokers: &str, topic: &str, record: &Received, payload: Option<&[u8]>) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("producer");
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().expect("producer");
     let mut headers = OwnedHeaders::new();
     for (key, value) in &record.headers {
-        headers = headers.insert(Header {
-            key,
-            value: value.as_deref(),
-        });
+        headers = headers.insert(Header { key, value: value.as_deref() });
     }
-    let mut copy = FutureRecord::<[u8], [u8]>::to(topic)
-        .partition(record.partition)
-        .headers(headers);
+    let mut copy = FutureRecord::<[u8], [u8]>::to(topic).partition(record.partition).headers(headers);
     let key = record.key.as_ref().map(|k| k.as_bytes().to_vec());
     if let Some(key) = &key {
         copy = copy.key(key.as_slice());
     }
-    let value = payload
-        .map(|p| p.to_vec())
-        .or_else(|| record.payload.clone());
+    let value = payload.map(|p| p.to_vec()).or_else(|| record.payload.clone());
     if let Some(value) = &value {
         copy = copy.payload(value.as_slice());
     }
-    producer
-        .send(copy, Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|(e, _)| panic!("produce a copy: {e}"));
+    producer.send(copy, Duration::from_secs(30)).await.unwrap_or_else(|(e, _)| panic!("produce a copy: {e}"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -893,14 +769,10 @@ pub fn assert_first_copies_in_key_order(records: &[Received]) {
         }
         let key = record.key.clone().unwrap_or_default();
         let payload: serde_json::Value =
-            serde_json::from_slice(record.payload.as_deref().unwrap_or(b"null"))
-                .expect("JSON payload");
+            serde_json::from_slice(record.payload.as_deref().unwrap_or(b"null")).expect("JSON payload");
         let n = payload["n"].as_i64().expect("payload n");
         if let Some(previous) = last.insert(key.clone(), n) {
-            assert!(
-                n > previous,
-                "key {key}: event {n} arrived after {previous}"
-            );
+            assert!(n > previous, "key {key}: event {n} arrived after {previous}");
         }
     }
 }

@@ -38,25 +38,12 @@ impl Postgres {
     pub fn start_with(settings: &[&str]) -> Postgres {
         let bindir = bindir();
         let template = template(&bindir);
-        let dir = tempfile::Builder::new()
-            .prefix("outbox-relay-pg-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("outbox-relay-pg-").tempdir().expect("temp dir");
         let data = dir.path().join("data");
-        let status = Command::new("cp")
-            .arg("-a")
-            .arg(&template)
-            .arg(&data)
-            .status()
-            .expect("cp");
+        let status = Command::new("cp").arg("-a").arg(&template).arg(&data).status().expect("cp");
         assert!(status.success(), "copying the PostgreSQL template failed");
         give_to_postgres_user(dir.path());
-        let mut pg = Postgres {
-            child: None,
-            dir,
-            port: 0,
-            settings: settings.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut pg = Postgres { child: None, dir, port: 0, settings: settings.iter().map(|s| s.to_string()).collect() };
         pg.launch_on_free_port();
         pg
     }
@@ -77,10 +64,7 @@ impl Postgres {
                 return;
             }
         }
-        panic!(
-            "PostgreSQL did not start; see {}",
-            self.log_path().display()
-        );
+        panic!("PostgreSQL did not start; see {}", self.log_path().display());
     }
 
     fn log_path(&self) -> PathBuf {
@@ -89,31 +73,16 @@ impl Postgres {
 
     /// Starts the server on `self.port`; false if it exited (port taken, say).
     fn launch(&mut self) -> bool {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("log file");
+        let log = File::options().create(true).append(true).open(self.log_path()).expect("log file");
         let mut command = Command::new(bindir().join("postgres"));
         command
             .arg("-D")
             .arg(self.data_dir())
             .arg("-p")
             .arg(self.port.to_string())
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "unix_socket_directories=",
-                "-c",
-                "fsync=off",
-            ])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "fsync=off"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
-            .args(
-                self.settings
-                    .iter()
-                    .flat_map(|s| ["-c".to_owned(), s.clone()]),
-            )
+            .args(self.settings.iter().flat_map(|s| ["-c".to_owned(), s.clone()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
@@ -128,15 +97,7 @@ impl Postgres {
                 return false;
             }
             let ready = Command::new(bindir().join("pg_isready"))
-                .args([
-                    "-q",
-                    "-U",
-                    "postgres",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                ])
+                .args(["-q", "-U", "postgres", "-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .status()
                 .map(|s| s.success())
                 .unwrap_or(false);
@@ -182,21 +143,14 @@ fn bindir() -> PathBuf {
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .collect()
-        })
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
         .unwrap_or_default();
     versions.sort();
     versions
         .into_iter()
         .rev()
         .find(|d| d.join("postgres").exists())
-        .expect(
-            "PostgreSQL server binaries not found: install postgresql or set OUTBOX_TEST_PG_BINDIR",
-        )
+        .expect("PostgreSQL server binaries not found: install postgresql or set OUTBOX_TEST_PG_BINDIR")
 }
 
 /// The initdb'd template, created once per machine.
@@ -206,10 +160,7 @@ fn template(bindir: &Path) -> PathBuf {
     let lock = File::create(base.join("outbox-relay-pg-template.lock")).expect("lock file");
     lock.lock().expect("lock the template");
     if !template.join("PG_VERSION").exists() {
-        let staging = base.join(format!(
-            "outbox-relay-pg-template-{TEMPLATE_VERSION}.{}",
-            std::process::id()
-        ));
+        let staging = base.join(format!("outbox-relay-pg-template-{TEMPLATE_VERSION}.{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).expect("template dir");
         give_to_postgres_user(&staging);
@@ -217,24 +168,11 @@ fn template(bindir: &Path) -> PathBuf {
         initdb
             .arg("-D")
             .arg(&staging)
-            .args([
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "-N",
-            ])
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "-N"])
             .stdout(Stdio::null());
         run_as_postgres_user(&mut initdb);
         let out = initdb.output().expect("run initdb");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         std::fs::rename(&staging, &template).expect("install template");
     }
     template
@@ -247,14 +185,8 @@ fn is_root() -> bool {
 
 fn postgres_ids() -> (u32, u32) {
     let id = |flag: &str| -> u32 {
-        let out = Command::new("id")
-            .args([flag, "postgres"])
-            .output()
-            .expect("id postgres");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("the postgres OS user exists")
+        let out = Command::new("id").args([flag, "postgres"]).output().expect("id postgres");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("the postgres OS user exists")
     };
     (id("-u"), id("-g"))
 }
@@ -268,12 +200,7 @@ fn run_as_postgres_user(command: &mut Command) {
 
 fn give_to_postgres_user(path: &Path) {
     if is_root() {
-        let status = Command::new("chown")
-            .arg("-R")
-            .arg("postgres:postgres")
-            .arg(path)
-            .status()
-            .expect("chown");
+        let status = Command::new("chown").arg("-R").arg("postgres:postgres").arg(path).status().expect("chown");
         assert!(status.success());
     }
 }

@@ -1,0 +1,128 @@
+//! Outages of about twenty seconds in the middle of a drain: the relay backs off, resumes by
+//! itself when the server is back, loses nothing, and marks nothing the broker did not
+//! acknowledge.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// How long each outage lasts: long enough for several failed attempts and backoff rounds.
+const OUTAGE: Duration = Duration::from_secs(20);
+
+async fn marked(db: &tokio_postgres::Client) -> HashSet<String> {
+    db.query("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL", &[])
+        .await
+        .expect("marked rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn all_rows(db: &tokio_postgres::Client) -> HashSet<String> {
+    db.query("SELECT event_id::text FROM outbox", &[]).await.expect("rows").iter().map(|r| r.get(0)).collect()
+}
+
+async fn backlog(env: &TestEnv, topic: &str, rows: usize) {
+    let db = env.client().await;
+    for start in (0..rows).step_by(5_000) {
+        let events: Vec<NewEvent> =
+            (start..start + 5_000).map(|n| NewEvent::keyed(topic, &format!("k{}", n % 30), n)).collect();
+        insert_events(&db, &events).await;
+    }
+}
+
+fn event_ids(records: &[Received]) -> HashSet<String> {
+    records.iter().map(|r| r.event_id()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_for_twenty_seconds_mid_drain_loses_nothing_and_marks_nothing_unacknowledged() {
+    let mut env = TestEnv::start().await;
+    let Some(port) = env.broker.as_ref().map(|b| b.port) else {
+        eprintln!("skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot stop it");
+        return;
+    };
+    env.migrate().await;
+    let topic = env.create_topic(3).await;
+    backlog(&env, &topic, 30_000).await;
+    let db = env.client().await;
+    let mut config = env.config();
+    config.relay.batch_size = 500;
+    config.kafka.properties.insert("message.timeout.ms".into(), "3000".into());
+    let mut relay = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "draining to start", || async { !marked(&db).await.is_empty() }).await;
+
+    // Freeze the relay to see exactly what the first broker holds when it goes away.
+    relay.signal(libc::SIGSTOP);
+    let on_first_broker = event_ids(&read_topic(&env.brokers, &topic).await);
+    assert!(marked(&db).await.is_subset(&on_first_broker), "every marked row was acknowledged");
+    env.broker.as_mut().expect("broker").stop();
+    let outage_started = Instant::now();
+    relay.signal(libc::SIGCONT);
+
+    wait_until(PATIENCE, "the relay to notice", || async { relay.log().contains("were not delivered") }).await;
+    // The outage itself: the relay keeps retrying with backoff for its whole length.
+    tokio::time::sleep(OUTAGE.saturating_sub(outage_started.elapsed())).await;
+    assert!(relay.is_running(), "the relay survives the outage");
+    let marked_during_outage = marked(&db).await;
+    assert!(
+        marked_during_outage.is_subset(&on_first_broker),
+        "nothing was marked that the first broker had not acknowledged"
+    );
+
+    // The broker returns on the same port (memory storage: empty, so the topic is recreated).
+    env.broker = Some(Broker::start_on(port));
+    create_topic(&env.brokers, &topic, 3).await;
+    wait_until(PATIENCE, "the relay to resume and drain", || async { unpublished_count(&db).await == 0 }).await;
+    let on_second_broker = event_ids(&read_topic(&env.brokers, &topic).await);
+    let marked_after = marked(&db).await;
+    assert!(
+        marked_after.difference(&marked_during_outage).all(|id| on_second_broker.contains(id)),
+        "every row marked after the restart was acknowledged by the new broker"
+    );
+    let delivered: HashSet<String> = on_first_broker.union(&on_second_broker).cloned().collect();
+    assert!(all_rows(&db).await.is_subset(&delivered), "nothing lost");
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_down_for_twenty_seconds_mid_drain_loses_nothing() {
+    let mut env = TestEnv::start().await;
+    if env.postgres.is_none() {
+        eprintln!("skipped: PostgreSQL is external (OUTBOX_TEST_DATABASE_URL), the test cannot stop it");
+        return;
+    }
+    env.migrate().await;
+    let topic = env.create_topic(3).await;
+    backlog(&env, &topic, 30_000).await;
+    let db = env.client().await;
+    let mut config = env.config();
+    config.relay.batch_size = 500;
+    let mut relay = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "draining to start", || async { !marked(&db).await.is_empty() }).await;
+
+    env.postgres.as_mut().expect("postgres").stop();
+    let outage_started = Instant::now();
+    wait_until(PATIENCE, "the relay to notice", || async {
+        let log = relay.log();
+        log.contains("database unavailable") || log.contains("could not mark")
+    })
+    .await;
+    tokio::time::sleep(OUTAGE.saturating_sub(outage_started.elapsed())).await;
+    assert!(relay.is_running(), "the relay survives the outage");
+
+    env.postgres.as_mut().expect("postgres").restart();
+    let db = env.client().await;
+    wait_until(PATIENCE, "the relay to resume and drain", || async { unpublished_count(&db).await == 0 }).await;
+    let records = read_topic(&env.brokers, &topic).await;
+    let on_topic = event_ids(&records);
+    assert_eq!(on_topic, all_rows(&db).await, "nothing lost, nothing marked that is not on the topic");
+    identical_duplicates(&records);
+    assert!(records.len() - on_topic.len() <= 500, "at most the batch in flight is repeated");
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+}
