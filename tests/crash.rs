@@ -9,19 +9,6 @@ use std::time::Duration;
 
 use support::*;
 
-async fn all_event_ids(db: &tokio_postgres::Client) -> HashSet<String> {
-    db.query("SELECT event_id::text FROM outbox", &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
-}
-
-async fn unmarked_event_ids(db: &tokio_postgres::Client) -> HashSet<String> {
-    db.query("SELECT event_id::text FROM outbox WHERE published_at IS NULL", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Runs the relay binary until every row is marked, then stops it with SIGTERM.
 async fn drain(env: &TestEnv, config: &outbox_relay::Config) {
     let db = env.client().await;

@@ -7,15 +7,6 @@ use std::collections::HashSet;
 
 use support::*;
 
-async fn marked_event_ids(db: &tokio_postgres::Client) -> HashSet<String> {
-    db.query("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL", &[])
-        .await
-        .expect("marked rows")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 async fn insert_backlog(db: &tokio_postgres::Client, topic: &str, rows: usize) {
     for start in (0..rows).step_by(5_000) {
         let events: Vec<NewEvent> =

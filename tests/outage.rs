@@ -12,19 +12,6 @@ use support::*;
 /// How long each outage lasts: long enough for several failed attempts and backoff rounds.
 const OUTAGE: Duration = Duration::from_secs(20);
 
-async fn marked(db: &tokio_postgres::Client) -> HashSet<String> {
-    db.query("SELECT event_id::text FROM outbox WHERE published_at IS NOT NULL", &[])
-        .await
-        .expect("marked rows")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-async fn all_rows(db: &tokio_postgres::Client) -> HashSet<String> {
-    db.query("SELECT event_id::text FROM outbox", &[]).await.expect("rows").iter().map(|r| r.get(0)).collect()
-}
-
 async fn backlog(env: &TestEnv, topic: &str, rows: usize) {
     let db = env.client().await;
     for start in (0..rows).step_by(5_000) {
@@ -53,12 +40,12 @@ async fn a_broker_down_for_twenty_seconds_mid_drain_loses_nothing_and_marks_noth
     config.relay.batch_size = 500;
     config.kafka.properties.insert("message.timeout.ms".into(), "3000".into());
     let mut relay = spawn_relay_process(&env, &config);
-    wait_until(PATIENCE, "draining to start", || async { !marked(&db).await.is_empty() }).await;
+    wait_until(PATIENCE, "draining to start", || async { !marked_event_ids(&db).await.is_empty() }).await;
 
     // Freeze the relay to see exactly what the first broker holds when it goes away.
     relay.signal(libc::SIGSTOP);
     let on_first_broker = event_ids(&read_topic(&env.brokers, &topic).await);
-    assert!(marked(&db).await.is_subset(&on_first_broker), "every marked row was acknowledged");
+    assert!(marked_event_ids(&db).await.is_subset(&on_first_broker), "every marked row was acknowledged");
     env.broker.as_mut().expect("broker").stop();
     let outage_started = Instant::now();
     relay.signal(libc::SIGCONT);
@@ -67,7 +54,7 @@ async fn a_broker_down_for_twenty_seconds_mid_drain_loses_nothing_and_marks_noth
     // The outage itself: the relay keeps retrying with backoff for its whole length.
     tokio::time::sleep(OUTAGE.saturating_sub(outage_started.elapsed())).await;
     assert!(relay.is_running(), "the relay survives the outage");
-    let marked_during_outage = marked(&db).await;
+    let marked_during_outage = marked_event_ids(&db).await;
     assert!(
         marked_during_outage.is_subset(&on_first_broker),
         "nothing was marked that the first broker had not acknowledged"
@@ -78,13 +65,13 @@ async fn a_broker_down_for_twenty_seconds_mid_drain_loses_nothing_and_marks_noth
     create_topic(&env.brokers, &topic, 3).await;
     wait_until(PATIENCE, "the relay to resume and drain", || async { unpublished_count(&db).await == 0 }).await;
     let on_second_broker = event_ids(&read_topic(&env.brokers, &topic).await);
-    let marked_after = marked(&db).await;
+    let marked_after = marked_event_ids(&db).await;
     assert!(
         marked_after.difference(&marked_during_outage).all(|id| on_second_broker.contains(id)),
         "every row marked after the restart was acknowledged by the new broker"
     );
     let delivered: HashSet<String> = on_first_broker.union(&on_second_broker).cloned().collect();
-    assert!(all_rows(&db).await.is_subset(&delivered), "nothing lost");
+    assert!(all_event_ids(&db).await.is_subset(&delivered), "nothing lost");
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
 }
@@ -103,7 +90,7 @@ async fn postgresql_down_for_twenty_seconds_mid_drain_loses_nothing() {
     let mut config = env.config();
     config.relay.batch_size = 500;
     let mut relay = spawn_relay_process(&env, &config);
-    wait_until(PATIENCE, "draining to start", || async { !marked(&db).await.is_empty() }).await;
+    wait_until(PATIENCE, "draining to start", || async { !marked_event_ids(&db).await.is_empty() }).await;
 
     env.postgres.as_mut().expect("postgres").stop();
     let outage_started = Instant::now();
@@ -120,7 +107,7 @@ async fn postgresql_down_for_twenty_seconds_mid_drain_loses_nothing() {
     wait_until(PATIENCE, "the relay to resume and drain", || async { unpublished_count(&db).await == 0 }).await;
     let records = read_topic(&env.brokers, &topic).await;
     let on_topic = event_ids(&records);
-    assert_eq!(on_topic, all_rows(&db).await, "nothing lost, nothing marked that is not on the topic");
+    assert_eq!(on_topic, all_event_ids(&db).await, "nothing lost, nothing marked that is not on the topic");
     identical_duplicates(&records);
     assert!(records.len() - on_topic.len() <= 500, "at most the batch in flight is repeated");
     relay.signal(libc::SIGTERM);

@@ -674,6 +674,27 @@ pub async fn insert_events(client: &Client, events: &[NewEvent]) -> Vec<i64> {
     ids
 }
 
+/// Event ids of the standard outbox table's rows that match `filter` (a SQL condition).
+async fn event_ids_where(db: &Client, filter: &str) -> std::collections::HashSet<String> {
+    let sql = format!("SELECT event_id::text FROM outbox WHERE {filter}");
+    db.query(&sql, &[]).await.expect("event ids").iter().map(|r| r.get(0)).collect()
+}
+
+/// Event ids of every row.
+pub async fn all_event_ids(db: &Client) -> std::collections::HashSet<String> {
+    event_ids_where(db, "true").await
+}
+
+/// Event ids of the rows marked published.
+pub async fn marked_event_ids(db: &Client) -> std::collections::HashSet<String> {
+    event_ids_where(db, "published_at IS NOT NULL").await
+}
+
+/// Event ids of the rows not yet published.
+pub async fn unmarked_event_ids(db: &Client) -> std::collections::HashSet<String> {
+    event_ids_where(db, "published_at IS NULL").await
+}
+
 /// Rows of the standard outbox table not yet published.
 pub async fn unpublished_count(client: &Client) -> i64 {
     client.query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[]).await.expect("count").get(0)
