@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# The inbox test runs the example consumer binary, which `nextest --all-targets` does not link.
+cargo build --examples
 # failpoints compiles in the fault-injection points the crash tests use.
 cargo nextest run --all-targets --features failpoints --no-fail-fast "$@"
