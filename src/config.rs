@@ -163,6 +163,17 @@ pub struct Columns {
     /// The error of the last failed attempt.
     #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub last_error: Option<String>,
+    /// The snapshot horizon recorded at insert (`xid8`): a row is claimed only once every
+    /// transaction that was running when it was inserted has finished, so a lower id that
+    /// commits late is never overtaken within its key.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub xid_horizon: Option<String>,
+    /// When the last failed attempt happened; retries back off from it.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub last_attempt_at: Option<String>,
+    /// Set when the relay gives up on a row after `relay.max_attempts`.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub failed_at: Option<String>,
 }
 
 impl Default for Columns {
@@ -179,6 +190,9 @@ impl Default for Columns {
             published_at: Some("published_at".to_owned()),
             attempts: Some("attempts".to_owned()),
             last_error: Some("last_error".to_owned()),
+            xid_horizon: Some("xid_horizon".to_owned()),
+            last_attempt_at: Some("last_attempt_at".to_owned()),
+            failed_at: Some("failed_at".to_owned()),
         }
     }
 }
@@ -205,6 +219,41 @@ pub struct RelayConfig {
     /// How often the pending-row metrics are refreshed.
     #[serde(with = "humantime_serde")]
     pub stats_interval: Duration,
+    /// Failed attempts caused by a row itself (not by an outage) before the relay gives up on it
+    /// and marks it failed.
+    pub max_attempts: u32,
+    /// Wait before retrying a row after its first failed attempt; doubles per attempt.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_initial: Duration,
+    /// Longest wait between attempts of one row.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// What a failed row does to later rows of its key: `park_key` holds them back (per-key
+    /// order wins) until `outbox-relay retry`; `skip` lets them flow.
+    pub on_poison: OnPoison,
+    /// Shards the table's keys are split into, each published by exactly one relay. Every
+    /// relay of a table must use the same number.
+    pub shards: u32,
+    /// How often a relay checks shard ownership: takes free shards, hands back extra ones.
+    #[serde(with = "humantime_serde")]
+    pub rebalance_interval: Duration,
+    /// LISTEN for the NOTIFY the outbox trigger sends at commit, so new rows go out without
+    /// waiting for the next poll.
+    pub listen: bool,
+    /// Log a warning naming the blocking backend when an open transaction has held rows back
+    /// for longer than this.
+    #[serde(with = "humantime_serde")]
+    pub holdback_warning: Duration,
+}
+
+/// What a row that has failed for good does to the later rows of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPoison {
+    /// Later rows of the key wait until the failed row is retried or removed.
+    ParkKey,
+    /// Later rows of the key are published; the failed row is left behind.
+    Skip,
 }
 
 impl Default for RelayConfig {
@@ -216,6 +265,14 @@ impl Default for RelayConfig {
             backoff_max: Duration::from_secs(30),
             shutdown_timeout: Duration::from_secs(30),
             stats_interval: Duration::from_secs(5),
+            max_attempts: 10,
+            retry_backoff_initial: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(300),
+            on_poison: OnPoison::ParkKey,
+            shards: 16,
+            rebalance_interval: Duration::from_secs(1),
+            listen: true,
+            holdback_warning: Duration::from_secs(30),
         }
     }
 }
@@ -340,6 +397,21 @@ impl Config {
                 return Err(ConfigError::new(key, "must be greater than zero"));
             }
         }
+        for (key, value) in [
+            ("relay.retry_backoff_initial", relay.retry_backoff_initial),
+            ("relay.retry_backoff_max", relay.retry_backoff_max),
+            ("relay.rebalance_interval", relay.rebalance_interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+        }
+        if relay.max_attempts == 0 {
+            return Err(ConfigError::new("relay.max_attempts", "must be at least 1"));
+        }
+        if !(1..=1024).contains(&relay.shards) {
+            return Err(ConfigError::new("relay.shards", "must be between 1 and 1024"));
+        }
         if relay.backoff_max < relay.backoff_initial {
             return Err(ConfigError::new("relay.backoff_max", "must not be less than relay.backoff_initial"));
         }
@@ -414,6 +486,9 @@ impl Columns {
             ("published_at", &self.published_at),
             ("attempts", &self.attempts),
             ("last_error", &self.last_error),
+            ("xid_horizon", &self.xid_horizon),
+            ("last_attempt_at", &self.last_attempt_at),
+            ("failed_at", &self.failed_at),
         ] {
             if let Some(column) = column {
                 named.push((key, column.as_str()));

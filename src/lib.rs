@@ -16,7 +16,12 @@
 //! - [`record`]: what Kafka record a row becomes (key, value, headers, `event_id`).
 //! - [`publisher`]: the Kafka side: producer settings, sending, delivery outcomes.
 //! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
-//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! - [`shards`]: which shards of the table this relay publishes, when several relays run.
+//! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint; [`stats`] refreshes the table's
+//!   gauges and warns about transactions that hold rows back.
+//! - [`status`]: what a running relay is doing: pending, failed, parked and held-back rows,
+//!   and which relay holds which shard.
 //! - [`audit`]: reconciles the table with a topic (lost, duplicated, pending, failed rows).
 //! - [`inbox`]: for consumers: apply each event once, by recording its `event_id` in the same
 //!   transaction as the effect.
@@ -34,8 +39,12 @@ pub mod publisher;
 pub mod record;
 pub mod relay;
 pub mod schema;
+pub mod shards;
 pub mod shutdown;
+pub mod stats;
+pub mod status;
 pub mod table;
+pub mod wakeup;
 
 pub use config::Config;
 pub use relay::Relay;

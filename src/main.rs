@@ -32,6 +32,28 @@ enum Command {
     /// (lost), event ids on the topic more than once (duplicated), rows pending or failed.
     /// Exits 0 when nothing is lost, 1 otherwise.
     Audit(AuditArgs),
+    /// Show pending, failed, parked and held-back rows, and which relay publishes which shard.
+    Status {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-queue rows the relay gave up on (after relay.max_attempts), so it tries them again.
+    Retry(RetryArgs),
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct RetryArgs {
+    /// Re-queue these failed rows (repeat or comma-separate).
+    #[arg(long, value_name = "ID", value_delimiter = ',')]
+    id: Vec<String>,
+    /// Re-queue the failed rows of this key.
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+    /// Re-queue every failed row.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +116,8 @@ fn main() -> ExitCode {
             Command::Run => run(config).await,
             Command::Migrate => migrate(config).await,
             Command::Audit(args) => audit(config, args).await,
+            Command::Status { json } => status(config, json).await,
+            Command::Retry(args) => retry(config, args).await,
             Command::Config => ExitCode::SUCCESS,
         }
     })
@@ -165,6 +189,62 @@ async fn audit(config: Config, args: AuditArgs) -> ExitCode {
         Err(e) => {
             eprintln!("outbox-relay: audit: {e}");
             ExitCode::from(EXIT_AUDIT_ERROR)
+        }
+    }
+}
+
+async fn status(config: Config, json: bool) -> ExitCode {
+    match outbox_relay::status::status(&config).await {
+        Ok(report) if json => match serde_json::to_string_pretty(&report) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("outbox-relay: cannot render the status: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+        Ok(report) => {
+            print!("{}", report.render_text());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outbox-relay: status: {e}");
+            ExitCode::from(if e.is_transient() { EXIT_FAILED } else { EXIT_CONFIG })
+        }
+    }
+}
+
+async fn retry(config: Config, args: RetryArgs) -> ExitCode {
+    let mapping = match outbox_relay::table::Mapping::from_config(&config) {
+        Ok(mapping) => mapping,
+        Err(e) => {
+            eprintln!("outbox-relay: retry: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let outbox = match outbox_relay::outbox::Outbox::connect(&config, &mapping).await {
+        Ok(outbox) => outbox,
+        Err(e) => {
+            eprintln!("outbox-relay: retry: {e}");
+            return ExitCode::from(if e.is_transient() { EXIT_FAILED } else { EXIT_CONFIG });
+        }
+    };
+    if outbox.layout().retry_sql().is_none() {
+        eprintln!("outbox-relay: retry: outbox.columns.failed_at is not set, so no row is ever marked failed");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
+    let key = if args.all { None } else { args.key.as_deref() };
+    match outbox.retry(ids, key).await {
+        Ok(count) => {
+            println!("re-queued {count} failed rows");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outbox-relay: retry: {e}");
+            ExitCode::from(EXIT_FAILED)
         }
     }
 }

@@ -30,6 +30,16 @@ pub struct Metrics {
     /// `outbox_relay_oldest_pending_age_seconds`: age of the oldest unpublished row (0 when
     /// none is pending).
     pub oldest_pending_age: Gauge,
+    /// `outbox_relay_failed_rows`: rows the relay gave up on (until `outbox-relay retry`).
+    pub failed_rows: IntGauge,
+    /// `outbox_relay_held_rows`: pending rows waiting for an open transaction that began
+    /// before they were inserted.
+    pub held_rows: IntGauge,
+    /// `outbox_relay_watermark_holdback_seconds`: how long the open transaction holding rows
+    /// back has been open (0 when nothing is held back).
+    pub watermark_holdback: Gauge,
+    /// `outbox_relay_shards_owned`: shards this relay publishes.
+    pub shards_owned: IntGauge,
 }
 
 impl Metrics {
@@ -58,19 +68,48 @@ impl Metrics {
             "Age of the oldest unpublished row; 0 when none is pending.",
         )
         .expect("static metric definition");
+        let failed_rows = IntGauge::new("outbox_relay_failed_rows", "Rows the relay gave up on, until re-queued.")
+            .expect("static metric definition");
+        let held_rows = IntGauge::new(
+            "outbox_relay_held_rows",
+            "Pending rows waiting for an open transaction that began before they were inserted.",
+        )
+        .expect("static metric definition");
+        let watermark_holdback = Gauge::new(
+            "outbox_relay_watermark_holdback_seconds",
+            "How long the open transaction holding rows back has been open; 0 when none is.",
+        )
+        .expect("static metric definition");
+        let shards_owned = IntGauge::new("outbox_relay_shards_owned", "Shards of the table this relay publishes.")
+            .expect("static metric definition");
         for collector in [
             Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(publish_errors.clone()),
             Box::new(batch_duration.clone()),
             Box::new(pending_rows.clone()),
             Box::new(oldest_pending_age.clone()),
+            Box::new(failed_rows.clone()),
+            Box::new(held_rows.clone()),
+            Box::new(watermark_holdback.clone()),
+            Box::new(shards_owned.clone()),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
         for reason in crate::publisher::ERROR_REASONS {
             publish_errors.with_label_values(&[*reason]);
         }
-        Arc::new(Metrics { registry, published, publish_errors, batch_duration, pending_rows, oldest_pending_age })
+        Arc::new(Metrics {
+            registry,
+            published,
+            publish_errors,
+            batch_duration,
+            pending_rows,
+            oldest_pending_age,
+            failed_rows,
+            held_rows,
+            watermark_holdback,
+            shards_owned,
+        })
     }
 
     /// The metrics in Prometheus text exposition format.

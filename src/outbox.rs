@@ -68,17 +68,80 @@ pub struct Outbox {
     layout: Arc<Layout>,
     claim: Statement,
     mark_published: Statement,
-    mark_failed: Option<Statement>,
+    record_row_failures: Option<Statement>,
+    record_outage_failures: Option<Statement>,
     pending_stats: Statement,
+    /// Retry backoff bounds in seconds, for the claim's per-row backoff.
+    retry_backoff: (f64, f64),
+    /// Attempts caused by a row before it is given up on.
+    max_attempts: i32,
 }
 
 /// Pending rows as seen by one stats query.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PendingStats {
-    /// Rows not yet published.
+    /// Rows not yet published, failed ones excepted.
     pub rows: i64,
     /// Age of the oldest of them, when the table has a created-at column and rows are pending.
     pub oldest_age_seconds: Option<f64>,
+    /// Rows the relay gave up on (until `retry`).
+    pub failed_rows: i64,
+    /// Pending rows not yet publishable because a transaction that was open when they were
+    /// inserted is still open.
+    pub held_rows: i64,
+}
+
+/// The open transaction that holds the commit horizon back.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OldestTransaction {
+    /// Its backend's process id (for `pg_terminate_backend` if it must go).
+    pub pid: i32,
+    /// How long it has been open.
+    pub seconds: f64,
+    /// `active`, `idle in transaction`, ...
+    pub state: String,
+    /// The start of its current or last query.
+    pub query: String,
+}
+
+/// Failed rows that share an error.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FailedGroup {
+    /// The last error.
+    pub error: String,
+    /// How many rows.
+    pub count: i64,
+    /// The first ids.
+    pub first_ids: Vec<String>,
+}
+
+/// A key held back by a failed row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ParkedKey {
+    /// The key.
+    pub key: String,
+    /// The failed row holding it.
+    pub failed_id: String,
+    /// Later rows of the key waiting behind it.
+    pub waiting: i64,
+}
+
+/// The relays of a table and the shards they hold, as PostgreSQL's lock table shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Ownership {
+    /// One entry per running relay.
+    pub members: Vec<Holder>,
+    /// Held shards and their holders.
+    pub shards: Vec<(i32, Holder)>,
+}
+
+/// A relay's database session.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Holder {
+    /// Backend pid of the relay's session.
+    pub pid: i32,
+    /// The relay's address as the database sees it.
+    pub client: String,
 }
 
 /// One row as `audit` sees it.
@@ -113,6 +176,21 @@ pub struct RowRange {
 
 /// Opens a plain connection (no statements prepared), for migrations and checks.
 pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
+    let (client, connection) = connect_raw(config).await?;
+    let target = describe_target(&config.database.url);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(database = %target, error = %e, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// A connection whose `Connection` half the caller drives (to receive notifications).
+pub async fn connect_raw(
+    config: &Config,
+) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>), OutboxError>
+{
     let target = describe_target(&config.database.url);
     let mut pg: tokio_postgres::Config =
         config.database.url.parse().map_err(|source| OutboxError::Connect { target: target.clone(), source })?;
@@ -122,14 +200,7 @@ pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
-    let (client, connection) =
-        pg.connect(NoTls).await.map_err(|source| OutboxError::Connect { target: target.clone(), source })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(database = %target, error = %e, "PostgreSQL connection closed");
-        }
-    });
-    Ok(client)
+    pg.connect(NoTls).await.map_err(|source| OutboxError::Connect { target, source })
 }
 
 /// The useful part of a tokio-postgres error. Its own `Display` says only "db error" for
@@ -180,13 +251,34 @@ impl Outbox {
         let claim = client.prepare(&layout.claim_sql()).await.map_err(OutboxError::query("prepare claim"))?;
         let mark_published =
             client.prepare(&layout.mark_published_sql()).await.map_err(OutboxError::query("prepare mark"))?;
-        let mark_failed = match layout.mark_failed_sql() {
-            Some(sql) => Some(client.prepare(&sql).await.map_err(OutboxError::query("prepare mark-failed"))?),
+        let record_row_failures = match layout.record_row_failures_sql() {
+            Some(sql) => Some(client.prepare(&sql).await.map_err(OutboxError::query("prepare record failures"))?),
+            None => None,
+        };
+        let record_outage_failures = match layout.record_outage_failures_sql() {
+            Some(sql) => Some(client.prepare(&sql).await.map_err(OutboxError::query("prepare record failures"))?),
             None => None,
         };
         let pending_stats =
             client.prepare(&layout.pending_stats_sql()).await.map_err(OutboxError::query("prepare stats"))?;
-        Ok(Outbox { client, layout, claim, mark_published, mark_failed, pending_stats })
+        // Server-side keepalives: if this relay's host dies without closing the connection,
+        // PostgreSQL notices within about 15 s and frees its shards for another relay.
+        client
+            .batch_execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 5")
+            .await
+            .map_err(OutboxError::query("set keepalives"))?;
+        let relay = &config.relay;
+        Ok(Outbox {
+            client,
+            layout,
+            claim,
+            mark_published,
+            record_row_failures,
+            record_outage_failures,
+            pending_stats,
+            retry_backoff: (relay.retry_backoff_initial.as_secs_f64(), relay.retry_backoff_max.as_secs_f64()),
+            max_attempts: i32::try_from(relay.max_attempts).unwrap_or(i32::MAX),
+        })
     }
 
     /// The layout this connection was checked against.
@@ -201,9 +293,18 @@ impl Outbox {
 
     /// The next unpublished rows in claim order, at most `limit`. A row whose columns cannot be
     /// decoded comes back as `Err((id, problem))` so that the rest of the batch still flows.
-    pub async fn claim(&self, limit: usize) -> Result<Vec<Result<OutboxRow, (String, String)>>, OutboxError> {
+    pub async fn claim(
+        &self,
+        limit: usize,
+        shards: &[i32],
+    ) -> Result<Vec<Result<OutboxRow, (String, String)>>, OutboxError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = self.client.query(&self.claim, &[&limit]).await.map_err(OutboxError::query("claim"))?;
+        let (initial, max) = self.retry_backoff;
+        let rows = self
+            .client
+            .query(&self.claim, &[&limit, &shards, &initial, &max])
+            .await
+            .map_err(OutboxError::query("claim"))?;
         Ok(rows.iter().map(decode_row).collect())
     }
 
@@ -216,24 +317,79 @@ impl Outbox {
         self.client.execute(&self.mark_published, &[&ids]).await.map_err(OutboxError::query("mark published"))
     }
 
-    /// Records a failed attempt for each `(id, error)`: attempts + 1 and the error text, where
-    /// the table has those columns. The rows stay unpublished.
-    pub async fn mark_failed(&self, failures: &[(String, String)]) -> Result<u64, OutboxError> {
-        let Some(statement) = &self.mark_failed else {
-            return Ok(0);
+    /// Records failed attempts. `row_failures` (caused by the rows: an unknown topic, a record
+    /// too large, bad headers) count toward giving up and start the row's retry backoff;
+    /// `outage_failures` (the broker down) only keep the error. Returns the ids given up on.
+    pub async fn record_failures(
+        &self,
+        row_failures: &[(String, String)],
+        outage_failures: &[(String, String)],
+    ) -> Result<Vec<String>, OutboxError> {
+        let split = |failures: &[(String, String)]| -> (Vec<String>, Vec<String>) {
+            failures.iter().map(|(id, error)| (id.clone(), error.clone())).unzip()
         };
-        if failures.is_empty() {
-            return Ok(0);
+        let mut given_up = Vec::new();
+        if let (Some(statement), false) = (&self.record_row_failures, row_failures.is_empty()) {
+            let (ids, errors) = split(row_failures);
+            let rows = self
+                .client
+                .query(statement, &[&ids, &errors, &self.max_attempts])
+                .await
+                .map_err(OutboxError::query("record failures"))?;
+            given_up.extend(rows.iter().filter(|r| r.get::<_, bool>(1)).map(|r| r.get::<_, String>(0)));
         }
-        let ids: Vec<&str> = failures.iter().map(|(id, _)| id.as_str()).collect();
-        let errors: Vec<&str> = failures.iter().map(|(_, e)| e.as_str()).collect();
-        self.client.execute(statement, &[&ids, &errors]).await.map_err(OutboxError::query("mark failed"))
+        if let (Some(statement), false) = (&self.record_outage_failures, outage_failures.is_empty()) {
+            let (ids, errors) = split(outage_failures);
+            self.client.execute(statement, &[&ids, &errors]).await.map_err(OutboxError::query("record failures"))?;
+        }
+        Ok(given_up)
     }
 
-    /// Counts pending rows and the age of the oldest.
+    /// Counts pending, failed and held-back rows and the age of the oldest pending one.
     pub async fn pending_stats(&self) -> Result<PendingStats, OutboxError> {
         let row = self.client.query_one(&self.pending_stats, &[]).await.map_err(OutboxError::query("stats"))?;
-        Ok(PendingStats { rows: row.get(0), oldest_age_seconds: row.get(1) })
+        Ok(PendingStats {
+            rows: row.get(0),
+            oldest_age_seconds: row.get(1),
+            failed_rows: row.get(2),
+            held_rows: row.get(3),
+        })
+    }
+
+    /// The open transaction that holds the commit horizon back, if any.
+    pub async fn oldest_transaction(&self) -> Result<Option<OldestTransaction>, OutboxError> {
+        let row = self
+            .client
+            .query_opt(crate::table::OLDEST_TRANSACTION_SQL, &[])
+            .await
+            .map_err(OutboxError::query("oldest transaction"))?;
+        Ok(row.map(|r| OldestTransaction {
+            pid: r.get(0),
+            seconds: r.get::<_, Option<f64>>(1).unwrap_or(0.0),
+            state: r.get(2),
+            query: r.get(3),
+        }))
+    }
+
+    /// Re-queues failed rows by id, by key, or all (both `None`); returns how many.
+    pub async fn retry(&self, ids: Option<&[String]>, key: Option<&str>) -> Result<u64, OutboxError> {
+        let Some(sql) = self.layout.retry_sql() else { return Ok(0) };
+        let ids: Option<Vec<String>> = ids.map(|ids| ids.to_vec());
+        self.client.execute(&sql, &[&ids, &key]).await.map_err(OutboxError::query("retry"))
+    }
+
+    /// Failed rows grouped by their last error, most frequent first.
+    pub async fn failed_by_error(&self) -> Result<Vec<FailedGroup>, OutboxError> {
+        let Some(sql) = self.layout.failed_by_error_sql() else { return Ok(Vec::new()) };
+        let rows = self.client.query(&sql, &[]).await.map_err(OutboxError::query("failed rows"))?;
+        Ok(rows.iter().map(|r| FailedGroup { error: r.get(0), count: r.get(1), first_ids: r.get(2) }).collect())
+    }
+
+    /// Keys held back by a failed row.
+    pub async fn parked_keys(&self) -> Result<Vec<ParkedKey>, OutboxError> {
+        let Some(sql) = self.layout.parked_keys_sql() else { return Ok(Vec::new()) };
+        let rows = self.client.query(&sql, &[]).await.map_err(OutboxError::query("parked keys"))?;
+        Ok(rows.iter().map(|r| ParkedKey { key: r.get(0), failed_id: r.get(1), waiting: r.get(2) }).collect())
     }
 
     /// The rows in `range` (and with `topic`, when the topic is a column), in claim order.
@@ -267,36 +423,60 @@ impl Outbox {
         Ok(row.get(0))
     }
 
-    /// Tries to become the one relay publishing this table, with a session advisory lock that
-    /// PostgreSQL releases when this connection ends. Two relays publishing one table would
-    /// send every row twice and interleave keys.
-    pub async fn try_lead(&self) -> Result<bool, OutboxError> {
-        let key = self.leadership_key();
+    /// Registers this relay as a member of the table's relays, under `instance`; false if
+    /// another relay already uses that number.
+    pub async fn join(&self, instance: i32) -> Result<bool, OutboxError> {
+        let table = self.layout.mapping.table_name();
         let row = self
             .client
-            .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
+            .query_one(crate::table::JOIN_SQL, &[&table, &instance])
             .await
-            .map_err(OutboxError::query("leadership lock"))?;
+            .map_err(OutboxError::query("join"))?;
         Ok(row.get(0))
     }
 
-    /// The backend pid holding the leadership lock, if any, for the standby's log line.
-    pub async fn leader_pid(&self) -> Result<Option<i32>, OutboxError> {
-        let key = self.leadership_key();
+    /// Takes `shard` for this relay (a session lock, released if the connection ends); false if
+    /// another relay holds it.
+    pub async fn lock_shard(&self, shard: i32) -> Result<bool, OutboxError> {
+        let table = self.layout.mapping.table_name();
         let row = self
             .client
-            .query_opt(
-                "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-                 AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($1, 0)",
-                &[&key],
-            )
+            .query_one(crate::table::LOCK_SHARD_SQL, &[&table, &shard])
             .await
-            .map_err(OutboxError::query("leader lookup"))?;
-        Ok(row.map(|r| r.get(0)))
+            .map_err(OutboxError::query("lock shard"))?;
+        Ok(row.get(0))
     }
 
-    fn leadership_key(&self) -> String {
-        format!("outbox-relay:{}", self.layout.mapping.table_name())
+    /// Hands `shard` back.
+    pub async fn unlock_shard(&self, shard: i32) -> Result<(), OutboxError> {
+        let table = self.layout.mapping.table_name();
+        self.client
+            .query_one(crate::table::UNLOCK_SHARD_SQL, &[&table, &shard])
+            .await
+            .map_err(OutboxError::query("unlock shard"))?;
+        Ok(())
+    }
+
+    /// The relays of this table and the shards they hold.
+    pub async fn ownership(&self) -> Result<Ownership, OutboxError> {
+        let table = self.layout.mapping.table_name();
+        let rows = self
+            .client
+            .query(crate::table::OWNERSHIP_SQL, &[&table])
+            .await
+            .map_err(OutboxError::query("shard ownership"))?;
+        let mut ownership = Ownership::default();
+        for row in rows {
+            let kind: String = row.get(0);
+            let number = i32::try_from(row.get::<_, i64>(1)).unwrap_or(i32::MAX);
+            let holder = Holder { pid: row.get(2), client: row.get(3) };
+            if kind == "member" {
+                ownership.members.push(holder);
+            } else {
+                ownership.shards.push((number, holder));
+            }
+        }
+        Ok(ownership)
     }
 }
 

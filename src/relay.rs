@@ -2,7 +2,10 @@
 //!
 //! Invariants this loop keeps:
 //! - a row is marked published only after its own delivery report said the broker has it;
-//! - a row whose delivery failed is never marked; it records the error and is tried again;
+//! - a row whose delivery failed is never marked; it records the error and is tried again,
+//!   with backoff when the row itself was the cause, until `relay.max_attempts`;
+//! - rows are claimed only from the shards this relay holds, and a shard changes hands only
+//!   between batches, so per-key order survives scale-out and takeover;
 //! - a database or broker outage pauses the loop with capped backoff; it never ends it;
 //! - after a shutdown request no new batch is claimed; the batch in flight is finished
 //!   (reports and mark) within the grace period, or left unmarked to be sent again.
@@ -18,8 +21,10 @@ use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
 use crate::publisher::{Outcome, Publisher, PublisherError};
 use crate::record::Record;
+use crate::shards::Shards;
 use crate::shutdown::Shutdown;
 use crate::table::Mapping;
+use crate::wakeup::Wakeup;
 
 /// After this many consecutive batches of which the broker took nothing, the relay starts a
 /// new producer session (new producer id, metadata and connections).
@@ -62,15 +67,17 @@ pub struct Relay {
 struct Settlement {
     /// Acknowledged rows: id and topic (for the per-topic counter).
     acked: Vec<(String, String)>,
-    /// Failed rows: id and error text.
-    failed: Vec<(String, String)>,
+    /// Rows that failed because of themselves (bad row, unknown topic, too large): id, error.
+    row_failures: Vec<(String, String)>,
+    /// Rows that failed because of an outage: id, error.
+    outage_failures: Vec<(String, String)>,
     /// Set once the acknowledged rows are marked, so a retry does not count them twice.
     acked_marked: bool,
 }
 
 /// What one turn of the loop found.
 enum Turn {
-    /// No unpublished rows.
+    /// Nothing to publish right now.
     Idle,
     /// A batch went out and its outcome is recorded.
     Relayed {
@@ -107,18 +114,23 @@ impl Relay {
             metrics::serve(addr, self.metrics.clone(), self.shutdown.clone()).await?;
         }
         let mut publisher = Publisher::new(&self.config)?;
-        tokio::spawn(report_pending(
+        tokio::spawn(crate::stats::report(
             self.config.clone(),
             self.mapping.clone(),
             self.metrics.clone(),
             self.shutdown.clone(),
         ));
+        let wakeup = if self.config.relay.listen {
+            Wakeup::listen(&self.config, self.shutdown.clone())
+        } else {
+            Wakeup::disabled()
+        };
         info!(table = %self.mapping.table_name(), brokers = %self.config.kafka.brokers, "relay starting");
 
         let relay = &self.config.relay;
         let mut backoff = Backoff::new(relay.backoff_initial, relay.backoff_max);
+        let mut shards = Shards::new(relay.shards, relay.rebalance_interval);
         let mut connection: Option<Outbox> = None;
-        let mut leading = false;
         let mut unsettled: Option<Settlement> = None;
         let mut deadline: Option<Instant> = None;
         // Consecutive batches of which the broker took nothing.
@@ -145,16 +157,12 @@ impl Relay {
             let outbox = match connection.take().filter(|c| !c.is_closed()) {
                 Some(outbox) => outbox,
                 None => {
-                    leading = false;
+                    shards.forget();
+                    self.metrics.shards_owned.set(0);
                     match Outbox::connect(&self.config, &self.mapping).await {
                         Ok(outbox) => {
                             info!(table = %self.mapping.table_name(), "connected to PostgreSQL");
-                            if !outbox.layout().order_is_meaningful() {
-                                warn!(
-                                    column = %outbox.layout().mapping.order_by.as_str(),
-                                    "the claim order column is a uuid: per-key order holds only if ids are time-ordered (UUIDv7); set outbox.columns.order_by to a sequence column"
-                                );
-                            }
+                            warn_about_layout(&outbox);
                             outbox
                         }
                         Err(e) if e.is_transient() => {
@@ -181,28 +189,26 @@ impl Relay {
                 break;
             }
 
-            if !leading {
-                match self.take_lead(&outbox).await {
-                    Ok(true) => leading = true,
-                    Ok(false) => {
-                        connection = Some(outbox);
-                        self.pause(relay.poll_interval, deadline).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        let delay = backoff.next_delay();
-                        warn!(error = %e, retry_in = ?delay, "database error; reconnecting");
-                        self.pause(delay, deadline).await;
-                        continue;
-                    }
-                }
+            // Between batches: nothing of any shard is in flight, so shards may change hands.
+            if let Err(e) = shards.rebalance(&outbox).await {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "database error; reconnecting");
+                self.pause(delay, deadline).await;
+                continue;
+            }
+            self.metrics.shards_owned.set(shards.owned().len() as i64);
+            if shards.owned().is_empty() {
+                // More relays than shards: this one stands by until a shard is free.
+                connection = Some(outbox);
+                self.idle(&wakeup).await;
+                continue;
             }
 
-            match self.relay_batch(&outbox, &publisher).await {
+            match self.relay_batch(&outbox, &publisher, &shards.owned()).await {
                 Ok(Turn::Idle) => {
                     backoff.reset();
                     connection = Some(outbox);
-                    self.pause(relay.poll_interval, deadline).await;
+                    self.idle(&wakeup).await;
                 }
                 Ok(Turn::Relayed { claimed, broker_unavailable, producer_unusable }) => {
                     connection = Some(outbox);
@@ -229,8 +235,8 @@ impl Relay {
                     } else {
                         backoff.reset();
                         if claimed < relay.batch_size {
-                            // A partial batch means the table is drained for now.
-                            self.pause(relay.poll_interval, deadline).await;
+                            // A partial batch: the shards are drained for now.
+                            self.idle(&wakeup).await;
                         }
                     }
                 }
@@ -268,10 +274,10 @@ impl Relay {
         Ok(())
     }
 
-    /// Claims one batch, publishes it, awaits every report and records the outcome.
-    async fn relay_batch(&self, outbox: &Outbox, publisher: &Publisher) -> Result<Turn, OutboxError> {
+    /// Claims one batch of `shards`, publishes it, awaits every report and records the outcome.
+    async fn relay_batch(&self, outbox: &Outbox, publisher: &Publisher, shards: &[i32]) -> Result<Turn, OutboxError> {
         let started = Instant::now();
-        let claimed = outbox.claim(self.config.relay.batch_size).await?;
+        let claimed = outbox.claim(self.config.relay.batch_size, shards).await?;
         if claimed.is_empty() {
             return Ok(Turn::Idle);
         }
@@ -295,7 +301,7 @@ impl Relay {
                     warn!(row = %id, error = %problem, "row cannot be published");
                     self.metrics.publish_errors.with_label_values(&["invalid_row"]).inc();
                     if !id.is_empty() {
-                        settlement.failed.push((id, problem));
+                        settlement.row_failures.push((id, problem));
                     }
                 }
             }
@@ -312,7 +318,6 @@ impl Relay {
         // before any row of it is marked: the window that makes delivery at-least-once.
         fail::fail_point!("relay-before-mark", |_| std::process::abort());
 
-        let mut broker_failures = 0;
         let mut producer_unusable = false;
         let mut first_failure = None;
         for ((id, record), outcome) in ids.into_iter().zip(records).zip(outcomes) {
@@ -320,25 +325,26 @@ impl Relay {
                 Outcome::Acked => settlement.acked.push((id, record.topic)),
                 Outcome::Failed(failure) => {
                     self.metrics.publish_errors.with_label_values(&[failure.reason]).inc();
-                    if failure.transient {
-                        broker_failures += 1;
-                    }
                     producer_unusable |= failure.producer_unusable;
                     first_failure.get_or_insert_with(|| format!("row {id}: {}", failure.message));
-                    settlement.failed.push((id, failure.message));
+                    if failure.transient {
+                        settlement.outage_failures.push((id, failure.message));
+                    } else {
+                        settlement.row_failures.push((id, failure.message));
+                    }
                 }
                 Outcome::Deferred => {}
             }
         }
         if let Some(first) = first_failure {
             warn!(
-                failed = settlement.failed.len(),
+                failed = settlement.row_failures.len() + settlement.outage_failures.len(),
                 acknowledged = settlement.acked.len(),
                 first = %first,
                 "some records of the batch were not delivered; their rows stay unpublished"
             );
         }
-        let broker_unavailable = settlement.acked.is_empty() && broker_failures > 0;
+        let broker_unavailable = settlement.acked.is_empty() && !settlement.outage_failures.is_empty();
 
         if let Err(e) = self.settle(outbox, &mut settlement).await {
             return Ok(Turn::Unsettled(settlement, e));
@@ -357,24 +363,31 @@ impl Relay {
                 self.metrics.published.with_label_values(&[topic]).inc();
             }
         }
-        outbox.mark_failed(&settlement.failed).await?;
-        debug!(published = settlement.acked.len(), failed = settlement.failed.len(), "batch settled");
+        let given_up = outbox.record_failures(&settlement.row_failures, &settlement.outage_failures).await?;
+        for id in given_up {
+            let error = settlement.row_failures.iter().find(|(i, _)| *i == id).map(|(_, e)| e.as_str()).unwrap_or("");
+            warn!(
+                row = %id,
+                error,
+                attempts = self.config.relay.max_attempts,
+                "giving up on a row: marked failed; `outbox-relay retry` re-queues it"
+            );
+        }
+        debug!(
+            published = settlement.acked.len(),
+            failed = settlement.row_failures.len() + settlement.outage_failures.len(),
+            "batch settled"
+        );
         Ok(())
     }
 
-    /// Takes the table's leadership lock, or logs who holds it.
-    async fn take_lead(&self, outbox: &Outbox) -> Result<bool, OutboxError> {
-        if outbox.try_lead().await? {
-            info!(table = %self.mapping.table_name(), "leading: this relay publishes the table");
-            return Ok(true);
+    /// Waits for a wake-up (rows committed), the poll interval, or shutdown.
+    async fn idle(&self, wakeup: &Wakeup) {
+        tokio::select! {
+            _ = tokio::time::sleep(self.config.relay.poll_interval) => {}
+            _ = wakeup.notified() => {}
+            _ = self.shutdown.requested() => {}
         }
-        let holder = outbox.leader_pid().await?;
-        debug!(
-            table = %self.mapping.table_name(),
-            leader_backend_pid = ?holder,
-            "standing by: another relay publishes this table"
-        );
-        Ok(false)
     }
 
     /// Waits `delay`, cut short by a shutdown request; once shutdown is requested, never past
@@ -395,28 +408,18 @@ impl Relay {
     }
 }
 
-/// Refreshes the pending-row gauges on a connection of its own, so a slow count over a large
-/// backlog never delays the relay loop.
-async fn report_pending(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shutdown: Shutdown) {
-    let mut connection: Option<Outbox> = None;
-    loop {
-        let outbox = match connection.take().filter(|c| !c.is_closed()) {
-            Some(outbox) => Some(outbox),
-            None => Outbox::connect(&config, &mapping).await.ok(),
-        };
-        if let Some(outbox) = outbox {
-            match outbox.pending_stats().await {
-                Ok(stats) => {
-                    metrics.pending_rows.set(stats.rows);
-                    metrics.oldest_pending_age.set(stats.oldest_age_seconds.unwrap_or(0.0));
-                    connection = Some(outbox);
-                }
-                Err(e) => debug!(error = %e, "pending-row stats unavailable"),
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(config.relay.stats_interval) => {}
-            _ = shutdown.requested() => return,
-        }
+/// Warnings about a table layout that weakens a guarantee.
+fn warn_about_layout(outbox: &Outbox) {
+    let layout = outbox.layout();
+    if !layout.order_is_meaningful() {
+        warn!(
+            column = %layout.mapping.order_by.as_str(),
+            "the claim order column is a uuid: per-key order holds only if ids are time-ordered (UUIDv7); set outbox.columns.order_by to a sequence column"
+        );
+    }
+    if layout.mapping.xid_horizon.is_none() {
+        warn!(
+            "outbox.columns.xid_horizon is not set: a row whose transaction commits late can be overtaken by a later row of its key"
+        );
     }
 }

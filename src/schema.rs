@@ -22,11 +22,14 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_create_outbox",
-    sql: include_str!("../sql/migrations/0001_create_outbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "0001_create_outbox", sql: include_str!("../sql/migrations/0001_create_outbox.sql") },
+    Migration {
+        version: 2,
+        name: "0002_order_retries_notify",
+        sql: include_str!("../sql/migrations/0002_order_retries_notify.sql"),
+    },
+];
 
 const LOCK_KEY: &str = "outbox-relay:migrate";
 

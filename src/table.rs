@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::config::{Config, MarkMode};
+use crate::config::{Config, MarkMode, OnPoison};
 
 /// A PostgreSQL identifier, quoted when written into SQL so that any configured name is taken
 /// literally and can never alter a statement.
@@ -219,8 +219,18 @@ pub struct Mapping {
     pub attempts: Option<Identifier>,
     /// Last failure text.
     pub last_error: Option<Identifier>,
+    /// Snapshot horizon recorded at insert (commit-order safety).
+    pub xid_horizon: Option<Identifier>,
+    /// Time of the last failed attempt (per-row retry backoff).
+    pub last_attempt_at: Option<Identifier>,
+    /// Set when the relay gives up on a row.
+    pub failed_at: Option<Identifier>,
     /// Update or delete on publish.
     pub mark: MarkMode,
+    /// Whether a failed row holds back its key.
+    pub on_poison: OnPoison,
+    /// Number of shards keys are hashed into.
+    pub shards: u32,
 }
 
 impl Mapping {
@@ -249,7 +259,12 @@ impl Mapping {
             published_at: if outbox.mark == MarkMode::Update { optional(&c.published_at)? } else { None },
             attempts: optional(&c.attempts)?,
             last_error: optional(&c.last_error)?,
+            xid_horizon: optional(&c.xid_horizon)?,
+            last_attempt_at: optional(&c.last_attempt_at)?,
+            failed_at: optional(&c.failed_at)?,
             mark: outbox.mark,
+            on_poison: config.relay.on_poison,
+            shards: config.relay.shards,
         })
     }
 
@@ -285,6 +300,9 @@ impl Mapping {
             ("published_at", &self.published_at),
             ("attempts", &self.attempts),
             ("last_error", &self.last_error),
+            ("xid_horizon", &self.xid_horizon),
+            ("last_attempt_at", &self.last_attempt_at),
+            ("failed_at", &self.failed_at),
         ] {
             if let Some(column) = column {
                 roles.push((format!("outbox.columns.{key}"), column));
@@ -345,6 +363,15 @@ impl Mapping {
         }
         if let Some(last_error) = &self.last_error {
             expect("outbox.columns.last_error", last_error, &["text", "character varying"], "text")?;
+        }
+        if let Some(horizon) = &self.xid_horizon {
+            expect("outbox.columns.xid_horizon", horizon, &["xid8"], "xid8 (see sql/migrations/0002)")?;
+        }
+        if let Some(last_attempt_at) = &self.last_attempt_at {
+            expect("outbox.columns.last_attempt_at", last_attempt_at, TIMESTAMPS, "timestamptz")?;
+        }
+        if let Some(failed_at) = &self.failed_at {
+            expect("outbox.columns.failed_at", failed_at, TIMESTAMPS, "timestamptz")?;
         }
         let id_type = type_of("outbox.columns.id", &self.id)?;
         let order_type = type_of("outbox.columns.order_by", &self.order_by)?;
@@ -410,27 +437,120 @@ impl Layout {
         columns.join(", ")
     }
 
-    /// `SELECT` of the next unpublished rows in claim order; `$1` is the batch size.
-    ///
-    /// Every column is qualified with the alias `o`: the selected `id::text` is itself named
-    /// `id`, and an unqualified `ORDER BY id` would sort by that text ("10" before "9").
-    pub fn claim_sql(&self) -> String {
+    /// The shard of a row of alias `a`: its key's hash, or its id's for rows without a key
+    /// (they need no order), modulo the shard count.
+    pub fn shard_sql(&self, a: &str) -> String {
         let m = &self.mapping;
-        let filter = match &m.published_at {
-            Some(published_at) => format!("WHERE o.{published_at} IS NULL"),
+        let hashed = match &m.key {
+            Some(key) => format!("coalesce({a}.{key}::text, {a}.{id}::text)", id = m.id),
+            None => format!("{a}.{id}::text", id = m.id),
+        };
+        format!("((hashtext({hashed}) & 2147483647) % {shards})", shards = m.shards)
+    }
+
+    /// True when row `a` may be attempted now: it has not failed before, or its backoff since
+    /// the last failed attempt has passed (`$3` first backoff, `$4` longest, in seconds).
+    fn due_sql(&self, a: &str) -> Option<String> {
+        let m = &self.mapping;
+        let last = m.last_attempt_at.as_ref()?;
+        let backoff = match &m.attempts {
+            Some(attempts) => format!("least($3 * power(2, greatest({a}.{attempts} - 1, 0)), $4)"),
+            None => "$3".to_owned(),
+        };
+        Some(format!("({a}.{last} IS NULL OR {a}.{last} <= now() - {backoff} * interval '1 second')"))
+    }
+
+    /// A subquery finding an earlier row of row `o`'s key that holds the key back: one that
+    /// has failed for good (with `on_poison = "park_key"`), or is waiting out a retry backoff.
+    fn earlier_row_holding_the_key(&self) -> Option<String> {
+        let m = &self.mapping;
+        let key = m.key.as_ref()?;
+        let attempts = m.attempts.as_ref()?;
+        let mut holds = Vec::new();
+        if let (Some(failed_at), OnPoison::ParkKey) = (&m.failed_at, m.on_poison) {
+            holds.push(format!("e.{failed_at} IS NOT NULL"));
+        }
+        if let Some(due) = self.due_sql("e") {
+            let not_given_up = match &m.failed_at {
+                Some(failed_at) => format!("e.{failed_at} IS NULL AND "),
+                None => String::new(),
+            };
+            holds.push(format!("({not_given_up}NOT {due})"));
+        }
+        if holds.is_empty() {
+            return None;
+        }
+        let unpublished = match &m.published_at {
+            Some(p) => format!(" AND e.{p} IS NULL"),
             None => String::new(),
         };
+        Some(format!(
+            "SELECT 1 FROM {table} AS e WHERE e.{key} = o.{key} AND e.{order} < o.{order}{unpublished} \
+             AND e.{attempts} > 0 AND ({holds})",
+            table = m.table_sql(),
+            order = m.order_by,
+            holds = holds.join(" OR "),
+        ))
+    }
+
+    /// The next rows to publish, in claim order. Parameters: `$1` the batch size, `$2` the
+    /// shards this relay owns (`int4[]`), `$3`/`$4` the retry backoff bounds in seconds.
+    ///
+    /// It looks at a window of the next `$1` unpublished rows of the shards (skipping rows that
+    /// failed for good, rows waiting out a retry backoff and rows held back by such an earlier
+    /// row of their key), and returns those that are ready: every transaction that was running
+    /// when they were inserted has finished, and no earlier row of their key in the window is
+    /// still waiting for that. So a lower id that commits late is never overtaken within its
+    /// key, and the work per claim stays bounded by the batch size, whatever the backlog.
+    ///
+    /// Every column is qualified: the selected `id::text` is itself named `id`, and an
+    /// unqualified `ORDER BY id` would sort by that text ("10" before "9").
+    pub fn claim_sql(&self) -> String {
+        let m = &self.mapping;
+        let mut filters = Vec::new();
+        if let Some(published_at) = &m.published_at {
+            filters.push(format!("o.{published_at} IS NULL"));
+        }
+        if let Some(failed_at) = &m.failed_at {
+            filters.push(format!("o.{failed_at} IS NULL"));
+        }
+        if let Some(due) = self.due_sql("o") {
+            filters.push(due);
+        }
+        filters.push(format!("{} = ANY($2::int4[])", self.shard_sql("o")));
+        if let Some(holding) = self.earlier_row_holding_the_key() {
+            filters.push(format!("NOT EXISTS ({holding})"));
+        }
+        if m.last_attempt_at.is_none() {
+            // Keep $3 and $4 typed when no clause uses them.
+            filters.push("$3::float8 IS NOT NULL AND $4::float8 IS NOT NULL".to_owned());
+        }
+        let ready = match &m.xid_horizon {
+            Some(h) => format!("(o.{h} IS NULL OR o.{h} <= pg_snapshot_xmin(pg_current_snapshot()))"),
+            None => "true".to_owned(),
+        };
+        let topic: Vec<String> =
+            m.topic.columns().iter().enumerate().map(|(i, c)| format!("o.{c}::text AS t{i}")).collect();
+        let topic_out: Vec<String> = (0..topic.len()).map(|i| format!("c.t{i}")).collect();
         format!(
-            "SELECT o.{id}::text, o.{event_id}::text, {key}, o.{payload}, {headers}, {topic} \
-             FROM {table} AS o {filter} ORDER BY o.{order} LIMIT $1",
+            "WITH window_rows AS (\
+               SELECT o.{order} AS r_order, o.{id}::text AS r_id, o.{event_id}::text AS r_event_id, {key} AS r_key, \
+                      o.{payload} AS r_payload, {headers} AS r_headers, {topic}, {ready} AS r_ready \
+               FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT $1) \
+             SELECT c.r_id, c.r_event_id, c.r_key, c.r_payload, c.r_headers, {topic_out} FROM window_rows AS c \
+             WHERE c.r_ready AND NOT EXISTS (\
+               SELECT 1 FROM window_rows AS b WHERE NOT b.r_ready AND b.r_key = c.r_key AND b.r_order < c.r_order) \
+             ORDER BY c.r_order",
+            order = m.order_by,
             id = m.id,
             event_id = m.event_id,
             key = text_or_null(&m.key),
             payload = m.payload,
             headers = text_or_null(&m.headers),
-            topic = self.topic_select(),
+            topic = topic.join(", "),
             table = m.table_sql(),
-            order = m.order_by,
+            filters = filters.join(" AND "),
+            topic_out = topic_out.join(", "),
         )
     }
 
@@ -447,9 +567,11 @@ impl Layout {
         }
     }
 
-    /// Records failed attempts: `$1` ids as text, `$2` the error of each. `None` when the table
-    /// has neither an attempts nor a last-error column.
-    pub fn mark_failed_sql(&self) -> Option<String> {
+    /// Records attempts that failed because of the row itself: `$1` ids as text, `$2` the error
+    /// of each, `$3` the attempt limit. Counts the attempt, starts the backoff, and gives up
+    /// (sets the failed-at column) at the limit. Returns the ids of the rows given up on.
+    /// `None` when the table has no attempts or last-error column.
+    pub fn record_row_failures_sql(&self) -> Option<String> {
         let m = &self.mapping;
         let mut sets = Vec::new();
         if let Some(attempts) = &m.attempts {
@@ -461,8 +583,19 @@ impl Layout {
         if sets.is_empty() {
             return None;
         }
+        if let Some(last_attempt_at) = &m.last_attempt_at {
+            sets.push(format!("{last_attempt_at} = now()"));
+        }
+        let given_up = match (&m.failed_at, &m.attempts) {
+            (Some(failed_at), Some(attempts)) => {
+                sets.push(format!("{failed_at} = CASE WHEN t.{attempts} + 1 >= $3 THEN now() END"));
+                format!("t.{failed_at} IS NOT NULL")
+            }
+            _ => "$3::int4 IS NULL".to_owned(),
+        };
         Some(format!(
-            "UPDATE {table} AS t SET {sets} FROM unnest($1::text[], $2::text[]) AS f(id, error) WHERE t.{id} = f.id::{ty}",
+            "UPDATE {table} AS t SET {sets} FROM unnest($1::text[], $2::text[]) AS f(id, error) \
+             WHERE t.{id} = f.id::{ty} RETURNING t.{id}::text, {given_up}",
             table = m.table_sql(),
             sets = sets.join(", "),
             id = m.id,
@@ -470,19 +603,122 @@ impl Layout {
         ))
     }
 
-    /// Count of unpublished rows and the age in seconds of the oldest (NULL without a
-    /// created-at column or without pending rows).
+    /// Records attempts that failed for reasons outside the row (an outage): `$1` ids, `$2`
+    /// errors. Only the error is kept; the attempt does not count toward giving up.
+    pub fn record_outage_failures_sql(&self) -> Option<String> {
+        let m = &self.mapping;
+        let last_error = m.last_error.as_ref()?;
+        Some(format!(
+            "UPDATE {table} AS t SET {last_error} = f.error FROM unnest($1::text[], $2::text[]) AS f(id, error) \
+             WHERE t.{id} = f.id::{ty}",
+            table = m.table_sql(),
+            id = m.id,
+            ty = self.id_type,
+        ))
+    }
+
+    /// Pending rows (not failed), age in seconds of the oldest of them (NULL without a
+    /// created-at column or pending rows), failed rows, and pending rows held back by the
+    /// commit horizon.
     pub fn pending_stats_sql(&self) -> String {
         let m = &self.mapping;
+        let failed = match &m.failed_at {
+            Some(f) => format!("{f} IS NOT NULL"),
+            None => "false".to_owned(),
+        };
         let age = match &m.created_at {
-            Some(created_at) => format!("extract(epoch FROM now() - min({created_at}))::float8"),
+            Some(created_at) => {
+                format!("extract(epoch FROM now() - min({created_at}) FILTER (WHERE NOT ({failed})))::float8")
+            }
             None => "NULL::float8".to_owned(),
         };
+        let held = match &m.xid_horizon {
+            Some(h) => format!("count(*) FILTER (WHERE {h} > pg_snapshot_xmin(pg_current_snapshot()))"),
+            None => "0::int8".to_owned(),
+        };
         format!(
-            "SELECT count(*), {age} FROM {table} {filter}",
+            "SELECT count(*) FILTER (WHERE NOT ({failed})), {age}, count(*) FILTER (WHERE {failed}), {held} \
+             FROM {table} {filter}",
             table = m.table_sql(),
             filter = self.unpublished_filter()
         )
+    }
+
+    /// Re-queues failed rows: clears failed-at, attempts, last attempt and error. `$1` ids
+    /// (text[], or NULL), `$2` key (or NULL); with both NULL, every failed row.
+    pub fn retry_sql(&self) -> Option<String> {
+        let m = &self.mapping;
+        let failed_at = m.failed_at.as_ref()?;
+        let mut sets = vec![format!("{failed_at} = NULL")];
+        if let Some(attempts) = &m.attempts {
+            sets.push(format!("{attempts} = 0"));
+        }
+        if let Some(last_attempt_at) = &m.last_attempt_at {
+            sets.push(format!("{last_attempt_at} = NULL"));
+        }
+        let key_filter = match &m.key {
+            Some(key) => format!("($2::text IS NULL OR {key}::text = $2::text)"),
+            None => "$2::text IS NULL".to_owned(),
+        };
+        Some(format!(
+            "UPDATE {table} SET {sets} WHERE {failed_at} IS NOT NULL {unpublished} \
+             AND ($1::text[] IS NULL OR {id} = ANY($1::text[]::{ty}[])) AND {key_filter}",
+            table = m.table_sql(),
+            sets = sets.join(", "),
+            unpublished = match &m.published_at {
+                Some(p) => format!("AND {p} IS NULL"),
+                None => String::new(),
+            },
+            id = m.id,
+            ty = self.id_type,
+        ))
+    }
+
+    /// Failed rows grouped by error: error, count, first ids (text[]).
+    pub fn failed_by_error_sql(&self) -> Option<String> {
+        let m = &self.mapping;
+        let failed_at = m.failed_at.as_ref()?;
+        let error = match &m.last_error {
+            Some(e) => format!("coalesce({e}, '(no error recorded)')"),
+            None => "'(no error column)'".to_owned(),
+        };
+        Some(format!(
+            "SELECT {error} AS error, count(*), (array_agg({id}::text ORDER BY {order}))[1:10] \
+             FROM {table} WHERE {failed_at} IS NOT NULL {unpublished} GROUP BY 1 ORDER BY 2 DESC",
+            id = m.id,
+            order = m.order_by,
+            table = m.table_sql(),
+            unpublished = match &m.published_at {
+                Some(p) => format!("AND {p} IS NULL"),
+                None => String::new(),
+            },
+        ))
+    }
+
+    /// Keys held back by a failed row (`on_poison = "park_key"`): key, the failed row's id,
+    /// and how many later rows wait behind it.
+    pub fn parked_keys_sql(&self) -> Option<String> {
+        let m = &self.mapping;
+        let (key, failed_at) = (m.key.as_ref()?, m.failed_at.as_ref()?);
+        if m.on_poison != OnPoison::ParkKey {
+            return None;
+        }
+        let unpublished = |a: &str| match &m.published_at {
+            Some(p) => format!("AND {a}.{p} IS NULL"),
+            None => String::new(),
+        };
+        Some(format!(
+            "SELECT f.{key}::text, min(f.{id}::text), \
+                    (SELECT count(*) FROM {table} AS w WHERE w.{key} = f.{key} {wu} AND w.{failed_at} IS NULL \
+                       AND w.{order} > min(f.{order})) \
+             FROM {table} AS f WHERE f.{failed_at} IS NOT NULL {fu} AND f.{key} IS NOT NULL \
+             GROUP BY f.{key} ORDER BY 3 DESC LIMIT 100",
+            id = m.id,
+            order = m.order_by,
+            table = m.table_sql(),
+            wu = unpublished("w"),
+            fu = unpublished("f"),
+        ))
     }
 
     /// Rows for `audit`, in claim order: id, event id, published?, attempts, last error, then
@@ -544,8 +780,29 @@ pub const AUDIT_TOPIC_COLUMN: usize = 5;
 pub const TABLE_COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
      FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
-/// Whether a table exists; `$1` is the quoted table name.
-pub const TABLE_EXISTS_SQL: &str = "SELECT to_regclass($1) IS NOT NULL";
+/// Takes a relay's membership lock: `$1` table name, `$2` the relay's instance number.
+pub const JOIN_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('outbox-relay-member:' || $1) & 2147483647, $2)";
+
+/// Takes shard `$2` of table `$1`; false if another relay holds it.
+pub const LOCK_SHARD_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('outbox-relay-shard:' || $1) & 2147483647, $2)";
+
+/// Releases shard `$2` of table `$1`.
+pub const UNLOCK_SHARD_SQL: &str = "SELECT pg_advisory_unlock(hashtext('outbox-relay-shard:' || $1) & 2147483647, $2)";
+
+/// The relays of table `$1` (their membership locks) and who holds which shard: one row per
+/// lock, `kind` 'member' or 'shard', the number, and the holder's pid and client address.
+pub const OWNERSHIP_SQL: &str = "SELECT CASE WHEN l.classid = (hashtext('outbox-relay-member:' || $1) & 2147483647)::oid \
+     THEN 'member' ELSE 'shard' END, l.objid::int8, l.pid, coalesce(host(a.client_addr), 'local') \
+     FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid \
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid IN ( \
+       (hashtext('outbox-relay-member:' || $1) & 2147483647)::oid, (hashtext('outbox-relay-shard:' || $1) & 2147483647)::oid) \
+     ORDER BY 1, 2";
+
+/// The oldest transaction that holds an xid: the one that holds the commit horizon back.
+/// Returns pid, seconds since it began, state, and the start of its current query.
+pub const OLDEST_TRANSACTION_SQL: &str = "SELECT pid, extract(epoch FROM now() - xact_start)::float8, \
+     coalesce(state, ''), left(coalesce(query, ''), 200) FROM pg_stat_activity \
+     WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() ORDER BY age(backend_xid) DESC LIMIT 1";
 
 #[cfg(test)]
 mod tests {
@@ -598,7 +855,10 @@ mod tests {
         let layout = standard_layout();
         assert_eq!(layout.payload, PayloadKind::Json);
         let sql = layout.claim_sql();
-        assert!(sql.contains("WHERE o.\"published_at\" IS NULL ORDER BY o.\"id\" LIMIT $1"), "{sql}");
+        assert!(sql.contains("ORDER BY o.\"id\" LIMIT $1"), "a window of the next rows in id order: {sql}");
+        assert!(sql.contains("o.\"published_at\" IS NULL AND o.\"failed_at\" IS NULL"), "{sql}");
+        assert!(sql.contains("o.\"xid_horizon\" <= pg_snapshot_xmin(pg_current_snapshot())"), "{sql}");
+        assert!(sql.contains("% 16) = ANY($2::int4[])"), "only this relay's shards: {sql}");
         assert!(layout.mark_published_sql().contains("::bigint[]"));
     }
 
@@ -635,6 +895,9 @@ mod tests {
             ("published_at", "timestamp with time zone"),
             ("attempts", "integer"),
             ("last_error", "text"),
+            ("xid_horizon", "xid8"),
+            ("last_attempt_at", "timestamp with time zone"),
+            ("failed_at", "timestamp with time zone"),
         ]
         .iter()
         .map(|(n, t)| (n.to_string(), t.to_string()))

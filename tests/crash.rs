@@ -14,7 +14,7 @@ async fn drain(env: &TestEnv, config: &outbox_relay::Config) {
     let db = env.client().await;
     let mut relay = spawn_relay_process(env, config);
     // Up and leading, so that SIGTERM below meets the relay's handler, not the default action.
-    relay.wait_for_log("leading").await;
+    relay.wait_for_log("shards now published by this relay").await;
     wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());

@@ -57,6 +57,9 @@ async fn a_debezium_style_table_is_relayed_with_a_topic_template_and_deleted_on_
     columns.published_at = None;
     columns.attempts = None;
     columns.last_error = None;
+    columns.xid_horizon = None;
+    columns.last_attempt_at = None;
+    columns.failed_at = None;
     config.validate().expect("a Debezium layout is a valid configuration");
     let relay = env.spawn_relay(config);
 
@@ -117,6 +120,9 @@ async fn relay_one_payload(env: &TestEnv, payload_type: &str, payload_sql: &str)
     columns.created_at = Some("made_at".into());
     columns.attempts = Some("tries".into());
     columns.last_error = Some("problem".into());
+    columns.xid_horizon = None;
+    columns.last_attempt_at = None;
+    columns.failed_at = None;
     let relay = env.spawn_relay(config);
     let records = consume(&env.brokers, &topic, 1).await;
     wait_until(PATIENCE, "the row to be marked", || async {
@@ -157,6 +163,9 @@ async fn a_payload_column_of_an_unsupported_type_is_refused_by_name() {
         .unwrap();
     let mut config = env.config();
     config.outbox.table = "numbers".into();
+    config.outbox.columns.xid_horizon = None;
+    config.outbox.columns.last_attempt_at = None;
+    config.outbox.columns.failed_at = None;
     let relay = outbox_relay::Relay::new(config, outbox_relay::Shutdown::new()).unwrap();
     let err = relay.run().await.expect_err("the relay refuses the table");
     assert!(err.is_config_problem());

@@ -14,6 +14,7 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
     let (code, stdout, stderr) = migrate();
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("applied 0001_create_outbox"), "{stdout}");
+    assert!(stdout.contains("applied 0002_order_retries_notify"), "{stdout}");
 
     let db = env.client().await;
     let columns: Vec<(String, String)> = db
@@ -38,6 +39,9 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
         ("published_at", "timestamp with time zone"),
         ("attempts", "integer"),
         ("last_error", "text"),
+        ("xid_horizon", "xid8"),
+        ("last_attempt_at", "timestamp with time zone"),
+        ("failed_at", "timestamp with time zone"),
     ];
     let expected: Vec<(String, String)> = expected.iter().map(|(c, t)| (c.to_string(), t.to_string())).collect();
     assert_eq!(columns, expected);
@@ -51,9 +55,9 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
     db.batch_execute("INSERT INTO outbox (topic, payload) VALUES ('t', '{}')").await.unwrap();
     let (code, stdout, stderr) = migrate();
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("schema is up to date (version 1)"), "{stdout}");
+    assert!(stdout.contains("schema is up to date (version 2)"), "{stdout}");
     let versions: i64 = db.query_one("SELECT count(*) FROM outbox_relay_schema_migrations", &[]).await.unwrap().get(0);
-    assert_eq!(versions, 1, "the version is recorded once");
+    assert_eq!(versions, 2, "each version is recorded once");
     let rows: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
     assert_eq!(rows, 1, "a second migrate leaves the table and its rows alone");
 }

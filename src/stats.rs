@@ -1,0 +1,75 @@
+//! The table's gauges, refreshed on a connection of their own: pending, failed and held-back
+//! rows, the oldest pending age, and how long an open transaction has held the commit horizon
+//! back (with a warning naming the backend past `relay.holdback_warning`).
+//!
+//! A slow count over a large backlog must never delay the relay loop, so this runs apart from
+//! it; a failure here only leaves the gauges stale.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::shutdown::Shutdown;
+use crate::table::Mapping;
+
+/// A hold-back warning is repeated at most this often while it lasts.
+const HOLDBACK_WARNING_REPEAT: Duration = Duration::from_secs(60);
+
+/// Refreshes the gauges every `relay.stats_interval` until shutdown.
+pub async fn report(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shutdown: Shutdown) {
+    let mut connection: Option<Outbox> = None;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let outbox = match connection.take().filter(|c| !c.is_closed()) {
+            Some(outbox) => Some(outbox),
+            None => Outbox::connect(&config, &mapping).await.ok(),
+        };
+        if let Some(outbox) = outbox {
+            match refresh(&outbox, &config, &metrics, &mut last_warning).await {
+                Ok(()) => connection = Some(outbox),
+                Err(e) => debug!(error = %e, "table stats unavailable"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.relay.stats_interval) => {}
+            _ = shutdown.requested() => return,
+        }
+    }
+}
+
+async fn refresh(
+    outbox: &Outbox,
+    config: &Config,
+    metrics: &Metrics,
+    last_warning: &mut Option<Instant>,
+) -> Result<(), crate::outbox::OutboxError> {
+    let stats = outbox.pending_stats().await?;
+    metrics.pending_rows.set(stats.rows);
+    metrics.oldest_pending_age.set(stats.oldest_age_seconds.unwrap_or(0.0));
+    metrics.failed_rows.set(stats.failed_rows);
+    metrics.held_rows.set(stats.held_rows);
+
+    let holdback = if stats.held_rows > 0 { outbox.oldest_transaction().await? } else { None };
+    let seconds = holdback.as_ref().map(|t| t.seconds).unwrap_or(0.0);
+    metrics.watermark_holdback.set(seconds);
+    if let Some(blocking) = holdback
+        && seconds >= config.relay.holdback_warning.as_secs_f64()
+        && last_warning.is_none_or(|at| at.elapsed() >= HOLDBACK_WARNING_REPEAT)
+    {
+        *last_warning = Some(Instant::now());
+        warn!(
+            blocking_pid = blocking.pid,
+            open_for_seconds = blocking.seconds.round(),
+            state = %blocking.state,
+            query = %blocking.query,
+            held_rows = stats.held_rows,
+            "an open transaction is holding rows back: they wait until it ends \
+             (commit or roll it back; pg_terminate_backend(pid) if it is stuck)"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! Wake-ups: the outbox trigger sends a NOTIFY when rows commit, and the relay, idle between
+//! polls, goes back to claiming at once instead of waiting out the poll interval.
+//!
+//! Notifications are only a hint. A lost one (the LISTEN connection dropped, a connection
+//! pooler that does not pass them on, a table without the trigger) costs at most one poll
+//! interval; the relay never depends on them for correctness.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::AsyncMessage;
+use tracing::{debug, warn};
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::shutdown::Shutdown;
+
+/// The channel the outbox trigger notifies (`sql/migrations/0002_order_retries_notify.sql`).
+pub const CHANNEL: &str = "outbox_relay";
+
+/// A source of "rows may have arrived" hints.
+#[derive(Debug, Clone)]
+pub struct Wakeup {
+    notify: Arc<Notify>,
+}
+
+impl Wakeup {
+    /// Hints that never come: the relay polls.
+    pub fn disabled() -> Wakeup {
+        Wakeup { notify: Arc::new(Notify::new()) }
+    }
+
+    /// Listens on [`CHANNEL`] over a connection of its own until shutdown, reconnecting with
+    /// backoff when it drops.
+    pub fn listen(config: &Config, shutdown: Shutdown) -> Wakeup {
+        let wakeup = Wakeup::disabled();
+        tokio::spawn(listen_until_shutdown(config.clone(), wakeup.notify.clone(), shutdown));
+        wakeup
+    }
+
+    /// Completes at the next hint (at once if one came since the last call).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+async fn listen_until_shutdown(config: Config, notify: Arc<Notify>, shutdown: Shutdown) {
+    let mut backoff = Backoff::new(config.relay.backoff_initial, config.relay.backoff_max);
+    loop {
+        let ended = tokio::select! {
+            ended = listen_once(&config, &notify) => ended,
+            _ = shutdown.requested() => return,
+        };
+        let delay = backoff.next_delay();
+        warn!(error = %ended, retry_in = ?delay, "LISTEN connection lost; polling until it is back");
+        // A commit may have happened while no one listened.
+        notify.notify_one();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.requested() => return,
+        }
+        if ended.contains("connect") {
+            continue;
+        }
+        backoff.reset();
+    }
+}
+
+/// Runs one LISTEN connection until it fails; returns why.
+async fn listen_once(config: &Config, notify: &Arc<Notify>) -> String {
+    let (client, mut connection) = match crate::outbox::connect_raw(config).await {
+        Ok(pair) => pair,
+        Err(e) => return format!("connect: {e}"),
+    };
+    let notify = notify.clone();
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let forward = async move {
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => notify.notify_one(),
+                Ok(_) => {}
+                Err(e) => return crate::outbox::describe_pg_error(&e),
+            }
+        }
+        "the server closed the connection".to_owned()
+    };
+    let listen = async {
+        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+            return crate::outbox::describe_pg_error(&e);
+        }
+        debug!(channel = CHANNEL, "listening for new rows");
+        // Keep the client (and so the connection) alive while notifications are forwarded.
+        std::future::pending::<String>().await
+    };
+    tokio::select! {
+        ended = forward => ended,
+        ended = listen => ended,
+    }
+}

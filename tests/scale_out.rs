@@ -1,0 +1,123 @@
+//! Several relays on one table: keys are split into shards, each shard published by exactly
+//! one live relay; when a relay dies its shards are taken over within seconds, and per-key
+//! order holds across the takeover.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+
+use support::*;
+
+/// The shards each running relay holds, by backend pid, from PostgreSQL's lock table.
+async fn shard_holders(db: &tokio_postgres::Client) -> HashMap<i32, usize> {
+    let rows = db
+        .query(
+            "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+             AND classid = (hashtext('outbox-relay-shard:outbox') & 2147483647)::oid GROUP BY pid",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1) as usize)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_split_the_shards_and_the_survivor_takes_them_all() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let db = env.client().await;
+    let config = env.config();
+    let shards = config.relay.shards as usize;
+
+    let first = env.spawn_relay(config.clone());
+    wait_until(PATIENCE, "the first relay to take every shard", || async {
+        shard_holders(&db).await.values().sum::<usize>() == shards
+    })
+    .await;
+    let second = env.spawn_relay(config.clone());
+    wait_until(PATIENCE, "the shards to be split between two relays", || async {
+        let holders = shard_holders(&db).await;
+        holders.len() == 2 && holders.values().all(|&n| n == shards / 2)
+    })
+    .await;
+
+    let events: Vec<NewEvent> = (0..1_000).map(|n| NewEvent::keyed(&topic, &format!("k{}", n % 40), n)).collect();
+    insert_events(&db, &events).await;
+    wait_until(PATIENCE, "both relays to publish", || async { unpublished_count(&db).await == 0 }).await;
+    let by_first = first.metrics.published.with_label_values(&[&topic]).get();
+    let by_second = second.metrics.published.with_label_values(&[&topic]).get();
+    assert_eq!(by_first + by_second, 1_000);
+    assert!(by_first > 0 && by_second > 0, "each relay publishes its own shards: {by_first} / {by_second}");
+
+    first.stop().await.expect("clean stop");
+    wait_until(PATIENCE, "the survivor to take every shard", || async {
+        let holders = shard_holders(&db).await;
+        holders.len() == 1 && holders.values().sum::<usize>() == shards
+    })
+    .await;
+    insert_events(
+        &db,
+        &(1_000..1_200).map(|n| NewEvent::keyed(&topic, &format!("k{}", n % 40), n)).collect::<Vec<_>>(),
+    )
+    .await;
+    wait_until(PATIENCE, "the survivor to publish every key", || async { unpublished_count(&db).await == 0 }).await;
+    second.stop().await.expect("clean stop");
+
+    let records = read_topic(&env.brokers, &topic).await;
+    assert_eq!(records.len(), 1_200, "no row was published by two relays");
+    assert_first_copies_in_key_order(&records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_one_killed_mid_drain_lose_nothing_and_keep_key_order() {
+    const ROWS: usize = 30_000;
+    const KEYS: usize = 60;
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let partitions = 3;
+    let topic = env.create_topic(partitions).await;
+    let db = env.client().await;
+    for start in (0..ROWS).step_by(5_000) {
+        let events: Vec<NewEvent> =
+            (start..start + 5_000).map(|n| NewEvent::keyed(&topic, &format!("key-{}", n % KEYS), n)).collect();
+        insert_events(&db, &events).await;
+    }
+    let mut config = env.config();
+    config.relay.batch_size = 500;
+    let mut relays: Vec<RelayProcess> = (0..3).map(|_| spawn_relay_process(&env, &config)).collect();
+    wait_until(PATIENCE, "three relays to share the shards", || async {
+        let holders = shard_holders(&db).await;
+        holders.len() == 3 && holders.values().sum::<usize>() == config.relay.shards as usize
+    })
+    .await;
+    wait_until(PATIENCE, "draining to be under way", || async { unpublished_count(&db).await < ROWS as i64 }).await;
+
+    let victim = relays.remove(0);
+    victim.signal(libc::SIGKILL);
+    let killed_at = std::time::Instant::now();
+    wait_until(PATIENCE, "the survivors to take over the dead relay's shards", || async {
+        let holders = shard_holders(&db).await;
+        holders.len() == 2 && holders.values().sum::<usize>() == config.relay.shards as usize
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    assert!(takeover < std::time::Duration::from_secs(20), "takeover took {takeover:?}");
+    eprintln!("shards taken over {takeover:?} after the kill");
+
+    wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
+    for relay in &mut relays {
+        relay.signal(libc::SIGTERM);
+        assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+    }
+
+    let records = read_topic(&env.brokers, &topic).await;
+    let distinct: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
+    assert_eq!(distinct, all_event_ids(&db).await, "nothing lost");
+    identical_duplicates(&records);
+    assert_first_copies_in_key_order(&records);
+    for record in &records {
+        let key = record.key.as_deref().expect("keyed");
+        assert_eq!(record.partition, java_partition(key.as_bytes(), partitions), "key {key} changed partition");
+    }
+}
