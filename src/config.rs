@@ -163,11 +163,11 @@ pub struct Columns {
     /// The error of the last failed attempt.
     #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub last_error: Option<String>,
-    /// The snapshot horizon recorded at insert (`xid8`): a row is claimed only once every
-    /// transaction that was running when it was inserted has finished, so a lower id that
-    /// commits late is never overtaken within its key.
+    /// The inserting transaction's id (`xid8`, default `pg_current_xact_id()`): a row is
+    /// claimed only once its transaction and every transaction that started writing before it
+    /// have finished, so a lower id that commits late is never overtaken within its key.
     #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
-    pub xid_horizon: Option<String>,
+    pub xact_id: Option<String>,
     /// When the last failed attempt happened; retries back off from it.
     #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub last_attempt_at: Option<String>,
@@ -190,7 +190,7 @@ impl Default for Columns {
             published_at: Some("published_at".to_owned()),
             attempts: Some("attempts".to_owned()),
             last_error: Some("last_error".to_owned()),
-            xid_horizon: Some("xid_horizon".to_owned()),
+            xact_id: Some("xact_id".to_owned()),
             last_attempt_at: Some("last_attempt_at".to_owned()),
             failed_at: Some("failed_at".to_owned()),
         }
@@ -486,7 +486,7 @@ impl Columns {
             ("published_at", &self.published_at),
             ("attempts", &self.attempts),
             ("last_error", &self.last_error),
-            ("xid_horizon", &self.xid_horizon),
+            ("xact_id", &self.xact_id),
             ("last_attempt_at", &self.last_attempt_at),
             ("failed_at", &self.failed_at),
         ] {

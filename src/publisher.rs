@@ -78,15 +78,25 @@ pub enum Outcome {
     Acked,
     /// It was not delivered; its row stays unpublished and records the error.
     Failed(DeliveryError),
-    /// It was not sent because an earlier record of the same topic and key failed to enqueue;
-    /// sending it would have overtaken that record. The row stays unpublished, untouched.
+    /// It was not sent because an earlier record of the same key failed before it could be
+    /// sent; sending it would have overtaken that record. The row stays unpublished, untouched.
     Deferred,
 }
 
 /// The Kafka producer with the relay's settings.
 pub struct Publisher {
     producer: FutureProducer<RelayContext>,
+    /// Topics the cluster confirmed to exist, and when. A record for a topic that does not
+    /// exist would otherwise hold its whole batch for librdkafka's metadata propagation wait.
+    known_topics: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a topic check may wait for the cluster's answer; without one the records are
+/// produced and librdkafka decides.
+const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a confirmed topic is trusted before it is checked again.
+const TOPIC_RECHECK_AFTER: Duration = Duration::from_secs(60);
 
 /// The librdkafka configuration for a relay: brokers, the relay's defaults, then the user's
 /// properties.
@@ -138,7 +148,7 @@ impl Publisher {
     pub fn new(config: &Config) -> Result<Publisher, PublisherError> {
         let producer =
             producer_config(config).create_with_context(RelayContext::default()).map_err(PublisherError::Create)?;
-        Ok(Publisher { producer })
+        Ok(Publisher { producer, known_topics: Mutex::new(HashMap::new()) })
     }
 
     /// Sends every record and waits for every delivery report. Records of one topic and key
@@ -146,12 +156,21 @@ impl Publisher {
     pub async fn publish(&self, records: &[Record]) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Deferred; records.len()];
         let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(records.len());
-        let mut blocked: HashSet<(&str, Option<&str>)> = HashSet::new();
+        // Keys whose earlier record failed before it could be sent: their later records wait, so
+        // that a key's events never overtake each other (on any topic). Keyless records have no
+        // order to keep.
+        let mut blocked: HashSet<&str> = HashSet::new();
         let mut next_to_await = 0;
+        let missing = self.missing_topics(records).await;
 
         for (index, record) in records.iter().enumerate() {
-            let key = (record.topic.as_str(), record.key.as_deref());
-            if blocked.contains(&key) {
+            let key = record.key.as_deref();
+            if key.is_some_and(|k| blocked.contains(k)) {
+                continue;
+            }
+            if let Some(error) = missing.get(&record.topic) {
+                outcomes[index] = Outcome::Failed(error.clone());
+                blocked.extend(key);
                 continue;
             }
             loop {
@@ -171,7 +190,7 @@ impl Publisher {
                     }
                     Err((error, _)) => {
                         outcomes[index] = Outcome::Failed(classify(&error));
-                        blocked.insert(key);
+                        blocked.extend(key);
                         break;
                     }
                 }
@@ -181,6 +200,63 @@ impl Publisher {
             outcomes[index] = outcome_of(delivery.await);
         }
         outcomes
+    }
+
+    /// The topics of `records` the cluster says do not exist (or may not be written), with the
+    /// error for their records. Topics it confirms are remembered for a minute; when it does
+    /// not answer, the records are produced and librdkafka reports what happens.
+    async fn missing_topics(&self, records: &[Record]) -> HashMap<String, DeliveryError> {
+        let unchecked: HashSet<&str> = match self.known_topics.lock() {
+            Ok(known) => records
+                .iter()
+                .map(|r| r.topic.as_str())
+                .filter(|t| known.get(*t).is_none_or(|at| at.elapsed() > TOPIC_RECHECK_AFTER))
+                .collect(),
+            Err(_) => HashSet::new(),
+        };
+        let mut missing = HashMap::new();
+        for topic in unchecked {
+            let producer = self.producer.clone();
+            let name = topic.to_owned();
+            let answer = tokio::task::spawn_blocking(move || {
+                producer.client().fetch_metadata(Some(&name), TOPIC_CHECK_TIMEOUT).map(|metadata| {
+                    metadata.topics().iter().find(|t| t.name() == name).map(|t| (t.error(), t.partitions().is_empty()))
+                })
+            })
+            .await;
+            let verdict = match answer {
+                Ok(Ok(Some((None, false)))) => None,
+                Ok(Ok(Some((Some(error), _)))) => Some(RDKafkaErrorCode::from(error)),
+                Ok(Ok(_)) => Some(RDKafkaErrorCode::UnknownTopicOrPartition),
+                // No answer (broker unreachable): no verdict, produce and let librdkafka decide.
+                _ => continue,
+            };
+            let failure = |reason: &'static str, message: String| DeliveryError {
+                reason,
+                message,
+                transient: false,
+                producer_unusable: false,
+            };
+            match verdict {
+                None => {
+                    if let Ok(mut known) = self.known_topics.lock() {
+                        known.insert(topic.to_owned(), Instant::now());
+                    }
+                }
+                Some(code @ (RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) => {
+                    let message = format!(
+                        "topic {topic} does not exist on the cluster ({code}); create it: the relay never creates topics"
+                    );
+                    missing.insert(topic.to_owned(), failure("unknown_topic", message));
+                }
+                Some(code @ RDKafkaErrorCode::TopicAuthorizationFailed) => {
+                    let message = format!("not authorized to write to topic {topic} ({code})");
+                    missing.insert(topic.to_owned(), failure("not_authorized", message));
+                }
+                Some(_) => {}
+            }
+        }
+        missing
     }
 
     /// Waits up to `timeout` for queued records to be delivered (at shutdown).

@@ -417,9 +417,9 @@ fn warn_about_layout(outbox: &Outbox) {
             "the claim order column is a uuid: per-key order holds only if ids are time-ordered (UUIDv7); set outbox.columns.order_by to a sequence column"
         );
     }
-    if layout.mapping.xid_horizon.is_none() {
+    if layout.mapping.xact_id.is_none() {
         warn!(
-            "outbox.columns.xid_horizon is not set: a row whose transaction commits late can be overtaken by a later row of its key"
+            "outbox.columns.xact_id is not set: a row whose transaction commits late can be overtaken by a later row of its key"
         );
     }
 }

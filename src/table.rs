@@ -219,8 +219,8 @@ pub struct Mapping {
     pub attempts: Option<Identifier>,
     /// Last failure text.
     pub last_error: Option<Identifier>,
-    /// Snapshot horizon recorded at insert (commit-order safety).
-    pub xid_horizon: Option<Identifier>,
+    /// Id of the inserting transaction (commit-order safety).
+    pub xact_id: Option<Identifier>,
     /// Time of the last failed attempt (per-row retry backoff).
     pub last_attempt_at: Option<Identifier>,
     /// Set when the relay gives up on a row.
@@ -259,7 +259,7 @@ impl Mapping {
             published_at: if outbox.mark == MarkMode::Update { optional(&c.published_at)? } else { None },
             attempts: optional(&c.attempts)?,
             last_error: optional(&c.last_error)?,
-            xid_horizon: optional(&c.xid_horizon)?,
+            xact_id: optional(&c.xact_id)?,
             last_attempt_at: optional(&c.last_attempt_at)?,
             failed_at: optional(&c.failed_at)?,
             mark: outbox.mark,
@@ -300,7 +300,7 @@ impl Mapping {
             ("published_at", &self.published_at),
             ("attempts", &self.attempts),
             ("last_error", &self.last_error),
-            ("xid_horizon", &self.xid_horizon),
+            ("xact_id", &self.xact_id),
             ("last_attempt_at", &self.last_attempt_at),
             ("failed_at", &self.failed_at),
         ] {
@@ -364,8 +364,8 @@ impl Mapping {
         if let Some(last_error) = &self.last_error {
             expect("outbox.columns.last_error", last_error, &["text", "character varying"], "text")?;
         }
-        if let Some(horizon) = &self.xid_horizon {
-            expect("outbox.columns.xid_horizon", horizon, &["xid8"], "xid8 (see sql/migrations/0002)")?;
+        if let Some(horizon) = &self.xact_id {
+            expect("outbox.columns.xact_id", horizon, &["xid8"], "xid8 (see sql/migrations/0002)")?;
         }
         if let Some(last_attempt_at) = &self.last_attempt_at {
             expect("outbox.columns.last_attempt_at", last_attempt_at, TIMESTAMPS, "timestamptz")?;
@@ -498,9 +498,9 @@ impl Layout {
     ///
     /// It looks at a window of the next `$1` unpublished rows of the shards (skipping rows that
     /// failed for good, rows waiting out a retry backoff and rows held back by such an earlier
-    /// row of their key), and returns those that are ready: every transaction that was running
-    /// when they were inserted has finished, and no earlier row of their key in the window is
-    /// still waiting for that. So a lower id that commits late is never overtaken within its
+    /// row of their key), and returns those that are ready: their transaction, and every
+    /// transaction that started writing before it, has finished; and no earlier row of their key
+    /// in the window is still waiting for that. So a lower id that commits late is never overtaken within its
     /// key, and the work per claim stays bounded by the batch size, whatever the backlog.
     ///
     /// Every column is qualified: the selected `id::text` is itself named `id`, and an
@@ -525,8 +525,8 @@ impl Layout {
             // Keep $3 and $4 typed when no clause uses them.
             filters.push("$3::float8 IS NOT NULL AND $4::float8 IS NOT NULL".to_owned());
         }
-        let ready = match &m.xid_horizon {
-            Some(h) => format!("(o.{h} IS NULL OR o.{h} <= pg_snapshot_xmin(pg_current_snapshot()))"),
+        let ready = match &m.xact_id {
+            Some(h) => format!("(o.{h} IS NULL OR o.{h} < pg_snapshot_xmin(pg_current_snapshot()))"),
             None => "true".to_owned(),
         };
         let topic: Vec<String> =
@@ -632,8 +632,8 @@ impl Layout {
             }
             None => "NULL::float8".to_owned(),
         };
-        let held = match &m.xid_horizon {
-            Some(h) => format!("count(*) FILTER (WHERE {h} > pg_snapshot_xmin(pg_current_snapshot()))"),
+        let held = match &m.xact_id {
+            Some(h) => format!("count(*) FILTER (WHERE {h} >= pg_snapshot_xmin(pg_current_snapshot()))"),
             None => "0::int8".to_owned(),
         };
         format!(
@@ -857,7 +857,7 @@ mod tests {
         let sql = layout.claim_sql();
         assert!(sql.contains("ORDER BY o.\"id\" LIMIT $1"), "a window of the next rows in id order: {sql}");
         assert!(sql.contains("o.\"published_at\" IS NULL AND o.\"failed_at\" IS NULL"), "{sql}");
-        assert!(sql.contains("o.\"xid_horizon\" <= pg_snapshot_xmin(pg_current_snapshot())"), "{sql}");
+        assert!(sql.contains("o.\"xact_id\" < pg_snapshot_xmin(pg_current_snapshot())"), "{sql}");
         assert!(sql.contains("% 16) = ANY($2::int4[])"), "only this relay's shards: {sql}");
         assert!(layout.mark_published_sql().contains("::bigint[]"));
     }
@@ -895,7 +895,7 @@ mod tests {
             ("published_at", "timestamp with time zone"),
             ("attempts", "integer"),
             ("last_error", "text"),
-            ("xid_horizon", "xid8"),
+            ("xact_id", "xid8"),
             ("last_attempt_at", "timestamp with time zone"),
             ("failed_at", "timestamp with time zone"),
         ]

@@ -57,7 +57,7 @@ async fn a_debezium_style_table_is_relayed_with_a_topic_template_and_deleted_on_
     columns.published_at = None;
     columns.attempts = None;
     columns.last_error = None;
-    columns.xid_horizon = None;
+    columns.xact_id = None;
     columns.last_attempt_at = None;
     columns.failed_at = None;
     config.validate().expect("a Debezium layout is a valid configuration");
@@ -120,7 +120,7 @@ async fn relay_one_payload(env: &TestEnv, payload_type: &str, payload_sql: &str)
     columns.created_at = Some("made_at".into());
     columns.attempts = Some("tries".into());
     columns.last_error = Some("problem".into());
-    columns.xid_horizon = None;
+    columns.xact_id = None;
     columns.last_attempt_at = None;
     columns.failed_at = None;
     let relay = env.spawn_relay(config);
@@ -163,7 +163,7 @@ async fn a_payload_column_of_an_unsupported_type_is_refused_by_name() {
         .unwrap();
     let mut config = env.config();
     config.outbox.table = "numbers".into();
-    config.outbox.columns.xid_horizon = None;
+    config.outbox.columns.xact_id = None;
     config.outbox.columns.last_attempt_at = None;
     config.outbox.columns.failed_at = None;
     let relay = outbox_relay::Relay::new(config, outbox_relay::Shutdown::new()).unwrap();

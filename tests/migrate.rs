@@ -39,7 +39,7 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
         ("published_at", "timestamp with time zone"),
         ("attempts", "integer"),
         ("last_error", "text"),
-        ("xid_horizon", "xid8"),
+        ("xact_id", "xid8"),
         ("last_attempt_at", "timestamp with time zone"),
         ("failed_at", "timestamp with time zone"),
     ];

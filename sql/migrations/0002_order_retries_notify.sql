@@ -1,13 +1,13 @@
 -- Commit-order safety, poison rows and wake-ups. Adds nullable columns and defaults only, so it
 -- does not rewrite an existing table.
 
--- The snapshot horizon of the inserting statement: every transaction with an id below it had
--- either finished or was running when the row was inserted. The relay publishes a row only
--- once all of those have finished, so a row with a lower id that commits late (its
--- transaction was still open) is never overtaken by this one. NULL (rows from before this
--- migration) means "ready".
-ALTER TABLE outbox ADD COLUMN IF NOT EXISTS xid_horizon xid8;
-ALTER TABLE outbox ALTER COLUMN xid_horizon SET DEFAULT pg_snapshot_xmax(pg_current_snapshot());
+-- The id of the inserting transaction. Ids are assigned at insert, not at commit, so a lower id
+-- can become visible after higher ones; the relay publishes a row only once its transaction
+-- and every transaction that started writing before it have finished (its xact_id is below the
+-- oldest running transaction), so a late-committing lower id is never overtaken within its key
+-- and never skipped. NULL (rows from before this migration) means "ready".
+ALTER TABLE outbox ADD COLUMN IF NOT EXISTS xact_id xid8;
+ALTER TABLE outbox ALTER COLUMN xact_id SET DEFAULT pg_current_xact_id();
 
 -- When the last failed attempt happened (retries back off from it), and when the relay gave
 -- up on the row: a failed row is not retried until `outbox-relay retry` re-queues it.

@@ -1,0 +1,188 @@
+//! Poison rows: a row that cannot be published is retried with backoff up to
+//! `relay.max_attempts`, then marked failed with its error. It never stops other keys and never
+//! crashes the relay; with `on_poison = "park_key"` later rows of its key wait until
+//! `outbox-relay retry` re-queues it, with `"skip"` they flow.
+
+mod support;
+
+use std::time::Duration;
+
+use outbox_relay::config::OnPoison;
+use support::*;
+
+fn poison_config(env: &TestEnv) -> outbox_relay::Config {
+    let mut config = env.config();
+    config.relay.max_attempts = 3;
+    config.relay.retry_backoff_initial = Duration::from_millis(50);
+    config.relay.retry_backoff_max = Duration::from_millis(200);
+    config
+}
+
+async fn failed_count(db: &tokio_postgres::Client) -> i64 {
+    db.query_one("SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL", &[]).await.unwrap().get(0)
+}
+
+async fn published_keys(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query("SELECT key || ':' || (payload->>'n') FROM outbox WHERE published_at IS NOT NULL ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn command(env: &TestEnv, config: &outbox_relay::Config, args: &[&str]) -> (i32, String, String) {
+    let path = write_config(env, config);
+    let mut full = vec!["--config", path.to_str().unwrap()];
+    full.extend_from_slice(args);
+    run_command(&full, &[("RUST_LOG", "off")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_too_large_and_a_row_for_a_missing_topic_fail_and_park_only_their_keys() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    let huge = "x".repeat(3 * 1024 * 1024);
+    let mut too_large = NewEvent::keyed(&topic, "A", 1);
+    too_large.payload = Some(format!(r#"{{"n": 1, "blob": "{huge}"}}"#));
+    insert_events(
+        &db,
+        &[
+            too_large,
+            NewEvent::keyed(&topic, "A", 2),
+            NewEvent::keyed(&missing, "B", 1),
+            NewEvent::keyed(&topic, "B", 2),
+            NewEvent::keyed(&topic, "C", 1),
+            NewEvent::keyed(&topic, "C", 2),
+        ],
+    )
+    .await;
+
+    let config = poison_config(&env);
+    let relay = env.spawn_relay(config.clone());
+    wait_until(PATIENCE, "both poison rows to be given up on", || async { failed_count(&db).await == 2 }).await;
+    wait_until(PATIENCE, "the healthy key to flow", || async { published_keys(&db).await == ["C:1", "C:2"] }).await;
+
+    let rows = db
+        .query("SELECT key, attempts, last_error FROM outbox WHERE failed_at IS NOT NULL ORDER BY key", &[])
+        .await
+        .unwrap();
+    let errors: Vec<(String, i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(errors[0].0, "A");
+    assert_eq!(errors[0].1, 3, "retried up to relay.max_attempts");
+    assert!(errors[0].2.contains("MessageSizeTooLarge"), "{}", errors[0].2);
+    assert_eq!(errors[1].0, "B");
+    assert!(errors[1].2.contains("does not exist"), "{}", errors[1].2);
+    assert!(relay.metrics.publish_errors.with_label_values(&["message_too_large"]).get() >= 3);
+    assert!(relay.metrics.publish_errors.with_label_values(&["unknown_topic"]).get() >= 3);
+    wait_until(PATIENCE, "the failed-rows gauge", || async { relay.metrics.failed_rows.get() == 2 }).await;
+    assert!(!relay.is_finished(), "poison rows never stop the relay");
+    assert_eq!(unpublished_count(&db).await, 4, "A:2 and B:2 wait behind their keys' failed rows");
+
+    let (code, stdout, stderr) = command(&env, &config, &["status", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["failed_rows"], 2, "{status:#}");
+    assert_eq!(status["pending_rows"], 2, "{status:#}");
+    let parked: Vec<&str> =
+        status["parked_keys"].as_array().unwrap().iter().map(|p| p["key"].as_str().unwrap()).collect();
+    assert_eq!(parked.len(), 2, "{status:#}");
+    assert!(parked.contains(&"A") && parked.contains(&"B"), "{status:#}");
+    assert_eq!(status["failed_by_error"].as_array().unwrap().len(), 2, "{status:#}");
+    let (_, text, _) = command(&env, &config, &["status"]);
+    assert!(text.contains("failed     2 rows") && text.contains("key B behind failed row"), "{text}");
+
+    // The operator creates the topic and re-queues key B: its rows go out, in order.
+    create_topic(&env.brokers, &missing, 1).await;
+    let (code, stdout, stderr) = command(&env, &config, &["retry", "--key", "B"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("re-queued 1 failed rows"), "{stdout}");
+    wait_until(PATIENCE, "key B to flow after the retry", || async {
+        published_keys(&db).await == ["B:1", "B:2", "C:1", "C:2"]
+    })
+    .await;
+    assert_eq!(failed_count(&db).await, 1, "A's oversized row stays failed");
+    relay.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_poison_skip_later_rows_of_a_failed_key_flow() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let db = env.client().await;
+    let mut bad = NewEvent::keyed(&topic, "A", 1);
+    bad.headers = Some(r#"{"retries": 3}"#.into());
+    insert_events(&db, &[bad, NewEvent::keyed(&topic, "A", 2)]).await;
+
+    let mut config = poison_config(&env);
+    config.relay.on_poison = OnPoison::Skip;
+    let relay = env.spawn_relay(config);
+    wait_until(PATIENCE, "the bad row to fail and the next to flow", || async {
+        failed_count(&db).await == 1 && published_keys(&db).await == ["A:2"]
+    })
+    .await;
+    relay.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_topic_in_a_custom_table_is_a_poison_row_not_a_crash() {
+    let env = TestEnv::start().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE events (
+            id bigserial PRIMARY KEY, event_id uuid NOT NULL DEFAULT gen_random_uuid(),
+            destination text, key text, payload jsonb, created_at timestamptz NOT NULL DEFAULT now(),
+            published_at timestamptz, attempts int NOT NULL DEFAULT 0, last_error text,
+            last_attempt_at timestamptz, failed_at timestamptz)",
+    )
+    .await
+    .unwrap();
+    let topic = env.create_topic(1).await;
+    db.execute("INSERT INTO events (destination, key, payload) VALUES (NULL, 'X', '{}'), ($1, 'Y', '{}')", &[&topic])
+        .await
+        .unwrap();
+    let mut config = poison_config(&env);
+    config.outbox.table = "events".into();
+    config.outbox.columns.topic = Some("destination".into());
+    config.outbox.columns.headers = None;
+    config.outbox.columns.xact_id = None;
+    let relay = env.spawn_relay(config);
+    consume(&env.brokers, &topic, 1).await;
+    wait_until(PATIENCE, "the row without a topic to be given up on", || async {
+        let row =
+            db.query_one("SELECT failed_at IS NOT NULL, last_error FROM events WHERE key = 'X'", &[]).await.unwrap();
+        row.get::<_, bool>(0)
+    })
+    .await;
+    let error: String = db.query_one("SELECT last_error FROM events WHERE key = 'X'", &[]).await.unwrap().get(0);
+    assert!(error.contains("\"destination\" is NULL"), "{error}");
+    assert!(!relay.is_finished());
+    relay.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "INSERT INTO outbox (topic, key, payload, attempts, last_error, failed_at) \
+         SELECT 't', 'k' || n, '{}', 3, 'boom', now() FROM generate_series(1, 4) n; \
+         INSERT INTO outbox (topic, key, payload) VALUES ('t', 'pending', '{}')",
+    )
+    .await
+    .unwrap();
+    let config = env.config();
+    let (code, stdout, _) = command(&env, &config, &["retry", "--id", "1,2"]);
+    assert_eq!((code, stdout.trim()), (0, "re-queued 2 failed rows"));
+    let (_, stdout, _) = command(&env, &config, &["retry", "--all"]);
+    assert_eq!(stdout.trim(), "re-queued 2 failed rows");
+    let row = db.query_one("SELECT count(*), max(attempts) FROM outbox WHERE failed_at IS NULL", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i32>(1)), (5, 0), "attempts reset, failed_at cleared");
+    let (code, _, stderr) = command(&env, &config, &["retry"]);
+    assert_eq!(code, 2, "one of --id, --key or --all is required: {stderr}");
+}
