@@ -107,9 +107,7 @@ async fn twelve_kill_nines_during_a_fifty_thousand_row_drain_lose_nothing() {
     let events = |range: std::ops::Range<usize>, topic: &str| -> Vec<NewEvent> {
         range.map(|n| NewEvent::keyed(topic, &format!("key-{}", n % KEYS), n)).collect()
     };
-    for start in (0..BACKLOG).step_by(5_000) {
-        insert_events(&db, &events(start..start + 5_000, &topic)).await;
-    }
+    insert_backlog(&db, &topic, 0..BACKLOG, KEYS).await;
     let writer_db = env.client().await;
     let writer_topic = topic.clone();
     let writer = tokio::spawn(async move {

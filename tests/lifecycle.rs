@@ -7,14 +7,6 @@ use std::collections::HashSet;
 
 use support::*;
 
-async fn insert_backlog(db: &tokio_postgres::Client, topic: &str, rows: usize) {
-    for start in (0..rows).step_by(5_000) {
-        let events: Vec<NewEvent> =
-            (start..(start + 5_000).min(rows)).map(|n| NewEvent::keyed(topic, &format!("k{}", n % 20), n)).collect();
-        insert_events(db, &events).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_drain_finishes_the_batch_in_flight_marks_it_and_exits_zero() {
     const ROWS: usize = 40_000;
@@ -22,7 +14,7 @@ async fn sigterm_mid_drain_finishes_the_batch_in_flight_marks_it_and_exits_zero(
     env.migrate().await;
     let topic = env.create_topic(3).await;
     let db = env.client().await;
-    insert_backlog(&db, &topic, ROWS).await;
+    insert_backlog(&db, &topic, 0..ROWS, 20).await;
 
     let mut relay = spawn_relay_process(&env, &env.config());
     wait_until(PATIENCE, "the first batches to be marked", || async { unpublished_count(&db).await < ROWS as i64 })
@@ -119,7 +111,7 @@ async fn a_broker_that_hangs_mid_run_is_ridden_out_without_loss_or_false_marks()
     env.migrate().await;
     let topic = env.create_topic(2).await;
     let db = env.client().await;
-    insert_backlog(&db, &topic, 20_000).await;
+    insert_backlog(&db, &topic, 0..20_000, 20).await;
     let mut config = env.config();
     config.relay.batch_size = 500;
     config.kafka.properties.insert("message.timeout.ms".into(), "2000".into());

@@ -12,15 +12,6 @@ use support::*;
 /// How long each outage lasts: long enough for several failed attempts and backoff rounds.
 const OUTAGE: Duration = Duration::from_secs(20);
 
-async fn backlog(env: &TestEnv, topic: &str, rows: usize) {
-    let db = env.client().await;
-    for start in (0..rows).step_by(5_000) {
-        let events: Vec<NewEvent> =
-            (start..start + 5_000).map(|n| NewEvent::keyed(topic, &format!("k{}", n % 30), n)).collect();
-        insert_events(&db, &events).await;
-    }
-}
-
 fn event_ids(records: &[Received]) -> HashSet<String> {
     records.iter().map(|r| r.event_id()).collect()
 }
@@ -34,7 +25,7 @@ async fn a_broker_down_for_twenty_seconds_mid_drain_loses_nothing_and_marks_noth
     };
     env.migrate().await;
     let topic = env.create_topic(3).await;
-    backlog(&env, &topic, 30_000).await;
+    insert_backlog(&env.client().await, &topic, 0..30_000, 30).await;
     let db = env.client().await;
     let mut config = env.config();
     config.relay.batch_size = 500;
@@ -85,7 +76,7 @@ async fn postgresql_down_for_twenty_seconds_mid_drain_loses_nothing() {
     }
     env.migrate().await;
     let topic = env.create_topic(3).await;
-    backlog(&env, &topic, 30_000).await;
+    insert_backlog(&env.client().await, &topic, 0..30_000, 30).await;
     let db = env.client().await;
     let mut config = env.config();
     config.relay.batch_size = 500;

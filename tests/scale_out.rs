@@ -78,11 +78,7 @@ async fn three_relays_one_killed_mid_drain_lose_nothing_and_keep_key_order() {
     let partitions = 3;
     let topic = env.create_topic(partitions).await;
     let db = env.client().await;
-    for start in (0..ROWS).step_by(5_000) {
-        let events: Vec<NewEvent> =
-            (start..start + 5_000).map(|n| NewEvent::keyed(&topic, &format!("key-{}", n % KEYS), n)).collect();
-        insert_events(&db, &events).await;
-    }
+    insert_backlog(&db, &topic, 0..ROWS, KEYS).await;
     let mut config = env.config();
     config.relay.batch_size = 500;
     let mut relays: Vec<RelayProcess> = (0..3).map(|_| spawn_relay_process(&env, &config)).collect();
@@ -153,11 +149,7 @@ async fn three_relays_a_kill_a_late_commit_and_two_poison_rows_together() {
         ],
     )
     .await;
-    for start in (0..ROWS).step_by(5_000) {
-        let events: Vec<NewEvent> =
-            (start..start + 5_000).map(|n| NewEvent::keyed(&topic, &format!("key-{}", n % KEYS), n)).collect();
-        insert_events(&db, &events).await;
-    }
+    insert_backlog(&db, &topic, 0..ROWS, KEYS).await;
 
     let mut config = env.config();
     config.relay.batch_size = 500;

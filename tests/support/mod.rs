@@ -674,6 +674,18 @@ pub async fn insert_events(client: &Client, events: &[NewEvent]) -> Vec<i64> {
     ids
 }
 
+/// Inserts events `range` of `topic`, keyed `key-{n % keys}`, in transactions of up to 5,000.
+pub async fn insert_backlog(db: &Client, topic: &str, range: std::ops::Range<usize>, keys: usize) {
+    let mut start = range.start;
+    while start < range.end {
+        let end = (start + 5_000).min(range.end);
+        let events: Vec<NewEvent> =
+            (start..end).map(|n| NewEvent::keyed(topic, &format!("key-{}", n % keys), n)).collect();
+        insert_events(db, &events).await;
+        start = end;
+    }
+}
+
 /// Event ids of the standard outbox table's rows that match `filter` (a SQL condition).
 async fn event_ids_where(db: &Client, filter: &str) -> std::collections::HashSet<String> {
     let sql = format!("SELECT event_id::text FROM outbox WHERE {filter}");
