@@ -88,6 +88,9 @@ async fn apply(client: &mut Client) -> Result<MigrateReport, MigrateError> {
     let wrap = |name: &'static str| move |source| MigrateError::Statement { name, source };
     let tx = client.transaction().await.map_err(wrap("begin"))?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&LOCK_KEY]).await.map_err(wrap("lock"))?;
+    // IF [NOT] EXISTS clauses send NOTICEs ("... does not exist, skipping") that would reach the
+    // operator's terminal as log lines; they carry nothing to act on.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await.map_err(wrap("settings"))?;
     tx.batch_execute(CREATE_VERSION_TABLE).await.map_err(wrap("version table"))?;
     let applied: Vec<i32> = tx
         .query("SELECT version FROM outbox_relay_schema_migrations", &[])

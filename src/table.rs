@@ -792,7 +792,7 @@ pub const UNLOCK_SHARD_SQL: &str = "SELECT pg_advisory_unlock(hashtext('outbox-r
 /// The relays of table `$1` (their membership locks) and who holds which shard: one row per
 /// lock, `kind` 'member' or 'shard', the number, and the holder's pid and client address.
 pub const OWNERSHIP_SQL: &str = "SELECT CASE WHEN l.classid = (hashtext('outbox-relay-member:' || $1) & 2147483647)::oid \
-     THEN 'member' ELSE 'shard' END, l.objid::int8, l.pid, coalesce(host(a.client_addr), 'local') \
+     THEN 'member' ELSE 'shard' END, l.objid::int8, l.pid, coalesce(host(a.client_addr), '-') \
      FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid \
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid IN ( \
        (hashtext('outbox-relay-member:' || $1) & 2147483647)::oid, (hashtext('outbox-relay-shard:' || $1) & 2147483647)::oid) \

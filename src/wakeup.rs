@@ -52,26 +52,32 @@ async fn listen_until_shutdown(config: Config, notify: Arc<Notify>, shutdown: Sh
             ended = listen_once(&config, &notify) => ended,
             _ = shutdown.requested() => return,
         };
+        if ended.was_listening {
+            backoff.reset();
+        }
         let delay = backoff.next_delay();
-        warn!(error = %ended, retry_in = ?delay, "LISTEN connection lost; polling until it is back");
+        warn!(error = %ended.reason, retry_in = ?delay, "LISTEN connection lost; polling until it is back");
         // A commit may have happened while no one listened.
         notify.notify_one();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.requested() => return,
         }
-        if ended.contains("connect") {
-            continue;
-        }
-        backoff.reset();
     }
 }
 
-/// Runs one LISTEN connection until it fails; returns why.
-async fn listen_once(config: &Config, notify: &Arc<Notify>) -> String {
+/// Why a LISTEN connection ended.
+struct Ended {
+    reason: String,
+    /// Whether LISTEN had succeeded (so the next attempt starts with a short backoff).
+    was_listening: bool,
+}
+
+/// Runs one LISTEN connection until it fails.
+async fn listen_once(config: &Config, notify: &Arc<Notify>) -> Ended {
     let (client, mut connection) = match crate::outbox::connect_raw(config).await {
         Ok(pair) => pair,
-        Err(e) => return format!("connect: {e}"),
+        Err(e) => return Ended { reason: e.to_string(), was_listening: false },
     };
     let notify = notify.clone();
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -87,14 +93,14 @@ async fn listen_once(config: &Config, notify: &Arc<Notify>) -> String {
     };
     let listen = async {
         if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-            return crate::outbox::describe_pg_error(&e);
+            return Ended { reason: crate::outbox::describe_pg_error(&e), was_listening: false };
         }
         debug!(channel = CHANNEL, "listening for new rows");
         // Keep the client (and so the connection) alive while notifications are forwarded.
-        std::future::pending::<String>().await
+        std::future::pending::<Ended>().await
     };
     tokio::select! {
-        ended = forward => ended,
+        reason = forward => Ended { reason, was_listening: true },
         ended = listen => ended,
     }
 }
