@@ -54,6 +54,63 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Log output.
     pub log: LogConfig,
+    /// What `/healthz` and `/readyz` answer.
+    pub health: HealthConfig,
+    /// Deleting published rows after a while.
+    pub retention: RetentionConfig,
+    /// Exporting the relay's own spans.
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[health]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `/healthz` fails when one step of the loop (a claim, a batch's delivery reports, a mark)
+    /// has taken longer than this. Keep it above `message.timeout.ms`.
+    #[serde(with = "humantime_serde")]
+    pub liveness_timeout: Duration,
+    /// `/readyz` fails when the relay has had rows to publish for this long without any being
+    /// acknowledged (and at once when PostgreSQL or every broker is unreachable).
+    #[serde(with = "humantime_serde")]
+    pub readiness_window: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { liveness_timeout: Duration::from_secs(300), readiness_window: Duration::from_secs(60) }
+    }
+}
+
+/// `[retention]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delete rows published longer ago than this; empty keeps them (the default). Pending and
+    /// failed rows are never deleted.
+    #[serde(serialize_with = "serialize_optional_duration", deserialize_with = "deserialize_optional_duration")]
+    pub delete_published_after: Option<Duration>,
+    /// Rows deleted per statement, so that each delete holds its locks briefly.
+    pub batch_size: u32,
+    /// How often the relay looks for rows to delete.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { delete_published_after: None, batch_size: 1000, interval: Duration::from_secs(60) }
+    }
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP endpoint (e.g. `http://collector:4318`) that receives the relay's spans; empty
+    /// disables export.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `[database]`
@@ -174,6 +231,10 @@ pub struct Columns {
     /// Set when the relay gives up on a row after `relay.max_attempts`.
     #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub failed_at: Option<String>,
+    /// A W3C `traceparent` sent as the `traceparent` header, so a trace joins writer, relay and
+    /// consumer. Off by default; a `traceparent` in the headers column travels anyway.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub traceparent: Option<String>,
 }
 
 impl Default for Columns {
@@ -193,6 +254,7 @@ impl Default for Columns {
             xact_id: Some("xact_id".to_owned()),
             last_attempt_at: Some("last_attempt_at".to_owned()),
             failed_at: Some("failed_at".to_owned()),
+            traceparent: None,
         }
     }
 }
@@ -299,11 +361,14 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter such as `info` or `outbox_relay=debug,rdkafka=warn`.
     pub level: String,
+    /// Log each record's key and payload at debug level. Off by default: payloads are the
+    /// application's data and may be personal.
+    pub payloads: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Text, level: "info".to_owned() }
+        LogConfig { format: LogFormat::Text, level: "info".to_owned(), payloads: false }
     }
 }
 
@@ -425,6 +490,32 @@ impl Config {
                 ),
             ));
         }
+        for (key, value) in [
+            ("health.liveness_timeout", self.health.liveness_timeout),
+            ("health.readiness_window", self.health.readiness_window),
+            ("retention.interval", self.retention.interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+        }
+        if self.retention.batch_size == 0 {
+            return Err(ConfigError::new("retention.batch_size", "must be at least 1"));
+        }
+        if self.retention.delete_published_after.is_some() && self.outbox.mark == MarkMode::Delete {
+            return Err(ConfigError::new(
+                "retention.delete_published_after",
+                "has nothing to do with outbox.mark = \"delete\" (published rows are deleted at once); remove one of them",
+            ));
+        }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && url::Url::parse(endpoint).map(|u| !u.scheme().starts_with("http")).unwrap_or(true)
+        {
+            return Err(ConfigError::new(
+                "telemetry.otlp_endpoint",
+                format!("\"{endpoint}\" is not an http(s) URL such as http://collector:4318"),
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::new("log.level", format!("\"{}\": {e}", self.log.level)))?;
         Ok(())
@@ -489,6 +580,7 @@ impl Columns {
             ("xact_id", &self.xact_id),
             ("last_attempt_at", &self.last_attempt_at),
             ("failed_at", &self.failed_at),
+            ("traceparent", &self.traceparent),
         ] {
             if let Some(column) = column {
                 named.push((key, column.as_str()));
@@ -693,6 +785,22 @@ impl<'de> Deserialize<'de> for Scalar {
                 Any::B(b) => b.to_string(),
             },
         ))
+    }
+}
+
+/// An optional duration: empty means "off".
+fn deserialize_optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.is_empty() => Ok(None),
+        Some(s) => humantime::parse_duration(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+fn serialize_optional_duration<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+        None => s.serialize_str(""),
     }
 }
 

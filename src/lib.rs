@@ -18,6 +18,8 @@
 //! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
 //! - [`shards`]: which shards of the table this relay publishes, when several relays run.
 //! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
+//! - [`health`]: what `/healthz` and `/readyz` answer.
+//! - [`retention`]: deletes published rows after a configured age, in small batches.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint; [`stats`] refreshes the table's
 //!   gauges and warns about transactions that hold rows back.
 //! - [`status`]: what a running relay is doing: pending, failed, parked and held-back rows,
@@ -32,12 +34,14 @@
 pub mod audit;
 pub mod backoff;
 pub mod config;
+pub mod health;
 pub mod inbox;
 pub mod metrics;
 pub mod outbox;
 pub mod publisher;
 pub mod record;
 pub mod relay;
+pub mod retention;
 pub mod schema;
 pub mod shards;
 pub mod shutdown;

@@ -1,4 +1,5 @@
-//! Metric definitions and the HTTP endpoint that serves them in Prometheus text format.
+//! Metric definitions and the HTTP endpoint that serves them in Prometheus text format, beside
+//! the `/healthz` and `/readyz` probes.
 //!
 //! Each relay owns its own registry (no process globals), so several relays in one test
 //! process do not mix their numbers.
@@ -8,11 +9,17 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 
+use crate::config::HealthConfig;
+use crate::health::{Health, Verdict};
 use crate::shutdown::Shutdown;
 
 /// The relay's metrics. Names and labels are documented in the README; change both together.
@@ -40,6 +47,23 @@ pub struct Metrics {
     pub watermark_holdback: Gauge,
     /// `outbox_relay_shards_owned`: shards this relay publishes.
     pub shards_owned: IntGauge,
+    /// `outbox_relay_batch_size`: rows claimed per batch.
+    pub batch_size: Histogram,
+    /// `outbox_relay_delivery_latency_seconds`: from a row's creation to the broker's
+    /// acknowledgement of its record.
+    pub delivery_latency: Histogram,
+    /// `outbox_relay_producer_restarts_total`: new producer sessions started to recover.
+    pub producer_restarts: IntCounter,
+    /// `outbox_relay_retention_deleted_total`: published rows deleted by retention.
+    pub retention_deleted: IntCounter,
+    /// `outbox_relay_kafka_queue_messages`: records in librdkafka's queue (sent or waiting).
+    pub kafka_queue_messages: IntGauge,
+    /// `outbox_relay_kafka_brokers_up`: brokers librdkafka is connected to.
+    pub kafka_brokers_up: IntGauge,
+    /// `outbox_relay_kafka_broker_rtt_seconds{broker}`: average request round-trip time.
+    pub kafka_broker_rtt: GaugeVec,
+    /// `outbox_relay_kafka_request_retries_total`: requests librdkafka retried.
+    pub kafka_request_retries: IntCounter,
 }
 
 impl Metrics {
@@ -82,6 +106,50 @@ impl Metrics {
         .expect("static metric definition");
         let shards_owned = IntGauge::new("outbox_relay_shards_owned", "Shards of the table this relay publishes.")
             .expect("static metric definition");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("outbox_relay_batch_size", "Rows claimed per batch.")
+                .buckets(vec![1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]),
+        )
+        .expect("static metric definition");
+        let delivery_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "outbox_relay_delivery_latency_seconds",
+                "From a row's creation to the broker's acknowledgement of its record.",
+            )
+            .buckets(vec![
+                0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+            ]),
+        )
+        .expect("static metric definition");
+        let producer_restarts = IntCounter::new(
+            "outbox_relay_producer_restarts_total",
+            "New producer sessions started to recover from a broker that refused the old one.",
+        )
+        .expect("static metric definition");
+        let retention_deleted =
+            IntCounter::new("outbox_relay_retention_deleted_total", "Published rows deleted by retention.")
+                .expect("static metric definition");
+        let kafka_queue_messages = IntGauge::new(
+            "outbox_relay_kafka_queue_messages",
+            "Records in librdkafka's queue, sent or waiting to be (from its statistics).",
+        )
+        .expect("static metric definition");
+        let kafka_brokers_up = IntGauge::new("outbox_relay_kafka_brokers_up", "Brokers librdkafka is connected to.")
+            .expect("static metric definition");
+        let kafka_broker_rtt = GaugeVec::new(
+            Opts::new("outbox_relay_kafka_broker_rtt_seconds", "Average request round-trip time per broker."),
+            &["broker"],
+        )
+        .expect("static metric definition");
+        let kafka_request_retries =
+            IntCounter::new("outbox_relay_kafka_request_retries_total", "Requests to brokers that librdkafka retried.")
+                .expect("static metric definition");
+        let build_info = IntGaugeVec::new(
+            Opts::new("outbox_relay_build_info", "Always 1; the labels say which build is running."),
+            &["version"],
+        )
+        .expect("static metric definition");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for collector in [
             Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(publish_errors.clone()),
@@ -92,6 +160,15 @@ impl Metrics {
             Box::new(held_rows.clone()),
             Box::new(watermark_holdback.clone()),
             Box::new(shards_owned.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(delivery_latency.clone()),
+            Box::new(producer_restarts.clone()),
+            Box::new(retention_deleted.clone()),
+            Box::new(kafka_queue_messages.clone()),
+            Box::new(kafka_brokers_up.clone()),
+            Box::new(kafka_broker_rtt.clone()),
+            Box::new(kafka_request_retries.clone()),
+            Box::new(build_info),
         ] {
             registry.register(collector).expect("metric names are unique");
         }
@@ -109,6 +186,14 @@ impl Metrics {
             held_rows,
             watermark_holdback,
             shards_owned,
+            batch_size,
+            delivery_latency,
+            producer_restarts,
+            retention_deleted,
+            kafka_queue_messages,
+            kafka_brokers_up,
+            kafka_broker_rtt,
+            kafka_request_retries,
         })
     }
 
@@ -129,22 +214,56 @@ pub struct ServeError {
     source: std::io::Error,
 }
 
-/// Binds `addr` now (so a taken port fails at startup) and serves `/metrics` until shutdown.
-/// Returns the bound address, which differs from `addr` when its port is 0.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, shutdown: Shutdown) -> Result<SocketAddr, ServeError> {
+/// What the HTTP endpoint serves.
+#[derive(Clone)]
+struct Endpoint {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    config: HealthConfig,
+}
+
+/// Binds `addr` now (so a taken port fails at startup) and serves `/metrics`, `/healthz` and
+/// `/readyz` until shutdown. Returns the bound address, which differs from `addr` when its port
+/// is 0.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    config: HealthConfig,
+    shutdown: Shutdown,
+) -> Result<SocketAddr, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError { addr, source })?;
     let bound = listener.local_addr().map_err(|source| ServeError { addr, source })?;
-    let app = Router::new().route("/metrics", get(render_metrics)).with_state(metrics);
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Endpoint { metrics, health, config });
     tokio::spawn(async move {
         let stopped = async move { shutdown.requested().await };
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped).await {
             tracing::error!(error = %e, "metrics endpoint stopped");
         }
     });
-    tracing::info!(address = %bound, "serving metrics at /metrics");
+    tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
     Ok(bound)
 }
 
-async fn render_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render())
+async fn render_metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], endpoint.metrics.render())
+}
+
+async fn healthz(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    verdict_response(endpoint.health.alive(endpoint.config.liveness_timeout))
+}
+
+async fn readyz(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    verdict_response(endpoint.health.ready(endpoint.config.readiness_window))
+}
+
+/// 200 or 503, with the verdict as JSON so a person running curl sees why.
+fn verdict_response(verdict: Verdict) -> impl IntoResponse {
+    let status = if verdict.ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::to_string(&verdict).unwrap_or_else(|_| String::from("{}"));
+    (status, [(CONTENT_TYPE, "application/json")], body)
 }

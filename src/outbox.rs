@@ -371,6 +371,12 @@ impl Outbox {
         }))
     }
 
+    /// Deletes up to `limit` rows published more than `age` ago; returns how many.
+    pub async fn delete_published(&self, age: std::time::Duration, limit: i64) -> Result<u64, OutboxError> {
+        let Some(sql) = self.layout.retention_delete_sql() else { return Ok(0) };
+        self.client.execute(&sql, &[&age.as_secs_f64(), &limit]).await.map_err(OutboxError::query("retention"))
+    }
+
     /// Re-queues failed rows by id, by key, or all (both `None`); returns how many.
     pub async fn retry(&self, ids: Option<&[String]>, key: Option<&str>) -> Result<u64, OutboxError> {
         let Some(sql) = self.layout.retry_sql() else { return Ok(0) };
@@ -502,11 +508,13 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, (String, String)> 
     let key: Option<String> = row.try_get(claim_columns::KEY).map_err(|e| field("key", e))?;
     let payload: Option<RawPayload> = row.try_get(claim_columns::PAYLOAD).map_err(|e| field("payload", e))?;
     let headers: Option<String> = row.try_get(claim_columns::HEADERS).map_err(|e| field("headers", e))?;
+    let created_at: Option<f64> = row.try_get(claim_columns::CREATED_AT).map_err(|e| field("created_at", e))?;
+    let traceparent: Option<String> = row.try_get(claim_columns::TRACEPARENT).map_err(|e| field("traceparent", e))?;
     let mut topic_values = Vec::with_capacity(row.len() - claim_columns::TOPIC);
     for i in claim_columns::TOPIC..row.len() {
         topic_values.push(row.try_get::<_, Option<String>>(i).map_err(|e| field("topic", e))?);
     }
-    Ok(OutboxRow { id, event_id, key, payload: payload.map(|p| p.0), headers, topic_values })
+    Ok(OutboxRow { id, event_id, key, payload: payload.map(|p| p.0), headers, created_at, traceparent, topic_values })
 }
 
 /// The payload column's bytes as the record value: JSON text for json and jsonb, UTF-8 for

@@ -7,16 +7,20 @@
 //! Java producer would put it. This module reports outcomes; it never touches the table.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 
 use crate::config::Config;
+use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::record::Record;
 
 /// Producer settings the relay chooses. Users may override the tunable ones through
@@ -30,6 +34,8 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     // Java's delivery.timeout.ms default: long enough to ride out a broker restart, short
     // enough that a dead cluster surfaces as row errors and metrics within minutes.
     ("message.timeout.ms", "120000"),
+    // Queue depth, broker round-trip times and retries for the metrics.
+    ("statistics.interval.ms", "5000"),
 ];
 
 /// Every `reason` a [`DeliveryError`] can carry, plus `invalid_row` for rows that cannot become
@@ -74,8 +80,11 @@ pub struct DeliveryError {
 /// What happened to one record of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The broker acknowledged it; its row may be marked published.
-    Acked,
+    /// The broker acknowledged it (its report arrived at `at`); its row may be marked published.
+    Acked {
+        /// When the relay received the acknowledgement.
+        at: SystemTime,
+    },
     /// It was not delivered; its row stays unpublished and records the error.
     Failed(DeliveryError),
     /// It was not sent because an earlier record of the same key failed before it could be
@@ -145,9 +154,9 @@ pub fn reader_config(config: &Config) -> ClientConfig {
 impl Publisher {
     /// Creates the producer. It connects lazily, so an unreachable broker is not an error here;
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
-    pub fn new(config: &Config) -> Result<Publisher, PublisherError> {
-        let producer =
-            producer_config(config).create_with_context(RelayContext::default()).map_err(PublisherError::Create)?;
+    pub fn new(config: &Config, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Publisher, PublisherError> {
+        let context = RelayContext { last_logged: Mutex::default(), retries_seen: Mutex::default(), metrics, health };
+        let producer = producer_config(config).create_with_context(context).map_err(PublisherError::Create)?;
         Ok(Publisher { producer, known_topics: Mutex::new(HashMap::new()) })
     }
 
@@ -290,7 +299,7 @@ fn outcome_of(
     report: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
 ) -> Outcome {
     match report {
-        Ok(Ok(_)) => Outcome::Acked,
+        Ok(Ok(_)) => Outcome::Acked { at: SystemTime::now() },
         Ok(Err((error, _))) => Outcome::Failed(classify(&error)),
         Err(_) => Outcome::Failed(DeliveryError {
             reason: "producer_closed",
@@ -343,11 +352,15 @@ pub fn classify(error: &KafkaError) -> DeliveryError {
 /// down broker on every reconnect attempt; once per window is enough for an operator.
 const REPEATED_ERROR_QUIET: Duration = Duration::from_secs(30);
 
-/// Routes librdkafka's own log lines and errors into `tracing`.
-#[derive(Default)]
+/// Routes librdkafka's own log lines and errors into `tracing`, and its statistics into the
+/// metrics and the readiness state.
 pub struct RelayContext {
     /// When each kind of client error was last logged.
     last_logged: Mutex<HashMap<String, Instant>>,
+    /// Each broker's retry count at the last statistics, to count only what is new.
+    retries_seen: Mutex<HashMap<String, u64>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl ClientContext for RelayContext {
@@ -369,7 +382,34 @@ impl ClientContext for RelayContext {
         }
     }
 
+    fn stats(&self, statistics: Statistics) {
+        self.metrics.kafka_queue_messages.set(statistics.msg_cnt as i64);
+        let mut up = 0;
+        let mut retries_seen = self.retries_seen.lock().ok();
+        // Bootstrap entries (node id -1) stand for the configured addresses, not brokers.
+        for (name, broker) in statistics.brokers.iter().filter(|(_, b)| b.nodeid >= 0) {
+            if broker.state == "UP" {
+                up += 1;
+            }
+            if let Some(rtt) = &broker.rtt {
+                self.metrics.kafka_broker_rtt.with_label_values(&[name]).set(rtt.avg as f64 / 1_000_000.0);
+            }
+            if let Some(seen) = retries_seen.as_mut() {
+                let before = seen.insert(name.clone(), broker.txretries).unwrap_or(0);
+                // A lower count means a new producer session started from zero.
+                let new = if broker.txretries >= before { broker.txretries - before } else { broker.txretries };
+                self.metrics.kafka_request_retries.inc_by(new);
+            }
+        }
+        self.metrics.kafka_brokers_up.set(up);
+        self.health.set_brokers_up(up > 0);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.metrics.kafka_brokers_up.set(0);
+            self.health.set_brokers_up(false);
+        }
         let kind = error.rdkafka_error_code().map(|c| format!("{c:?}")).unwrap_or_else(|| error.to_string());
         let now = Instant::now();
         let quiet = match self.last_logged.lock() {

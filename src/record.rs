@@ -10,11 +10,14 @@ use crate::table::TopicSource;
 /// The name of the header carrying the row's stable event id.
 pub const EVENT_ID_HEADER: &str = "event_id";
 
+/// The W3C trace context header.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
 /// Longest topic name Kafka accepts.
 const MAX_TOPIC_LEN: usize = 249;
 
 /// One outbox row as read by the claim statement, before it is checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxRow {
     /// The row's id as text; identifies it when marking.
     pub id: String,
@@ -26,6 +29,10 @@ pub struct OutboxRow {
     pub payload: Option<Vec<u8>>,
     /// The headers column as JSON text.
     pub headers: Option<String>,
+    /// When the row was created, in seconds since the epoch (for delivery latency).
+    pub created_at: Option<f64>,
+    /// A W3C traceparent from its own column, sent as the `traceparent` header.
+    pub traceparent: Option<String>,
     /// Values of the topic column, or of the template's columns in order.
     pub topic_values: Vec<Option<String>>,
 }
@@ -52,6 +59,12 @@ impl Record {
             Some(json) => parse_headers(json)?,
             None => Vec::new(),
         };
+        // A traceparent column joins the trace unless the headers already carry one.
+        if let Some(traceparent) = &row.traceparent
+            && !headers.iter().any(|(name, _)| name == TRACEPARENT_HEADER)
+        {
+            headers.push((TRACEPARENT_HEADER.to_owned(), Some(traceparent.clone())));
+        }
         // The relay's event_id is the one consumers deduplicate on; a row cannot override it.
         headers.retain(|(name, _)| name != EVENT_ID_HEADER);
         headers.push((EVENT_ID_HEADER.to_owned(), Some(row.event_id.clone())));
@@ -116,6 +129,8 @@ mod tests {
             payload: Some(br#"{"total":3}"#.to_vec()),
             headers: Some(r#"{"type":"OrderPlaced","event_id":"forged"}"#.into()),
             topic_values: vec![Some("orders".into())],
+            created_at: None,
+            traceparent: None,
         }
     }
 
@@ -172,5 +187,36 @@ mod tests {
         row.topic_values = vec![Some("order".into())];
         let source = TopicSource::Template(TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap());
         assert_eq!(Record::from_row(&row, &source).unwrap().topic, "outbox.event.order");
+    }
+}
+
+#[cfg(test)]
+mod traceparent_tests {
+    use super::*;
+    use crate::table::Identifier;
+
+    fn row(headers: Option<&str>, traceparent: Option<&str>) -> OutboxRow {
+        OutboxRow {
+            id: "1".into(),
+            event_id: "e".into(),
+            key: None,
+            payload: None,
+            headers: headers.map(|h| h.to_owned()),
+            topic_values: vec![Some("t".into())],
+            created_at: None,
+            traceparent: traceparent.map(|t| t.to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_traceparent_column_becomes_a_header_unless_the_headers_carry_one() {
+        let topic = TopicSource::Column(Identifier::parse("topic").unwrap());
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let record = Record::from_row(&row(None, Some(tp)), &topic).unwrap();
+        assert!(record.headers.contains(&("traceparent".to_owned(), Some(tp.to_owned()))));
+        let record = Record::from_row(&row(Some(r#"{"traceparent": "00-x-y-01"}"#), Some(tp)), &topic).unwrap();
+        let traceparents: Vec<_> = record.headers.iter().filter(|(n, _)| n == "traceparent").collect();
+        assert_eq!(traceparents.len(), 1, "the row's own header wins");
+        assert_eq!(traceparents[0].1.as_deref(), Some("00-x-y-01"));
     }
 }

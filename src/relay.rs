@@ -11,16 +11,18 @@
 //!   (reports and mark) within the grace period, or left unmarked to be sent again.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use tracing::{debug, error, info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::health::Health;
 use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
 use crate::publisher::{Outcome, Publisher, PublisherError};
-use crate::record::Record;
+use crate::record::{OutboxRow, Record};
 use crate::shards::Shards;
 use crate::shutdown::Shutdown;
 use crate::table::Mapping;
@@ -59,6 +61,7 @@ pub struct Relay {
     config: Config,
     mapping: Mapping,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     shutdown: Shutdown,
 }
 
@@ -99,7 +102,7 @@ impl Relay {
     pub fn new(config: Config, shutdown: Shutdown) -> Result<Relay, RelayError> {
         let mapping = Mapping::from_config(&config)
             .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
-        Ok(Relay { config, mapping, metrics: Metrics::new(), shutdown })
+        Ok(Relay { config, mapping, metrics: Metrics::new(), health: Arc::new(Health::new()), shutdown })
     }
 
     /// The relay's metrics, also served at `/metrics`.
@@ -107,13 +110,31 @@ impl Relay {
         self.metrics.clone()
     }
 
+    /// What `/healthz` and `/readyz` answer.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    fn new_publisher(&self) -> Result<Publisher, PublisherError> {
+        Publisher::new(&self.config, self.metrics.clone(), self.health.clone())
+    }
+
     /// Runs until shutdown is requested, or until the configuration turns out not to fit the
     /// table. Database and broker outages are waited out.
     pub async fn run(self) -> Result<(), RelayError> {
         if let Ok(addr) = self.config.metrics.listen.parse() {
-            metrics::serve(addr, self.metrics.clone(), self.shutdown.clone()).await?;
+            let health = (self.health.clone(), self.config.health.clone());
+            metrics::serve(addr, self.metrics.clone(), health.0, health.1, self.shutdown.clone()).await?;
         }
-        let mut publisher = Publisher::new(&self.config)?;
+        let mut publisher = self.new_publisher()?;
+        if self.config.retention.delete_published_after.is_some() {
+            tokio::spawn(crate::retention::run(
+                self.config.clone(),
+                self.mapping.clone(),
+                self.metrics.clone(),
+                self.shutdown.clone(),
+            ));
+        }
         tokio::spawn(crate::stats::report(
             self.config.clone(),
             self.mapping.clone(),
@@ -159,8 +180,10 @@ impl Relay {
                 None => {
                     shards.forget();
                     self.metrics.shards_owned.set(0);
+                    self.health.set_database_connected(false);
                     match Outbox::connect(&self.config, &self.mapping).await {
                         Ok(outbox) => {
+                            self.health.set_database_connected(true);
                             info!(table = %self.mapping.table_name(), "connected to PostgreSQL");
                             warn_about_layout(&outbox);
                             outbox
@@ -177,7 +200,7 @@ impl Relay {
             };
 
             if let Some(mut settlement) = unsettled.take()
-                && let Err(e) = self.settle(&outbox, &mut settlement).await
+                && let Err(e) = self.settle_step(&outbox, &mut settlement).await
             {
                 let delay = backoff.next_delay();
                 warn!(error = %e, retry_in = ?delay, "could not mark the last batch; retrying");
@@ -204,7 +227,10 @@ impl Relay {
                 continue;
             }
 
-            match self.relay_batch(&outbox, &publisher, &shards.owned()).await {
+            self.health.step_started();
+            let turn = self.relay_batch(&outbox, &publisher, &shards.owned()).await;
+            self.health.step_finished();
+            match turn {
                 Ok(Turn::Idle) => {
                     backoff.reset();
                     connection = Some(outbox);
@@ -215,7 +241,8 @@ impl Relay {
                     refused_batches = if broker_unavailable { refused_batches + 1 } else { 0 };
                     if producer_unusable {
                         warn!("the broker refused this producer session; starting a new producer");
-                        publisher = Publisher::new(&self.config)?;
+                        publisher = self.new_publisher()?;
+                        self.metrics.producer_restarts.inc();
                     } else if refused_batches >= FRESH_PRODUCER_AFTER_REFUSED_BATCHES {
                         // librdkafka recovers most producer-state problems by itself, but one
                         // it cannot (a broker that lost the producer id, as after a restart
@@ -225,7 +252,8 @@ impl Relay {
                             batches = refused_batches,
                             "nothing delivered in consecutive batches; starting a new producer session"
                         );
-                        publisher = Publisher::new(&self.config)?;
+                        publisher = self.new_publisher()?;
+                        self.metrics.producer_restarts.inc();
                         refused_batches = 0;
                     }
                     if broker_unavailable {
@@ -262,7 +290,8 @@ impl Relay {
 
             if let Some(fatal) = publisher.fatal_error() {
                 error!(error = %fatal, "the Kafka producer hit a fatal error; replacing it");
-                publisher = Publisher::new(&self.config)?;
+                publisher = self.new_publisher()?;
+                self.metrics.producer_restarts.inc();
             }
         }
 
@@ -279,22 +308,53 @@ impl Relay {
         let started = Instant::now();
         let claimed = outbox.claim(self.config.relay.batch_size, shards).await?;
         if claimed.is_empty() {
+            self.health.progress();
             return Ok(Turn::Idle);
         }
+        let claimed_count = claimed.len();
+        self.health.work_claimed();
+        self.metrics.batch_size.observe(claimed_count as f64);
+        let span = info_span!("batch", rows = claimed_count, acknowledged = Empty, failed = Empty, duration_ms = Empty);
+        let outcome = self.publish_and_settle(outbox, publisher, claimed, started).instrument(span.clone()).await;
+        if let Ok(Turn::Relayed { .. }) = &outcome {
+            span.record("duration_ms", started.elapsed().as_millis() as u64);
+        }
+        outcome
+    }
+
+    /// Publishes claimed rows, awaits every report and records the outcome.
+    async fn publish_and_settle(
+        &self,
+        outbox: &Outbox,
+        publisher: &Publisher,
+        claimed: Vec<Result<OutboxRow, (String, String)>>,
+        started: Instant,
+    ) -> Result<Turn, OutboxError> {
         let claimed_count = claimed.len();
         debug!(rows = claimed_count, "claimed a batch");
 
         let mut settlement = Settlement::default();
         let mut records = Vec::with_capacity(claimed.len());
         let mut ids = Vec::with_capacity(claimed.len());
+        let mut created = Vec::with_capacity(claimed.len());
         for row in claimed {
             let built = row.and_then(|row| match Record::from_row(&row, &self.mapping.topic) {
-                Ok(record) => Ok((row.id, record)),
+                Ok(record) => Ok((row.id, row.created_at, record)),
                 Err(problem) => Err((row.id, problem)),
             });
             match built {
-                Ok((id, record)) => {
+                Ok((id, created_at, record)) => {
+                    if self.config.log.payloads {
+                        debug!(
+                            row = %id,
+                            topic = %record.topic,
+                            key = ?record.key,
+                            payload = %record.payload.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+                            "record"
+                        );
+                    }
                     ids.push(id);
+                    created.push(created_at);
                     records.push(record);
                 }
                 Err((id, problem)) => {
@@ -320,9 +380,15 @@ impl Relay {
 
         let mut producer_unusable = false;
         let mut first_failure = None;
-        for ((id, record), outcome) in ids.into_iter().zip(records).zip(outcomes) {
+        for (((id, record), outcome), created_at) in ids.into_iter().zip(records).zip(outcomes).zip(created) {
             match outcome {
-                Outcome::Acked => settlement.acked.push((id, record.topic)),
+                Outcome::Acked { at } => {
+                    if let (Some(created_at), Ok(acked_at)) = (created_at, at.duration_since(UNIX_EPOCH)) {
+                        // Clocks of the database and the relay host; a negative skew counts as 0.
+                        self.metrics.delivery_latency.observe((acked_at.as_secs_f64() - created_at).max(0.0));
+                    }
+                    settlement.acked.push((id, record.topic));
+                }
                 Outcome::Failed(failure) => {
                     self.metrics.publish_errors.with_label_values(&[failure.reason]).inc();
                     producer_unusable |= failure.producer_unusable;
@@ -345,12 +411,26 @@ impl Relay {
             );
         }
         let broker_unavailable = settlement.acked.is_empty() && !settlement.outage_failures.is_empty();
+        if !settlement.acked.is_empty() {
+            self.health.progress();
+        }
+        let span = tracing::Span::current();
+        span.record("acknowledged", settlement.acked.len());
+        span.record("failed", settlement.row_failures.len() + settlement.outage_failures.len());
 
         if let Err(e) = self.settle(outbox, &mut settlement).await {
             return Ok(Turn::Unsettled(settlement, e));
         }
         self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
         Ok(Turn::Relayed { claimed: claimed_count, broker_unavailable, producer_unusable })
+    }
+
+    /// [`Relay::settle`] as a step the liveness probe watches.
+    async fn settle_step(&self, outbox: &Outbox, settlement: &mut Settlement) -> Result<(), OutboxError> {
+        self.health.step_started();
+        let result = self.settle(outbox, settlement).await;
+        self.health.step_finished();
+        result
     }
 
     /// Writes a batch's outcome: marks the acknowledged rows, records the failed ones.

@@ -225,6 +225,8 @@ pub struct Mapping {
     pub last_attempt_at: Option<Identifier>,
     /// Set when the relay gives up on a row.
     pub failed_at: Option<Identifier>,
+    /// A W3C traceparent to send as a header.
+    pub traceparent: Option<Identifier>,
     /// Update or delete on publish.
     pub mark: MarkMode,
     /// Whether a failed row holds back its key.
@@ -262,6 +264,7 @@ impl Mapping {
             xact_id: optional(&c.xact_id)?,
             last_attempt_at: optional(&c.last_attempt_at)?,
             failed_at: optional(&c.failed_at)?,
+            traceparent: optional(&c.traceparent)?,
             mark: outbox.mark,
             on_poison: config.relay.on_poison,
             shards: config.relay.shards,
@@ -303,6 +306,7 @@ impl Mapping {
             ("xact_id", &self.xact_id),
             ("last_attempt_at", &self.last_attempt_at),
             ("failed_at", &self.failed_at),
+            ("traceparent", &self.traceparent),
         ] {
             if let Some(column) = column {
                 roles.push((format!("outbox.columns.{key}"), column));
@@ -414,8 +418,12 @@ pub mod claim_columns {
     pub const PAYLOAD: usize = 3;
     /// Headers as JSON text, or NULL.
     pub const HEADERS: usize = 4;
+    /// Creation time as seconds since the epoch (`float8`), or NULL.
+    pub const CREATED_AT: usize = 5;
+    /// The traceparent column as text, or NULL.
+    pub const TRACEPARENT: usize = 6;
     /// First topic column; template columns follow.
-    pub const TOPIC: usize = 5;
+    pub const TOPIC: usize = 7;
 }
 
 impl Layout {
@@ -535,9 +543,11 @@ impl Layout {
         format!(
             "WITH window_rows AS (\
                SELECT o.{order} AS r_order, o.{id}::text AS r_id, o.{event_id}::text AS r_event_id, {key} AS r_key, \
-                      o.{payload} AS r_payload, {headers} AS r_headers, {topic}, {ready} AS r_ready \
+                      o.{payload} AS r_payload, {headers} AS r_headers, {created_at} AS r_created_at, \
+                      {traceparent} AS r_traceparent, {topic}, {ready} AS r_ready \
                FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT $1) \
-             SELECT c.r_id, c.r_event_id, c.r_key, c.r_payload, c.r_headers, {topic_out} FROM window_rows AS c \
+             SELECT c.r_id, c.r_event_id, c.r_key, c.r_payload, c.r_headers, c.r_created_at, c.r_traceparent, \
+                    {topic_out} FROM window_rows AS c \
              WHERE c.r_ready AND NOT EXISTS (\
                SELECT 1 FROM window_rows AS b WHERE NOT b.r_ready AND b.r_key = c.r_key AND b.r_order < c.r_order) \
              ORDER BY c.r_order",
@@ -547,6 +557,11 @@ impl Layout {
             key = text_or_null(&m.key),
             payload = m.payload,
             headers = text_or_null(&m.headers),
+            created_at = match &m.created_at {
+                Some(c) => format!("extract(epoch FROM o.{c})::float8"),
+                None => "NULL::float8".to_owned(),
+            },
+            traceparent = text_or_null(&m.traceparent),
             topic = topic.join(", "),
             table = m.table_sql(),
             filters = filters.join(" AND "),
@@ -642,6 +657,20 @@ impl Layout {
             table = m.table_sql(),
             filter = self.unpublished_filter()
         )
+    }
+
+    /// Deletes up to `$2` rows published more than `$1` seconds ago, oldest ids first, skipping
+    /// rows another session has locked. `None` without a published-at column.
+    pub fn retention_delete_sql(&self) -> Option<String> {
+        let m = &self.mapping;
+        let published_at = m.published_at.as_ref()?;
+        Some(format!(
+            "DELETE FROM {table} WHERE {id} IN (SELECT {id} FROM {table} \
+             WHERE {published_at} IS NOT NULL AND {published_at} < now() - $1::float8 * interval '1 second' \
+             ORDER BY {id} LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            table = m.table_sql(),
+            id = m.id,
+        ))
     }
 
     /// Re-queues failed rows: clears failed-at, attempts, last attempt and error. `$1` ids

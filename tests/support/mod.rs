@@ -715,15 +715,28 @@ pub async fn unpublished_count(client: &Client) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-/// GETs `/metrics` from `addr` and returns the response (status line, headers and body).
-pub async fn scrape(addr: &str) -> String {
+/// GETs `path` from `addr`; returns the status code and the body (status 0 when nothing
+/// listens there).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n").await.expect("request");
+    // Not listening (yet, or any more) reads as status 0, so wait conditions can poll through it.
+    let mut stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(stream) => stream,
+        Err(e) => return (0, e.to_string()),
+    };
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n").as_bytes()).await.expect("request");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("response");
-    assert!(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"), "{response}");
-    response
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// GETs `/metrics` from `addr` and returns the text.
+pub async fn scrape(addr: &str) -> String {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
 }
 
 /// The value of the sample line that starts with `series` (name plus labels).
