@@ -27,6 +27,7 @@
 //! - [`audit`]: reconciles the table with a topic (lost, duplicated, pending, failed rows).
 //! - [`inbox`]: for consumers: apply each event once, by recording its `event_id` in the same
 //!   transaction as the effect.
+//! - [`telemetry`]: logs (text or JSON) and optional OTLP export of the relay's spans.
 //! - [`shutdown`], [`backoff`]: the small pieces the loop is built from.
 
 #![warn(missing_docs)]
@@ -48,6 +49,7 @@ pub mod shutdown;
 pub mod stats;
 pub mod status;
 pub mod table;
+pub mod telemetry;
 pub mod wakeup;
 
 pub use config::Config;

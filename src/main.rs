@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use outbox_relay::config::{CONFIG_FILE_ENV, Config, LogFormat};
+use outbox_relay::config::{CONFIG_FILE_ENV, Config};
+use outbox_relay::telemetry::Telemetry;
 use outbox_relay::{Relay, Shutdown, schema};
 
 /// Publishes the rows of a transactional outbox table to Kafka, at least once, in order per key.
@@ -103,7 +104,6 @@ fn main() -> ExitCode {
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
-    init_logging(&config);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -111,7 +111,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    runtime.block_on(async {
+    // The OTLP exporter's client needs the runtime's context when it starts.
+    let _runtime = runtime.enter();
+    let telemetry = match Telemetry::init(&config) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("outbox-relay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let code = runtime.block_on(async {
         match cli.command {
             Command::Run => run(config).await,
             Command::Migrate => migrate(config).await,
@@ -120,7 +129,9 @@ fn main() -> ExitCode {
             Command::Retry(args) => retry(config, args).await,
             Command::Config => ExitCode::SUCCESS,
         }
-    })
+    });
+    telemetry.shutdown();
+    code
 }
 
 async fn run(config: Config) -> ExitCode {
@@ -246,18 +257,5 @@ async fn retry(config: Config, args: RetryArgs) -> ExitCode {
             eprintln!("outbox-relay: retry: {e}");
             ExitCode::from(EXIT_FAILED)
         }
-    }
-}
-
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
-    // RUST_LOG, when set, wins over log.level: it is the usual way to turn up logging briefly.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    // Colour only for a person at a terminal; log files and collectors get plain text.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }

@@ -64,6 +64,17 @@ fn out_of_range_and_unparseable_values_are_refused() {
         "outbox.topic_template",
     );
     assert_config_error(&["config"], &[("OUTBOX_RELAY_LOG__FORMAT", "xml")], "log.format");
+    assert_config_error(
+        &["config"],
+        &[("OUTBOX_RELAY_TELEMETRY__OTLP_ENDPOINT", "collector:4318")],
+        "telemetry.otlp_endpoint",
+    );
+    assert_config_error(
+        &["config"],
+        &[("OUTBOX_RELAY_RETENTION__DELETE_PUBLISHED_AFTER", "a week")],
+        "retention.delete_published_after",
+    );
+    assert_config_error(&["config"], &[("OUTBOX_RELAY_RELAY__SHARDS", "0")], "relay.shards");
 }
 
 #[test]

@@ -202,3 +202,67 @@ async fn the_new_metrics_move_with_the_work() {
     }
     relay.stop().await.expect("clean stop");
 }
+
+/// A stand-in OTLP/HTTP collector: answers every request 200 and keeps the bodies.
+async fn fake_collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let kept = kept.clone();
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 8192];
+                    let n = match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buffer.extend_from_slice(&chunk[..n]);
+                    // One request at a time: headers, then Content-Length bytes of body.
+                    while let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if buffer.len() < end + 4 + length {
+                            break;
+                        }
+                        kept.lock().unwrap().push(buffer[end + 4..end + 4 + length].to_vec());
+                        buffer.drain(..end + 4 + length);
+                        let _ = socket.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_batch_spans_are_exported_over_otlp() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let db = env.client().await;
+    let (collector, bodies) = fake_collector().await;
+    let mut config = env.config();
+    config.telemetry.otlp_endpoint = Some(format!("http://{collector}"));
+    let mut relay = spawn_relay_process(&env, &config);
+    insert_events(&db, &[NewEvent::keyed(&topic, "k", 1)]).await;
+    wait_until(PATIENCE, "the row published", || async { unpublished_count(&db).await == 0 }).await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "{}", relay.log());
+    let contains =
+        |bodies: &[Vec<u8>], needle: &[u8]| bodies.iter().any(|b| b.windows(needle.len()).any(|w| w == needle));
+    wait_until(PATIENCE, "a batch span at the collector", || {
+        let bodies = bodies.lock().unwrap().clone();
+        async move { contains(&bodies, b"batch") && contains(&bodies, b"outbox-relay") }
+    })
+    .await;
+}
