@@ -117,7 +117,8 @@ impl Metrics {
                 "From a row's creation to the broker's acknowledgement of its record.",
             )
             .buckets(vec![
-                0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+                0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0, 300.0, 1800.0,
             ]),
         )
         .expect("static metric definition");
