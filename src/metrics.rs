@@ -62,8 +62,9 @@ pub struct Metrics {
     pub kafka_brokers_up: IntGauge,
     /// `outbox_relay_kafka_broker_rtt_seconds{broker}`: average request round-trip time.
     pub kafka_broker_rtt: GaugeVec,
-    /// `outbox_relay_kafka_request_retries_total`: requests librdkafka retried.
-    pub kafka_request_retries: IntCounter,
+    /// `outbox_relay_retries_total{kind}`: failed attempts after which the row stays queued
+    /// for another try; `kind` is `row` (caused by the row) or `outage` (broker unreachable).
+    pub retries: IntCounterVec,
 }
 
 impl Metrics {
@@ -142,9 +143,17 @@ impl Metrics {
             &["broker"],
         )
         .expect("static metric definition");
-        let kafka_request_retries =
-            IntCounter::new("outbox_relay_kafka_request_retries_total", "Requests to brokers that librdkafka retried.")
-                .expect("static metric definition");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "outbox_relay_retries_total",
+                "Failed attempts after which the row stays queued for another try, by kind (row, outage).",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition");
+        for kind in ["row", "outage"] {
+            retries.with_label_values(&[kind]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new("outbox_relay_build_info", "Always 1; the labels say which build is running."),
             &["version"],
@@ -168,7 +177,7 @@ impl Metrics {
             Box::new(kafka_queue_messages.clone()),
             Box::new(kafka_brokers_up.clone()),
             Box::new(kafka_broker_rtt.clone()),
-            Box::new(kafka_request_retries.clone()),
+            Box::new(retries.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector).expect("metric names are unique");
@@ -194,7 +203,7 @@ impl Metrics {
             kafka_queue_messages,
             kafka_brokers_up,
             kafka_broker_rtt,
-            kafka_request_retries,
+            retries,
         })
     }
 

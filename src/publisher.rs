@@ -155,7 +155,7 @@ impl Publisher {
     /// Creates the producer. It connects lazily, so an unreachable broker is not an error here;
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
     pub fn new(config: &Config, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Publisher, PublisherError> {
-        let context = RelayContext { last_logged: Mutex::default(), retries_seen: Mutex::default(), metrics, health };
+        let context = RelayContext { last_logged: Mutex::default(), metrics, health };
         let producer = producer_config(config).create_with_context(context).map_err(PublisherError::Create)?;
         Ok(Publisher { producer, known_topics: Mutex::new(HashMap::new()) })
     }
@@ -357,8 +357,6 @@ const REPEATED_ERROR_QUIET: Duration = Duration::from_secs(30);
 pub struct RelayContext {
     /// When each kind of client error was last logged.
     last_logged: Mutex<HashMap<String, Instant>>,
-    /// Each broker's retry count at the last statistics, to count only what is new.
-    retries_seen: Mutex<HashMap<String, u64>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 }
@@ -385,7 +383,6 @@ impl ClientContext for RelayContext {
     fn stats(&self, statistics: Statistics) {
         self.metrics.kafka_queue_messages.set(statistics.msg_cnt as i64);
         let mut up = 0;
-        let mut retries_seen = self.retries_seen.lock().ok();
         // Bootstrap entries (node id -1) stand for the configured addresses, not brokers.
         for (name, broker) in statistics.brokers.iter().filter(|(_, b)| b.nodeid >= 0) {
             if broker.state == "UP" {
@@ -393,12 +390,6 @@ impl ClientContext for RelayContext {
             }
             if let Some(rtt) = &broker.rtt {
                 self.metrics.kafka_broker_rtt.with_label_values(&[name]).set(rtt.avg as f64 / 1_000_000.0);
-            }
-            if let Some(seen) = retries_seen.as_mut() {
-                let before = seen.insert(name.clone(), broker.txretries).unwrap_or(0);
-                // A lower count means a new producer session started from zero.
-                let new = if broker.txretries >= before { broker.txretries - before } else { broker.txretries };
-                self.metrics.kafka_request_retries.inc_by(new);
             }
         }
         self.metrics.kafka_brokers_up.set(up);

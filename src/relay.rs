@@ -444,6 +444,9 @@ impl Relay {
             }
         }
         let given_up = outbox.record_failures(&settlement.row_failures, &settlement.outage_failures).await?;
+        let row_retries = settlement.row_failures.len().saturating_sub(given_up.len());
+        self.metrics.retries.with_label_values(&["row"]).inc_by(row_retries as u64);
+        self.metrics.retries.with_label_values(&["outage"]).inc_by(settlement.outage_failures.len() as u64);
         for id in given_up {
             let error = settlement.row_failures.iter().find(|(i, _)| *i == id).map(|(_, e)| e.as_str()).unwrap_or("");
             warn!(

@@ -90,6 +90,7 @@ async fn a_relay_started_before_the_broker_waits_and_then_relays() {
     let row = db.query_one("SELECT max(attempts), count(last_error) FROM outbox", &[]).await.unwrap();
     assert_eq!(row.get::<_, i64>(1), 2, "the failures are recorded");
     assert_eq!(row.get::<_, i32>(0), 0, "an outage does not count toward giving up on a row");
+    assert!(relay.metrics.retries.with_label_values(&["outage"]).get() >= 2, "the rows stay queued for another try");
     assert!(!relay.is_finished(), "a missing broker does not end the relay");
 
     env.start_broker();
@@ -130,6 +131,8 @@ async fn a_broker_that_hangs_mid_run_is_ridden_out_without_loss_or_false_marks()
     assert_eq!(marked_event_ids(&db).await, marked_at_first_timeout, "nothing is marked while the broker hangs");
 
     broker.thaw();
+    // tansu fences the producer's bumped epoch after the timeouts; the relay starts a new one.
+    wait_until(PATIENCE, "a new producer session", || async { relay.metrics.producer_restarts.get() >= 1 }).await;
     wait_until(PATIENCE, "everything marked after the broker recovered", || async {
         unpublished_count(&db).await == 0
     })

@@ -67,6 +67,10 @@ async fn healthz_fails_when_a_step_is_stuck_past_the_liveness_timeout() {
     broker.freeze();
     insert_events(&env.client().await, &[NewEvent::keyed(&topic, "a", 1)]).await;
     wait_until(PATIENCE, "/healthz to fail", || async { http_get(&addr, "/healthz").await.0 == 503 }).await;
+    wait_until(PATIENCE, "the stuck record in librdkafka's queue metric", || async {
+        relay.metrics.kafka_queue_messages.get() >= 1
+    })
+    .await;
     broker.thaw();
     wait_until(PATIENCE, "/healthz to pass once the batch completes", || async {
         http_get(&addr, "/healthz").await.0 == 200
@@ -193,7 +197,7 @@ async fn the_new_metrics_move_with_the_work() {
         "outbox_relay_producer_restarts_total",
         "outbox_relay_retention_deleted_total",
         "outbox_relay_kafka_queue_messages",
-        "outbox_relay_kafka_request_retries_total",
+        "outbox_relay_retries_total",
         "outbox_relay_failed_rows",
         "outbox_relay_held_rows",
         "outbox_relay_watermark_holdback_seconds",

@@ -78,6 +78,7 @@ async fn a_row_too_large_and_a_row_for_a_missing_topic_fail_and_park_only_their_
     assert!(errors[1].2.contains("does not exist"), "{}", errors[1].2);
     assert!(relay.metrics.publish_errors.with_label_values(&["message_too_large"]).get() >= 3);
     assert!(relay.metrics.publish_errors.with_label_values(&["unknown_topic"]).get() >= 3);
+    assert_eq!(relay.metrics.retries.with_label_values(&["row"]).get(), 4, "two attempts of each row were retried");
     wait_until(PATIENCE, "the failed-rows gauge", || async { relay.metrics.failed_rows.get() == 2 }).await;
     assert!(!relay.is_finished(), "poison rows never stop the relay");
     assert_eq!(unpublished_count(&db).await, 4, "A:2 and B:2 wait behind their keys' failed rows");
