@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_order_retries_notify",
         sql: include_str!("../sql/migrations/0002_order_retries_notify.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_time_ordered_event_ids",
+        sql: include_str!("../sql/migrations/0003_time_ordered_event_ids.sql"),
+    },
 ];
 
 const LOCK_KEY: &str = "outbox-relay:migrate";

@@ -15,6 +15,7 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("applied 0001_create_outbox"), "{stdout}");
     assert!(stdout.contains("applied 0002_order_retries_notify"), "{stdout}");
+    assert!(stdout.contains("applied 0003_time_ordered_event_ids"), "{stdout}");
 
     let db = env.client().await;
     let columns: Vec<(String, String)> = db
@@ -53,13 +54,28 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
     assert!(index.contains("WHERE (published_at IS NULL)"), "{index}");
 
     db.batch_execute("INSERT INTO outbox (topic, payload) VALUES ('t', '{}')").await.unwrap();
+    // New event ids are UUIDv7: version 7, the RFC 9562 variant, and ordered like the ids
+    // (millisecond time first), which keeps the mark's index writes together.
+    db.batch_execute("SELECT pg_sleep(0.002); INSERT INTO outbox (topic, payload) VALUES ('t', '{}')").await.unwrap();
+    let event_ids: Vec<String> = db
+        .query("SELECT event_id::text FROM outbox ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for event_id in &event_ids {
+        assert_eq!(&event_id[14..15], "7", "version 7: {event_id}");
+        assert!("89ab".contains(&event_id[19..20]), "RFC 9562 variant: {event_id}");
+    }
+    assert!(event_ids[0] < event_ids[1], "time-ordered: {event_ids:?}");
     let (code, stdout, stderr) = migrate();
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("schema is up to date (version 2)"), "{stdout}");
+    assert!(stdout.contains("schema is up to date (version 3)"), "{stdout}");
     let versions: i64 = db.query_one("SELECT count(*) FROM outbox_relay_schema_migrations", &[]).await.unwrap().get(0);
-    assert_eq!(versions, 2, "each version is recorded once");
+    assert_eq!(versions, 3, "each version is recorded once");
     let rows: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
-    assert_eq!(rows, 1, "a second migrate leaves the table and its rows alone");
+    assert_eq!(rows, 2, "a second migrate leaves the table and its rows alone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
