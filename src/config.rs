@@ -119,11 +119,15 @@ pub struct TelemetryConfig {
 pub struct DatabaseConfig {
     /// A libpq-style connection string: a `postgres://` URL or `key=value` pairs.
     pub url: String,
+    /// Whether the relay's own writes (marks, failure records) wait for the WAL flush. Off by
+    /// default: a mark lost to a PostgreSQL crash only means its row is published again, which
+    /// at-least-once delivery allows, and not waiting for the flush makes marking cheaper.
+    pub synchronous_commit: bool,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: "postgres://postgres@localhost:5432/postgres".to_owned() }
+        DatabaseConfig { url: "postgres://postgres@localhost:5432/postgres".to_owned(), synchronous_commit: false }
     }
 }
 

@@ -267,6 +267,14 @@ impl Outbox {
             .batch_execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 5")
             .await
             .map_err(OutboxError::query("set keepalives"))?;
+        // Marks need not survive a PostgreSQL crash: a lost one re-publishes its row (see
+        // `database.synchronous_commit`). The rows themselves are the application's commits.
+        if !config.database.synchronous_commit {
+            client
+                .batch_execute("SET synchronous_commit = off")
+                .await
+                .map_err(OutboxError::query("set synchronous_commit"))?;
+        }
         let relay = &config.relay;
         Ok(Outbox {
             client,
@@ -291,21 +299,31 @@ impl Outbox {
         self.client.is_closed()
     }
 
-    /// The next unpublished rows in claim order, at most `limit`. A row whose columns cannot be
-    /// decoded comes back as `Err((id, problem))` so that the rest of the batch still flows.
+    /// The next unpublished rows in claim order, at most `limit`, leaving out the rows `in_flight`
+    /// (ids as text). A row whose columns cannot be decoded comes back as `Err((id, problem))`
+    /// so that the rest of the batch still flows.
     pub async fn claim(
         &self,
         limit: usize,
         shards: &[i32],
+        in_flight: &[String],
     ) -> Result<Vec<Result<OutboxRow, (String, String)>>, OutboxError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (initial, max) = self.retry_backoff;
         let rows = self
             .client
-            .query(&self.claim, &[&limit, &shards, &initial, &max])
+            .query(&self.claim, &[&limit, &shards, &initial, &max, &in_flight])
             .await
             .map_err(OutboxError::query("claim"))?;
         Ok(rows.iter().map(decode_row).collect())
+    }
+
+    /// The value of a run-time setting on this connection (`SHOW name`); `name` is a setting
+    /// name written in the code, never input.
+    pub async fn setting(&self, name: &'static str) -> Result<String, OutboxError> {
+        let row =
+            self.client.query_one(&format!("SHOW {name}"), &[]).await.map_err(OutboxError::query("show setting"))?;
+        Ok(row.get(0))
     }
 
     /// Marks rows the broker acknowledged; returns how many changed. Marking a row twice is a

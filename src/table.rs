@@ -502,7 +502,8 @@ impl Layout {
     }
 
     /// The next rows to publish, in claim order. Parameters: `$1` the batch size, `$2` the
-    /// shards this relay owns (`int4[]`), `$3`/`$4` the retry backoff bounds in seconds.
+    /// shards this relay owns (`int4[]`), `$3`/`$4` the retry backoff bounds in seconds, `$5`
+    /// ids (as text) to leave out: the batch in flight, when the next one is claimed ahead.
     ///
     /// It looks at a window of the next `$1` unpublished rows of the shards (skipping rows that
     /// failed for good, rows waiting out a retry backoff and rows held back by such an earlier
@@ -526,6 +527,7 @@ impl Layout {
             filters.push(due);
         }
         filters.push(format!("{} = ANY($2::int4[])", self.shard_sql("o")));
+        filters.push(format!("NOT (o.{id} = ANY($5::text[]::{ty}[]))", id = m.id, ty = self.id_type));
         if let Some(holding) = self.earlier_row_holding_the_key() {
             filters.push(format!("NOT EXISTS ({holding})"));
         }

@@ -141,3 +141,18 @@ async fn twenty_thousand_rows_over_fifty_keys_written_while_relaying_arrive_once
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0), "SIGTERM exits 0; log:\n{}", relay.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_commit_without_waiting_for_the_wal_flush_unless_configured() {
+    use outbox_relay::outbox::Outbox;
+    use outbox_relay::table::Mapping;
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let mut config = env.config();
+    let mapping = Mapping::from_config(&config).unwrap();
+    let outbox = Outbox::connect(&config, &mapping).await.unwrap();
+    assert_eq!(outbox.setting("synchronous_commit").await.unwrap(), "off", "the default: a lost mark only re-sends");
+    config.database.synchronous_commit = true;
+    let outbox = Outbox::connect(&config, &mapping).await.unwrap();
+    assert_eq!(outbox.setting("synchronous_commit").await.unwrap(), "on", "the server's setting when asked for");
+}
