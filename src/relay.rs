@@ -6,6 +6,9 @@
 //!   with backoff when the row itself was the cause, until `relay.max_attempts`;
 //! - rows are claimed only from the shards this relay holds, and a shard changes hands only
 //!   between batches, so per-key order survives scale-out and takeover;
+//! - a batch is produced only after every row of the batch before it was acknowledged and
+//!   marked; the next batch may be claimed while the current one awaits its reports, leaving
+//!   the rows in flight out, and is dropped unclaimed if any of them failed;
 //! - a database or broker outage pauses the loop with capped backoff; it never ends it;
 //! - after a shutdown request no new batch is claimed; the batch in flight is finished
 //!   (reports and mark) within the grace period, or left unmarked to be sent again.
@@ -31,6 +34,9 @@ use crate::wakeup::Wakeup;
 /// After this many consecutive batches of which the broker took nothing, the relay starts a
 /// new producer session (new producer id, metadata and connections).
 const FRESH_PRODUCER_AFTER_REFUSED_BATCHES: u32 = 3;
+
+/// Rows returned by a claim: each decoded, or its id and why it could not be.
+type Claimed = Vec<Result<OutboxRow, (String, String)>>;
 
 /// Why the relay stopped other than by a shutdown request. Outages are not in this list: the
 /// relay waits them out.
@@ -90,6 +96,9 @@ enum Turn {
         broker_unavailable: bool,
         /// The broker disowned the producer session; the next batch needs a new producer.
         producer_unusable: bool,
+        /// The next batch, claimed while this one awaited its reports; only when every row of
+        /// this one was acknowledged and marked.
+        ahead: Option<Claimed>,
     },
     /// The outcome could not be recorded; it must be before the next claim.
     Unsettled(Settlement, OutboxError),
@@ -153,6 +162,8 @@ impl Relay {
         let mut shards = Shards::new(relay.shards, relay.rebalance_interval);
         let mut connection: Option<Outbox> = None;
         let mut unsettled: Option<Settlement> = None;
+        // The next batch claimed ahead, and the shards it was claimed for.
+        let mut claimed_ahead: Option<(Vec<i32>, Claimed)> = None;
         let mut deadline: Option<Instant> = None;
         // Consecutive batches of which the broker took nothing.
         let mut refused_batches = 0u32;
@@ -178,6 +189,7 @@ impl Relay {
             let outbox = match connection.take().filter(|c| !c.is_closed()) {
                 Some(outbox) => outbox,
                 None => {
+                    claimed_ahead = None;
                     shards.forget();
                     self.metrics.shards_owned.set(0);
                     self.health.set_database_connected(false);
@@ -219,8 +231,11 @@ impl Relay {
                 self.pause(delay, deadline).await;
                 continue;
             }
-            self.metrics.shards_owned.set(shards.owned().len() as i64);
-            if shards.owned().is_empty() {
+            let owned = shards.owned();
+            self.metrics.shards_owned.set(owned.len() as i64);
+            // Rows claimed ahead for shards this relay no longer holds belong to another relay.
+            let ahead = claimed_ahead.take().filter(|(claimed_for, _)| *claimed_for == owned).map(|(_, rows)| rows);
+            if owned.is_empty() {
                 // More relays than shards: this one stands by until a shard is free.
                 connection = Some(outbox);
                 self.idle(&wakeup).await;
@@ -228,7 +243,7 @@ impl Relay {
             }
 
             self.health.step_started();
-            let turn = self.relay_batch(&outbox, &publisher, &shards.owned()).await;
+            let turn = self.relay_batch(&outbox, &publisher, &owned, ahead).await;
             self.health.step_finished();
             match turn {
                 Ok(Turn::Idle) => {
@@ -236,8 +251,10 @@ impl Relay {
                     connection = Some(outbox);
                     self.idle(&wakeup).await;
                 }
-                Ok(Turn::Relayed { claimed, broker_unavailable, producer_unusable }) => {
+                Ok(Turn::Relayed { claimed, broker_unavailable, producer_unusable, ahead }) => {
                     connection = Some(outbox);
+                    let has_next = ahead.is_some();
+                    claimed_ahead = ahead.map(|rows| (owned, rows));
                     refused_batches = if broker_unavailable { refused_batches + 1 } else { 0 };
                     if producer_unusable {
                         warn!("the broker refused this producer session; starting a new producer");
@@ -262,7 +279,7 @@ impl Relay {
                         self.pause(delay, deadline).await;
                     } else {
                         backoff.reset();
-                        if claimed < relay.batch_size {
+                        if claimed < relay.batch_size && !has_next {
                             // A partial batch: the shards are drained for now.
                             self.idle(&wakeup).await;
                         }
@@ -303,10 +320,20 @@ impl Relay {
         Ok(())
     }
 
-    /// Claims one batch of `shards`, publishes it, awaits every report and records the outcome.
-    async fn relay_batch(&self, outbox: &Outbox, publisher: &Publisher, shards: &[i32]) -> Result<Turn, OutboxError> {
+    /// Claims one batch of `shards` (or takes the one claimed ahead), publishes it, awaits every
+    /// report and records the outcome.
+    async fn relay_batch(
+        &self,
+        outbox: &Outbox,
+        publisher: &Publisher,
+        shards: &[i32],
+        ahead: Option<Claimed>,
+    ) -> Result<Turn, OutboxError> {
         let started = Instant::now();
-        let claimed = outbox.claim(self.config.relay.batch_size, shards).await?;
+        let claimed = match ahead {
+            Some(rows) => rows,
+            None => outbox.claim(self.config.relay.batch_size, shards, &[]).await?,
+        };
         if claimed.is_empty() {
             self.health.progress();
             return Ok(Turn::Idle);
@@ -314,24 +341,46 @@ impl Relay {
         let claimed_count = claimed.len();
         self.health.work_claimed();
         self.metrics.batch_size.observe(claimed_count as f64);
-        let span = info_span!("batch", rows = claimed_count, acknowledged = Empty, failed = Empty, duration_ms = Empty);
-        let outcome = self.publish_and_settle(outbox, publisher, claimed, started).instrument(span.clone()).await;
+        let span = info_span!(
+            "batch",
+            rows = claimed_count,
+            acknowledged = Empty,
+            failed = Empty,
+            claim_ms = started.elapsed().as_secs_f64() * 1000.0,
+            deliver_ms = Empty,
+            mark_ms = Empty,
+            duration_ms = Empty
+        );
+        let outcome =
+            self.publish_and_settle(outbox, publisher, shards, claimed, started).instrument(span.clone()).await;
         if let Ok(Turn::Relayed { .. }) = &outcome {
             span.record("duration_ms", started.elapsed().as_millis() as u64);
         }
         outcome
     }
 
-    /// Publishes claimed rows, awaits every report and records the outcome.
+    /// Publishes claimed rows, awaits every report and records the outcome. A full batch has the
+    /// next one claimed while its reports are awaited.
     async fn publish_and_settle(
         &self,
         outbox: &Outbox,
         publisher: &Publisher,
-        claimed: Vec<Result<OutboxRow, (String, String)>>,
+        shards: &[i32],
+        claimed: Claimed,
         started: Instant,
     ) -> Result<Turn, OutboxError> {
         let claimed_count = claimed.len();
         debug!(rows = claimed_count, "claimed a batch");
+        let in_flight: Vec<String> = claimed
+            .iter()
+            .map(|row| match row {
+                Ok(row) => row.id.clone(),
+                Err((id, _)) => id.clone(),
+            })
+            // An id that could not be read cannot be left out by id; such a batch fails a row,
+            // so whatever is claimed ahead is dropped anyway.
+            .filter(|id| !id.is_empty())
+            .collect();
 
         let mut settlement = Settlement::default();
         let mut records = Vec::with_capacity(claimed.len());
@@ -367,8 +416,14 @@ impl Relay {
             }
         }
 
-        let outcomes = tokio::select! {
-            outcomes = publisher.publish(&records) => outcomes,
+        let delivery_started = Instant::now();
+        // A batch shorter than the batch size drained the shards; there is nothing to claim ahead.
+        let claim_next = claimed_count == self.config.relay.batch_size;
+        let deliver_and_claim_next = async {
+            tokio::join!(publisher.publish(&records), self.claim_ahead(outbox, shards, &in_flight, claim_next))
+        };
+        let (outcomes, ahead) = tokio::select! {
+            both = deliver_and_claim_next => both,
             _ = self.shutdown.grace_expired(self.config.relay.shutdown_timeout) => {
                 return Ok(Turn::Abandoned { rows: records.len() });
             }
@@ -411,18 +466,48 @@ impl Relay {
             );
         }
         let broker_unavailable = settlement.acked.is_empty() && !settlement.outage_failures.is_empty();
+        // The batch claimed ahead assumed every row of this one would be published: a failed or
+        // deferred row must be retried (or hold its key) before anything claimed after it.
+        let ahead = if settlement.acked.len() == claimed_count { ahead } else { None };
         if !settlement.acked.is_empty() {
             self.health.progress();
         }
         let span = tracing::Span::current();
         span.record("acknowledged", settlement.acked.len());
         span.record("failed", settlement.row_failures.len() + settlement.outage_failures.len());
+        span.record("deliver_ms", delivery_started.elapsed().as_secs_f64() * 1000.0);
 
+        let mark_started = Instant::now();
         if let Err(e) = self.settle(outbox, &mut settlement).await {
             return Ok(Turn::Unsettled(settlement, e));
         }
+        span.record("mark_ms", mark_started.elapsed().as_secs_f64() * 1000.0);
         self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-        Ok(Turn::Relayed { claimed: claimed_count, broker_unavailable, producer_unusable })
+        Ok(Turn::Relayed { claimed: claimed_count, broker_unavailable, producer_unusable, ahead })
+    }
+
+    /// Claims the batch after `in_flight` while that one awaits its delivery reports, so that
+    /// the database's work overlaps the broker's. The rows in flight are left out (they are not
+    /// marked yet); everything else follows the claim's usual rules, as if they were published.
+    async fn claim_ahead(
+        &self,
+        outbox: &Outbox,
+        shards: &[i32],
+        in_flight: &[String],
+        wanted: bool,
+    ) -> Option<Claimed> {
+        if !wanted {
+            return None;
+        }
+        match outbox.claim(self.config.relay.batch_size, shards, in_flight).await {
+            Ok(rows) if !rows.is_empty() => Some(rows),
+            Ok(_) => None,
+            Err(e) => {
+                // The mark that follows meets the same problem and handles it.
+                debug!(error = %e, "could not claim the next batch ahead");
+                None
+            }
+        }
     }
 
     /// [`Relay::settle`] as a step the liveness probe watches.

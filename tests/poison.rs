@@ -187,3 +187,31 @@ async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     let (code, _, stderr) = command(&env, &config, &["retry"]);
     assert_eq!(code, 2, "one of --id, --key or --all is required: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_claimed_ahead_is_dropped_when_a_row_in_flight_fails() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    // Batches of four: the first (A:1, A:2 for a missing topic, A:3, B:1) fills its batch, so the
+    // second (A:4, A:5, B:2, B:3) is claimed while the first awaits its reports.
+    let mut rows = vec![NewEvent::keyed(&topic, "A", 1), NewEvent::keyed(&missing, "A", 2)];
+    rows.extend([NewEvent::keyed(&topic, "A", 3), NewEvent::keyed(&topic, "B", 1)]);
+    rows.extend([NewEvent::keyed(&topic, "A", 4), NewEvent::keyed(&topic, "A", 5)]);
+    rows.extend([NewEvent::keyed(&topic, "B", 2), NewEvent::keyed(&topic, "B", 3)]);
+    insert_events(&db, &rows).await;
+
+    let mut config = poison_config(&env);
+    config.relay.batch_size = 4;
+    let relay = env.spawn_relay(config);
+    wait_until(PATIENCE, "the poison row to be given up on", || async { failed_count(&db).await == 1 }).await;
+    wait_until(PATIENCE, "key B to flow", || async {
+        published_keys(&db).await.iter().filter(|k| k.starts_with('B')).count() == 3
+    })
+    .await;
+    let published: Vec<String> = published_keys(&db).await.into_iter().filter(|k| k.starts_with('A')).collect();
+    assert_eq!(published, ["A:1"], "nothing of A after its failed row, though A:4 and A:5 were claimed ahead");
+    relay.stop().await.expect("clean stop");
+}
