@@ -1,0 +1,548 @@
+//! The relay's benchmark: throughput, latency and cost on this machine, against the two
+//! ceilings it cannot beat (the database alone, the broker alone) and a naive relay.
+//!
+//! Run it with `scripts/bench.sh` (which builds the release binary, runs this and draws the
+//! plot). It starts its own PostgreSQL (fsync on, as in production) and tansu broker on free
+//! loopback ports; each scenario gets a fresh database and topic. The relay runs as the release
+//! binary in its own process, so its CPU time and peak RSS are its own.
+//!
+//! Arguments: `--quick` (smaller sizes, for a smoke run), `--out DIR` (default `docs/bench`).
+//! Writes `DIR/latest.json` and `DIR/latest.md` and prints the table.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use outbox_relay::config::{Config, MarkMode};
+use outbox_relay::health::Health;
+use outbox_relay::metrics::Metrics;
+use outbox_relay::outbox::Outbox;
+use outbox_relay::publisher::{Outcome, Publisher, producer_config};
+use outbox_relay::record::Record;
+use outbox_relay::table::Mapping;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use support::{Broker, Postgres, RelayProcess, TestEnv, free_port, sample, spawn_relay_process_with_env};
+use tokio_postgres::Client;
+
+/// Distinct keys in generated rows: enough that every partition sees traffic.
+const KEYS: i64 = 1000;
+/// Partitions of each benchmark topic.
+const PARTITIONS: i32 = 8;
+/// JSON padding giving payloads of about 200 bytes and about 1 KiB.
+const SMALL_PAD: i32 = 180;
+const LARGE_PAD: i32 = 1000;
+
+/// Sizes of one run.
+struct Plan {
+    /// Backlog drained for the headline rate, the ceilings and the CPU figure.
+    backlog: i64,
+    /// Backlogs of the depth series.
+    depths: Vec<i64>,
+    /// Insert rates of the latency series, rows per second.
+    rates: Vec<u64>,
+    /// How long each latency run inserts.
+    latency_run: Duration,
+    /// How long the naive relay runs.
+    naive_run: Duration,
+}
+
+impl Plan {
+    fn full() -> Plan {
+        Plan {
+            backlog: 200_000,
+            depths: vec![20_000, 200_000, 2_000_000],
+            rates: vec![1_000, 5_000, 10_000],
+            latency_run: Duration::from_secs(15),
+            naive_run: Duration::from_secs(10),
+        }
+    }
+
+    fn quick() -> Plan {
+        Plan {
+            backlog: 20_000,
+            depths: vec![2_000, 20_000],
+            rates: vec![1_000, 5_000],
+            latency_run: Duration::from_secs(3),
+            naive_run: Duration::from_secs(2),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes --bench. Test runners (`cargo test --all-targets`, nextest's
+    // `--list`) also start this binary; it has no tests for them and must not run for minutes.
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let out_dir = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| format!("{}/docs/bench", env!("CARGO_MANIFEST_DIR")));
+    let plan = if quick { Plan::quick() } else { Plan::full() };
+
+    // Durable settings, as a production database runs; the buffers hold the largest backlog.
+    let postgres = Postgres::start_with(&[
+        "fsync=on",
+        "full_page_writes=on",
+        "synchronous_commit=on",
+        "shared_buffers=1GB",
+        "max_wal_size=4GB",
+    ]);
+    let broker = Broker::start();
+    // SAFETY: set before any other thread reads the environment.
+    unsafe {
+        std::env::set_var("OUTBOX_TEST_DATABASE_URL", postgres.url("postgres"));
+        std::env::set_var("OUTBOX_TEST_KAFKA_BROKERS", broker.address());
+    }
+
+    let mut report = serde_json::Map::new();
+    report.insert("machine".into(), machine());
+    report.insert("quick".into(), json!(quick));
+
+    eprintln!("ceiling: the database alone, {} rows", plan.backlog);
+    let db_ceiling = database_ceiling(plan.backlog, MarkMode::Update).await;
+    eprintln!("ceiling: the database alone with mark = \"delete\", {} rows", plan.backlog);
+    let db_delete_ceiling = database_ceiling(plan.backlog, MarkMode::Delete).await;
+    eprintln!("ceiling: the broker alone, {} rows", plan.backlog);
+    let broker_ceiling = broker_ceiling(plan.backlog).await;
+    let lower_ceiling = db_ceiling.min(broker_ceiling);
+    report.insert(
+        "ceilings".into(),
+        json!({ "database_rows_per_s": db_ceiling, "database_mark_delete_rows_per_s": db_delete_ceiling,
+            "broker_rows_per_s": broker_ceiling }),
+    );
+
+    let mut drains = Vec::new();
+    for (label, pad, mark) in [
+        ("~200 B", SMALL_PAD, MarkMode::Update),
+        ("~1 KiB", LARGE_PAD, MarkMode::Update),
+        ("~200 B", SMALL_PAD, MarkMode::Delete),
+    ] {
+        eprintln!("drain: {} rows at {label}, mark = {mark:?}", plan.backlog);
+        let drain = drain(plan.backlog, pad, mark).await;
+        let ceiling = if mark == MarkMode::Delete { db_delete_ceiling.min(broker_ceiling) } else { lower_ceiling };
+        drains.push(json!({ "payload": label, "mark": format!("{mark:?}").to_lowercase(), "rows": plan.backlog,
+            "rows_per_s": drain.rate, "fraction_of_lower_ceiling": drain.rate / ceiling,
+            "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k, "peak_rss_mb": drain.peak_rss_mb }));
+    }
+    report.insert("drain".into(), Value::Array(drains));
+
+    let mut depths = Vec::new();
+    for &rows in &plan.depths {
+        eprintln!("depth: {rows} rows at ~200 B");
+        let drain = drain(rows, SMALL_PAD, MarkMode::Update).await;
+        depths.push(json!({ "rows": rows, "rows_per_s": drain.rate, "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k,
+            "peak_rss_mb": drain.peak_rss_mb }));
+    }
+    report.insert("depth".into(), Value::Array(depths));
+
+    let mut latencies = Vec::new();
+    for &rate in &plan.rates {
+        eprintln!("latency: {rate} rows/s for {:?}", plan.latency_run);
+        latencies.push(latency(rate, plan.latency_run).await);
+    }
+    report.insert("latency".into(), Value::Array(latencies));
+
+    eprintln!("naive relay: one row per statement and send, for {:?}", plan.naive_run);
+    let naive_rate = naive(plan.naive_run).await;
+    report.insert("naive_rows_per_s".into(), json!(naive_rate));
+
+    let report = Value::Object(report);
+    let table = markdown(&report);
+    println!("{table}");
+    if let Err(e) = std::fs::create_dir_all(&out_dir)
+        .and_then(|_| std::fs::write(format!("{out_dir}/latest.json"), format!("{report:#}\n")))
+        .and_then(|_| std::fs::write(format!("{out_dir}/latest.md"), &table))
+    {
+        eprintln!("cannot write the results to {out_dir}: {e}");
+        std::process::exit(1);
+    }
+    eprintln!("wrote {out_dir}/latest.json and {out_dir}/latest.md");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+/// A fresh database with the outbox table, a topic, and a relay configuration for them.
+struct Scenario {
+    env: TestEnv,
+    db: Client,
+    topic: String,
+}
+
+impl Scenario {
+    async fn new() -> Scenario {
+        let env = TestEnv::start().await;
+        env.migrate().await;
+        let topic = env.create_topic(PARTITIONS).await;
+        let db = env.client().await;
+        Scenario { env, db, topic }
+    }
+
+    /// The relay's production defaults, pointed at this scenario, with metrics on a free port.
+    fn config(&self, mark: MarkMode) -> Config {
+        let mut config = self.env.config();
+        let defaults = Config::default();
+        config.relay = defaults.relay;
+        config.metrics.listen = format!("127.0.0.1:{}", free_port());
+        config.outbox.mark = mark;
+        config
+    }
+
+    /// Inserts `rows` rows (keys `key-0` to `key-999`, JSON payloads padded by `pad`) in
+    /// transactions of 100,000, then lets the planner see the table as autovacuum would.
+    async fn insert_backlog(&self, rows: i64, pad: i32) {
+        let mut start = 1;
+        while start <= rows {
+            let end = (start + 99_999).min(rows);
+            self.db
+                .execute(
+                    "INSERT INTO outbox (topic, key, payload) \
+                     SELECT $1, 'key-' || (g % $4), jsonb_build_object('n', g, 'pad', repeat('x', $5)) \
+                     FROM generate_series($2::int8, $3::int8) AS g",
+                    &[&self.topic, &start, &end, &KEYS, &pad],
+                )
+                .await
+                .expect("insert backlog");
+            start = end + 1;
+        }
+        self.db.batch_execute("VACUUM ANALYZE outbox").await.expect("vacuum");
+    }
+
+    /// Waits until the relay's metrics say `rows` records of the topic were published. Returns
+    /// the rate from the first sample that saw any published to the one that saw all.
+    async fn wait_published(&self, relay: &mut RelayProcess, metrics: &str, rows: i64) -> f64 {
+        let series = format!("outbox_relay_published_total{{topic=\"{}\"}}", self.topic);
+        let mut first: Option<(Instant, f64)> = None;
+        loop {
+            assert!(relay.is_running(), "the relay exited; log:\n{}", relay.log());
+            let text = support::http_get(metrics, "/metrics").await;
+            let published = if text.0 == 200 { sample(&text.1, &series).unwrap_or(0.0) } else { 0.0 };
+            if published > 0.0 && first.is_none() {
+                first = Some((Instant::now(), published));
+            }
+            if published as i64 >= rows {
+                let (at, seen) = first.unwrap_or((Instant::now(), published));
+                return (published - seen) / at.elapsed().as_secs_f64().max(1e-3);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The relay's own claim and mark statements in a loop, no Kafka: the rate the database allows.
+async fn database_ceiling(rows: i64, mark: MarkMode) -> f64 {
+    let scenario = Scenario::new().await;
+    scenario.insert_backlog(rows, SMALL_PAD).await;
+    let config = scenario.config(mark);
+    let mapping = Mapping::from_config(&config).expect("mapping");
+    let outbox = Outbox::connect(&config, &mapping).await.expect("connect");
+    let shards: Vec<i32> = (0..config.relay.shards as i32).collect();
+    let started = Instant::now();
+    let mut done = 0;
+    loop {
+        let claimed = outbox.claim(config.relay.batch_size, &shards, &[]).await.expect("claim");
+        if claimed.is_empty() {
+            break;
+        }
+        let ids: Vec<String> = claimed.into_iter().map(|row| row.map(|r| r.id).expect("decodable row")).collect();
+        done += outbox.mark_published(&ids).await.expect("mark");
+    }
+    assert_eq!(done as i64, rows, "every row claimed and marked once");
+    rows as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The relay's producer (its settings and its send path) streaming the same records, no
+/// database: the rate the broker allows.
+async fn broker_ceiling(rows: i64) -> f64 {
+    let scenario = Scenario::new().await;
+    let config = scenario.config(MarkMode::Update);
+    let publisher = Publisher::new(&config, Metrics::new(), Arc::new(Health::new())).expect("producer");
+    let records: Vec<Record> = (1..=rows)
+        .map(|n| Record {
+            topic: scenario.topic.clone(),
+            key: Some(format!("key-{}", n % KEYS)),
+            payload: Some(format!(r#"{{"n": {n}, "pad": "{}"}}"#, "x".repeat(SMALL_PAD as usize)).into_bytes()),
+            headers: vec![("event_id".to_owned(), Some(uuid::Uuid::new_v4().to_string()))],
+        })
+        .collect();
+    // Warm up: metadata, connections, the producer id.
+    publisher.publish(&records[..1]).await;
+    let started = Instant::now();
+    let outcomes = publisher.publish(&records).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Acked { .. })), "every record acknowledged");
+    rows as f64 / elapsed
+}
+
+/// What one drain of a backlog by the relay binary measured.
+struct Drain {
+    rate: f64,
+    cpu_ms_per_1k: f64,
+    peak_rss_mb: f64,
+}
+
+/// The relay binary drains a backlog of `rows`. The rate runs from the first batch's mark to
+/// the last one's (database timestamps; with `mark = "delete"` the rows are gone, and the
+/// relay's metrics sampled every 20 ms stand in), so process start-up does not count; CPU and
+/// RSS are the whole process's.
+async fn drain(rows: i64, pad: i32, mark: MarkMode) -> Drain {
+    let scenario = Scenario::new().await;
+    scenario.insert_backlog(rows, pad).await;
+    let config = scenario.config(mark);
+    let metrics = config.metrics.listen.clone();
+    let mut relay = spawn_relay(&scenario.env, &config);
+    let sampled_rate = scenario.wait_published(&mut relay, &metrics, rows).await;
+    let usage = ProcessUsage::of(relay.pid());
+    relay.signal(libc::SIGTERM);
+    relay.wait().await;
+    let usage = Drain {
+        rate: sampled_rate,
+        cpu_ms_per_1k: usage.cpu_ms / (rows as f64 / 1000.0),
+        peak_rss_mb: usage.peak_rss_kb / 1024.0,
+    };
+    if mark == MarkMode::Delete {
+        let left: i64 = scenario.db.query_one("SELECT count(*) FROM outbox", &[]).await.expect("count").get(0);
+        assert_eq!(left, 0, "every row deleted");
+        return usage;
+    }
+
+    let row = scenario
+        .db
+        .query_one(
+            "SELECT extract(epoch FROM max(published_at) - min(published_at))::float8, \
+                    count(*) FILTER (WHERE published_at = (SELECT min(published_at) FROM outbox)), \
+                    count(*) FILTER (WHERE published_at IS NULL) \
+             FROM outbox",
+            &[],
+        )
+        .await
+        .expect("drain timing");
+    let (span, first_batch, unpublished): (f64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(unpublished, 0, "every row marked");
+    Drain { rate: (rows - first_batch) as f64 / span.max(1e-3), ..usage }
+}
+
+/// A writer inserts `rate` rows a second for `run` while the relay binary publishes them.
+/// Each row's `created_at` is the writer's intended send time, so a writer or relay that falls
+/// behind shows up as latency rather than as a lower rate. Latency runs to the row's mark,
+/// which follows its acknowledgement: an upper bound of commit-to-ack.
+async fn latency(rate: u64, run: Duration) -> Value {
+    let scenario = Scenario::new().await;
+    let config = scenario.config(MarkMode::Update);
+    let metrics = config.metrics.listen.clone();
+    let mut relay = spawn_relay(&scenario.env, &config);
+    // Warm up (connections, producer id, the topic check) with one row, left out of the figures.
+    scenario
+        .db
+        .execute("INSERT INTO outbox (topic, key, payload) VALUES ($1, 'warm-up', '{}')", &[&scenario.topic])
+        .await
+        .expect("warm-up row");
+    scenario.wait_published(&mut relay, &metrics, 1).await;
+
+    // One insert transaction every 10 ms.
+    const TICK: Duration = Duration::from_millis(10);
+    let per_tick = (rate as usize * TICK.as_millis() as usize / 1000).max(1);
+    let ticks = (run.as_millis() / TICK.as_millis()) as u64;
+    let keys: Vec<String> = (0..per_tick).map(|i| format!("key-{}", i as i64 % KEYS)).collect();
+    let payload = format!(r#"{{"pad": "{}"}}"#, "x".repeat(SMALL_PAD as usize));
+    let payloads = vec![payload.as_str(); per_tick];
+    let insert = scenario
+        .db
+        .prepare(
+            "INSERT INTO outbox (topic, key, payload, created_at) \
+             SELECT $1, k, p::jsonb, to_timestamp($4) FROM unnest($2::text[], $3::text[]) AS r(k, p)",
+        )
+        .await
+        .expect("prepare insert");
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let start_wall = SystemTime::now() + Duration::from_millis(100);
+    let mut late_ticks = 0;
+    for tick in 0..ticks {
+        let due = start + TICK * tick as u32;
+        if tokio::time::Instant::now() > due + TICK {
+            late_ticks += 1;
+        }
+        tokio::time::sleep_until(due).await;
+        let intended = (start_wall + TICK * tick as u32).duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        scenario.db.execute(&insert, &[&scenario.topic, &keys, &payloads, &intended]).await.expect("insert");
+    }
+    let total = (ticks as usize * per_tick) as i64;
+    scenario.wait_published(&mut relay, &metrics, total + 1).await;
+    relay.signal(libc::SIGTERM);
+    relay.wait().await;
+
+    let row = scenario
+        .db
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), percentile_cont(0.99) WITHIN GROUP (ORDER BY l), \
+                    max(l) \
+             FROM (SELECT extract(epoch FROM published_at - created_at)::float8 * 1000 AS l FROM outbox \
+                   WHERE key <> 'warm-up') AS s",
+            &[],
+        )
+        .await
+        .expect("latency percentiles");
+    json!({ "rows_per_s": rate, "rows": total, "p50_ms": row.get::<_, f64>(0), "p99_ms": row.get::<_, f64>(1),
+        "max_ms": row.get::<_, f64>(2), "writer_late_ticks": late_ticks })
+}
+
+/// A naive relay, as many home-grown pollers are written: claim one row, send it, await its
+/// report, mark it, repeat. Same database, broker and producer settings.
+async fn naive(run: Duration) -> f64 {
+    let scenario = Scenario::new().await;
+    scenario.insert_backlog(100_000, SMALL_PAD).await;
+    let config = scenario.config(MarkMode::Update);
+    let producer: FutureProducer = producer_config(&config).create().expect("producer");
+    let started = Instant::now();
+    let mut done = 0u64;
+    while started.elapsed() < run {
+        let row = scenario
+            .db
+            .query_one(
+                "SELECT id, event_id::text, key, payload::text FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1",
+                &[],
+            )
+            .await
+            .expect("claim one");
+        let (id, event_id, key, payload): (i64, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: "event_id", value: Some(event_id.as_str()) });
+        let record = FutureRecord::to(&scenario.topic).key(&key).payload(&payload).headers(headers);
+        producer.send(record, Duration::from_secs(30)).await.expect("delivered");
+        scenario.db.execute("UPDATE outbox SET published_at = now() WHERE id = $1", &[&id]).await.expect("mark one");
+        done += 1;
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement helpers
+
+/// The release relay binary at its production log level (the tests' debug logging costs CPU).
+fn spawn_relay(env: &TestEnv, config: &Config) -> RelayProcess {
+    spawn_relay_process_with_env(env, config, &[("RUST_LOG", "info")])
+}
+
+/// CPU time and peak memory of a process, from /proc.
+struct ProcessUsage {
+    cpu_ms: f64,
+    peak_rss_kb: f64,
+}
+
+impl ProcessUsage {
+    fn of(pid: u32) -> ProcessUsage {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        // SAFETY: sysconf has no preconditions.
+        let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let ticks: f64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let peak_rss_kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        ProcessUsage { cpu_ms: ticks / ticks_per_s * 1000.0, peak_rss_kb }
+    }
+}
+
+/// Where the figures came from.
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']));
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kb: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": model,
+        "memory_gib": (mem_kb / 1024.0 / 1024.0).round(),
+        "commit": commit,
+        "date": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        "note": "PostgreSQL, tansu and the relay share the same CPUs",
+    })
+}
+
+/// The report as a Markdown table.
+fn markdown(report: &Value) -> String {
+    let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let machine = &report["machine"];
+    let mut out = format!(
+        "Machine: {} CPUs ({}), {} GiB; commit {}; {}. PostgreSQL, tansu and the relay share the CPUs.\n\n",
+        machine["cpus"],
+        machine["cpu_model"].as_str().unwrap_or("unknown"),
+        machine["memory_gib"],
+        machine["commit"].as_str().unwrap_or("?"),
+        machine["date"].as_str().unwrap_or("?"),
+    );
+    let ceilings = &report["ceilings"];
+    let db = number(&ceilings["database_rows_per_s"]);
+    let broker = number(&ceilings["broker_rows_per_s"]);
+    out += "| measurement | rows/s | of lower ceiling | CPU ms / 1k rows | peak RSS MB |\n|---|---:|---:|---:|---:|\n";
+    out += &format!("| ceiling: database alone (claim + mark) | {db:.0} | | | |\n");
+    out += &format!(
+        "| ceiling: database alone, `mark = \"delete\"` | {:.0} | | | |\n",
+        number(&ceilings["database_mark_delete_rows_per_s"])
+    );
+    out += &format!("| ceiling: broker alone (relay's producer) | {broker:.0} | | | |\n");
+    for d in report["drain"].as_array().into_iter().flatten() {
+        let mark = if d["mark"] == "delete" { ", `mark = \"delete\"`" } else { "" };
+        out += &format!(
+            "| relay drains {} rows at {}{mark} | {:.0} | {:.2} | {:.1} | {:.0} |\n",
+            d["rows"],
+            d["payload"].as_str().unwrap_or("?"),
+            number(&d["rows_per_s"]),
+            number(&d["fraction_of_lower_ceiling"]),
+            number(&d["cpu_ms_per_1k_rows"]),
+            number(&d["peak_rss_mb"]),
+        );
+    }
+    for d in report["depth"].as_array().into_iter().flatten() {
+        out += &format!(
+            "| relay drains a backlog of {} rows (~200 B) | {:.0} | {:.2} | {:.1} | {:.0} |\n",
+            d["rows"],
+            number(&d["rows_per_s"]),
+            number(&d["rows_per_s"]) / db.min(broker),
+            number(&d["cpu_ms_per_1k_rows"]),
+            number(&d["peak_rss_mb"]),
+        );
+    }
+    out += &format!(
+        "| naive relay (one row per statement, awaits each send) | {:.0} | {:.3} | | |\n\n",
+        number(&report["naive_rows_per_s"]),
+        number(&report["naive_rows_per_s"]) / db.min(broker),
+    );
+    out += "| insert rate, rows/s | p50 ms | p99 ms | max ms |\n|---:|---:|---:|---:|\n";
+    for l in report["latency"].as_array().into_iter().flatten() {
+        out += &format!(
+            "| {} | {:.1} | {:.1} | {:.1} |\n",
+            l["rows_per_s"],
+            number(&l["p50_ms"]),
+            number(&l["p99_ms"]),
+            number(&l["max_ms"])
+        );
+    }
+    out
+}

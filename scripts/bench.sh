@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs the benchmark (benches/relay.rs): starts PostgreSQL and tansu on free ports, measures the
+# database and broker ceilings, the relay's drain rate at several backlogs, its latency at fixed
+# insert rates, its CPU and memory, and a naive relay; prints a Markdown table and writes
+# docs/bench/latest.json, docs/bench/latest.md and docs/bench/latency.png. About 10 minutes on
+# 2 cores. `scripts/bench.sh --quick` runs small sizes (under a minute) as a smoke test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+out=docs/bench
+for arg in "$@"; do
+    # A quick run is a smoke test; it does not replace the published figures.
+    if [ "$arg" = "--quick" ]; then out=target/bench-quick; fi
+done
+# The relay runs as the release binary in its own process, so its CPU and memory are its own.
+cargo build --release
+cargo bench --bench relay -- --out "$out" "$@"
+if ! python3 -c "import matplotlib" 2>/dev/null; then
+    python3 -m pip install --quiet matplotlib
+fi
+python3 scripts/bench_plot.py "$out/latest.json" "$out/latency.png"
