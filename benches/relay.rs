@@ -6,7 +6,9 @@
 //! loopback ports; each scenario gets a fresh database and topic. The relay runs as the release
 //! binary in its own process, so its CPU time and peak RSS are its own.
 //!
-//! Arguments: `--quick` (smaller sizes, for a smoke run), `--out DIR` (default `docs/bench`).
+//! Arguments: `--quick` (smaller sizes, for a smoke run), `--out DIR` (default `docs/bench`),
+//! `--only SECTION,...` (some of ceilings, drain, depth, latency, naive), `--depths N,...`
+//! (the backlogs of the depth series).
 //! Writes `DIR/latest.json` and `DIR/latest.md` and prints the table.
 
 #[path = "../tests/support/mod.rs"]
@@ -34,6 +36,13 @@ const PARTITIONS: i32 = 8;
 /// JSON padding giving payloads of about 200 bytes and about 1 KiB.
 const SMALL_PAD: i32 = 180;
 const LARGE_PAD: i32 = 1000;
+
+/// The drains of a full-size backlog: payload label, JSON padding, mark mode.
+const DRAIN_CASES: [(&str, i32, MarkMode); 3] = [
+    ("~200 B", SMALL_PAD, MarkMode::Update),
+    ("~1 KiB", LARGE_PAD, MarkMode::Update),
+    ("~200 B", SMALL_PAD, MarkMode::Delete),
+];
 
 /// Sizes of one run.
 struct Plan {
@@ -86,7 +95,17 @@ async fn main() {
         .and_then(|i| args.get(i + 1))
         .cloned()
         .unwrap_or_else(|| format!("{}/docs/bench", env!("CARGO_MANIFEST_DIR")));
-    let plan = if quick { Plan::quick() } else { Plan::full() };
+    let mut plan = if quick { Plan::quick() } else { Plan::full() };
+    if let Some(list) = args.iter().position(|a| a == "--depths").and_then(|i| args.get(i + 1)) {
+        plan.depths = list.split(',').filter_map(|n| n.parse().ok()).collect();
+    }
+    // `--only depth,latency` runs some sections (for working on one figure); the default is all.
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_owned).collect());
+    let runs = |section: &str| only.as_ref().is_none_or(|list| list.iter().any(|s| s == section));
 
     // Durable settings, as a production database runs; the buffers hold the largest backlog.
     let postgres = Postgres::start_with(&[
@@ -107,12 +126,16 @@ async fn main() {
     report.insert("machine".into(), machine());
     report.insert("quick".into(), json!(quick));
 
-    eprintln!("ceiling: the database alone, {} rows", plan.backlog);
-    let db_ceiling = database_ceiling(plan.backlog, MarkMode::Update).await;
-    eprintln!("ceiling: the database alone with mark = \"delete\", {} rows", plan.backlog);
-    let db_delete_ceiling = database_ceiling(plan.backlog, MarkMode::Delete).await;
-    eprintln!("ceiling: the broker alone, {} rows", plan.backlog);
-    let broker_ceiling = broker_ceiling(plan.backlog).await;
+    // Without the ceilings section, fractions come out as NaN.
+    let (mut db_ceiling, mut db_delete_ceiling, mut broker_ceiling) = (f64::NAN, f64::NAN, f64::NAN);
+    if runs("ceilings") {
+        eprintln!("ceiling: the database alone, {} rows", plan.backlog);
+        db_ceiling = database_ceiling(plan.backlog, MarkMode::Update).await;
+        eprintln!("ceiling: the database alone with mark = \"delete\", {} rows", plan.backlog);
+        db_delete_ceiling = database_ceiling(plan.backlog, MarkMode::Delete).await;
+        eprintln!("ceiling: the broker alone, {} rows", plan.backlog);
+        broker_ceiling = broker_ceiling_rate(plan.backlog).await;
+    }
     let lower_ceiling = db_ceiling.min(broker_ceiling);
     report.insert(
         "ceilings".into(),
@@ -121,11 +144,8 @@ async fn main() {
     );
 
     let mut drains = Vec::new();
-    for (label, pad, mark) in [
-        ("~200 B", SMALL_PAD, MarkMode::Update),
-        ("~1 KiB", LARGE_PAD, MarkMode::Update),
-        ("~200 B", SMALL_PAD, MarkMode::Delete),
-    ] {
+    let drain_cases = if runs("drain") { DRAIN_CASES.as_slice() } else { &[] };
+    for &(label, pad, mark) in drain_cases {
         eprintln!("drain: {} rows at {label}, mark = {mark:?}", plan.backlog);
         let drain = drain(plan.backlog, pad, mark).await;
         let ceiling = if mark == MarkMode::Delete { db_delete_ceiling.min(broker_ceiling) } else { lower_ceiling };
@@ -136,7 +156,7 @@ async fn main() {
     report.insert("drain".into(), Value::Array(drains));
 
     let mut depths = Vec::new();
-    for &rows in &plan.depths {
+    for &rows in plan.depths.iter().filter(|_| runs("depth")) {
         eprintln!("depth: {rows} rows at ~200 B");
         let drain = drain(rows, SMALL_PAD, MarkMode::Update).await;
         depths.push(json!({ "rows": rows, "rows_per_s": drain.rate, "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k,
@@ -145,14 +165,17 @@ async fn main() {
     report.insert("depth".into(), Value::Array(depths));
 
     let mut latencies = Vec::new();
-    for &rate in &plan.rates {
+    for &rate in plan.rates.iter().filter(|_| runs("latency")) {
         eprintln!("latency: {rate} rows/s for {:?}", plan.latency_run);
         latencies.push(latency(rate, plan.latency_run).await);
     }
     report.insert("latency".into(), Value::Array(latencies));
 
-    eprintln!("naive relay: one row per statement and send, for {:?}", plan.naive_run);
-    let naive_rate = naive(plan.naive_run).await;
+    let mut naive_rate = f64::NAN;
+    if runs("naive") {
+        eprintln!("naive relay: one row per statement and send, for {:?}", plan.naive_run);
+        naive_rate = naive(plan.naive_run).await;
+    }
     report.insert("naive_rows_per_s".into(), json!(naive_rate));
 
     let report = Value::Object(report);
@@ -262,7 +285,7 @@ async fn database_ceiling(rows: i64, mark: MarkMode) -> f64 {
 
 /// The relay's producer (its settings and its send path) streaming the same records, no
 /// database: the rate the broker allows.
-async fn broker_ceiling(rows: i64) -> f64 {
+async fn broker_ceiling_rate(rows: i64) -> f64 {
     let scenario = Scenario::new().await;
     let config = scenario.config(MarkMode::Update);
     let publisher = Publisher::new(&config, Metrics::new(), Arc::new(Health::new())).expect("producer");
@@ -304,6 +327,7 @@ async fn drain(rows: i64, pad: i32, mark: MarkMode) -> Drain {
     let usage = ProcessUsage::of(relay.pid());
     relay.signal(libc::SIGTERM);
     relay.wait().await;
+    keep_log(&relay, &format!("drain-{rows}-{pad}-{mark:?}"));
     let usage = Drain {
         rate: sampled_rate,
         cpu_ms_per_1k: usage.cpu_ms / (rows as f64 / 1000.0),
@@ -430,7 +454,21 @@ async fn naive(run: Duration) -> f64 {
 
 /// The release relay binary at its production log level (the tests' debug logging costs CPU).
 fn spawn_relay(env: &TestEnv, config: &Config) -> RelayProcess {
-    spawn_relay_process_with_env(env, config, &[("RUST_LOG", "info")])
+    let level = std::env::var("OUTBOX_BENCH_RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    spawn_relay_process_with_env(env, config, &[("RUST_LOG", &level)])
+}
+
+/// Copies the relay's log to `$OUTBOX_BENCH_LOGS/<name>.log` when that variable names a
+/// directory, for looking at the batch timings of a run.
+fn keep_log(relay: &RelayProcess, name: &str) {
+    if let Some(dir) = std::env::var_os("OUTBOX_BENCH_LOGS") {
+        let dir = std::path::PathBuf::from(dir);
+        if let Err(e) =
+            std::fs::create_dir_all(&dir).and_then(|_| std::fs::copy(&relay.log_path, dir.join(format!("{name}.log"))))
+        {
+            eprintln!("cannot keep the relay's log in {}: {e}", dir.display());
+        }
+    }
 }
 
 /// CPU time and peak memory of a process, from /proc.
