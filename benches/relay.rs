@@ -238,6 +238,8 @@ impl Scenario {
             start = end + 1;
         }
         self.db.batch_execute("VACUUM ANALYZE outbox").await.expect("vacuum");
+        // Start the measurement with no dirty pages from this or an earlier scenario to write.
+        self.db.batch_execute("CHECKPOINT").await.expect("checkpoint");
     }
 
     /// Waits until the relay's metrics say `rows` records of the topic were published. Returns
@@ -361,6 +363,7 @@ async fn drain(rows: i64, pad: i32, mark: MarkMode) -> Drain {
 /// which follows its acknowledgement: an upper bound of commit-to-ack.
 async fn latency(rate: u64, run: Duration) -> Value {
     let scenario = Scenario::new().await;
+    scenario.db.batch_execute("CHECKPOINT").await.expect("checkpoint");
     let config = scenario.config(MarkMode::Update);
     let metrics = config.metrics.listen.clone();
     let mut relay = spawn_relay(&scenario.env, &config);
