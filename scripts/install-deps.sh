@@ -2,6 +2,8 @@
 # Installs what the demo and the test suite need on a fresh machine, skipping what is there:
 #   - a PostgreSQL server (Debian's postgresql package) when no server binaries are found;
 #   - tansu, the Kafka-compatible broker, from crates.io (about 10 minutes to build the first time);
+#   - OpenSSL's headers and pkg-config (Debian's libssl-dev, pkg-config), which librdkafka's TLS
+#     and SASL and the PostgreSQL TLS connector build against;
 #   - cargo-nextest, the test runner.
 set -euo pipefail
 
@@ -27,6 +29,12 @@ if ! have_postgres_server; then
     say "installing the PostgreSQL server (Debian package postgresql)"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
+
+if ! pkg-config --exists openssl 2>/dev/null; then
+    say "installing OpenSSL's development files (Debian packages libssl-dev, pkg-config)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
 fi
 
 tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -117,8 +117,30 @@ pub struct TelemetryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// A libpq-style connection string: a `postgres://` URL or `key=value` pairs.
+    /// A libpq-style connection string: a `postgres://` URL or `key=value` pairs. A URL may
+    /// carry `sslmode`, `sslrootcert`, `sslcert` and `sslkey` as query parameters, as with libpq.
     pub url: String,
+    /// The password, when it is not in the URL; best given by the environment variable
+    /// `OUTBOX_RELAY_DATABASE__PASSWORD` or by `password_file`.
+    pub password: Option<Secret>,
+    /// A file holding the password (a mounted secret); one trailing newline is ignored.
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub password_file: Option<PathBuf>,
+    /// TLS to PostgreSQL, as libpq's `sslmode`: disable, prefer (the default: TLS when the
+    /// server offers it, unverified), require (TLS, unverified), verify-ca (the server's
+    /// certificate must chain to `sslrootcert`), verify-full (and name the host connected to).
+    /// Overrides the URL's `sslmode`.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub sslmode: Option<String>,
+    /// CA certificates (PEM) that verify the server; without it, the system's trust store.
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub sslrootcert: Option<PathBuf>,
+    /// A client certificate (PEM) for servers that authenticate clients by certificate.
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub sslcert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub sslkey: Option<PathBuf>,
     /// Whether the relay's own writes (marks, failure records) wait for the WAL flush. Off by
     /// default: a mark lost to a PostgreSQL crash only means its row is published again, which
     /// at-least-once delivery allows, and not waiting for the flush makes marking cheaper.
@@ -127,7 +149,16 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: "postgres://postgres@localhost:5432/postgres".to_owned(), synchronous_commit: false }
+        DatabaseConfig {
+            url: "postgres://postgres@localhost:5432/postgres".to_owned(),
+            password: None,
+            password_file: None,
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            synchronous_commit: false,
+        }
     }
 }
 
@@ -142,11 +173,289 @@ pub struct KafkaConfig {
     /// variables can carry them).
     #[serde(deserialize_with = "deserialize_properties")]
     pub properties: BTreeMap<String, String>,
+    /// How the relay reaches the brokers: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    pub security_protocol: SecurityProtocol,
+    /// TLS to the brokers (with `ssl` and `sasl_ssl`).
+    pub tls: KafkaTls,
+    /// SASL authentication (with `sasl_plaintext` and `sasl_ssl`).
+    pub sasl: KafkaSasl,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
-        KafkaConfig { brokers: "localhost:9092".to_owned(), properties: BTreeMap::new() }
+        KafkaConfig {
+            brokers: "localhost:9092".to_owned(),
+            properties: BTreeMap::new(),
+            security_protocol: SecurityProtocol::Plaintext,
+            tls: KafkaTls::default(),
+            sasl: KafkaSasl::default(),
+        }
+    }
+}
+
+/// `kafka.security_protocol`, librdkafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// Neither encrypted nor authenticated: for a trusted network only.
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL authentication without encryption (the password crosses the network in the clear
+    /// with PLAIN).
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+
+    fn uses_sasl(self) -> bool {
+        matches!(self, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl)
+    }
+
+    fn as_property(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+/// `[kafka.tls]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaTls {
+    /// CA certificates (PEM) that verify the brokers; without it, the system's trust store.
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM), for brokers that authenticate clients by certificate.
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub key_file: Option<PathBuf>,
+    /// The password of an encrypted `key_file`.
+    pub key_password: Option<Secret>,
+    /// A file holding `key_password`.
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub key_password_file: Option<PathBuf>,
+    /// Whether the broker's certificate must name the host connected to. Turn off only for
+    /// brokers whose certificates cannot be fixed; the certificate chain is checked either way.
+    pub verify_hostname: bool,
+}
+
+impl Default for KafkaTls {
+    fn default() -> Self {
+        KafkaTls {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            key_password: None,
+            key_password_file: None,
+            verify_hostname: true,
+        }
+    }
+}
+
+/// `[kafka.sasl]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSasl {
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub mechanism: Option<String>,
+    /// The SASL user name.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub username: Option<String>,
+    /// Best given by `OUTBOX_RELAY_KAFKA__SASL__PASSWORD` or `password_file`.
+    pub password: Option<Secret>,
+    /// A file holding the password; one trailing newline is ignored.
+    #[serde(serialize_with = "serialize_optional_path", deserialize_with = "deserialize_optional_path")]
+    pub password_file: Option<PathBuf>,
+}
+
+/// SASL mechanisms the relay's librdkafka supports (GSSAPI and OAUTHBEARER are not built in).
+const SASL_MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+/// libpq's `sslmode` values.
+pub const SSL_MODES: &[&str] = &["disable", "prefer", "require", "verify-ca", "verify-full"];
+
+/// librdkafka properties that the `kafka.security_protocol`, `kafka.tls` and `kafka.sasl` keys
+/// set; giving one in `kafka.properties` as well would leave two answers to one question.
+const STRUCTURED_SECURITY_PROPERTIES: &[(&str, &str)] = &[
+    ("security.protocol", "kafka.security_protocol"),
+    ("ssl.ca.location", "kafka.tls.ca_file"),
+    ("ssl.certificate.location", "kafka.tls.cert_file"),
+    ("ssl.key.location", "kafka.tls.key_file"),
+    ("ssl.key.password", "kafka.tls.key_password"),
+    ("ssl.endpoint.identification.algorithm", "kafka.tls.verify_hostname"),
+    ("sasl.mechanisms", "kafka.sasl.mechanism"),
+    ("sasl.mechanism", "kafka.sasl.mechanism"),
+    ("sasl.username", "kafka.sasl.username"),
+    ("sasl.password", "kafka.sasl.password"),
+];
+
+impl KafkaConfig {
+    /// The librdkafka properties for `security_protocol`, `tls` and `sasl`; empty for the
+    /// default plaintext connection, so `kafka.properties` alone still works as before.
+    pub fn security_properties(&self) -> Vec<(&'static str, String)> {
+        let mut properties = Vec::new();
+        if self.security_protocol == SecurityProtocol::Plaintext {
+            return properties;
+        }
+        properties.push(("security.protocol", self.security_protocol.as_property().to_owned()));
+        if self.security_protocol.uses_tls() {
+            let tls = &self.tls;
+            let path = |p: &PathBuf| p.display().to_string();
+            properties.extend(tls.ca_file.as_ref().map(|p| ("ssl.ca.location", path(p))));
+            properties.extend(tls.cert_file.as_ref().map(|p| ("ssl.certificate.location", path(p))));
+            properties.extend(tls.key_file.as_ref().map(|p| ("ssl.key.location", path(p))));
+            properties.extend(tls.key_password.as_ref().map(|s| ("ssl.key.password", s.expose().to_owned())));
+            if !tls.verify_hostname {
+                properties.push(("ssl.endpoint.identification.algorithm", "none".to_owned()));
+            }
+        }
+        if self.security_protocol.uses_sasl() {
+            let sasl = &self.sasl;
+            properties.extend(sasl.mechanism.as_ref().map(|m| ("sasl.mechanisms", m.to_ascii_uppercase())));
+            properties.extend(sasl.username.as_ref().map(|u| ("sasl.username", u.clone())));
+            properties.extend(sasl.password.as_ref().map(|s| ("sasl.password", s.expose().to_owned())));
+        }
+        properties
+    }
+
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        for (property, key) in STRUCTURED_SECURITY_PROPERTIES {
+            if self.properties.contains_key(*property) && self.security_protocol != SecurityProtocol::Plaintext {
+                return Err(ConfigError::new(
+                    format!("kafka.properties.{property}"),
+                    format!("is also set by {key}; give it once, with {key}"),
+                ));
+            }
+        }
+        let protocol = self.security_protocol;
+        let tls = &self.tls;
+        let tls_given = tls.ca_file.is_some() || tls.cert_file.is_some() || tls.key_file.is_some();
+        if tls_given && !protocol.uses_tls() {
+            return Err(ConfigError::new(
+                "kafka.tls",
+                format!(
+                    "is set but kafka.security_protocol is \"{}\"; use \"ssl\" or \"sasl_ssl\"",
+                    protocol.as_property()
+                ),
+            ));
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err(ConfigError::new("kafka.tls.cert_file", "and kafka.tls.key_file go together; give both"));
+        }
+        for (key, file) in [
+            ("kafka.tls.ca_file", &tls.ca_file),
+            ("kafka.tls.cert_file", &tls.cert_file),
+            ("kafka.tls.key_file", &tls.key_file),
+        ] {
+            check_readable(key, file.as_deref())?;
+        }
+        let sasl = &self.sasl;
+        let sasl_given = sasl.mechanism.is_some() || sasl.username.is_some() || sasl.password.is_some();
+        if sasl_given && !protocol.uses_sasl() {
+            return Err(ConfigError::new(
+                "kafka.sasl",
+                format!(
+                    "is set but kafka.security_protocol is \"{}\"; use \"sasl_ssl\" (or \"sasl_plaintext\" on a trusted network)",
+                    protocol.as_property()
+                ),
+            ));
+        }
+        if protocol.uses_sasl() {
+            let mechanism = sasl.mechanism.as_deref().unwrap_or("");
+            if !SASL_MECHANISMS.iter().any(|m| m.eq_ignore_ascii_case(mechanism)) {
+                return Err(ConfigError::new(
+                    "kafka.sasl.mechanism",
+                    format!("\"{mechanism}\" is not one of {}", SASL_MECHANISMS.join(", ")),
+                ));
+            }
+            if sasl.username.is_none() {
+                return Err(ConfigError::new("kafka.sasl.username", "is required with SASL"));
+            }
+            if sasl.password.is_none() {
+                return Err(ConfigError::new(
+                    "kafka.sasl.password",
+                    "is required with SASL; give it in OUTBOX_RELAY_KAFKA__SASL__PASSWORD or kafka.sasl.password_file",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DatabaseConfig {
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        if let Some(mode) = &self.sslmode
+            && !SSL_MODES.contains(&mode.as_str())
+        {
+            return Err(ConfigError::new(
+                "database.sslmode",
+                format!("\"{mode}\" is not one of {}", SSL_MODES.join(", ")),
+            ));
+        }
+        if self.sslcert.is_some() != self.sslkey.is_some() {
+            return Err(ConfigError::new("database.sslcert", "and database.sslkey go together; give both"));
+        }
+        for (key, file) in [
+            ("database.sslrootcert", &self.sslrootcert),
+            ("database.sslcert", &self.sslcert),
+            ("database.sslkey", &self.sslkey),
+        ] {
+            check_readable(key, file.as_deref())?;
+        }
+        Ok(())
+    }
+}
+
+/// A file named by a config key must be there and readable when the relay starts, not when it
+/// first reconnects.
+fn check_readable(key: &str, file: Option<&Path>) -> Result<(), ConfigError> {
+    match file {
+        Some(path) => std::fs::File::open(path)
+            .map(|_| ())
+            .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display()))),
+        None => Ok(()),
+    }
+}
+
+/// A password or key: shown as `********` by `Debug` and when serialized (so in `config`
+/// output too), and given to a connection only through [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that hands it to a connection.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
     }
 }
 
@@ -397,7 +706,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub(crate) fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         ConfigError { key: key.into(), problem: problem.into() }
     }
 }
@@ -419,18 +728,42 @@ impl Config {
         }
         // `OUTBOX_RELAY_CONFIG` names the file, it is not a key of the file.
         let env = Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__");
-        let config: Config = figment.merge(env).extract().map_err(|error| describe_figment_error(&error))?;
+        let mut config: Config = figment.merge(env).extract().map_err(|error| describe_figment_error(&error))?;
+        config.read_secret_files()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Reads the secrets that were given as files (`*_file` keys) into their keys. A secret
+    /// given both ways is an error: the operator would not know which one is used.
+    pub fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        let database = &mut self.database;
+        read_secret_file("database", "password", &mut database.password, &database.password_file)?;
+        let sasl = &mut self.kafka.sasl;
+        read_secret_file("kafka.sasl", "password", &mut sasl.password, &sasl.password_file)?;
+        let tls = &mut self.kafka.tls;
+        read_secret_file("kafka.tls", "key_password", &mut tls.key_password, &tls.key_password_file)?;
+        Ok(())
     }
 
     /// Checks every value the loops rely on. Called by [`Config::load`]; call it again after
     /// changing a loaded config in code.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.database
-            .url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| ConfigError::new("database.url", describe_url_error(&self.database.url, &e)))?;
+        crate::pg_tls::ConnectOptions::from_config(&self.database)?;
+        self.database.validate_tls()?;
+        self.kafka.validate_security()?;
+        for (key, secret) in [
+            ("database.password", &self.database.password),
+            ("kafka.sasl.password", &self.kafka.sasl.password),
+            ("kafka.tls.key_password", &self.kafka.tls.key_password),
+        ] {
+            if secret.as_ref().is_some_and(|s| s.expose() == REDACTED) {
+                return Err(ConfigError::new(
+                    key,
+                    "is the placeholder that `config` prints in place of a secret; give the secret itself",
+                ));
+            }
+        }
 
         if self.kafka.brokers.split(',').all(|b| b.trim().is_empty()) {
             return Err(ConfigError::new("kafka.brokers", "is empty; give host:port[,host:port...]"));
@@ -603,6 +936,28 @@ pub fn is_secret_property(name: &str) -> bool {
     SECRET_PROPERTY_WORDS.iter().any(|word| name.contains(word))
 }
 
+/// Fills `secret` from `file` (`section.name_file`), trimming one trailing newline.
+fn read_secret_file(
+    section: &str,
+    name: &str,
+    secret: &mut Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    let Some(path) = file else { return Ok(()) };
+    let key = format!("{section}.{name}_file");
+    if secret.is_some() {
+        return Err(ConfigError::new(key, format!("and {section}.{name} are both set; give the secret one way")));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(&key, format!("cannot read {}: {e}", path.display())))?;
+    let value = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    if value.is_empty() {
+        return Err(ConfigError::new(key, format!("{} is empty", path.display())));
+    }
+    *secret = Some(Secret::new(value));
+    Ok(())
+}
+
 /// Replaces the password in a `postgres://` URL or a `key=value` connection string.
 pub fn redact_connection_string(conn: &str) -> String {
     if conn.starts_with("postgres://") || conn.starts_with("postgresql://") {
@@ -683,7 +1038,7 @@ fn find_password_key(s: &str) -> Option<usize> {
 
 /// tokio-postgres says only "invalid connection string"; find the part that is wrong so the
 /// operator does not have to. Never echoes the password.
-fn describe_url_error(url: &str, error: &tokio_postgres::Error) -> String {
+pub(crate) fn describe_url_error(url: &str, error: &tokio_postgres::Error) -> String {
     use std::error::Error as _;
     let detail = error.source().map(|s| format!(": {s}")).unwrap_or_default();
     if let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) {
@@ -817,6 +1172,14 @@ fn deserialize_optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String
 
 fn serialize_optional<S: Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(value.as_deref().unwrap_or(""))
+}
+
+fn deserialize_optional_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    Ok(deserialize_optional(d)?.map(PathBuf::from))
+}
+
+fn serialize_optional_path<S: Serializer>(value: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&value.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub mod health;
 pub mod inbox;
 pub mod metrics;
 pub mod outbox;
+pub mod pg_tls;
 pub mod publisher;
 pub mod record;
 pub mod relay;

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_postgres::types::{FromSql, Type};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use crate::config::{Config, redact_connection_string};
+use crate::pg_tls::ConnectOptions;
 use crate::record::OutboxRow;
 use crate::table::{AUDIT_TOPIC_COLUMN, Layout, LayoutError, Mapping, TABLE_COLUMNS_SQL, claim_columns};
 
@@ -30,6 +31,14 @@ pub enum OutboxError {
         target: String,
         /// The driver's error.
         source: tokio_postgres::Error,
+    },
+    /// The connection settings cannot be used: a TLS file that cannot be read, say.
+    #[error("cannot connect to PostgreSQL at {target}: {problem}")]
+    Settings {
+        /// Host and database, without credentials.
+        target: String,
+        /// What is wrong, naming the key.
+        problem: String,
     },
     /// A statement failed (including a lost connection).
     #[error("PostgreSQL {what} failed: {}", describe_pg_error(source))]
@@ -174,6 +183,11 @@ pub struct RowRange {
     pub until: Option<String>,
 }
 
+/// The driven half of a connection: plain TCP or TLS, as `database.sslmode` and the server
+/// agree.
+pub type PgConnection =
+    tokio_postgres::Connection<tokio_postgres::Socket, postgres_openssl::TlsStream<tokio_postgres::Socket>>;
+
 /// Opens a plain connection (no statements prepared), for migrations and checks.
 pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
     let (client, connection) = connect_raw(config).await?;
@@ -187,20 +201,19 @@ pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
 }
 
 /// A connection whose `Connection` half the caller drives (to receive notifications).
-pub async fn connect_raw(
-    config: &Config,
-) -> Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>), OutboxError>
-{
+pub async fn connect_raw(config: &Config) -> Result<(Client, PgConnection), OutboxError> {
     let target = describe_target(&config.database.url);
-    let mut pg: tokio_postgres::Config =
-        config.database.url.parse().map_err(|source| OutboxError::Connect { target: target.clone(), source })?;
+    let settings = |problem: String| OutboxError::Settings { target: target.clone(), problem };
+    let options = ConnectOptions::from_config(&config.database).map_err(|e| settings(e.to_string()))?;
+    let connector = options.connector().map_err(settings)?;
+    let mut pg = options.pg;
     if pg.get_application_name().is_none() {
         pg.application_name(APPLICATION_NAME);
     }
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
-    pg.connect(NoTls).await.map_err(|source| OutboxError::Connect { target, source })
+    pg.connect(connector).await.map_err(|source| OutboxError::Connect { target, source })
 }
 
 /// The useful part of a tokio-postgres error. Its own `Display` says only "db error" for
@@ -226,7 +239,7 @@ pub fn describe_pg_error(error: &tokio_postgres::Error) -> String {
 
 /// `host:port/dbname` of a connection string, for messages that must not carry a password.
 pub fn describe_target(url: &str) -> String {
-    match url.parse::<tokio_postgres::Config>() {
+    match crate::pg_tls::without_tls_parameters(url).parse::<tokio_postgres::Config>() {
         Ok(pg) => {
             let host = pg
                 .get_hosts()

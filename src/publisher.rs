@@ -122,6 +122,9 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     for (name, value) in &config.kafka.properties {
         client.set(name, value);
     }
+    for (name, value) in config.kafka.security_properties() {
+        client.set(name, value);
+    }
     client.set_log_level(log_level(config));
     client
 }
@@ -146,6 +149,9 @@ pub fn reader_config(config: &Config) -> ClientConfig {
         if CONNECTION_PROPERTY_PREFIXES.iter().any(|p| name.starts_with(p)) {
             client.set(name, value);
         }
+    }
+    for (name, value) in config.kafka.security_properties() {
+        client.set(name, value);
     }
     client.set_log_level(if config.kafka.properties.contains_key("debug") {
         RDKafkaLogLevel::Debug
@@ -417,11 +423,36 @@ impl ClientContext for RelayContext {
             }
             Err(_) => false,
         };
-        if quiet {
-            tracing::debug!(target: "librdkafka", error = %error, "Kafka client error: {reason}");
-        } else {
-            tracing::warn!(target: "librdkafka", error = %error, "Kafka client error: {reason}");
+        let hint = security_hint(&error, reason);
+        match (quiet, hint) {
+            (true, _) => tracing::debug!(target: "librdkafka", error = %error, "Kafka client error: {reason}"),
+            // A refused credential or certificate does not fix itself: say what to change.
+            (false, Some(hint)) => {
+                tracing::error!(target: "librdkafka", error = %error, hint, "Kafka client error: {reason}")
+            }
+            (false, None) => tracing::warn!(target: "librdkafka", error = %error, "Kafka client error: {reason}"),
         }
+    }
+}
+
+/// What the operator should check when librdkafka reports an authentication or TLS failure.
+fn security_hint(error: &KafkaError, reason: &str) -> Option<&'static str> {
+    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
+        return Some(
+            "the brokers refused the relay's credentials: check kafka.sasl.mechanism, kafka.sasl.username and the password",
+        );
+    }
+    let reason = reason.to_ascii_lowercase();
+    if reason.contains("certificate verify failed") {
+        Some(
+            "the broker's certificate is not trusted: check kafka.tls.ca_file, and that the certificate names the host in kafka.brokers",
+        )
+    } else if reason.contains("certificate required") {
+        Some("the broker asks for a client certificate: set kafka.tls.cert_file and kafka.tls.key_file")
+    } else if reason.contains("ssl handshake failed") || reason.contains("wrong version number") {
+        Some("the TLS handshake failed: check that kafka.security_protocol matches the broker's listener")
+    } else {
+        None
     }
 }
 

@@ -21,6 +21,11 @@ pub struct Broker {
     /// Its TCP port on 127.0.0.1.
     pub port: u16,
     storage: String,
+    /// The address given to clients in metadata, when it is not the broker's own (a TLS proxy
+    /// in front of it).
+    advertised: Option<String>,
+    /// Whether clients must authenticate (SASL SCRAM).
+    authentication: bool,
 }
 
 impl Broker {
@@ -39,7 +44,38 @@ impl Broker {
 
     fn unstarted(storage: String) -> Broker {
         let dir = tempfile::Builder::new().prefix("outbox-relay-tansu-").tempdir().expect("temp dir");
-        Broker { child: None, dir, port: 0, storage }
+        Broker { child: None, dir, port: 0, storage, advertised: None, authentication: false }
+    }
+
+    /// Starts a broker that tells clients to connect to `advertised` (`host:port`), where the
+    /// test runs a proxy to it; with `users` (name, password, mechanism "scram256" or
+    /// "scram512") it requires SASL authentication. tansu creates users only through a running
+    /// broker and cannot require authentication from a memory store it must restart, so such a
+    /// broker keeps its state in SQLite: it starts open, the users are created, and it restarts
+    /// requiring them.
+    pub fn start_secured(advertised: Option<String>, users: &[(&str, &str, &str)]) -> Broker {
+        let dir = tempfile::Builder::new().prefix("outbox-relay-tansu-").tempdir().expect("temp dir");
+        // Relative to the broker's working directory, its temp dir.
+        let storage = "sqlite://tansu.db".to_owned();
+        let mut broker = Broker { child: None, dir, port: 0, storage, advertised, authentication: false };
+        broker.port = free_port();
+        assert!(broker.launch(), "tansu did not start; see {}", broker.log_path().display());
+        if users.is_empty() {
+            return broker;
+        }
+        for (name, password, mechanism) in users {
+            let out = Command::new(tansu_binary())
+                .args(["user", "create", "--broker", &format!("tcp://127.0.0.1:{}", broker.port)])
+                .args(["--mechanism", mechanism, name, password])
+                .output()
+                .expect("run tansu user create");
+            assert!(out.status.success(), "tansu user create failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        broker.stop();
+        broker.authentication = true;
+        let port = broker.port;
+        super::relaunch("tansu", port, || broker.launch());
+        broker
     }
 
     fn start_with_storage(storage: String) -> Broker {
@@ -65,10 +101,12 @@ impl Broker {
     fn launch(&mut self) -> bool {
         let log = File::options().create(true).append(true).open(self.log_path()).expect("log file");
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = self.advertised.as_ref().map(|a| format!("tcp://{a}")).unwrap_or_else(|| url.clone());
         let mut command = Command::new(tansu_binary());
         command
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", &self.storage])
+            .args(self.authentication.then_some("--authentication"))
             .current_dir(self.dir.path())
             .env("RUST_LOG", std::env::var("OUTBOX_TEST_TANSU_LOG").unwrap_or_else(|_| "warn".to_owned()))
             .stdin(Stdio::null())

@@ -10,6 +10,7 @@
 
 pub mod broker;
 pub mod postgres;
+pub mod tls;
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
