@@ -530,7 +530,10 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, (String, String)> 
         Ok(id) => id,
         Err(e) => return Err((String::new(), format!("id: {e}"))),
     };
-    let field = |name: &str, e: tokio_postgres::Error| (id.clone(), format!("cannot read {name}: {e}"));
+    // The driver's own message says only "error deserializing column 2"; its cause says what is
+    // wrong with the value ("invalid utf-8 sequence ..."), which is what the row's error must say.
+    let field =
+        |name: &str, e: tokio_postgres::Error| (id.clone(), format!("cannot read {name}: {}", describe_pg_error(&e)));
     let event_id: String = row.try_get(claim_columns::EVENT_ID).map_err(|e| field("event_id", e))?;
     let key: Option<String> = row.try_get(claim_columns::KEY).map_err(|e| field("key", e))?;
     let payload: Option<RawPayload> = row.try_get(claim_columns::PAYLOAD).map_err(|e| field("payload", e))?;
