@@ -572,3 +572,47 @@ impl<'a> FromSql<'a> for RawPayload {
         matches!(*ty, Type::JSONB | Type::JSON | Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::BYTEA)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Any bytes, valid UTF-8 text, and jsonb's wire format (a version byte before the text).
+    fn column_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..256),
+            any::<String>().prop_map(String::into_bytes),
+            (any::<u8>(), any::<String>()).prop_map(|(version, json)| [vec![version], json.into_bytes()].concat()),
+            Just(Vec::new()),
+        ]
+    }
+
+    /// The payload column types the layout accepts.
+    const PAYLOAD_TYPES: [Type; 6] = [Type::JSONB, Type::JSON, Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::BYTEA];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_payload_bytes_decode_whole_or_are_refused(
+            ty in prop::sample::select(PAYLOAD_TYPES.to_vec()),
+            raw in column_bytes(),
+        ) {
+            let decoded = RawPayload::from_sql(&ty, &raw).map(|p| p.0);
+            if ty == Type::JSONB {
+                match raw.split_first() {
+                    Some((&JSONB_FORMAT_VERSION, json)) => prop_assert_eq!(decoded.ok(), Some(json.to_vec())),
+                    _ => prop_assert!(decoded.is_err(), "jsonb without its version byte is refused"),
+                }
+            } else if ty == Type::JSON || ty == Type::BYTEA {
+                prop_assert_eq!(decoded.ok(), Some(raw), "stored bytes are sent as they are");
+            } else if std::str::from_utf8(&raw).is_ok() {
+                prop_assert_eq!(decoded.ok(), Some(raw));
+            } else {
+                prop_assert!(decoded.is_err(), "text that is not UTF-8 is refused");
+            }
+        }
+    }
+}
