@@ -728,6 +728,19 @@ impl Config {
         }
         // `OUTBOX_RELAY_CONFIG` names the file, it is not a key of the file.
         let env = Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__");
+        // figment 0.10.19 unescapes a quoted environment value by slicing it at a character
+        // index as if it were a byte index: a non-ASCII character before a backslash escape makes
+        // it panic or drop characters. Refuse such a value rather than crash or misread it.
+        if let Some((key, _)) = env.iter().find(|(_, v)| v.contains('"') && v.contains('\\') && !v.is_ascii()) {
+            let var = format!("{ENV_PREFIX}{}", key.as_str().to_ascii_uppercase().replace('.', "__"));
+            return Err(ConfigError::new(
+                key.as_str(),
+                format!(
+                    "a quoted value with both a backslash escape and non-ASCII characters cannot be read; \
+                     write it without the quotes (from environment variable {var})"
+                ),
+            ));
+        }
         let mut config: Config = figment.merge(env).extract().map_err(|error| describe_figment_error(&error))?;
         config.read_secret_files()?;
         config.validate()?;

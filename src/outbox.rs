@@ -543,7 +543,10 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, (String, String)> 
         Ok(id) => id,
         Err(e) => return Err((String::new(), format!("id: {e}"))),
     };
-    let field = |name: &str, e: tokio_postgres::Error| (id.clone(), format!("cannot read {name}: {e}"));
+    // The driver's own message says only "error deserializing column 2"; its cause says what is
+    // wrong with the value ("invalid utf-8 sequence ..."), which is what the row's error must say.
+    let field =
+        |name: &str, e: tokio_postgres::Error| (id.clone(), format!("cannot read {name}: {}", describe_pg_error(&e)));
     let event_id: String = row.try_get(claim_columns::EVENT_ID).map_err(|e| field("event_id", e))?;
     let key: Option<String> = row.try_get(claim_columns::KEY).map_err(|e| field("key", e))?;
     let payload: Option<RawPayload> = row.try_get(claim_columns::PAYLOAD).map_err(|e| field("payload", e))?;
@@ -580,5 +583,49 @@ impl<'a> FromSql<'a> for RawPayload {
 
     fn accepts(ty: &Type) -> bool {
         matches!(*ty, Type::JSONB | Type::JSON | Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::BYTEA)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Any bytes, valid UTF-8 text, and jsonb's wire format (a version byte before the text).
+    fn column_bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..256),
+            any::<String>().prop_map(String::into_bytes),
+            (any::<u8>(), any::<String>()).prop_map(|(version, json)| [vec![version], json.into_bytes()].concat()),
+            Just(Vec::new()),
+        ]
+    }
+
+    /// The payload column types the layout accepts.
+    const PAYLOAD_TYPES: [Type; 6] = [Type::JSONB, Type::JSON, Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::BYTEA];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_payload_bytes_decode_whole_or_are_refused(
+            ty in prop::sample::select(PAYLOAD_TYPES.to_vec()),
+            raw in column_bytes(),
+        ) {
+            let decoded = RawPayload::from_sql(&ty, &raw).map(|p| p.0);
+            if ty == Type::JSONB {
+                match raw.split_first() {
+                    Some((&JSONB_FORMAT_VERSION, json)) => prop_assert_eq!(decoded.ok(), Some(json.to_vec())),
+                    _ => prop_assert!(decoded.is_err(), "jsonb without its version byte is refused"),
+                }
+            } else if ty == Type::JSON || ty == Type::BYTEA {
+                prop_assert_eq!(decoded.ok(), Some(raw), "stored bytes are sent as they are");
+            } else if std::str::from_utf8(&raw).is_ok() {
+                prop_assert_eq!(decoded.ok(), Some(raw));
+            } else {
+                prop_assert!(decoded.is_err(), "text that is not UTF-8 is refused");
+            }
+        }
     }
 }

@@ -188,6 +188,140 @@ mod tests {
         let source = TopicSource::Template(TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap());
         assert_eq!(Record::from_row(&row, &source).unwrap().topic, "outbox.event.order");
     }
+
+    mod hostile {
+        //! Arbitrary rows: whatever the application wrote, building the record returns a record or
+        //! a reason, never panics, and a record always carries the row's own event id once.
+
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::*;
+
+        /// Any JSON document, nested a few levels.
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(header_name(), inner, 0..6)
+                        .prop_map(|map| Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn header_name() -> impl Strategy<Value = String> {
+            prop_oneof![Just(EVENT_ID_HEADER.to_owned()), Just(TRACEPARENT_HEADER.to_owned()), any::<String>()]
+        }
+
+        /// The headers column: absent, any text, any JSON, or an object of mostly strings.
+        fn headers() -> impl Strategy<Value = Option<String>> {
+            let strings = prop::collection::btree_map(
+                header_name(),
+                prop_oneof![8 => any::<String>().prop_map(Value::String), 1 => json()],
+                0..6,
+            )
+            .prop_map(|map| Value::Object(map.into_iter().collect()).to_string());
+            prop_oneof![
+                2 => Just(None),
+                1 => any::<String>().prop_map(Some),
+                1 => json().prop_map(|v| Some(v.to_string())),
+                3 => strings.prop_map(Some),
+            ]
+        }
+
+        fn topic_value() -> impl Strategy<Value = Option<String>> {
+            prop_oneof![
+                1 => Just(None),
+                4 => "[a-zA-Z0-9._-]{1,249}".prop_map(Some),
+                1 => prop_oneof![Just(""), Just("."), Just(".."), Just("no spaces"), Just("ünïcode")]
+                    .prop_map(|t| Some(t.to_owned())),
+                1 => Just(Some("t".repeat(250))),
+                1 => any::<String>().prop_map(Some),
+            ]
+        }
+
+        fn payload() -> impl Strategy<Value = Option<Vec<u8>>> {
+            prop_oneof![
+                Just(None),
+                Just(Some(Vec::new())),
+                prop::collection::vec(any::<u8>(), 0..512).prop_map(Some),
+                Just(Some(vec![0xff; 2 * 1024 * 1024])),
+            ]
+        }
+
+        fn rows() -> impl Strategy<Value = OutboxRow> {
+            (
+                any::<String>(),
+                prop::option::of(any::<String>()),
+                payload(),
+                headers(),
+                prop::option::of(any::<String>()),
+                prop::collection::vec(topic_value(), 1..3),
+            )
+                .prop_map(|(event_id, key, payload, headers, traceparent, topic_values)| OutboxRow {
+                    id: "1".into(),
+                    event_id,
+                    key,
+                    payload,
+                    headers,
+                    created_at: None,
+                    traceparent,
+                    topic_values,
+                })
+        }
+
+        /// What the contract says: headers are absent, JSON null, or an object of strings and nulls.
+        fn headers_are_acceptable(headers: &Option<String>) -> bool {
+            match headers.as_deref().map(serde_json::from_str::<Value>) {
+                None | Some(Ok(Value::Null)) => true,
+                Some(Ok(Value::Object(map))) => map.values().all(|v| matches!(v, Value::String(_) | Value::Null)),
+                Some(_) => false,
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_row_becomes_a_whole_record_or_a_reason(row in rows()) {
+                let topic = TopicSource::Column(Identifier::parse("topic").unwrap());
+                match Record::from_row(&row, &topic) {
+                    Ok(record) => {
+                        let event_ids: Vec<_> = record.headers.iter().filter(|(n, _)| n == EVENT_ID_HEADER).collect();
+                        prop_assert_eq!(event_ids.len(), 1);
+                        prop_assert_eq!(event_ids[0].1.as_deref(), Some(row.event_id.as_str()));
+                        prop_assert_eq!(record.headers.last().map(|(n, _)| n.as_str()), Some(EVENT_ID_HEADER));
+                        prop_assert!(check_topic_name(&record.topic).is_ok());
+                        prop_assert_eq!(Some(&record.topic), row.topic_values.first().and_then(Option::as_ref));
+                        prop_assert_eq!(&record.key, &row.key);
+                        prop_assert_eq!(&record.payload, &row.payload, "the value is the row's, whole");
+                        prop_assert!(headers_are_acceptable(&row.headers));
+                    }
+                    Err(reason) => {
+                        prop_assert!(!reason.is_empty());
+                        let topic_ok = matches!(row.topic_values.first(), Some(Some(t)) if check_topic_name(t).is_ok());
+                        let valid = topic_ok && headers_are_acceptable(&row.headers);
+                        prop_assert!(!valid, "refused a valid row: {}", reason);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn headers_nested_deeper_than_the_json_parser_allows_are_refused() {
+            let mut row = row();
+            row.headers = Some(format!("{}{}", "{\"a\":".repeat(100_000), "}".repeat(100_000)));
+            let err = Record::from_row(&row, &topic_column()).unwrap_err();
+            assert!(err.contains("headers are not valid JSON") && err.contains("recursion limit"), "{err}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -876,6 +876,52 @@ mod tests {
         assert!(TopicTemplate::parse("").is_err());
     }
 
+    mod hostile {
+        //! Configured names and templates are text from the operator and topic values are text from
+        //! the application: whatever they hold, parsing and rendering answer, never panic.
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Any text, and text made mostly of the characters the template syntax gives meaning to.
+        fn template_text() -> impl Strategy<Value = String> {
+            prop_oneof![any::<String>(), "[{}a. _\"\\x00é]{0,24}"]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_template_is_refused_or_renders_exactly_when_its_columns_have_values(
+                template in template_text(),
+                values in prop::collection::vec(prop::option::of(any::<String>()), 0..4),
+            ) {
+                match TopicTemplate::parse(&template) {
+                    Ok(parsed) => {
+                        let wanted = parsed.columns().len();
+                        let all_present = values.len() >= wanted && values[..wanted].iter().all(Option::is_some);
+                        prop_assert_eq!(parsed.render(&values).is_ok(), all_present);
+                    }
+                    Err(reason) => prop_assert!(!reason.is_empty()),
+                }
+            }
+
+            #[test]
+            fn any_name_is_refused_or_quoted_so_that_it_reads_back_literally(name in template_text()) {
+                if let Ok(id) = Identifier::parse(&name) {
+                    let quoted = id.to_string();
+                    let inner = &quoted[1..quoted.len() - 1];
+                    prop_assert!(!inner.replace("\"\"", "").contains('"'), "a lone quote would end the identifier");
+                    prop_assert_eq!(inner.replace("\"\"", "\""), name.as_str());
+                }
+                if let Ok(parts) = Identifier::parse_qualified(&name) {
+                    prop_assert!(matches!(parts.len(), 1 | 2));
+                }
+            }
+        }
+    }
+
     fn standard_layout() -> Layout {
         let mapping = Mapping::from_config(&Config::default()).unwrap();
         mapping.resolve(&standard_layout_columns()).unwrap()
