@@ -197,7 +197,23 @@ pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
             tracing::warn!(database = %target, error = %e, "PostgreSQL connection closed");
         }
     });
+    // A SQL_ASCII database stores any bytes in text columns. Asked for UTF-8, the server fails
+    // the whole query at the first value that is not UTF-8, so one bad row would stop every
+    // claim; asked for the bytes as stored, the relay can fail that row alone when it decodes it.
+    let encoding = client.query_one("SHOW server_encoding", &[]).await.map_err(OutboxError::query("show encoding"))?;
+    if encoding.try_get::<_, String>(0).is_ok_and(|e| e == "SQL_ASCII") {
+        client
+            .batch_execute("SET client_encoding = 'SQL_ASCII'")
+            .await
+            .map_err(OutboxError::query("set client_encoding"))?;
+    }
     Ok(client)
+}
+
+/// A text value of a user's row for a report (`status`, `audit`). In a SQL_ASCII database it
+/// may not be UTF-8; the report shows that rather than failing.
+fn readable_text(row: &tokio_postgres::Row, index: usize) -> Option<String> {
+    row.try_get::<_, Option<String>>(index).unwrap_or_else(|_| Some("(not valid UTF-8)".to_owned()))
 }
 
 /// A connection whose `Connection` half the caller drives (to receive notifications).
@@ -435,7 +451,10 @@ impl Outbox {
     pub async fn parked_keys(&self) -> Result<Vec<ParkedKey>, OutboxError> {
         let Some(sql) = self.layout.parked_keys_sql() else { return Ok(Vec::new()) };
         let rows = self.client.query(&sql, &[]).await.map_err(OutboxError::query("parked keys"))?;
-        Ok(rows.iter().map(|r| ParkedKey { key: r.get(0), failed_id: r.get(1), waiting: r.get(2) }).collect())
+        Ok(rows
+            .iter()
+            .map(|r| ParkedKey { key: readable_text(r, 0).unwrap_or_default(), failed_id: r.get(1), waiting: r.get(2) })
+            .collect())
     }
 
     /// The rows in `range` (and with `topic`, when the topic is a column), in claim order.
@@ -453,7 +472,7 @@ impl Outbox {
                 published: r.get(2),
                 attempts: r.get(3),
                 last_error: r.get(4),
-                topic_values: (AUDIT_TOPIC_COLUMN..r.len()).map(|i| r.get(i)).collect(),
+                topic_values: (AUDIT_TOPIC_COLUMN..r.len()).map(|i| readable_text(r, i)).collect(),
             })
             .collect())
     }
