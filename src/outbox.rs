@@ -12,7 +12,10 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::config::{Config, redact_connection_string};
 use crate::record::OutboxRow;
-use crate::table::{AUDIT_TOPIC_COLUMN, Layout, LayoutError, Mapping, TABLE_COLUMNS_SQL, claim_columns};
+use crate::table::{
+    AUDIT_TOPIC_COLUMN, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, Privilege, TABLE_COLUMNS_SQL,
+    claim_columns,
+};
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "outbox-relay";
@@ -32,7 +35,7 @@ pub enum OutboxError {
         source: tokio_postgres::Error,
     },
     /// A statement failed (including a lost connection).
-    #[error("PostgreSQL {what} failed: {}", describe_pg_error(source))]
+    #[error("PostgreSQL {what} failed: {}{}", describe_pg_error(source), privilege_hint(source))]
     Query {
         /// Which statement.
         what: &'static str,
@@ -47,6 +50,21 @@ pub enum OutboxError {
     /// A column does not fit its configured role.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// The role the relay logs in as lacks privileges it needs on the table.
+    #[error(
+        "database.url: role {role} lacks privileges the relay needs on table {table}: {}; \
+         as the table's owner, grant them (for the standard table: psql -v relay_role={role} -f sql/relay_role.sql, \
+         with -v allow_delete=on for DELETE)",
+        missing.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    MissingPrivileges {
+        /// The role of the relay's login.
+        role: String,
+        /// The table, as configured.
+        table: String,
+        /// What it lacks, and what for.
+        missing: Vec<Privilege>,
+    },
 }
 
 impl OutboxError {
@@ -224,6 +242,17 @@ pub fn describe_pg_error(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// What to do about a statement the server refused for want of a privilege: the relay's role
+/// lost a grant it had when the relay started (which checks them). Empty for other errors.
+fn privilege_hint(error: &tokio_postgres::Error) -> &'static str {
+    match error.code() {
+        Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
+            " (the relay's role lacks a privilege on the table; the table's owner must grant it, see sql/relay_role.sql)"
+        }
+        _ => "",
+    }
+}
+
 /// `host:port/dbname` of a connection string, for messages that must not carry a password.
 pub fn describe_target(url: &str) -> String {
     match url.parse::<tokio_postgres::Config>() {
@@ -295,6 +324,31 @@ impl Outbox {
             pending_stats,
             retry_backoff: (relay.retry_backoff_initial.as_secs_f64(), relay.retry_backoff_max.as_secs_f64()),
             max_attempts: i32::try_from(relay.max_attempts).unwrap_or(i32::MAX),
+        })
+    }
+
+    /// Fails with [`OutboxError::MissingPrivileges`] unless this connection's role holds every
+    /// privilege in `needed` on the table.
+    pub async fn check_privileges(&self, needed: &[Privilege]) -> Result<(), OutboxError> {
+        let privileges: Vec<&str> = needed.iter().map(|p| p.privilege).collect();
+        let columns: Vec<&str> = needed.iter().map(|p| p.column.as_ref().map_or("", |c| c.as_str())).collect();
+        let row = self
+            .client
+            .query_one(MISSING_PRIVILEGES_SQL, &[&self.layout.mapping.table_sql(), &privileges, &columns])
+            .await
+            .map_err(OutboxError::query("check privileges"))?;
+        let missing: Vec<i64> = row.get(1);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(OutboxError::MissingPrivileges {
+            role: row.get(0),
+            table: self.layout.mapping.table_name(),
+            missing: missing
+                .iter()
+                .filter_map(|n| usize::try_from(*n).ok().and_then(|n| n.checked_sub(1)).and_then(|i| needed.get(i)))
+                .cloned()
+                .collect(),
         })
     }
 
