@@ -107,6 +107,9 @@ pub struct PendingStats {
     /// Pending rows not yet publishable because a transaction that was open when they were
     /// inserted is still open.
     pub held_rows: i64,
+    /// Age of the oldest held-back row, when the table has a created-at column and rows are
+    /// held back.
+    pub oldest_held_age_seconds: Option<f64>,
 }
 
 /// The open transaction that holds the commit horizon back.
@@ -114,11 +117,13 @@ pub struct PendingStats {
 pub struct OldestTransaction {
     /// Its backend's process id (for `pg_terminate_backend` if it must go).
     pub pid: i32,
-    /// How long it has been open.
+    /// How long it has been open; when the relay's role may not see that (another role's
+    /// session, without `pg_read_all_stats`), how long the oldest row it holds back has waited.
     pub seconds: f64,
-    /// `active`, `idle in transaction`, ...
+    /// `active`, `idle in transaction`, ...; empty when the relay's role may not see it.
     pub state: String,
-    /// The start of its current or last query.
+    /// The start of its current or last query; PostgreSQL's `<insufficient privilege>` when
+    /// the relay's role may not see it.
     pub query: String,
 }
 
@@ -434,11 +439,14 @@ impl Outbox {
             oldest_age_seconds: row.get(1),
             failed_rows: row.get(2),
             held_rows: row.get(3),
+            oldest_held_age_seconds: row.get(4),
         })
     }
 
-    /// The open transaction that holds the commit horizon back, if any.
-    pub async fn oldest_transaction(&self) -> Result<Option<OldestTransaction>, OutboxError> {
+    /// The open transaction that holds the commit horizon back, if any. `held_rows` are the
+    /// stats of the same moment: their oldest held row's age stands in for the transaction's
+    /// age when PostgreSQL hides that from the relay's role. Its pid is never hidden.
+    pub async fn oldest_transaction(&self, held_rows: &PendingStats) -> Result<Option<OldestTransaction>, OutboxError> {
         let row = self
             .client
             .query_opt(crate::table::OLDEST_TRANSACTION_SQL, &[])
@@ -446,7 +454,7 @@ impl Outbox {
             .map_err(OutboxError::query("oldest transaction"))?;
         Ok(row.map(|r| OldestTransaction {
             pid: r.get(0),
-            seconds: r.get::<_, Option<f64>>(1).unwrap_or(0.0),
+            seconds: r.get::<_, Option<f64>>(1).or(held_rows.oldest_held_age_seconds).unwrap_or(0.0),
             state: r.get(2),
             query: r.get(3),
         }))

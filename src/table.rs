@@ -700,8 +700,8 @@ impl Layout {
     }
 
     /// Pending rows (not failed), age in seconds of the oldest of them (NULL without a
-    /// created-at column or pending rows), failed rows, and pending rows held back by the
-    /// commit horizon.
+    /// created-at column or pending rows), failed rows, pending rows held back by the commit
+    /// horizon, and the age in seconds of the oldest of those (NULL as for the pending age).
     pub fn pending_stats_sql(&self) -> String {
         let m = &self.mapping;
         let failed = match &m.failed_at {
@@ -714,13 +714,19 @@ impl Layout {
             }
             None => "NULL::float8".to_owned(),
         };
-        let held = match &m.xact_id {
-            Some(h) => format!("count(*) FILTER (WHERE {h} >= pg_snapshot_xmin(pg_current_snapshot()))"),
-            None => "0::int8".to_owned(),
+        let is_held = match &m.xact_id {
+            Some(h) => format!("{h} >= pg_snapshot_xmin(pg_current_snapshot())"),
+            None => "false".to_owned(),
+        };
+        let held_age = match &m.created_at {
+            Some(created_at) => {
+                format!("extract(epoch FROM now() - min({created_at}) FILTER (WHERE {is_held}))::float8")
+            }
+            None => "NULL::float8".to_owned(),
         };
         format!(
-            "SELECT count(*) FILTER (WHERE NOT ({failed})), {age}, count(*) FILTER (WHERE {failed}), {held} \
-             FROM {table} {filter}",
+            "SELECT count(*) FILTER (WHERE NOT ({failed})), {age}, count(*) FILTER (WHERE {failed}), \
+             count(*) FILTER (WHERE {is_held}), {held_age} FROM {table} {filter}",
             table = m.table_sql(),
             filter = self.unpublished_filter()
         )
