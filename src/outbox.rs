@@ -13,7 +13,10 @@ use tokio_postgres::{Client, Statement};
 use crate::config::{Config, redact_connection_string};
 use crate::pg_tls::ConnectOptions;
 use crate::record::OutboxRow;
-use crate::table::{AUDIT_TOPIC_COLUMN, Layout, LayoutError, Mapping, TABLE_COLUMNS_SQL, claim_columns};
+use crate::table::{
+    AUDIT_TOPIC_COLUMN, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, Privilege, TABLE_COLUMNS_SQL,
+    claim_columns,
+};
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "outbox-relay";
@@ -41,7 +44,7 @@ pub enum OutboxError {
         problem: String,
     },
     /// A statement failed (including a lost connection).
-    #[error("PostgreSQL {what} failed: {}", describe_pg_error(source))]
+    #[error("PostgreSQL {what} failed: {}{}", describe_pg_error(source), privilege_hint(source))]
     Query {
         /// Which statement.
         what: &'static str,
@@ -56,6 +59,21 @@ pub enum OutboxError {
     /// A column does not fit its configured role.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// The role the relay logs in as lacks privileges it needs on the table.
+    #[error(
+        "database.url: role {role} lacks privileges the relay needs on table {table}: {}; \
+         as the table's owner, grant them (for the standard table: psql -v relay_role={role} -f sql/relay_role.sql, \
+         with -v allow_delete=on for DELETE)",
+        missing.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    MissingPrivileges {
+        /// The role of the relay's login.
+        role: String,
+        /// The table, as configured.
+        table: String,
+        /// What it lacks, and what for.
+        missing: Vec<Privilege>,
+    },
 }
 
 impl OutboxError {
@@ -98,6 +116,9 @@ pub struct PendingStats {
     /// Pending rows not yet publishable because a transaction that was open when they were
     /// inserted is still open.
     pub held_rows: i64,
+    /// Age of the oldest held-back row, when the table has a created-at column and rows are
+    /// held back.
+    pub oldest_held_age_seconds: Option<f64>,
 }
 
 /// The open transaction that holds the commit horizon back.
@@ -105,11 +126,13 @@ pub struct PendingStats {
 pub struct OldestTransaction {
     /// Its backend's process id (for `pg_terminate_backend` if it must go).
     pub pid: i32,
-    /// How long it has been open.
+    /// How long it has been open; when the relay's role may not see that (another role's
+    /// session, without `pg_read_all_stats`), how long the oldest row it holds back has waited.
     pub seconds: f64,
-    /// `active`, `idle in transaction`, ...
+    /// `active`, `idle in transaction`, ...; empty when the relay's role may not see it.
     pub state: String,
-    /// The start of its current or last query.
+    /// The start of its current or last query; PostgreSQL's `<insufficient privilege>` when
+    /// the relay's role may not see it.
     pub query: String,
 }
 
@@ -253,6 +276,17 @@ pub fn describe_pg_error(error: &tokio_postgres::Error) -> String {
     }
 }
 
+/// What to do about a statement the server refused for want of a privilege: the relay's role
+/// lost a grant it had when the relay started (which checks them). Empty for other errors.
+fn privilege_hint(error: &tokio_postgres::Error) -> &'static str {
+    match error.code() {
+        Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
+            " (the relay's role lacks a privilege on the table; the table's owner must grant it, see sql/relay_role.sql)"
+        }
+        _ => "",
+    }
+}
+
 /// `host:port/dbname` of a connection string, for messages that must not carry a password.
 pub fn describe_target(url: &str) -> String {
     match crate::pg_tls::without_tls_parameters(url).parse::<tokio_postgres::Config>() {
@@ -324,6 +358,31 @@ impl Outbox {
             pending_stats,
             retry_backoff: (relay.retry_backoff_initial.as_secs_f64(), relay.retry_backoff_max.as_secs_f64()),
             max_attempts: i32::try_from(relay.max_attempts).unwrap_or(i32::MAX),
+        })
+    }
+
+    /// Fails with [`OutboxError::MissingPrivileges`] unless this connection's role holds every
+    /// privilege in `needed` on the table.
+    pub async fn check_privileges(&self, needed: &[Privilege]) -> Result<(), OutboxError> {
+        let privileges: Vec<&str> = needed.iter().map(|p| p.privilege).collect();
+        let columns: Vec<&str> = needed.iter().map(|p| p.column.as_ref().map_or("", |c| c.as_str())).collect();
+        let row = self
+            .client
+            .query_one(MISSING_PRIVILEGES_SQL, &[&self.layout.mapping.table_sql(), &privileges, &columns])
+            .await
+            .map_err(OutboxError::query("check privileges"))?;
+        let missing: Vec<i64> = row.get(1);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(OutboxError::MissingPrivileges {
+            role: row.get(0),
+            table: self.layout.mapping.table_name(),
+            missing: missing
+                .iter()
+                .filter_map(|n| usize::try_from(*n).ok().and_then(|n| n.checked_sub(1)).and_then(|i| needed.get(i)))
+                .cloned()
+                .collect(),
         })
     }
 
@@ -409,11 +468,14 @@ impl Outbox {
             oldest_age_seconds: row.get(1),
             failed_rows: row.get(2),
             held_rows: row.get(3),
+            oldest_held_age_seconds: row.get(4),
         })
     }
 
-    /// The open transaction that holds the commit horizon back, if any.
-    pub async fn oldest_transaction(&self) -> Result<Option<OldestTransaction>, OutboxError> {
+    /// The open transaction that holds the commit horizon back, if any. `held_rows` are the
+    /// stats of the same moment: their oldest held row's age stands in for the transaction's
+    /// age when PostgreSQL hides that from the relay's role. Its pid is never hidden.
+    pub async fn oldest_transaction(&self, held_rows: &PendingStats) -> Result<Option<OldestTransaction>, OutboxError> {
         let row = self
             .client
             .query_opt(crate::table::OLDEST_TRANSACTION_SQL, &[])
@@ -421,7 +483,7 @@ impl Outbox {
             .map_err(OutboxError::query("oldest transaction"))?;
         Ok(row.map(|r| OldestTransaction {
             pid: r.get(0),
-            seconds: r.get::<_, Option<f64>>(1).unwrap_or(0.0),
+            seconds: r.get::<_, Option<f64>>(1).or(held_rows.oldest_held_age_seconds).unwrap_or(0.0),
             state: r.get(2),
             query: r.get(3),
         }))

@@ -57,8 +57,12 @@ impl RelayError {
     /// Whether the operator must change configuration or schema (exit code 2) rather than
     /// something outside the relay having failed.
     pub fn is_config_problem(&self) -> bool {
-        matches!(self, RelayError::Outbox(OutboxError::Layout(_) | OutboxError::TableMissing(_)))
-            || matches!(self, RelayError::Publisher(_))
+        matches!(
+            self,
+            RelayError::Outbox(
+                OutboxError::Layout(_) | OutboxError::TableMissing(_) | OutboxError::MissingPrivileges { .. }
+            )
+        ) || matches!(self, RelayError::Publisher(_))
     }
 }
 
@@ -122,6 +126,18 @@ impl Relay {
     /// What `/healthz` and `/readyz` answer.
     pub fn health(&self) -> Arc<Health> {
         self.health.clone()
+    }
+
+    /// Connects the claim connection and checks that the relay's role may do everything the
+    /// loop will do, so a missing grant stops the relay before it publishes a row it could not
+    /// then mark. A grant revoked while the relay runs fails the next mark; the reconnect that
+    /// follows finds it missing here and stops the relay, leaving the batch unmarked (published
+    /// again once the grant is back, as after a crash).
+    async fn connect(&self) -> Result<Outbox, OutboxError> {
+        let outbox = Outbox::connect(&self.config, &self.mapping).await?;
+        let retention = self.config.retention.delete_published_after.is_some();
+        outbox.check_privileges(&self.mapping.privileges_needed(retention)).await?;
+        Ok(outbox)
     }
 
     fn new_publisher(&self) -> Result<Publisher, PublisherError> {
@@ -193,7 +209,7 @@ impl Relay {
                     shards.forget();
                     self.metrics.shards_owned.set(0);
                     self.health.set_database_connected(false);
-                    match Outbox::connect(&self.config, &self.mapping).await {
+                    match self.connect().await {
                         Ok(outbox) => {
                             self.health.set_database_connected(true);
                             info!(table = %self.mapping.table_name(), "connected to PostgreSQL");

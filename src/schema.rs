@@ -56,8 +56,20 @@ pub enum MigrateError {
     /// The database refused a statement or could not be reached.
     #[error(transparent)]
     Database(#[from] crate::outbox::OutboxError),
+    /// The outbox table exists and belongs to a role the login is not a member of: it may not
+    /// change the table, and is most likely the relay's own restricted role.
+    #[error(
+        "migrate must run as the owner of table outbox ({owner}), not as {role}: the relay's own role only reads \
+         and marks rows (sql/relay_role.sql); give migrate the owner's database.url"
+    )]
+    NotOwner {
+        /// The role of the login.
+        role: String,
+        /// The table's owner.
+        owner: String,
+    },
     /// A migration's SQL failed.
-    #[error("migration {name} failed: {}", crate::outbox::describe_pg_error(source))]
+    #[error("migration {name} failed: {}{}", crate::outbox::describe_pg_error(source), privilege_hint(source))]
     Statement {
         /// Which migration.
         name: &'static str,
@@ -65,6 +77,22 @@ pub enum MigrateError {
         source: tokio_postgres::Error,
     },
 }
+
+/// What to do about a statement refused for want of a privilege.
+fn privilege_hint(error: &tokio_postgres::Error) -> &'static str {
+    match error.code() {
+        Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
+            " (migrate creates and alters the outbox table: run it as a role that may create tables in the schema, \
+             or as the table's owner, not as the relay's own role)"
+        }
+        _ => "",
+    }
+}
+
+/// The role of the login, the outbox table's owner, and whether the login may act as that
+/// owner; no row when the table does not exist yet.
+const OWNER_SQL: &str = "SELECT current_user::text, pg_get_userbyid(c.relowner)::text, pg_has_role(c.relowner, 'USAGE') \
+     FROM pg_class AS c WHERE c.oid = to_regclass('outbox')";
 
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +121,13 @@ async fn apply(client: &mut Client) -> Result<MigrateReport, MigrateError> {
     let wrap = |name: &'static str| move |source| MigrateError::Statement { name, source };
     let tx = client.transaction().await.map_err(wrap("begin"))?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&LOCK_KEY]).await.map_err(wrap("lock"))?;
+    // Said plainly before any statement fails with a bare "permission denied", and whatever
+    // the server version lets every role create in schema public.
+    if let Some(row) = tx.query_opt(OWNER_SQL, &[]).await.map_err(wrap("read the table's owner"))?
+        && !row.get::<_, bool>(2)
+    {
+        return Err(MigrateError::NotOwner { role: row.get(0), owner: row.get(1) });
+    }
     // IF [NOT] EXISTS clauses send NOTICEs ("... does not exist, skipping") that would reach the
     // operator's terminal as log lines; they carry nothing to act on.
     tx.batch_execute("SET LOCAL client_min_messages = warning").await.map_err(wrap("settings"))?;

@@ -53,7 +53,7 @@ async fn refresh(
     metrics.failed_rows.set(stats.failed_rows);
     metrics.held_rows.set(stats.held_rows);
 
-    let holdback = if stats.held_rows > 0 { outbox.oldest_transaction().await? } else { None };
+    let holdback = if stats.held_rows > 0 { outbox.oldest_transaction(&stats).await? } else { None };
     let seconds = holdback.as_ref().map(|t| t.seconds).unwrap_or(0.0);
     metrics.watermark_holdback.set(seconds);
     if let Some(blocking) = holdback

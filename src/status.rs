@@ -40,7 +40,7 @@ pub async fn status(config: &Config) -> Result<StatusReport, OutboxError> {
         .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
     let outbox = Outbox::connect(config, &mapping).await?;
     let stats = outbox.pending_stats().await?;
-    let holding_transaction = if stats.held_rows > 0 { outbox.oldest_transaction().await? } else { None };
+    let holding_transaction = if stats.held_rows > 0 { outbox.oldest_transaction(&stats).await? } else { None };
     Ok(StatusReport {
         table: mapping.table_name(),
         pending_rows: stats.rows,

@@ -12,7 +12,7 @@ use crate::config::{Config, MarkMode, OnPoison};
 
 /// A PostgreSQL identifier, quoted when written into SQL so that any configured name is taken
 /// literally and can never alter a statement.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identifier(String);
 
 impl Identifier {
@@ -315,6 +315,50 @@ impl Mapping {
         roles
     }
 
+    /// The privileges `outbox-relay run` needs on the table, each with the reason, so that a
+    /// missing grant is reported before any row is published rather than as a failed mark
+    /// after. `deletes_for_retention`: retention is on.
+    pub fn privileges_needed(&self, deletes_for_retention: bool) -> Vec<Privilege> {
+        let mut needed: Vec<Privilege> = self
+            .roles()
+            .into_iter()
+            .map(|(key, column)| Privilege { privilege: "SELECT", column: Some(column.clone()), reason: key })
+            .collect();
+        if let Some(published_at) = &self.published_at {
+            needed.push(Privilege {
+                privilege: "UPDATE",
+                column: Some(published_at.clone()),
+                reason: "marking rows published".to_owned(),
+            });
+        }
+        // Failed attempts are recorded only when there is a counter or an error column to record.
+        if self.attempts.is_some() || self.last_error.is_some() {
+            for column in
+                [&self.attempts, &self.last_error, &self.last_attempt_at, &self.failed_at].into_iter().flatten()
+            {
+                needed.push(Privilege {
+                    privilege: "UPDATE",
+                    column: Some(column.clone()),
+                    reason: "recording failed attempts".to_owned(),
+                });
+            }
+        }
+        if self.mark == MarkMode::Delete {
+            needed.push(Privilege { privilege: "DELETE", column: None, reason: "outbox.mark = \"delete\"".to_owned() });
+        }
+        if deletes_for_retention && self.published_at.is_some() {
+            needed.push(Privilege {
+                privilege: "DELETE",
+                column: None,
+                reason: "retention.delete_published_after".to_owned(),
+            });
+        }
+        // A column can play several roles (the id is often the order too); ask about it once.
+        let mut seen = std::collections::HashSet::new();
+        needed.retain(|p| seen.insert((p.privilege, p.column.clone())));
+        needed
+    }
+
     /// Checks the mapping against the table's columns (name and `format_type` of each) and
     /// returns the layout the statements are built from.
     pub fn resolve(&self, table_columns: &[(String, String)]) -> Result<Layout, LayoutError> {
@@ -380,6 +424,27 @@ impl Mapping {
         let id_type = type_of("outbox.columns.id", &self.id)?;
         let order_type = type_of("outbox.columns.order_by", &self.order_by)?;
         Ok(Layout { mapping: self.clone(), payload, id_type, order_type })
+    }
+}
+
+/// A privilege the relay's role needs on the outbox table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Privilege {
+    /// `SELECT`, `UPDATE` or `DELETE`.
+    pub privilege: &'static str,
+    /// The column it is needed on; `None` for the whole table.
+    pub column: Option<Identifier>,
+    /// What needs it: a config key or what the relay does with it.
+    pub reason: String,
+}
+
+impl fmt::Display for Privilege {
+    /// `UPDATE on column "failed_at" (recording failed attempts)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.column {
+            Some(column) => write!(f, "{} on column \"{}\" ({})", self.privilege, column.as_str(), self.reason),
+            None => write!(f, "{} ({})", self.privilege, self.reason),
+        }
     }
 }
 
@@ -635,8 +700,8 @@ impl Layout {
     }
 
     /// Pending rows (not failed), age in seconds of the oldest of them (NULL without a
-    /// created-at column or pending rows), failed rows, and pending rows held back by the
-    /// commit horizon.
+    /// created-at column or pending rows), failed rows, pending rows held back by the commit
+    /// horizon, and the age in seconds of the oldest of those (NULL as for the pending age).
     pub fn pending_stats_sql(&self) -> String {
         let m = &self.mapping;
         let failed = match &m.failed_at {
@@ -649,13 +714,19 @@ impl Layout {
             }
             None => "NULL::float8".to_owned(),
         };
-        let held = match &m.xact_id {
-            Some(h) => format!("count(*) FILTER (WHERE {h} >= pg_snapshot_xmin(pg_current_snapshot()))"),
-            None => "0::int8".to_owned(),
+        let is_held = match &m.xact_id {
+            Some(h) => format!("{h} >= pg_snapshot_xmin(pg_current_snapshot())"),
+            None => "false".to_owned(),
+        };
+        let held_age = match &m.created_at {
+            Some(created_at) => {
+                format!("extract(epoch FROM now() - min({created_at}) FILTER (WHERE {is_held}))::float8")
+            }
+            None => "NULL::float8".to_owned(),
         };
         format!(
-            "SELECT count(*) FILTER (WHERE NOT ({failed})), {age}, count(*) FILTER (WHERE {failed}), {held} \
-             FROM {table} {filter}",
+            "SELECT count(*) FILTER (WHERE NOT ({failed})), {age}, count(*) FILTER (WHERE {failed}), \
+             count(*) FILTER (WHERE {is_held}), {held_age} FROM {table} {filter}",
             table = m.table_sql(),
             filter = self.unpublished_filter()
         )
@@ -811,6 +882,12 @@ pub const AUDIT_TOPIC_COLUMN: usize = 5;
 pub const TABLE_COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
      FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
+/// Which of the privileges `$2` (names) on columns `$3` (names, `''` for the table) the current
+/// role lacks on table `$1` (quoted name): their positions in the lists, from 1; and the role.
+pub const MISSING_PRIVILEGES_SQL: &str = "SELECT current_user::text, coalesce(array_agg(p.n ORDER BY p.n) FILTER (WHERE NOT \
+     CASE WHEN p.col = '' THEN has_table_privilege($1, p.privilege) ELSE has_column_privilege($1, p.col, p.privilege) END), \
+     '{}') FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS p(privilege, col, n)";
+
 /// Takes a relay's membership lock: `$1` table name, `$2` the relay's instance number.
 pub const JOIN_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('outbox-relay-member:' || $1) & 2147483647, $2)";
 
@@ -937,6 +1014,27 @@ mod tests {
         assert!(sql.contains("o.\"xact_id\" < pg_snapshot_xmin(pg_current_snapshot())"), "{sql}");
         assert!(sql.contains("% 16) = ANY($2::int4[])"), "only this relay's shards: {sql}");
         assert!(layout.mark_published_sql().contains("::bigint[]"));
+    }
+
+    #[test]
+    fn the_relay_asks_for_update_on_bookkeeping_columns_only_and_for_delete_only_when_it_deletes() {
+        let updated = |needed: &[Privilege]| -> Vec<String> {
+            needed
+                .iter()
+                .filter(|p| p.privilege == "UPDATE")
+                .filter_map(|p| p.column.as_ref().map(|c| c.as_str().to_owned()))
+                .collect()
+        };
+        let deletes = |needed: &[Privilege]| needed.iter().any(|p| p.privilege == "DELETE" && p.column.is_none());
+        let mut config = Config::default();
+        let needed = Mapping::from_config(&config).unwrap().privileges_needed(false);
+        assert_eq!(updated(&needed), ["published_at", "attempts", "last_error", "last_attempt_at", "failed_at"]);
+        assert!(!deletes(&needed));
+        assert!(deletes(&Mapping::from_config(&config).unwrap().privileges_needed(true)), "retention deletes");
+        config.outbox.mark = MarkMode::Delete;
+        let needed = Mapping::from_config(&config).unwrap().privileges_needed(false);
+        assert!(deletes(&needed));
+        assert!(!updated(&needed).contains(&"published_at".to_owned()));
     }
 
     #[test]

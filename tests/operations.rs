@@ -83,6 +83,7 @@ async fn healthz_fails_when_a_step_is_stuck_past_the_liveness_timeout() {
 async fn retention_deletes_old_published_rows_in_batches_and_never_a_pending_or_failed_one() {
     let env = TestEnv::start().await;
     env.migrate().await;
+    env.allow_relay_to_delete();
     let db = env.client().await;
     db.batch_execute(
         "INSERT INTO outbox (topic, key, payload, created_at, published_at) \
@@ -154,7 +155,13 @@ async fn a_traceparent_column_reaches_the_record_as_a_header() {
     env.migrate().await;
     let topic = env.create_topic(1).await;
     let db = env.client().await;
-    db.batch_execute("ALTER TABLE outbox ADD COLUMN trace text").await.unwrap();
+    // A column added to the table is the relay role's to read only once the owner says so.
+    db.batch_execute(&format!(
+        "ALTER TABLE outbox ADD COLUMN trace text; GRANT SELECT (trace) ON outbox TO {}",
+        env.relay_role
+    ))
+    .await
+    .unwrap();
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     db.execute("INSERT INTO outbox (topic, key, payload, trace) VALUES ($1, 'k', '{}', $2)", &[&topic, &traceparent])
         .await

@@ -45,8 +45,14 @@ pub struct TestEnv {
     pub postgres: Option<Postgres>,
     /// The broker this test started, if it started one.
     pub broker: Option<Broker>,
-    /// Superuser URL of this test's own database.
+    /// Superuser URL of this test's own database: the table owner's login, which `migrate`
+    /// and the tests' own writes (the application's) use.
     pub database_url: String,
+    /// The restricted role the relay logs in as, created by [`TestEnv::migrate`] with
+    /// `sql/relay_role.sql`: unique to this database, since roles are cluster-wide.
+    pub relay_role: String,
+    /// Its login URL, once [`TestEnv::migrate`] has created it.
+    relay_url: std::sync::OnceLock<String>,
     /// Bootstrap servers.
     pub brokers: String,
     _work: tempfile::TempDir,
@@ -107,11 +113,31 @@ impl TestEnv {
         let admin = connect(&admin_url).await;
         admin.batch_execute(&format!("CREATE DATABASE {database}")).await.expect("create test database");
         let database_url = replace_dbname(&admin_url, &database);
-        TestEnv { postgres, broker, database_url, brokers, _work: tempfile::tempdir().expect("work dir") }
+        let relay_role = database.replacen("db_", "relay_", 1);
+        TestEnv {
+            postgres,
+            broker,
+            database_url,
+            relay_role,
+            relay_url: std::sync::OnceLock::new(),
+            brokers,
+            _work: tempfile::tempdir().expect("work dir"),
+        }
     }
 
-    /// A relay configuration for this environment: fast polling, no metrics endpoint.
+    /// A relay configuration for this environment: fast polling, no metrics endpoint. After
+    /// [`TestEnv::migrate`] it logs in as the restricted relay role; before (a test that
+    /// creates a table of its own), as the owner.
     pub fn config(&self) -> Config {
+        let mut config = self.owner_config();
+        if let Some(url) = self.relay_url.get() {
+            config.database.url = url.clone();
+        }
+        config
+    }
+
+    /// As [`TestEnv::config`], but logged in as the owner of the tables (a superuser).
+    pub fn owner_config(&self) -> Config {
         let mut config = Config::default();
         config.database.url = self.database_url.clone();
         config.kafka.brokers = self.brokers.clone();
@@ -128,9 +154,25 @@ impl TestEnv {
         connect(&self.database_url).await
     }
 
-    /// Creates the standard outbox table with the relay's own migrate.
+    /// Creates the standard outbox table with the relay's own migrate, run as the owner, and
+    /// the relay's restricted role with `sql/relay_role.sql` (no DELETE); from then on
+    /// [`TestEnv::config`] logs in as that role.
     pub async fn migrate(&self) {
-        outbox_relay::schema::migrate(&self.config()).await.expect("migrate");
+        outbox_relay::schema::migrate(&self.owner_config()).await.expect("migrate");
+        self.apply_relay_role(false);
+        let _ = self.relay_url.set(login_as(&self.database_url, &self.relay_role, RELAY_PASSWORD));
+    }
+
+    /// Runs `sql/relay_role.sql` again with `allow_delete=on`: the relay role may delete rows
+    /// (retention, `outbox.mark = "delete"`).
+    pub fn allow_relay_to_delete(&self) {
+        self.apply_relay_role(true);
+    }
+
+    /// Runs `sql/relay_role.sql` with psql as the owner, as an operator would; it sets the
+    /// relay role's privileges on the table from scratch.
+    pub fn apply_relay_role(&self, allow_delete: bool) {
+        run_relay_role_script(&self.database_url, &self.relay_role, allow_delete).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Creates a topic with a unique name and returns the name.
@@ -148,6 +190,39 @@ impl TestEnv {
     /// Starts a relay in this process.
     pub fn spawn_relay(&self, config: Config) -> RunningRelay {
         RunningRelay::spawn(config)
+    }
+}
+
+/// The test relay role's password. The test server trusts every local login, so it only shows
+/// that the script sets one; an external server may check it.
+const RELAY_PASSWORD: &str = "relay-secret";
+
+/// Runs `sql/relay_role.sql` with psql against `owner_url` for `role`; the error carries psql's
+/// output.
+pub fn run_relay_role_script(owner_url: &str, role: &str, allow_delete: bool) -> Result<String, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/relay_role.sql");
+    let out = Command::new(postgres::bindir().join("psql"))
+        .arg(owner_url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(["-v", &format!("relay_role={role}"), "-v", &format!("relay_password={RELAY_PASSWORD}")])
+        .args(["-v", if allow_delete { "allow_delete=on" } else { "allow_delete=off" }])
+        .args(["-f", script])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run psql: {e}"))?;
+    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() { Ok(output) } else { Err(format!("sql/relay_role.sql failed: {output}")) }
+}
+
+/// `url` with its user and password replaced.
+pub fn login_as(url: &str, user: &str, password: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.scheme().starts_with("postgres") => {
+            let _ = parsed.set_username(user);
+            let _ = parsed.set_password(Some(password));
+            parsed.to_string()
+        }
+        _ => format!("{url} user={user} password={password}"),
     }
 }
 

@@ -132,7 +132,7 @@ impl Drop for Postgres {
 }
 
 /// The PostgreSQL server binaries: `pg_config --bindir`, else the newest Debian install.
-fn bindir() -> PathBuf {
+pub fn bindir() -> PathBuf {
     if let Ok(dir) = std::env::var("OUTBOX_TEST_PG_BINDIR") {
         return PathBuf::from(dir);
     }
