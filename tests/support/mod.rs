@@ -14,7 +14,7 @@ pub mod tls;
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -195,7 +195,7 @@ impl TestEnv {
 
 /// The test relay role's password. The test server trusts every local login, so it only shows
 /// that the script sets one; an external server may check it.
-const RELAY_PASSWORD: &str = "relay-secret";
+pub const RELAY_PASSWORD: &str = "relay-secret";
 
 /// Runs `sql/relay_role.sql` with psql against `owner_url` for `role`; the error carries psql's
 /// output.
@@ -593,8 +593,14 @@ pub fn relay_binary() -> &'static str {
 /// Writes `config` to a TOML file and returns its path.
 pub fn write_config(env: &TestEnv, config: &Config) -> PathBuf {
     let path = env.path(&format!("{}.toml", unique_name("config")));
-    std::fs::write(&path, toml::to_string(config).expect("config as TOML")).expect("write config");
+    write_config_to(&path, config);
     path
+}
+
+/// Writes `config` to the TOML file `path`. Secrets are written as the placeholder (the relay
+/// refuses it), so a test gives them by file or environment variable, as operators should.
+pub fn write_config_to(path: &Path, config: &Config) {
+    std::fs::write(path, toml::to_string(config).expect("config as TOML")).expect("write config");
 }
 
 /// Runs `outbox-relay ARGS` to completion with `env_vars`, returning exit code, stdout, stderr.
@@ -623,12 +629,17 @@ pub fn spawn_relay_process(env: &TestEnv, config: &Config) -> RelayProcess {
 /// As [`spawn_relay_process`], with extra environment variables (such as `FAILPOINTS`).
 pub fn spawn_relay_process_with_env(env: &TestEnv, config: &Config, vars: &[(&str, &str)]) -> RelayProcess {
     let config_path = write_config(env, config);
-    let log_path = env.path(&format!("{}.log", unique_name("relay")));
+    spawn_relay_process_from(&config_path, vars, &env.path(""))
+}
+
+/// Starts `outbox-relay --config CONFIG_PATH run` with `vars`, logging to a file in `log_dir`.
+pub fn spawn_relay_process_from(config_path: &Path, vars: &[(&str, &str)], log_dir: &Path) -> RelayProcess {
+    let log_path = log_dir.join(format!("{}.log", unique_name("relay")));
     let log = std::fs::File::create(&log_path).expect("relay log");
     let mut command = Command::new(relay_binary());
     command
         .arg("--config")
-        .arg(&config_path)
+        .arg(config_path)
         .arg("run")
         .env("RUST_LOG", "outbox_relay=debug,info")
         .envs(vars.iter().copied())
