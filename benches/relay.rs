@@ -217,6 +217,10 @@ impl Scenario {
         config.relay = defaults.relay;
         config.metrics.listen = format!("127.0.0.1:{}", free_port());
         config.outbox.mark = mark;
+        // The relay runs as its restricted role (sql/relay_role.sql), which deletes only when granted.
+        if mark == MarkMode::Delete {
+            self.env.allow_relay_to_delete();
+        }
         config
     }
 
