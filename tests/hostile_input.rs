@@ -9,7 +9,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use outbox_relay::config::ConfigError;
 use proptest::prelude::*;
@@ -18,15 +17,6 @@ use tokio_postgres::Client;
 
 // ---------------------------------------------------------------------------------------------
 // Rows
-
-/// Quick to give up, so that a poison row is failed within a second.
-fn poison_config(env: &TestEnv) -> outbox_relay::Config {
-    let mut config = env.config();
-    config.relay.max_attempts = 2;
-    config.relay.retry_backoff_initial = Duration::from_millis(50);
-    config.relay.retry_backoff_max = Duration::from_millis(200);
-    config
-}
 
 /// The standard table with the loosest column types the relay accepts (payload `bytea`,
 /// headers `text`), so that rows can hold what `jsonb` would refuse at insert: an empty value,
@@ -120,7 +110,7 @@ async fn an_empty_payload_a_null_key_and_binary_bytes_are_published_as_stored() 
     let binary_bytes: &[u8] = &[0x00, 0xff, 0xfe, b'\n', 0xc3];
     let binary = insert_row(&db, &topic, Some("binary"), Some(binary_bytes), Some(r#"{"a": "\u00ff"}"#)).await;
 
-    let relay = env.spawn_relay(poison_config(&env));
+    let relay = env.spawn_relay(env.poison_config(2));
     wait_for_fates(&db, &[&empty, &keyless, &binary], &[]).await;
     let records = assert_topic_holds_exactly(&env.brokers, &topic, &[&empty, &keyless, &binary]).await;
     let record = |id: &str| records.iter().find(|r| r.event_id() == id).unwrap().clone();
@@ -155,7 +145,7 @@ async fn rows_that_cannot_be_encoded_are_poison_rows_and_nothing_of_them_is_publ
     ];
     let after = insert_row(&db, &topic, Some("after"), Some(small), Some(r#"{"type": "ok"}"#)).await;
 
-    let mut config = poison_config(&env);
+    let mut config = env.poison_config(2);
     // The producer refuses a record larger than this before it is sent.
     config.kafka.properties.insert("message.max.bytes".into(), "10000".into());
     let relay = env.spawn_relay(config.clone());
@@ -191,7 +181,7 @@ async fn invalid_utf8_in_a_text_column_is_a_poison_row() {
         .unwrap();
     let mut url = url::Url::parse(&env.database_url).unwrap();
     url.set_path(&format!("/{database}"));
-    let mut config = poison_config(&env);
+    let mut config = env.poison_config(2);
     config.database.url = url.to_string();
     outbox_relay::schema::migrate(&config).await.expect("migrate a SQL_ASCII database");
     let db = connect(&config.database.url).await;

@@ -5,18 +5,8 @@
 
 mod support;
 
-use std::time::Duration;
-
 use outbox_relay::config::OnPoison;
 use support::*;
-
-fn poison_config(env: &TestEnv) -> outbox_relay::Config {
-    let mut config = env.config();
-    config.relay.max_attempts = 3;
-    config.relay.retry_backoff_initial = Duration::from_millis(50);
-    config.relay.retry_backoff_max = Duration::from_millis(200);
-    config
-}
 
 async fn failed_count(db: &tokio_postgres::Client) -> i64 {
     db.query_one("SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL", &[]).await.unwrap().get(0)
@@ -61,7 +51,7 @@ async fn a_row_too_large_and_a_row_for_a_missing_topic_fail_and_park_only_their_
     )
     .await;
 
-    let config = poison_config(&env);
+    let config = env.poison_config(3);
     let relay = env.spawn_relay(config.clone());
     wait_until(PATIENCE, "both poison rows to be given up on", || async { failed_count(&db).await == 2 }).await;
     wait_until(PATIENCE, "the healthy key to flow", || async { published_keys(&db).await == ["C:1", "C:2"] }).await;
@@ -119,7 +109,7 @@ async fn with_on_poison_skip_later_rows_of_a_failed_key_flow() {
     bad.headers = Some(r#"{"retries": 3}"#.into());
     insert_events(&db, &[bad, NewEvent::keyed(&topic, "A", 2)]).await;
 
-    let mut config = poison_config(&env);
+    let mut config = env.poison_config(3);
     config.relay.on_poison = OnPoison::Skip;
     let relay = env.spawn_relay(config);
     wait_until(PATIENCE, "the bad row to fail and the next to flow", || async {
@@ -146,7 +136,7 @@ async fn a_null_topic_in_a_custom_table_is_a_poison_row_not_a_crash() {
     db.execute("INSERT INTO events (destination, key, payload) VALUES (NULL, 'X', '{}'), ($1, 'Y', '{}')", &[&topic])
         .await
         .unwrap();
-    let mut config = poison_config(&env);
+    let mut config = env.poison_config(3);
     config.outbox.table = "events".into();
     config.outbox.columns.topic = Some("destination".into());
     config.outbox.columns.headers = None;
@@ -203,7 +193,7 @@ async fn a_batch_claimed_ahead_is_dropped_when_a_row_in_flight_fails() {
     rows.extend([NewEvent::keyed(&topic, "B", 2), NewEvent::keyed(&topic, "B", 3)]);
     insert_events(&db, &rows).await;
 
-    let mut config = poison_config(&env);
+    let mut config = env.poison_config(3);
     config.relay.batch_size = 4;
     let relay = env.spawn_relay(config);
     wait_until(PATIENCE, "the poison row to be given up on", || async { failed_count(&db).await == 1 }).await;

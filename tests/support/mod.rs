@@ -149,6 +149,16 @@ impl TestEnv {
         config
     }
 
+    /// [`TestEnv::config`] that gives up on a row after `max_attempts`, retrying it within
+    /// tens of milliseconds, so that a poison row is failed within a second.
+    pub fn poison_config(&self, max_attempts: u32) -> Config {
+        let mut config = self.config();
+        config.relay.max_attempts = max_attempts;
+        config.relay.retry_backoff_initial = Duration::from_millis(50);
+        config.relay.retry_backoff_max = Duration::from_millis(200);
+        config
+    }
+
     /// A new connection to this test's database.
     pub async fn client(&self) -> Client {
         connect(&self.database_url).await
