@@ -17,6 +17,7 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use outbox_relay::claim_floor::ClaimFloor;
 use outbox_relay::config::{Config, MarkMode};
 use outbox_relay::health::Health;
 use outbox_relay::metrics::Metrics;
@@ -159,8 +160,12 @@ async fn main() {
     for &rows in plan.depths.iter().filter(|_| runs("depth")) {
         eprintln!("depth: {rows} rows at ~200 B");
         let drain = drain(rows, SMALL_PAD, MarkMode::Update).await;
+        // The database's own rate at this depth separates what the relay loses from what the
+        // table's size costs PostgreSQL (caches, checkpoints).
+        eprintln!("depth: the database alone, {rows} rows");
+        let database = database_ceiling(rows, MarkMode::Update).await;
         depths.push(json!({ "rows": rows, "rows_per_s": drain.rate, "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k,
-            "peak_rss_mb": drain.peak_rss_mb }));
+            "peak_rss_mb": drain.peak_rss_mb, "database_rows_per_s": database }));
     }
     report.insert("depth".into(), Value::Array(depths));
 
@@ -275,10 +280,15 @@ async fn database_ceiling(rows: i64, mark: MarkMode) -> f64 {
     let mapping = Mapping::from_config(&config).expect("mapping");
     let outbox = Outbox::connect(&config, &mapping).await.expect("connect");
     let shards: Vec<i32> = (0..config.relay.shards as i32).collect();
+    // Claims start where the relay's would, at its claim floor.
+    let mut floor = ClaimFloor::new(config.relay.full_scan_interval);
     let started = Instant::now();
     let mut done = 0;
     loop {
-        let claimed = outbox.claim(config.relay.batch_size, &shards, &[]).await.expect("claim");
+        let start = floor.start(&shards, Instant::now());
+        let claim = outbox.claim(config.relay.batch_size, &shards, &[], start).await.expect("claim");
+        floor.observe(start, claim.view.as_ref(), Instant::now());
+        let claimed = claim.rows;
         if claimed.is_empty() {
             break;
         }
@@ -579,6 +589,25 @@ fn markdown(report: &Value) -> String {
         number(&report["naive_rows_per_s"]),
         number(&report["naive_rows_per_s"]) / db.min(broker),
     );
+    // Flat with depth: each backlog's rate against the smallest one's, for the relay and for
+    // the database alone at the same depth.
+    let depths: Vec<&Value> = report["depth"].as_array().into_iter().flatten().collect();
+    if let Some(first) = depths.first() {
+        let (relay_base, db_base) = (number(&first["rows_per_s"]), number(&first["database_rows_per_s"]));
+        out += "| backlog rows | relay rows/s | relay vs smallest backlog | database alone rows/s | database vs smallest backlog | relay / database |\n";
+        out += "|---:|---:|---:|---:|---:|---:|\n";
+        for d in &depths {
+            let (relay, database) = (number(&d["rows_per_s"]), number(&d["database_rows_per_s"]));
+            out += &format!(
+                "| {} | {relay:.0} | {:.2} | {database:.0} | {:.2} | {:.2} |\n",
+                d["rows"],
+                relay / relay_base,
+                database / db_base,
+                relay / database
+            );
+        }
+        out += "\n";
+    }
     out += "| insert rate, rows/s | p50 ms | p99 ms | max ms |\n|---:|---:|---:|---:|\n";
     for l in report["latency"].as_array().into_iter().flatten() {
         out += &format!(

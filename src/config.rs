@@ -615,6 +615,11 @@ pub struct RelayConfig {
     /// LISTEN for the NOTIFY the outbox trigger sends at commit, so new rows go out without
     /// waiting for the next poll.
     pub listen: bool,
+    /// How often a claim starts at the beginning of the table instead of at the claim floor,
+    /// to pick up rows made claimable again out of band (an operator setting `published_at`
+    /// back to NULL). Zero: every claim starts at the beginning.
+    #[serde(with = "humantime_serde")]
+    pub full_scan_interval: Duration,
     /// Log a warning naming the blocking backend when an open transaction has held rows back
     /// for longer than this.
     #[serde(with = "humantime_serde")]
@@ -647,6 +652,7 @@ impl Default for RelayConfig {
             shards: 16,
             rebalance_interval: Duration::from_secs(1),
             listen: true,
+            full_scan_interval: Duration::from_secs(10),
             holdback_warning: Duration::from_secs(30),
         }
     }

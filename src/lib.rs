@@ -16,6 +16,7 @@
 //! - [`record`]: what Kafka record a row becomes (key, value, headers, `event_id`).
 //! - [`publisher`]: the Kafka side: producer settings, sending, delivery outcomes.
 //! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
+//! - [`claim_floor`]: where each claim starts, so it skips the rows already published.
 //! - [`shards`]: which shards of the table this relay publishes, when several relays run.
 //! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
 //! - [`health`]: what `/healthz` and `/readyz` answer.
@@ -34,6 +35,7 @@
 
 pub mod audit;
 pub mod backoff;
+pub mod claim_floor;
 pub mod config;
 pub mod health;
 pub mod inbox;

@@ -10,12 +10,13 @@ use std::time::Duration;
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Statement};
 
+use crate::claim_floor::ClaimView;
 use crate::config::{Config, redact_connection_string};
 use crate::pg_tls::ConnectOptions;
 use crate::record::OutboxRow;
 use crate::table::{
-    AUDIT_TOPIC_COLUMN, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, Privilege, TABLE_COLUMNS_SQL,
-    claim_columns,
+    AUDIT_TOPIC_COLUMN, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, ORDER_SEQUENCE_SQL, Privilege,
+    TABLE_COLUMNS_SQL, claim_columns,
 };
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
@@ -102,6 +103,18 @@ pub struct Outbox {
     retry_backoff: (f64, f64),
     /// Attempts caused by a row before it is given up on.
     max_attempts: i32,
+    /// Whether claims may start at a floor: the order column is fed by a sequence whose values
+    /// grow with time ([`crate::claim_floor`]).
+    ids_grow_with_time: bool,
+}
+
+/// The result of one claim: its rows, and what the claim floor learns from it.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// The claimed rows in claim order, each decoded or its id and why it could not be.
+    pub rows: Vec<Result<OutboxRow, (String, String)>>,
+    /// What the claim saw besides its rows; `None` when it claimed nothing.
+    pub view: Option<ClaimView>,
 }
 
 /// Pending rows as seen by one stats query.
@@ -347,6 +360,7 @@ impl Outbox {
                 .await
                 .map_err(OutboxError::query("set synchronous_commit"))?;
         }
+        let ids_grow_with_time = layout.orders_by_integer() && order_sequence_grows_with_time(&client, &layout).await?;
         let relay = &config.relay;
         Ok(Outbox {
             client,
@@ -358,7 +372,13 @@ impl Outbox {
             pending_stats,
             retry_backoff: (relay.retry_backoff_initial.as_secs_f64(), relay.retry_backoff_max.as_secs_f64()),
             max_attempts: i32::try_from(relay.max_attempts).unwrap_or(i32::MAX),
+            ids_grow_with_time,
         })
+    }
+
+    /// Whether claims may start at a floor ([`crate::claim_floor`]).
+    pub fn ids_grow_with_time(&self) -> bool {
+        self.ids_grow_with_time
     }
 
     /// Fails with [`OutboxError::MissingPrivileges`] unless this connection's role holds every
@@ -397,22 +417,26 @@ impl Outbox {
     }
 
     /// The next unpublished rows in claim order, at most `limit`, leaving out the rows `in_flight`
-    /// (ids as text). A row whose columns cannot be decoded comes back as `Err((id, problem))`
-    /// so that the rest of the batch still flows.
+    /// (ids as text), starting at claim-order value `start` (`None`: at the beginning; ignored
+    /// unless [`Outbox::ids_grow_with_time`]). A row whose columns cannot be decoded comes back
+    /// as `Err((id, problem))` so that the rest of the batch still flows.
     pub async fn claim(
         &self,
         limit: usize,
         shards: &[i32],
         in_flight: &[String],
-    ) -> Result<Vec<Result<OutboxRow, (String, String)>>, OutboxError> {
+        start: Option<i64>,
+    ) -> Result<Claim, OutboxError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (initial, max) = self.retry_backoff;
+        let start = start.filter(|_| self.ids_grow_with_time);
         let rows = self
             .client
-            .query(&self.claim, &[&limit, &shards, &initial, &max, &in_flight])
+            .query(&self.claim, &[&limit, &shards, &initial, &max, &in_flight, &start])
             .await
             .map_err(OutboxError::query("claim"))?;
-        Ok(rows.iter().map(decode_row).collect())
+        let view = rows.first().and_then(decode_view);
+        Ok(Claim { rows: rows.iter().map(decode_row).collect(), view })
     }
 
     /// The value of a run-time setting on this connection (`SHOW name`); `name` is a setting
@@ -499,7 +523,17 @@ impl Outbox {
     pub async fn retry(&self, ids: Option<&[String]>, key: Option<&str>) -> Result<u64, OutboxError> {
         let Some(sql) = self.layout.retry_sql() else { return Ok(0) };
         let ids: Option<Vec<String>> = ids.map(|ids| ids.to_vec());
-        self.client.execute(&sql, &[&ids, &key]).await.map_err(OutboxError::query("retry"))
+        let requeued = self.client.execute(&sql, &[&ids, &key]).await.map_err(OutboxError::query("retry"))?;
+        // The re-queued rows may lie below a running relay's claim floor: ask it to look from the
+        // beginning now rather than at its next full scan (relay.full_scan_interval).
+        let notify = "SELECT pg_notify($1, $2)";
+        if let Err(e) = self.client.execute(notify, &[&crate::wakeup::CHANNEL, &crate::wakeup::RESCAN_PAYLOAD]).await {
+            tracing::warn!(
+                error = %describe_pg_error(&e),
+                "rows re-queued, but running relays were not told; they pick them up within relay.full_scan_interval"
+            );
+        }
+        Ok(requeued)
     }
 
     /// Failed rows grouped by their last error, most frequent first.
@@ -615,6 +649,29 @@ async fn resolve_layout(client: &Client, mapping: &Mapping) -> Result<Layout, Ou
     }
     let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     Ok(mapping.resolve(&columns)?)
+}
+
+/// Whether the sequence feeding the claim order column hands out ever larger values in the
+/// order they are taken: it counts up and every session takes one value at a time (with a
+/// cache, each session holds its own block, and a later insert can take a lower id).
+async fn order_sequence_grows_with_time(client: &Client, layout: &Layout) -> Result<bool, OutboxError> {
+    let mapping = &layout.mapping;
+    let row = client
+        .query_opt(ORDER_SEQUENCE_SQL, &[&mapping.table_sql(), &mapping.order_by.as_str()])
+        .await
+        .map_err(OutboxError::query("read the order column's sequence"))?;
+    Ok(row.is_some_and(|row| row.get::<_, i64>(0) > 0 && row.get::<_, i64>(1) == 1))
+}
+
+/// The claim floor's part of a claimed row; `None` if it cannot be read, which only costs the
+/// floor one observation.
+fn decode_view(row: &tokio_postgres::Row) -> Option<ClaimView> {
+    let xid = |i: usize| row.try_get::<_, String>(i).ok().and_then(|text| text.parse::<u64>().ok());
+    Some(ClaimView {
+        first_live: row.try_get(claim_columns::FIRST_LIVE).ok()?,
+        xmin: xid(claim_columns::SNAPSHOT_XMIN)?,
+        xmax: xid(claim_columns::SNAPSHOT_XMAX)?,
+    })
 }
 
 fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, (String, String)> {

@@ -20,6 +20,7 @@ use tracing::field::Empty;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
+use crate::claim_floor::ClaimFloor;
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::{self, Metrics, ServeError};
@@ -177,6 +178,8 @@ impl Relay {
         let mut backoff = Backoff::new(relay.backoff_initial, relay.backoff_max);
         let mut shards = Shards::new(relay.shards, relay.rebalance_interval);
         let mut connection: Option<Outbox> = None;
+        // Where claims start; built again for each connection.
+        let mut floor = ClaimFloor::disabled();
         let mut unsettled: Option<Settlement> = None;
         // The next batch claimed ahead, and the shards it was claimed for.
         let mut claimed_ahead: Option<(Vec<i32>, Claimed)> = None;
@@ -212,6 +215,11 @@ impl Relay {
                     match self.connect().await {
                         Ok(outbox) => {
                             self.health.set_database_connected(true);
+                            floor = if outbox.ids_grow_with_time() {
+                                ClaimFloor::new(relay.full_scan_interval)
+                            } else {
+                                ClaimFloor::disabled()
+                            };
                             info!(table = %self.mapping.table_name(), "connected to PostgreSQL");
                             warn_about_layout(&outbox);
                             outbox
@@ -258,8 +266,11 @@ impl Relay {
                 continue;
             }
 
+            if wakeup.take_rescan_request() {
+                floor.rescan();
+            }
             self.health.step_started();
-            let turn = self.relay_batch(&outbox, &publisher, &owned, ahead).await;
+            let turn = self.relay_batch(&outbox, &publisher, &owned, ahead, &mut floor).await;
             self.health.step_finished();
             match turn {
                 Ok(Turn::Idle) => {
@@ -344,11 +355,12 @@ impl Relay {
         publisher: &Publisher,
         shards: &[i32],
         ahead: Option<Claimed>,
+        floor: &mut ClaimFloor,
     ) -> Result<Turn, OutboxError> {
         let started = Instant::now();
         let claimed = match ahead {
             Some(rows) => rows,
-            None => outbox.claim(self.config.relay.batch_size, shards, &[]).await?,
+            None => self.claim(outbox, shards, &[], floor).await?,
         };
         if claimed.is_empty() {
             self.health.progress();
@@ -368,7 +380,7 @@ impl Relay {
             duration_ms = Empty
         );
         let outcome =
-            self.publish_and_settle(outbox, publisher, shards, claimed, started).instrument(span.clone()).await;
+            self.publish_and_settle(outbox, publisher, shards, claimed, started, floor).instrument(span.clone()).await;
         if let Ok(Turn::Relayed { .. }) = &outcome {
             span.record("duration_ms", started.elapsed().as_millis() as u64);
         }
@@ -384,6 +396,7 @@ impl Relay {
         shards: &[i32],
         claimed: Claimed,
         started: Instant,
+        floor: &mut ClaimFloor,
     ) -> Result<Turn, OutboxError> {
         let claimed_count = claimed.len();
         debug!(rows = claimed_count, "claimed a batch");
@@ -436,7 +449,7 @@ impl Relay {
         // A batch shorter than the batch size drained the shards; there is nothing to claim ahead.
         let claim_next = claimed_count == self.config.relay.batch_size;
         let deliver_and_claim_next = async {
-            tokio::join!(publisher.publish(&records), self.claim_ahead(outbox, shards, &in_flight, claim_next))
+            tokio::join!(publisher.publish(&records), self.claim_ahead(outbox, shards, &in_flight, claim_next, floor))
         };
         let (outcomes, ahead) = tokio::select! {
             both = deliver_and_claim_next => both,
@@ -511,11 +524,12 @@ impl Relay {
         shards: &[i32],
         in_flight: &[String],
         wanted: bool,
+        floor: &mut ClaimFloor,
     ) -> Option<Claimed> {
         if !wanted {
             return None;
         }
-        match outbox.claim(self.config.relay.batch_size, shards, in_flight).await {
+        match self.claim(outbox, shards, in_flight, floor).await {
             Ok(rows) if !rows.is_empty() => Some(rows),
             Ok(_) => None,
             Err(e) => {
@@ -524,6 +538,21 @@ impl Relay {
                 None
             }
         }
+    }
+
+    /// Claims the next batch of `shards` but `in_flight`, starting at the claim floor, and lets
+    /// the floor learn from what the claim saw.
+    async fn claim(
+        &self,
+        outbox: &Outbox,
+        shards: &[i32],
+        in_flight: &[String],
+        floor: &mut ClaimFloor,
+    ) -> Result<Claimed, OutboxError> {
+        let start = floor.start(shards, Instant::now());
+        let claim = outbox.claim(self.config.relay.batch_size, shards, in_flight, start).await?;
+        floor.observe(start, claim.view.as_ref(), Instant::now());
+        Ok(claim.rows)
     }
 
     /// [`Relay::settle`] as a step the liveness probe watches.

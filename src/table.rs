@@ -487,14 +487,28 @@ pub mod claim_columns {
     pub const CREATED_AT: usize = 5;
     /// The traceparent column as text, or NULL.
     pub const TRACEPARENT: usize = 6;
+    /// Where the claim found its first live row (`int8`, see [`crate::claim_floor`]), or NULL;
+    /// the same on every row.
+    pub const FIRST_LIVE: usize = 7;
+    /// The claim snapshot's `xmin` as text; the same on every row.
+    pub const SNAPSHOT_XMIN: usize = 8;
+    /// The claim snapshot's `xmax` as text; the same on every row.
+    pub const SNAPSHOT_XMAX: usize = 9;
     /// First topic column; template columns follow.
-    pub const TOPIC: usize = 7;
+    pub const TOPIC: usize = 10;
 }
 
 impl Layout {
     /// Whether the order column gives events a meaningful order.
     pub fn order_is_meaningful(&self) -> bool {
         !matches!(self.order_type.as_str(), "uuid")
+    }
+
+    /// Whether the claim order column is an integer, so that a claim can start at a floor
+    /// ([`crate::claim_floor`]); whether its values also grow with time is the sequence's
+    /// business, checked at connect.
+    pub fn orders_by_integer(&self) -> bool {
+        matches!(self.order_type.as_str(), "bigint" | "integer" | "smallint")
     }
 
     fn unpublished_filter(&self) -> String {
@@ -533,9 +547,9 @@ impl Layout {
         Some(format!("({a}.{last} IS NULL OR {a}.{last} <= now() - {backoff} * interval '1 second')"))
     }
 
-    /// A subquery finding an earlier row of row `o`'s key that holds the key back: one that
+    /// A subquery finding an earlier row of row `a`'s key that holds the key back: one that
     /// has failed for good (with `on_poison = "park_key"`), or is waiting out a retry backoff.
-    fn earlier_row_holding_the_key(&self) -> Option<String> {
+    fn earlier_row_holding_the_key(&self, a: &str) -> Option<String> {
         let m = &self.mapping;
         let key = m.key.as_ref()?;
         let attempts = m.attempts.as_ref()?;
@@ -558,7 +572,7 @@ impl Layout {
             None => String::new(),
         };
         Some(format!(
-            "SELECT 1 FROM {table} AS e WHERE e.{key} = o.{key} AND e.{order} < o.{order}{unpublished} \
+            "SELECT 1 FROM {table} AS e WHERE e.{key} = {a}.{key} AND e.{order} < {a}.{order}{unpublished} \
              AND e.{attempts} > 0 AND ({holds})",
             table = m.table_sql(),
             order = m.order_by,
@@ -568,7 +582,9 @@ impl Layout {
 
     /// The next rows to publish, in claim order. Parameters: `$1` the batch size, `$2` the
     /// shards this relay owns (`int4[]`), `$3`/`$4` the retry backoff bounds in seconds, `$5`
-    /// ids (as text) to leave out: the batch in flight, when the next one is claimed ahead.
+    /// ids (as text) to leave out: the batch in flight, when the next one is claimed ahead;
+    /// `$6` where to start in claim order (`int8`, NULL for the beginning; see
+    /// [`crate::claim_floor`]).
     ///
     /// It looks at a window of the next `$1` unpublished rows of the shards (skipping rows that
     /// failed for good, rows waiting out a retry backoff and rows held back by such an earlier
@@ -577,25 +593,19 @@ impl Layout {
     /// in the window is still waiting for that. So a lower id that commits late is never overtaken within its
     /// key, and the work per claim stays bounded by the batch size, whatever the backlog.
     ///
+    /// Each row also carries what the claim floor learns from the claim: the first live row at
+    /// or after `$6` (in flight, waiting out a backoff or claimable) and the snapshot's bounds.
+    ///
     /// Every column is qualified: the selected `id::text` is itself named `id`, and an
     /// unqualified `ORDER BY id` would sort by that text ("10" before "9").
     pub fn claim_sql(&self) -> String {
         let m = &self.mapping;
-        let mut filters = Vec::new();
-        if let Some(published_at) = &m.published_at {
-            filters.push(format!("o.{published_at} IS NULL"));
-        }
-        if let Some(failed_at) = &m.failed_at {
-            filters.push(format!("o.{failed_at} IS NULL"));
-        }
+        let live = self.live_row_filters("o");
+        let mut filters = live.clone();
         if let Some(due) = self.due_sql("o") {
             filters.push(due);
         }
-        filters.push(format!("{} = ANY($2::int4[])", self.shard_sql("o")));
         filters.push(format!("NOT (o.{id} = ANY($5::text[]::{ty}[]))", id = m.id, ty = self.id_type));
-        if let Some(holding) = self.earlier_row_holding_the_key() {
-            filters.push(format!("NOT EXISTS ({holding})"));
-        }
         if m.last_attempt_at.is_none() {
             // Keep $3 and $4 typed when no clause uses them.
             filters.push("$3::float8 IS NOT NULL AND $4::float8 IS NOT NULL".to_owned());
@@ -603,6 +613,16 @@ impl Layout {
         let ready = match &m.xact_id {
             Some(h) => format!("(o.{h} IS NULL OR o.{h} < pg_snapshot_xmin(pg_current_snapshot()))"),
             None => "true".to_owned(),
+        };
+        let first_live = if self.orders_by_integer() {
+            format!(
+                "(SELECT o.{order}::int8 FROM {table} AS o WHERE {live} ORDER BY o.{order} LIMIT 1)",
+                order = m.order_by,
+                table = m.table_sql(),
+                live = live.join(" AND "),
+            )
+        } else {
+            "NULL::int8".to_owned()
         };
         let topic: Vec<String> =
             m.topic.columns().iter().enumerate().map(|(i, c)| format!("o.{c}::text AS t{i}")).collect();
@@ -614,7 +634,8 @@ impl Layout {
                       {traceparent} AS r_traceparent, {topic}, {ready} AS r_ready \
                FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT $1) \
              SELECT c.r_id, c.r_event_id, c.r_key, c.r_payload, c.r_headers, c.r_created_at, c.r_traceparent, \
-                    {topic_out} FROM window_rows AS c \
+                    {first_live}, pg_snapshot_xmin(pg_current_snapshot())::text, \
+                    pg_snapshot_xmax(pg_current_snapshot())::text, {topic_out} FROM window_rows AS c \
              WHERE c.r_ready AND NOT EXISTS (\
                SELECT 1 FROM window_rows AS b WHERE NOT b.r_ready AND b.r_key = c.r_key AND b.r_order < c.r_order) \
              ORDER BY c.r_order",
@@ -634,6 +655,33 @@ impl Layout {
             filters = filters.join(" AND "),
             topic_out = topic_out.join(", "),
         )
+    }
+
+    /// The conditions of a row `a` the relay may claim now or later without anyone's help:
+    /// unpublished, not failed for good, of this relay's shards (`$2`), at or after the claim's
+    /// start (`$6`), and not held back by an earlier row of its key. A row waiting out its retry
+    /// backoff is live; the rows it holds back are not, but it is earlier than all of them.
+    fn live_row_filters(&self, a: &str) -> Vec<String> {
+        let m = &self.mapping;
+        let mut filters = Vec::new();
+        if let Some(published_at) = &m.published_at {
+            filters.push(format!("{a}.{published_at} IS NULL"));
+        }
+        if let Some(failed_at) = &m.failed_at {
+            filters.push(format!("{a}.{failed_at} IS NULL"));
+        }
+        filters.push(format!("{} = ANY($2::int4[])", self.shard_sql(a)));
+        if self.orders_by_integer() {
+            // With the parameter known at planning (plan_cache_mode = force_custom_plan), this
+            // folds to an index bound, or to nothing for NULL.
+            filters.push(format!("($6::int8 IS NULL OR {a}.{order} >= $6::int8)", order = m.order_by));
+        } else {
+            filters.push("$6::int8 IS NULL".to_owned());
+        }
+        if let Some(holding) = self.earlier_row_holding_the_key(a) {
+            filters.push(format!("NOT EXISTS ({holding})"));
+        }
+        filters
     }
 
     /// Marks the rows whose ids (as text, `$1`) the broker acknowledged.
@@ -881,6 +929,12 @@ pub const AUDIT_TOPIC_COLUMN: usize = 5;
 /// Columns of a table with their `format_type`; `$1` is the quoted table name.
 pub const TABLE_COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
      FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
+
+/// The increment and cache size of the sequence that feeds column `$2` (its name as stored) of
+/// table `$1` (quoted name), identity or serial; no row when no sequence belongs to the column.
+/// Needs no privilege on the sequence.
+pub const ORDER_SEQUENCE_SQL: &str = "SELECT s.seqincrement, s.seqcache FROM pg_sequence AS s \
+     WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass";
 
 /// Which of the privileges `$2` (names) on columns `$3` (names, `''` for the table) the current
 /// role lacks on table `$1` (quoted name): their positions in the lists, from 1; and the role.

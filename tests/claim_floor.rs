@@ -1,0 +1,144 @@
+//! The claim floor: claims start past the rows already published instead of stepping over
+//! their dead index entries, and yet no row is ever left behind: not one whose transaction
+//! commits late, not one `outbox-relay retry` re-queues, not one an operator sets back to
+//! unpublished.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use outbox_relay::claim_floor::ClaimFloor;
+use outbox_relay::config::Config;
+use outbox_relay::outbox::Outbox;
+use outbox_relay::table::Mapping;
+use support::*;
+
+/// Longer than any test: only the horizons, or a rescan request, can move the floor down.
+const NO_FULL_SCANS: Duration = Duration::from_secs(3600);
+
+/// Every shard of the default configuration.
+fn all_shards(config: &Config) -> Vec<i32> {
+    (0..config.relay.shards as i32).collect()
+}
+
+/// Claims and marks batches of 100, as the relay does but without Kafka, until a claim comes
+/// back empty; returns the ids marked, in order.
+async fn claim_and_mark_all(outbox: &Outbox, floor: &mut ClaimFloor, shards: &[i32]) -> Vec<i64> {
+    let mut marked = Vec::new();
+    loop {
+        let start = floor.start(shards, Instant::now());
+        let claim = outbox.claim(100, shards, &[], start).await.expect("claim");
+        floor.observe(start, claim.view.as_ref(), Instant::now());
+        if claim.rows.is_empty() {
+            return marked;
+        }
+        let ids: Vec<String> = claim.rows.into_iter().map(|row| row.expect("decodable row").id).collect();
+        outbox.mark_published(&ids).await.expect("mark");
+        marked.extend(ids.iter().map(|id| id.parse::<i64>().expect("bigint id")));
+    }
+}
+
+async fn published_at_is_set(db: &tokio_postgres::Client, id: i64) -> bool {
+    db.query_one("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1", &[&id]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_start_past_published_rows_but_never_past_a_transaction_still_open() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    let mut config = env.config();
+    // Without the xact_id column, rows after an open transaction are claimed while it stays
+    // open: the case in which a floor could overtake its late row.
+    config.outbox.columns.xact_id = None;
+    let mapping = Mapping::from_config(&config).unwrap();
+    let outbox = Outbox::connect(&config, &mapping).await.unwrap();
+    assert!(outbox.ids_grow_with_time(), "the standard table's identity hands out ids in order");
+    let shards = all_shards(&config);
+    let mut floor = ClaimFloor::new(NO_FULL_SCANS);
+
+    insert_backlog(&db, "t", 0..1000, 10).await;
+    assert_eq!(claim_and_mark_all(&outbox, &mut floor, &shards).await.len(), 1000);
+    let risen = floor.start(&shards, Instant::now()).expect("a floor after a drain");
+    assert!(risen > 500, "the floor follows the published rows, trailing by a few batches: {risen}");
+
+    // A transaction takes the next id and stays open while later rows commit and are published.
+    let mut slow = env.client().await;
+    let slow_tx = slow.transaction().await.unwrap();
+    let late_id: i64 = slow_tx
+        .query_one("INSERT INTO outbox (topic, key, payload) VALUES ('t', 'late', '{}') RETURNING id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    insert_backlog(&db, "t", 1000..2000, 10).await;
+    let meanwhile = claim_and_mark_all(&outbox, &mut floor, &shards).await;
+    assert_eq!(meanwhile.len(), 1000, "later rows flow while the transaction is open");
+    assert!(meanwhile.iter().all(|id| *id > late_id));
+    let held = floor.start(&shards, Instant::now()).expect("a floor");
+    assert!(held <= late_id, "the floor waits below the open transaction's row {late_id}: {held}");
+
+    slow_tx.commit().await.unwrap();
+    assert_eq!(claim_and_mark_all(&outbox, &mut floor, &shards).await, [late_id], "the late row, without a full scan");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_from_a_sequence_with_a_cache_turn_the_floor_off() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    // With a cache, each session takes a block of ids, and a later insert can take a lower one.
+    env.client().await.batch_execute("ALTER TABLE outbox ALTER COLUMN id SET CACHE 20").await.unwrap();
+    let config = env.config();
+    let outbox = Outbox::connect(&config, &Mapping::from_config(&config).unwrap()).await.unwrap();
+    assert!(!outbox.ids_grow_with_time());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_row_below_the_claim_floor_is_published_at_once() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    let poison = insert_events(&db, &[NewEvent::keyed(&missing, "P", 0)]).await[0];
+    let mut config = env.poison_config(1);
+    config.relay.batch_size = 100;
+    config.relay.full_scan_interval = NO_FULL_SCANS;
+    let relay = env.spawn_relay(config.clone());
+    wait_until(PATIENCE, "the poison row to be given up on", || async {
+        db.query_one("SELECT failed_at IS NOT NULL FROM outbox WHERE id = $1", &[&poison]).await.unwrap().get(0)
+    })
+    .await;
+    // Enough batches after it for the floor to pass it.
+    insert_backlog(&db, &topic, 1..3001, 50).await;
+    wait_until(PATIENCE, "the later rows to be published", || async { unpublished_count(&db).await == 1 }).await;
+
+    db.execute("UPDATE outbox SET topic = $1 WHERE id = $2", &[&topic, &poison]).await.unwrap();
+    let path = write_config(&env, &config);
+    let id = poison.to_string();
+    let (code, _, stderr) =
+        run_command(&["--config", path.to_str().unwrap(), "retry", "--id", &id], &[("RUST_LOG", "off")]);
+    assert_eq!(code, 0, "{stderr}");
+    wait_until(PATIENCE, "the retried row to be published", || async { published_at_is_set(&db, poison).await }).await;
+    relay.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_set_back_to_unpublished_is_found_by_the_next_full_scan() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let db = env.client().await;
+    insert_backlog(&db, &topic, 1..3001, 50).await;
+    let mut config = env.config();
+    config.relay.batch_size = 100;
+    config.relay.full_scan_interval = Duration::from_millis(300);
+    let relay = env.spawn_relay(config);
+    wait_until(PATIENCE, "the backlog to be published", || async { unpublished_count(&db).await == 0 }).await;
+
+    // An operator asks for the first row again, far below the floor.
+    let first: i64 = db.query_one("SELECT min(id) FROM outbox", &[]).await.unwrap().get(0);
+    db.execute("UPDATE outbox SET published_at = NULL WHERE id = $1", &[&first]).await.unwrap();
+    wait_until(PATIENCE, "the row to be published again", || async { published_at_is_set(&db, first).await }).await;
+    assert_eq!(relay.metrics.published.with_label_values(&[&topic]).get(), 3001);
+    relay.stop().await.unwrap();
+}
