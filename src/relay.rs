@@ -89,6 +89,17 @@ struct Settlement {
     acked_marked: bool,
 }
 
+impl Settlement {
+    /// Takes over what is left of `earlier`'s outcome, to be written with this one.
+    fn absorb(&mut self, earlier: Settlement) {
+        if !earlier.acked_marked {
+            self.acked.extend(earlier.acked);
+        }
+        self.row_failures.extend(earlier.row_failures);
+        self.outage_failures.extend(earlier.outage_failures);
+    }
+}
+
 /// What one turn of the loop found.
 enum Turn {
     /// Nothing to publish right now.
@@ -102,8 +113,11 @@ enum Turn {
         /// The broker disowned the producer session; the next batch needs a new producer.
         producer_unusable: bool,
         /// The next batch, claimed while this one awaited its reports; only when every row of
-        /// this one was acknowledged and marked.
+        /// this one was acknowledged.
         ahead: Option<Claimed>,
+        /// This batch's outcome when the next batch is claimed: it is written while the next
+        /// batch is produced, and before anything else is claimed.
+        to_mark: Option<Settlement>,
     },
     /// The outcome could not be recorded; it must be before the next claim.
     Unsettled(Settlement, OutboxError),
@@ -181,6 +195,8 @@ impl Relay {
         // Where claims start; built again for each connection.
         let mut floor = ClaimFloor::disabled();
         let mut unsettled: Option<Settlement> = None;
+        // An acknowledged batch whose mark goes with the next batch's publish (see relay_batch).
+        let mut to_mark: Option<Settlement> = None;
         // The next batch claimed ahead, and the shards it was claimed for.
         let mut claimed_ahead: Option<(Vec<i32>, Claimed)> = None;
         let mut deadline: Option<Instant> = None;
@@ -188,6 +204,14 @@ impl Relay {
         let mut refused_batches = 0u32;
 
         loop {
+            // Only the next batch's publish may run alongside a pending mark: before a shutdown,
+            // a rebalance (which may hand the rows' shard to another relay) or a claim, it is
+            // written on its own.
+            if unsettled.is_none()
+                && (self.shutdown.is_requested() || claimed_ahead.is_none() || shards.rebalance_due())
+            {
+                unsettled = to_mark.take();
+            }
             if self.shutdown.is_requested() {
                 let deadline = *deadline.get_or_insert_with(|| Instant::now() + relay.shutdown_timeout);
                 if unsettled.is_none() {
@@ -270,7 +294,7 @@ impl Relay {
                 floor.rescan();
             }
             self.health.step_started();
-            let turn = self.relay_batch(&outbox, &publisher, &owned, ahead, &mut floor).await;
+            let turn = self.relay_batch(&outbox, &publisher, &owned, ahead, to_mark.take(), &mut floor).await;
             self.health.step_finished();
             match turn {
                 Ok(Turn::Idle) => {
@@ -278,8 +302,9 @@ impl Relay {
                     connection = Some(outbox);
                     self.idle(&wakeup).await;
                 }
-                Ok(Turn::Relayed { claimed, broker_unavailable, producer_unusable, ahead }) => {
+                Ok(Turn::Relayed { claimed, broker_unavailable, producer_unusable, ahead, to_mark: marking }) => {
                     connection = Some(outbox);
+                    to_mark = marking;
                     let has_next = ahead.is_some();
                     claimed_ahead = ahead.map(|rows| (owned, rows));
                     refused_batches = if broker_unavailable { refused_batches + 1 } else { 0 };
@@ -355,12 +380,21 @@ impl Relay {
         publisher: &Publisher,
         shards: &[i32],
         ahead: Option<Claimed>,
+        mut previous: Option<Settlement>,
         floor: &mut ClaimFloor,
     ) -> Result<Turn, OutboxError> {
         let started = Instant::now();
         let claimed = match ahead {
             Some(rows) => rows,
-            None => self.claim(outbox, shards, &[], floor).await?,
+            None => {
+                // A claim now would find the previous batch's rows still unpublished.
+                if let Some(mut earlier) = previous.take()
+                    && let Err(e) = self.settle(outbox, &mut earlier).await
+                {
+                    return Ok(Turn::Unsettled(earlier, e));
+                }
+                self.claim(outbox, shards, &[], floor).await?
+            }
         };
         if claimed.is_empty() {
             self.health.progress();
@@ -379,22 +413,30 @@ impl Relay {
             mark_ms = Empty,
             duration_ms = Empty
         );
-        let outcome =
-            self.publish_and_settle(outbox, publisher, shards, claimed, started, floor).instrument(span.clone()).await;
+        let outcome = self
+            .publish_and_settle(outbox, publisher, shards, claimed, previous, started, floor)
+            .instrument(span.clone())
+            .await;
         if let Ok(Turn::Relayed { .. }) = &outcome {
             span.record("duration_ms", started.elapsed().as_millis() as u64);
         }
         outcome
     }
 
-    /// Publishes claimed rows, awaits every report and records the outcome. A full batch has the
-    /// next one claimed while its reports are awaited.
+    /// Publishes claimed rows and awaits every report. Meanwhile the database writes the
+    /// `previous` batch's outcome and then, for a full batch, claims the next one. This batch's
+    /// outcome is written now, or, when the next batch is claimed, handed back to be written
+    /// while that one is produced: the database's work overlaps the broker's, and still no row
+    /// is marked before its own report, nothing is claimed before the rows before it are
+    /// marked, and the next batch goes out only after every row of this one was acknowledged.
+    #[allow(clippy::too_many_arguments)]
     async fn publish_and_settle(
         &self,
         outbox: &Outbox,
         publisher: &Publisher,
         shards: &[i32],
         claimed: Claimed,
+        previous: Option<Settlement>,
         started: Instant,
         floor: &mut ClaimFloor,
     ) -> Result<Turn, OutboxError> {
@@ -448,10 +490,17 @@ impl Relay {
         let delivery_started = Instant::now();
         // A batch shorter than the batch size drained the shards; there is nothing to claim ahead.
         let claim_next = claimed_count == self.config.relay.batch_size;
-        let deliver_and_claim_next = async {
-            tokio::join!(publisher.publish(&records), self.claim_ahead(outbox, shards, &in_flight, claim_next, floor))
+        let mark_previous_and_claim_next = async {
+            if let Some(mut earlier) = previous
+                && let Err(e) = self.settle(outbox, &mut earlier).await
+            {
+                // Nothing is claimed ahead over rows that may still look unpublished.
+                return (Some((earlier, e)), None);
+            }
+            (None, self.claim_ahead(outbox, shards, &in_flight, claim_next, floor).await)
         };
-        let (outcomes, ahead) = tokio::select! {
+        let deliver_and_claim_next = async { tokio::join!(publisher.publish(&records), mark_previous_and_claim_next) };
+        let (outcomes, (previous_unsettled, ahead)) = tokio::select! {
             both = deliver_and_claim_next => both,
             _ = self.shutdown.grace_expired(self.config.relay.shutdown_timeout) => {
                 return Ok(Turn::Abandoned { rows: records.len() });
@@ -506,13 +555,27 @@ impl Relay {
         span.record("failed", settlement.row_failures.len() + settlement.outage_failures.len());
         span.record("deliver_ms", delivery_started.elapsed().as_secs_f64() * 1000.0);
 
+        if let Some((earlier, e)) = previous_unsettled {
+            settlement.absorb(earlier);
+            return Ok(Turn::Unsettled(settlement, e));
+        }
+        if ahead.is_some() {
+            self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
+            return Ok(Turn::Relayed {
+                claimed: claimed_count,
+                broker_unavailable,
+                producer_unusable,
+                ahead,
+                to_mark: Some(settlement),
+            });
+        }
         let mark_started = Instant::now();
         if let Err(e) = self.settle(outbox, &mut settlement).await {
             return Ok(Turn::Unsettled(settlement, e));
         }
         span.record("mark_ms", mark_started.elapsed().as_secs_f64() * 1000.0);
         self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-        Ok(Turn::Relayed { claimed: claimed_count, broker_unavailable, producer_unusable, ahead })
+        Ok(Turn::Relayed { claimed: claimed_count, broker_unavailable, producer_unusable, ahead, to_mark: None })
     }
 
     /// Claims the batch after `in_flight` while that one awaits its delivery reports, so that

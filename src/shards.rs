@@ -48,11 +48,16 @@ impl Shards {
         self.last_rebalance = None;
     }
 
+    /// Whether the next [`Shards::rebalance`] would do anything.
+    pub fn rebalance_due(&self) -> bool {
+        self.last_rebalance.is_none_or(|at| at.elapsed() >= self.interval)
+    }
+
     /// Registers this relay, then takes free shards up to its share and hands back shards
     /// beyond it. Does nothing if the last rebalance was less than the interval ago. Call only
     /// with no batch in flight.
     pub async fn rebalance(&mut self, outbox: &Outbox) -> Result<(), OutboxError> {
-        if self.last_rebalance.is_some_and(|at| at.elapsed() < self.interval) {
+        if !self.rebalance_due() {
             return Ok(());
         }
         self.last_rebalance = Some(Instant::now());
