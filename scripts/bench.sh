@@ -2,7 +2,7 @@
 # Runs the benchmark (benches/relay.rs): starts PostgreSQL and tansu on free ports, measures the
 # database and broker ceilings, the relay's drain rate at several backlogs, its latency at fixed
 # insert rates, its CPU and memory, and a naive relay; prints a Markdown table and writes
-# docs/bench/latest.json, docs/bench/latest.md and docs/bench/latency.png. About 10 minutes on
+# docs/bench/latest.json, docs/bench/latest.md and docs/bench/latency.png. About 15 minutes on
 # 2 cores. `scripts/bench.sh --quick` runs small sizes (under a minute) as a smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
