@@ -195,6 +195,14 @@ mod tests {
         start
     }
 
+    /// Three claims whose first live row is 1000, with the horizons passing: the floor is then 1000.
+    fn risen_to_1000(floor: &mut ClaimFloor, now: Instant) {
+        for xid in 0..3 {
+            claim(floor, now, view(Some(1000), xid * 10, xid * 10 + 10));
+        }
+        assert_eq!(floor.start(&SHARDS, now), Some(1000));
+    }
+
     #[test]
     fn the_floor_rises_to_a_first_live_row_once_two_horizons_pass_it() {
         let mut floor = ClaimFloor::new(LONG);
@@ -223,10 +231,7 @@ mod tests {
     fn the_floor_never_falls_by_promotion_and_only_a_full_scan_lowers_it() {
         let mut floor = ClaimFloor::new(Duration::from_secs(10));
         let t0 = Instant::now();
-        claim(&mut floor, t0, view(Some(1000), 10, 20));
-        claim(&mut floor, t0, view(Some(1000), 20, 30));
-        claim(&mut floor, t0, view(Some(1000), 30, 40));
-        assert_eq!(floor.start(&SHARDS, t0), Some(1000));
+        risen_to_1000(&mut floor, t0);
         // Between full scans, claims start at the floor.
         assert_eq!(claim(&mut floor, t0 + Duration::from_secs(5), view(Some(1500), 40, 50)), Some(1000));
         // The full scan finds a retried row at 10.
@@ -239,10 +244,7 @@ mod tests {
     fn a_rescan_request_makes_the_next_claim_start_at_the_beginning() {
         let mut floor = ClaimFloor::new(LONG);
         let now = Instant::now();
-        for xid in 0..3 {
-            claim(&mut floor, now, view(Some(1000), xid * 10, xid * 10 + 10));
-        }
-        assert_eq!(floor.start(&SHARDS, now), Some(1000));
+        risen_to_1000(&mut floor, now);
         floor.rescan();
         assert_eq!(claim(&mut floor, now, view(Some(5), 40, 50)), None);
         assert_eq!(floor.start(&SHARDS, now), Some(5));
@@ -252,10 +254,7 @@ mod tests {
     fn other_shards_forget_the_floor() {
         let mut floor = ClaimFloor::new(LONG);
         let now = Instant::now();
-        for xid in 0..3 {
-            claim(&mut floor, now, view(Some(1000), xid * 10, xid * 10 + 10));
-        }
-        assert_eq!(floor.start(&SHARDS, now), Some(1000));
+        risen_to_1000(&mut floor, now);
         assert_eq!(floor.start(&[0, 1, 2], now), None);
     }
 
@@ -263,9 +262,7 @@ mod tests {
     fn a_full_scan_that_claims_nothing_still_counts() {
         let mut floor = ClaimFloor::new(Duration::from_secs(10));
         let t0 = Instant::now();
-        for xid in 0..3 {
-            claim(&mut floor, t0, view(Some(1000), xid * 10, xid * 10 + 10));
-        }
+        risen_to_1000(&mut floor, t0);
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(floor.start(&SHARDS, t1), None);
         floor.observe(None, None, t1);

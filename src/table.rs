@@ -594,7 +594,8 @@ impl Layout {
     /// key, and the work per claim stays bounded by the batch size, whatever the backlog.
     ///
     /// Each row also carries what the claim floor learns from the claim: the first live row at
-    /// or after `$6` (in flight, waiting out a backoff or claimable) and the snapshot's bounds.
+    /// or after `$6` (in flight, waiting out a backoff or claimable) and the snapshot's bounds,
+    /// each an uncorrelated subquery, so computed once per claim rather than per row.
     ///
     /// Every column is qualified: the selected `id::text` is itself named `id`, and an
     /// unqualified `ORDER BY id` would sort by that text ("10" before "9").
@@ -634,8 +635,8 @@ impl Layout {
                       {traceparent} AS r_traceparent, {topic}, {ready} AS r_ready \
                FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT $1) \
              SELECT c.r_id, c.r_event_id, c.r_key, c.r_payload, c.r_headers, c.r_created_at, c.r_traceparent, \
-                    {first_live}, pg_snapshot_xmin(pg_current_snapshot())::text, \
-                    pg_snapshot_xmax(pg_current_snapshot())::text, {topic_out} FROM window_rows AS c \
+                    {first_live}, (SELECT pg_snapshot_xmin(pg_current_snapshot())::text), \
+                    (SELECT pg_snapshot_xmax(pg_current_snapshot())::text), {topic_out} FROM window_rows AS c \
              WHERE c.r_ready AND NOT EXISTS (\
                SELECT 1 FROM window_rows AS b WHERE NOT b.r_ready AND b.r_key = c.r_key AND b.r_order < c.r_order) \
              ORDER BY c.r_order",
