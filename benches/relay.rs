@@ -294,7 +294,7 @@ async fn database_ceiling(rows: i64, mark: MarkMode) -> f64 {
     let outbox = Outbox::connect(&config, &mapping).await.expect("connect");
     let shards: Vec<i32> = (0..config.relay.shards as i32).collect();
     // Claims start where the relay's would, at its claim floor.
-    let mut floor = ClaimFloor::new(config.relay.full_scan_interval);
+    let mut floor = ClaimFloor::new(config.relay.full_scan_interval, outbox.ids_grow_with_time());
     let started = Instant::now();
     let mut done = 0;
     loop {

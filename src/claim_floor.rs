@@ -5,32 +5,34 @@
 //! walks (the partial index of unpublished rows, or the primary key with `mark = "delete"`), and
 //! those entries stay until VACUUM removes them. A claim that starts at the beginning steps over
 //! every one of them; on a backlog of millions that was the larger part of each claim's time,
-//! and the drain rate fell as the backlog grew. With a floor, a claim starts near its first live
-//! row whatever the table's history.
+//! and the drain rate fell as the backlog grew. With a floor, a claim starts near its first
+//! unpublished row whatever the table's history.
 //!
-//! The invariant: every row below the floor that the relay may ever claim has been published,
-//! has failed for good, belongs to another relay's shard, or waits behind a failed row of its
-//! key. What can break it, and how each case is met:
+//! The invariant: every row of the relay's shards below the floor is published. Rows that are
+//! unpublished for any reason (claimable, in flight, waiting out a retry backoff, failed for
+//! good, or waiting behind such a row of their key) are at or above it, so whatever makes one
+//! of them claimable again (`outbox-relay retry`, a backoff ending) is seen by the very next
+//! claim, together with every later row of its key: nothing can overtake it from above the
+//! floor. The price is that a failed row keeps the floor at itself until it is retried. What
+//! else can break the invariant, and how each case is met:
 //!
 //! - **Rows that commit late.** A transaction may take its id from the sequence, then commit
 //!   after later ids were published. Such a row is invisible to a claim whose snapshot saw the
 //!   transaction running, so a floor taken from that claim could pass it. A candidate floor is
 //!   therefore promoted only after two later claims' snapshot horizons (`xmin`) have passed the
 //!   candidate claim's `xmax`: by then every transaction that had taken an id below the
-//!   candidate has ended and its rows are visible, and the promoting claim's own first live row
-//!   (which sees them) caps the new floor. The second horizon covers a transaction that took
-//!   its id just before the candidate's snapshot and its transaction id just after.
+//!   candidate has ended and its rows are visible, and the promoting claim's own first
+//!   unpublished row (which sees them) caps the new floor. The second horizon covers a
+//!   transaction that took its id just before the candidate's snapshot and its transaction id
+//!   just after.
 //! - **Ids that do not grow with time**: a sequence with a cache (each session holds a block of
 //!   ids) or a descending one, ids the application assigns, an order column that is not an
 //!   integer. The floor is then never used ([`ClaimFloor::disabled`]); the claim starts at the
-//!   beginning as before.
-//! - **Rows made claimable again out of band**: `outbox-relay retry` (which notifies the relay,
-//!   and the next claim starts at the beginning), or an operator setting `published_at` back to
-//!   NULL. A full claim from the beginning every `relay.full_scan_interval` picks those up and
-//!   lowers the floor to them.
-//! - **Rows the relay itself claimed and has not published** (in flight, failed, in backoff):
-//!   they are unpublished and not failed for good, so the first live row of every claim, which
-//!   caps every candidate, is at or below them.
+//!   beginning. The sequence can change while the relay runs (`ALTER SEQUENCE ... CACHE 50`), so
+//!   every claim reads it again ([`ClaimView::ids_grow_with_time`]) and the floor is dropped the
+//!   moment it no longer holds.
+//! - **Rows set back to unpublished by hand** (`published_at = NULL`): a full claim from the
+//!   beginning every `relay.full_scan_interval` picks those up and lowers the floor to them.
 //! - **A change of shards**: rows of a newly held shard may lie anywhere, so the floor is
 //!   forgotten and built again from the beginning.
 //!
@@ -38,19 +40,22 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::debug;
+use tracing::{debug, error, info};
 
-/// What one claim saw, besides its rows: where its first live row was, and its snapshot.
+/// What one claim saw, besides its rows: where its first unpublished row was, its snapshot, and
+/// whether the order column's ids still grow with time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClaimView {
-    /// The lowest claim-order value, at or above where the claim started, of a row that is
-    /// unpublished, not failed, of the claimed shards and not held back by a failed row of its
-    /// key; `None` when there is none.
-    pub first_live: Option<i64>,
+    /// The lowest claim-order value, at or above where the claim started, of an unpublished row
+    /// of the claimed shards (whatever its state); `None` when there is none.
+    pub first_unpublished: Option<i64>,
     /// The claim snapshot's `xmin`: every transaction below it had ended.
     pub xmin: u64,
     /// The claim snapshot's `xmax`: every transaction from it on had not started.
     pub xmax: u64,
+    /// Whether the order column is fed by a sequence whose ids grow with time, as the claim read
+    /// the catalog.
+    pub ids_grow_with_time: bool,
 }
 
 /// How many later claims' horizons must pass a candidate's snapshot before it becomes the floor.
@@ -59,7 +64,7 @@ const HORIZONS_BEFORE_PROMOTION: u8 = 2;
 /// A floor waiting for the transactions that could still add rows below it to end.
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
-    /// The first live row of the claim it came from.
+    /// The first unpublished row of the claim it came from.
     value: i64,
     /// The transaction id the next claim's `xmin` must reach.
     wait_for: u64,
@@ -70,8 +75,9 @@ struct Candidate {
 /// The claim floor of one relay's claim loop.
 #[derive(Debug)]
 pub struct ClaimFloor {
-    /// False when ids do not grow with time; the claim then always starts at the beginning.
-    enabled: bool,
+    /// Whether the order column's ids grow with time, as the last claim read it; while they do
+    /// not, claims start at the beginning.
+    ids_grow_with_time: bool,
     /// Claims start here; `None` is the beginning.
     floor: Option<i64>,
     candidate: Option<Candidate>,
@@ -83,11 +89,12 @@ pub struct ClaimFloor {
 }
 
 impl ClaimFloor {
-    /// A floor for ids that grow with time, with a claim from the beginning at least every
-    /// `full_scan_interval`.
-    pub fn new(full_scan_interval: Duration) -> ClaimFloor {
+    /// A floor with a claim from the beginning at least every `full_scan_interval`, used while
+    /// the order column's ids grow with time (`ids_grow_with_time`: what the catalog said at
+    /// connect; every claim then says it again).
+    pub fn new(full_scan_interval: Duration, ids_grow_with_time: bool) -> ClaimFloor {
         ClaimFloor {
-            enabled: true,
+            ids_grow_with_time,
             floor: None,
             candidate: None,
             shards: Vec::new(),
@@ -96,14 +103,9 @@ impl ClaimFloor {
         }
     }
 
-    /// No floor: every claim starts at the beginning.
-    pub fn disabled() -> ClaimFloor {
-        ClaimFloor { enabled: false, ..ClaimFloor::new(Duration::MAX) }
-    }
-
     /// Where the next claim of `shards` starts (`None`: at the beginning).
     pub fn start(&mut self, shards: &[i32], now: Instant) -> Option<i64> {
-        if !self.enabled {
+        if !self.ids_grow_with_time {
             return None;
         }
         if self.shards != shards {
@@ -118,22 +120,34 @@ impl ClaimFloor {
     }
 
     /// Learns from a claim that started at `started_at` (as returned by [`ClaimFloor::start`])
-    /// and saw `view`; `None` when it claimed nothing, which still counts as a full scan.
+    /// and saw `view` (`None` if that could not be read, which teaches nothing).
     pub fn observe(&mut self, started_at: Option<i64>, view: Option<&ClaimView>, now: Instant) {
-        if !self.enabled {
+        let Some(view) = view else { return };
+        if view.ids_grow_with_time != self.ids_grow_with_time {
+            self.ids_grow_with_time = view.ids_grow_with_time;
+            self.forget();
+            if view.ids_grow_with_time {
+                info!("the order column's sequence hands out ids in insertion order again: the claim floor is back");
+            } else {
+                error!(
+                    "the order column's sequence no longer hands out ids in insertion order (it has a cache, counts down \
+                     or cycles): claims now start at the beginning, and a key's rows that take ids out of order are \
+                     published in id order, not insertion order; ALTER SEQUENCE ... CACHE 1 restores both"
+                );
+            }
+            return;
+        }
+        if !self.ids_grow_with_time {
             return;
         }
         if started_at.is_none() {
             self.last_full_scan = Some(now);
-        }
-        let Some(view) = view else { return };
-        if started_at.is_none() {
             // Rows made claimable again below the floor: the floor comes down to them.
-            if let (Some(floor), Some(first_live)) = (self.floor, view.first_live)
-                && first_live < floor
+            if let (Some(floor), Some(first_unpublished)) = (self.floor, view.first_unpublished)
+                && first_unpublished < floor
             {
-                debug!(floor, first_live, "a claim from the beginning found rows below the claim floor");
-                self.floor = Some(first_live);
+                debug!(floor, first_unpublished, "a claim from the beginning found rows below the claim floor");
+                self.floor = Some(first_unpublished);
             }
         }
         if let Some(mut candidate) = self.candidate
@@ -141,9 +155,9 @@ impl ClaimFloor {
         {
             candidate.horizons_left -= 1;
             if candidate.horizons_left == 0 {
-                // This claim sees every row that commits below the candidate; its first live
-                // row, if lower, is where claiming must go on.
-                let promoted = view.first_live.map_or(candidate.value, |first| first.min(candidate.value));
+                // This claim sees every row that commits below the candidate; its first
+                // unpublished row, if lower, is where claiming must go on.
+                let promoted = view.first_unpublished.map_or(candidate.value, |first| first.min(candidate.value));
                 if self.floor.is_none_or(|floor| promoted > floor) {
                     self.floor = Some(promoted);
                 }
@@ -154,11 +168,14 @@ impl ClaimFloor {
             }
         }
         if self.candidate.is_none()
-            && let Some(first_live) = view.first_live
-            && self.floor.is_none_or(|floor| first_live > floor)
+            && let Some(first_unpublished) = view.first_unpublished
+            && self.floor.is_none_or(|floor| first_unpublished > floor)
         {
-            self.candidate =
-                Some(Candidate { value: first_live, wait_for: view.xmax, horizons_left: HORIZONS_BEFORE_PROMOTION });
+            self.candidate = Some(Candidate {
+                value: first_unpublished,
+                wait_for: view.xmax,
+                horizons_left: HORIZONS_BEFORE_PROMOTION,
+            });
         }
     }
 
@@ -184,8 +201,8 @@ mod tests {
     const SHARDS: [i32; 2] = [0, 1];
     const LONG: Duration = Duration::from_secs(3600);
 
-    fn view(first_live: Option<i64>, xmin: u64, xmax: u64) -> ClaimView {
-        ClaimView { first_live, xmin, xmax }
+    fn view(first_unpublished: Option<i64>, xmin: u64, xmax: u64) -> ClaimView {
+        ClaimView { first_unpublished, xmin, xmax, ids_grow_with_time: true }
     }
 
     /// Runs one claim: where it starts, then what it saw.
@@ -204,8 +221,8 @@ mod tests {
     }
 
     #[test]
-    fn the_floor_rises_to_a_first_live_row_once_two_horizons_pass_it() {
-        let mut floor = ClaimFloor::new(LONG);
+    fn the_floor_rises_to_a_first_unpublished_row_once_two_horizons_pass_it() {
+        let mut floor = ClaimFloor::new(LONG, true);
         let now = Instant::now();
         assert_eq!(claim(&mut floor, now, view(Some(1000), 50, 60)), None);
         // xmin 59 < 60: a transaction that may hold an id below 1000 is still running.
@@ -218,7 +235,7 @@ mod tests {
 
     #[test]
     fn a_late_row_seen_at_promotion_caps_the_floor() {
-        let mut floor = ClaimFloor::new(LONG);
+        let mut floor = ClaimFloor::new(LONG, true);
         let now = Instant::now();
         claim(&mut floor, now, view(Some(1000), 10, 20));
         claim(&mut floor, now, view(Some(2000), 20, 30));
@@ -229,7 +246,7 @@ mod tests {
 
     #[test]
     fn the_floor_never_falls_by_promotion_and_only_a_full_scan_lowers_it() {
-        let mut floor = ClaimFloor::new(Duration::from_secs(10));
+        let mut floor = ClaimFloor::new(Duration::from_secs(10), true);
         let t0 = Instant::now();
         risen_to_1000(&mut floor, t0);
         // Between full scans, claims start at the floor.
@@ -242,7 +259,7 @@ mod tests {
 
     #[test]
     fn a_rescan_request_makes_the_next_claim_start_at_the_beginning() {
-        let mut floor = ClaimFloor::new(LONG);
+        let mut floor = ClaimFloor::new(LONG, true);
         let now = Instant::now();
         risen_to_1000(&mut floor, now);
         floor.rescan();
@@ -252,7 +269,7 @@ mod tests {
 
     #[test]
     fn other_shards_forget_the_floor() {
-        let mut floor = ClaimFloor::new(LONG);
+        let mut floor = ClaimFloor::new(LONG, true);
         let now = Instant::now();
         risen_to_1000(&mut floor, now);
         assert_eq!(floor.start(&[0, 1, 2], now), None);
@@ -260,12 +277,12 @@ mod tests {
 
     #[test]
     fn a_full_scan_that_claims_nothing_still_counts() {
-        let mut floor = ClaimFloor::new(Duration::from_secs(10));
+        let mut floor = ClaimFloor::new(Duration::from_secs(10), true);
         let t0 = Instant::now();
         risen_to_1000(&mut floor, t0);
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(floor.start(&SHARDS, t1), None);
-        floor.observe(None, None, t1);
+        floor.observe(None, Some(&view(None, 40, 50)), t1);
         assert_eq!(
             floor.start(&SHARDS, t1 + Duration::from_secs(1)),
             Some(1000),
@@ -273,12 +290,37 @@ mod tests {
         );
     }
 
+    /// A claim's view of a sequence that no longer hands out ids in order.
+    fn out_of_order(first_unpublished: Option<i64>, xmin: u64, xmax: u64) -> ClaimView {
+        ClaimView { ids_grow_with_time: false, ..view(first_unpublished, xmin, xmax) }
+    }
+
     #[test]
-    fn a_disabled_floor_always_starts_at_the_beginning() {
-        let mut floor = ClaimFloor::disabled();
+    fn ids_that_do_not_grow_with_time_keep_every_claim_at_the_beginning() {
+        let mut floor = ClaimFloor::new(LONG, false);
         let now = Instant::now();
         for xid in 0..5 {
-            assert_eq!(claim(&mut floor, now, view(Some(1000 * xid as i64), xid * 10, xid * 10 + 10)), None);
+            let start = floor.start(&SHARDS, now);
+            floor.observe(start, Some(&out_of_order(Some(1000 * xid as i64), xid * 10, xid * 10 + 10)), now);
+            assert_eq!(start, None);
         }
+    }
+
+    #[test]
+    fn a_sequence_altered_to_cache_ids_drops_the_floor_at_the_next_claim() {
+        let mut floor = ClaimFloor::new(LONG, true);
+        let now = Instant::now();
+        risen_to_1000(&mut floor, now);
+        // The claim that starts at the floor reads the altered sequence.
+        let start = floor.start(&SHARDS, now);
+        assert_eq!(start, Some(1000));
+        floor.observe(start, Some(&out_of_order(Some(1500), 40, 50)), now);
+        assert_eq!(floor.start(&SHARDS, now), None, "a row with a cached lower id may lie below the floor");
+        floor.observe(None, Some(&out_of_order(Some(990), 50, 60)), now);
+        assert_eq!(floor.start(&SHARDS, now), None);
+        // CACHE 1 again: the floor is built anew, from the beginning.
+        floor.observe(None, Some(&view(Some(990), 60, 70)), now);
+        assert_eq!(floor.start(&SHARDS, now), None);
+        risen_to_1000(&mut floor, now);
     }
 }

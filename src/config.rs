@@ -473,6 +473,10 @@ pub struct OutboxConfig {
     /// What "published" means for a row: `update` sets the published-at column, `delete`
     /// removes the row once the broker has it.
     pub mark: MarkMode,
+    /// Whether consumers need a key's rows in insertion order (the default). The relay then
+    /// refuses an order column that cannot give that order (see [`crate::table::OrderColumn`]);
+    /// `false` accepts any order column and publishes a key's rows in its order, whatever it is.
+    pub per_key_order: bool,
     /// Column names.
     pub columns: Columns,
 }
@@ -483,6 +487,7 @@ impl Default for OutboxConfig {
             table: "outbox".to_owned(),
             topic_template: None,
             mark: MarkMode::Update,
+            per_key_order: true,
             columns: Columns::default(),
         }
     }

@@ -13,10 +13,10 @@ use tokio_postgres::{Client, Statement};
 use crate::claim_floor::ClaimView;
 use crate::config::{Config, redact_connection_string};
 use crate::pg_tls::ConnectOptions;
-use crate::record::OutboxRow;
+use crate::record::{OutboxRow, RowKey, UnreadableRow};
 use crate::table::{
-    AUDIT_TOPIC_COLUMN, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, ORDER_SEQUENCE_SQL, Privilege,
-    TABLE_COLUMNS_SQL, claim_columns,
+    AUDIT_TOPIC_COLUMN, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, ORDER_COLUMN_SQL, OrderColumn,
+    OrderSequence, Privilege, TABLE_COLUMNS_SQL, claim_columns,
 };
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
@@ -103,17 +103,16 @@ pub struct Outbox {
     retry_backoff: (f64, f64),
     /// Attempts caused by a row before it is given up on.
     max_attempts: i32,
-    /// Whether claims may start at a floor: the order column is fed by a sequence whose values
-    /// grow with time ([`crate::claim_floor`]).
-    ids_grow_with_time: bool,
+    /// What the catalog said of the claim order column at connect.
+    order_column: OrderColumn,
 }
 
 /// The result of one claim: its rows, and what the claim floor learns from it.
 #[derive(Debug, Default)]
 pub struct Claim {
     /// The claimed rows in claim order, each decoded or its id and why it could not be.
-    pub rows: Vec<Result<OutboxRow, (String, String)>>,
-    /// What the claim saw besides its rows; `None` when it claimed nothing.
+    pub rows: Vec<Result<OutboxRow, UnreadableRow>>,
+    /// What the claim saw besides its rows; `None` only if that could not be read.
     pub view: Option<ClaimView>,
 }
 
@@ -360,7 +359,7 @@ impl Outbox {
                 .await
                 .map_err(OutboxError::query("set synchronous_commit"))?;
         }
-        let ids_grow_with_time = layout.orders_by_integer() && order_sequence_grows_with_time(&client, &layout).await?;
+        let order_column = read_order_column(&client, &layout).await?;
         let relay = &config.relay;
         Ok(Outbox {
             client,
@@ -372,13 +371,21 @@ impl Outbox {
             pending_stats,
             retry_backoff: (relay.retry_backoff_initial.as_secs_f64(), relay.retry_backoff_max.as_secs_f64()),
             max_attempts: i32::try_from(relay.max_attempts).unwrap_or(i32::MAX),
-            ids_grow_with_time,
+            order_column,
         })
     }
 
-    /// Whether claims may start at a floor ([`crate::claim_floor`]).
+    /// Whether claims may start at a floor ([`crate::claim_floor`]): the order column is an
+    /// integer fed by a sequence whose ids grow with time. Every claim reads the sequence again
+    /// ([`ClaimView::ids_grow_with_time`]).
     pub fn ids_grow_with_time(&self) -> bool {
-        self.ids_grow_with_time
+        self.layout.orders_by_integer()
+            && self.order_column.sequence.as_ref().is_some_and(OrderSequence::grows_with_time)
+    }
+
+    /// What the catalog said of the claim order column at connect.
+    pub fn order_column(&self) -> &OrderColumn {
+        &self.order_column
     }
 
     /// Fails with [`OutboxError::MissingPrivileges`] unless this connection's role holds every
@@ -418,8 +425,8 @@ impl Outbox {
 
     /// The next unpublished rows in claim order, at most `limit`, leaving out the rows `in_flight`
     /// (ids as text), starting at claim-order value `start` (`None`: at the beginning; ignored
-    /// unless [`Outbox::ids_grow_with_time`]). A row whose columns cannot be decoded comes back
-    /// as `Err((id, problem))` so that the rest of the batch still flows.
+    /// to [`crate::claim_floor::ClaimFloor`] to decide). A row whose columns cannot be decoded
+    /// comes back as an [`UnreadableRow`] so that the rest of the batch still flows.
     pub async fn claim(
         &self,
         limit: usize,
@@ -429,14 +436,17 @@ impl Outbox {
     ) -> Result<Claim, OutboxError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (initial, max) = self.retry_backoff;
-        let start = start.filter(|_| self.ids_grow_with_time);
         let rows = self
             .client
             .query(&self.claim, &[&limit, &shards, &initial, &max, &in_flight, &start])
             .await
             .map_err(OutboxError::query("claim"))?;
+        // Every claim returns at least one row, carrying what the claim floor learns; when
+        // nothing was claimed, it is the only row and its row columns are NULL.
         let view = rows.first().and_then(decode_view);
-        Ok(Claim { rows: rows.iter().map(decode_row).collect(), view })
+        let claimed =
+            rows.iter().filter(|row| !matches!(row.try_get::<_, Option<String>>(claim_columns::ID), Ok(None)));
+        Ok(Claim { rows: claimed.map(decode_row).collect(), view })
     }
 
     /// The value of a run-time setting on this connection (`SHOW name`); `name` is a setting
@@ -651,16 +661,24 @@ async fn resolve_layout(client: &Client, mapping: &Mapping) -> Result<Layout, Ou
     Ok(mapping.resolve(&columns)?)
 }
 
-/// Whether the sequence feeding the claim order column hands out ever larger values in the
-/// order they are taken: it counts up and every session takes one value at a time (with a
-/// cache, each session holds its own block, and a later insert can take a lower id).
-async fn order_sequence_grows_with_time(client: &Client, layout: &Layout) -> Result<bool, OutboxError> {
+/// What the catalog says of the claim order column: `NOT NULL`, unique, and its sequence.
+async fn read_order_column(client: &Client, layout: &Layout) -> Result<OrderColumn, OutboxError> {
     let mapping = &layout.mapping;
     let row = client
-        .query_opt(ORDER_SEQUENCE_SQL, &[&mapping.table_sql(), &mapping.order_by.as_str()])
+        .query_opt(ORDER_COLUMN_SQL, &[&mapping.table_sql(), &mapping.order_by.as_str()])
         .await
-        .map_err(OutboxError::query("read the order column's sequence"))?;
-    Ok(row.is_some_and(|row| row.get::<_, i64>(0) > 0 && row.get::<_, i64>(1) == 1))
+        .map_err(OutboxError::query("read the order column"))?;
+    let Some(row) = row else {
+        // The layout was just resolved against the same catalog; a concurrent DROP COLUMN.
+        return Err(OutboxError::TableMissing(mapping.table_name()));
+    };
+    let sequence = row.get::<_, Option<String>>(2).map(|name| OrderSequence {
+        name,
+        increment: row.get(3),
+        cache: row.get(4),
+        cycles: row.get(5),
+    });
+    Ok(OrderColumn { not_null: row.get(0), unique: row.get(1), sequence })
 }
 
 /// The claim floor's part of a claimed row; `None` if it cannot be read, which only costs the
@@ -668,25 +686,36 @@ async fn order_sequence_grows_with_time(client: &Client, layout: &Layout) -> Res
 fn decode_view(row: &tokio_postgres::Row) -> Option<ClaimView> {
     let xid = |i: usize| row.try_get::<_, String>(i).ok().and_then(|text| text.parse::<u64>().ok());
     Some(ClaimView {
-        first_live: row.try_get(claim_columns::FIRST_LIVE).ok()?,
+        first_unpublished: row.try_get(claim_columns::FIRST_UNPUBLISHED).ok()?,
+        ids_grow_with_time: row.try_get(claim_columns::IDS_GROW_WITH_TIME).ok()?,
         xmin: xid(claim_columns::SNAPSHOT_XMIN)?,
         xmax: xid(claim_columns::SNAPSHOT_XMAX)?,
     })
 }
 
-fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, (String, String)> {
+fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, UnreadableRow> {
     // The id is selected as text and is what marks the row, so it is read first; a row whose
-    // id cannot be read cannot be marked either way, and the claim fails as a whole.
+    // id cannot be read cannot be marked either way, and the claim fails as a whole. The key
+    // comes next: a row that fails holds back the later rows of its key.
     let id: String = match row.try_get(claim_columns::ID) {
         Ok(id) => id,
-        Err(e) => return Err((String::new(), format!("id: {e}"))),
+        Err(e) => {
+            return Err(UnreadableRow { id: String::new(), key: RowKey::Unreadable, problem: format!("id: {e}") });
+        }
     };
     // The driver's own message says only "error deserializing column 2"; its cause says what is
     // wrong with the value ("invalid utf-8 sequence ..."), which is what the row's error must say.
-    let field =
-        |name: &str, e: tokio_postgres::Error| (id.clone(), format!("cannot read {name}: {}", describe_pg_error(&e)));
+    let problem = |name: &str, e: tokio_postgres::Error| format!("cannot read {name}: {}", describe_pg_error(&e));
+    let key: Option<String> = match row.try_get(claim_columns::KEY) {
+        Ok(key) => key,
+        Err(e) => return Err(UnreadableRow { id, key: RowKey::Unreadable, problem: problem("key", e) }),
+    };
+    let field = |name: &str, e: tokio_postgres::Error| UnreadableRow {
+        id: id.clone(),
+        key: RowKey::Known(key.clone()),
+        problem: problem(name, e),
+    };
     let event_id: String = row.try_get(claim_columns::EVENT_ID).map_err(|e| field("event_id", e))?;
-    let key: Option<String> = row.try_get(claim_columns::KEY).map_err(|e| field("key", e))?;
     let payload: Option<RawPayload> = row.try_get(claim_columns::PAYLOAD).map_err(|e| field("payload", e))?;
     let headers: Option<String> = row.try_get(claim_columns::HEADERS).map_err(|e| field("headers", e))?;
     let created_at: Option<f64> = row.try_get(claim_columns::CREATED_AT).map_err(|e| field("created_at", e))?;

@@ -37,6 +37,26 @@ pub struct OutboxRow {
     pub topic_values: Vec<Option<String>>,
 }
 
+/// A claimed row that cannot be read whole: a column the driver could not decode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnreadableRow {
+    /// The row's id as text; empty when even the id could not be read.
+    pub id: String,
+    /// The row's key, when it could be read: later rows of that key must wait for this one.
+    pub key: RowKey,
+    /// What could not be read, and why.
+    pub problem: String,
+}
+
+/// The key of a row that could not be read whole.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowKey {
+    /// The key was read (`None`: the row has no key, so it holds nothing back).
+    Known(Option<String>),
+    /// The key itself could not be read: any later keyed row might share it.
+    Unreadable,
+}
+
 /// A record ready to hand to the producer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {

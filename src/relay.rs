@@ -14,6 +14,7 @@
 //! - after a shutdown request no new batch is claimed; the batch in flight is finished
 //!   (reports and mark) within the grace period, or left unmarked to be sent again.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -27,7 +28,7 @@ use crate::health::Health;
 use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
 use crate::publisher::{Outcome, Publisher, PublisherError};
-use crate::record::{OutboxRow, Record};
+use crate::record::{OutboxRow, Record, RowKey, UnreadableRow};
 use crate::shards::Shards;
 use crate::shutdown::Shutdown;
 use crate::table::Mapping;
@@ -38,7 +39,7 @@ use crate::wakeup::Wakeup;
 const FRESH_PRODUCER_AFTER_REFUSED_BATCHES: u32 = 3;
 
 /// Rows returned by a claim: each decoded, or its id and why it could not be.
-type Claimed = Vec<Result<OutboxRow, (String, String)>>;
+type Claimed = Vec<Result<OutboxRow, UnreadableRow>>;
 
 /// Why the relay stopped other than by a shutdown request. Outages are not in this list: the
 /// relay waits them out.
@@ -101,6 +102,33 @@ impl Settlement {
     }
 }
 
+/// Keys whose earlier row failed in the batch being built: their later rows wait.
+#[derive(Debug, Default)]
+struct HeldKeys {
+    keys: HashSet<String>,
+    /// A row whose key could not be read failed: any keyed row after it may share that key.
+    every_keyed_row: bool,
+}
+
+impl HeldKeys {
+    /// Later rows of `key` wait.
+    fn hold(&mut self, key: RowKey) {
+        match key {
+            RowKey::Known(Some(key)) => {
+                self.keys.insert(key);
+            }
+            // A keyless row has no order to keep.
+            RowKey::Known(None) => {}
+            RowKey::Unreadable => self.every_keyed_row = true,
+        }
+    }
+
+    /// Whether a row of `key` must wait.
+    fn holds(&self, key: Option<&str>) -> bool {
+        key.is_some_and(|key| self.every_keyed_row || self.keys.contains(key))
+    }
+}
+
 /// What one turn of the loop found.
 enum Turn {
     /// Nothing to publish right now.
@@ -151,6 +179,9 @@ impl Relay {
     /// again once the grant is back, as after a crash).
     async fn connect(&self) -> Result<Outbox, OutboxError> {
         let outbox = Outbox::connect(&self.config, &self.mapping).await?;
+        if self.mapping.per_key_order {
+            outbox.layout().check_per_key_order(outbox.order_column())?;
+        }
         let retention = self.config.retention.delete_published_after.is_some();
         outbox.check_privileges(&self.mapping.privileges_needed(retention)).await?;
         Ok(outbox)
@@ -194,7 +225,7 @@ impl Relay {
         let mut shards = Shards::new(relay.shards, relay.rebalance_interval);
         let mut connection: Option<Outbox> = None;
         // Where claims start; built again for each connection.
-        let mut floor = ClaimFloor::disabled();
+        let mut floor = ClaimFloor::new(relay.full_scan_interval, false);
         let mut unsettled: Option<Settlement> = None;
         // An acknowledged batch whose mark goes with the next batch's publish (see relay_batch).
         let mut to_mark: Option<Settlement> = None;
@@ -240,11 +271,7 @@ impl Relay {
                     match self.connect().await {
                         Ok(outbox) => {
                             self.health.set_database_connected(true);
-                            floor = if outbox.ids_grow_with_time() {
-                                ClaimFloor::new(relay.full_scan_interval)
-                            } else {
-                                ClaimFloor::disabled()
-                            };
+                            floor = ClaimFloor::new(relay.full_scan_interval, outbox.ids_grow_with_time());
                             info!(table = %self.mapping.table_name(), "connected to PostgreSQL");
                             warn_about_layout(&outbox);
                             outbox
@@ -447,7 +474,7 @@ impl Relay {
             .iter()
             .map(|row| match row {
                 Ok(row) => row.id.clone(),
-                Err((id, _)) => id.clone(),
+                Err(unreadable) => unreadable.id.clone(),
             })
             // An id that could not be read cannot be left out by id; such a batch fails a row,
             // so whatever is claimed ahead is dropped anyway.
@@ -458,11 +485,23 @@ impl Relay {
         let mut records = Vec::with_capacity(claimed.len());
         let mut ids = Vec::with_capacity(claimed.len());
         let mut created = Vec::with_capacity(claimed.len());
+        // A row that fails here holds back the later rows of its key in this batch, exactly as
+        // a failed row holds them back in later claims: they are not produced, and stay
+        // unpublished and untouched until the failed row is published or (with `skip`) given up.
+        let mut held = HeldKeys::default();
+        let mut deferred = 0;
         for row in claimed {
-            let built = row.and_then(|row| match Record::from_row(&row, &self.mapping.topic) {
-                Ok(record) => Ok((row.id, row.created_at, record)),
-                Err(problem) => Err((row.id, problem)),
-            });
+            let built = match row {
+                Ok(row) if held.holds(row.key.as_deref()) => {
+                    deferred += 1;
+                    continue;
+                }
+                Ok(row) => match Record::from_row(&row, &self.mapping.topic) {
+                    Ok(record) => Ok((row.id, row.created_at, record)),
+                    Err(problem) => Err(UnreadableRow { id: row.id, key: RowKey::Known(row.key), problem }),
+                },
+                Err(unreadable) => Err(unreadable),
+            };
             match built {
                 Ok((id, created_at, record)) => {
                     if self.config.log.payloads {
@@ -478,14 +517,18 @@ impl Relay {
                     created.push(created_at);
                     records.push(record);
                 }
-                Err((id, problem)) => {
+                Err(UnreadableRow { id, key, problem }) => {
                     warn!(row = %id, error = %problem, "row cannot be published");
                     self.metrics.publish_errors.with_label_values(&["invalid_row"]).inc();
+                    held.hold(key);
                     if !id.is_empty() {
                         settlement.row_failures.push((id, problem));
                     }
                 }
             }
+        }
+        if deferred > 0 {
+            debug!(rows = deferred, "rows wait behind an earlier row of their key that failed in this batch");
         }
 
         let delivery_started = Instant::now();
@@ -686,10 +729,16 @@ impl Relay {
 /// Warnings about a table layout that weakens a guarantee.
 fn warn_about_layout(outbox: &Outbox) {
     let layout = outbox.layout();
-    if !layout.order_is_meaningful() {
+    let order_by = layout.mapping.order_by.as_str();
+    if !layout.mapping.per_key_order {
         warn!(
-            column = %layout.mapping.order_by.as_str(),
-            "the claim order column is a uuid: per-key order holds only if ids are time-ordered (UUIDv7); set outbox.columns.order_by to a sequence column"
+            column = %order_by,
+            "outbox.per_key_order = false: a key's rows are published in the order of this column, which need not be the order they were inserted in"
+        );
+    } else if outbox.order_column().sequence.is_none() {
+        warn!(
+            column = %order_by,
+            "the order column is not fed by a sequence: a key's rows are published in the order of its values, so the application must assign them in insertion order"
         );
     }
     if layout.mapping.xact_id.is_none() {

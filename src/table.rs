@@ -233,6 +233,8 @@ pub struct Mapping {
     pub on_poison: OnPoison,
     /// Number of shards keys are hashed into.
     pub shards: u32,
+    /// Whether the order column must give a key's rows their insertion order.
+    pub per_key_order: bool,
 }
 
 impl Mapping {
@@ -268,6 +270,7 @@ impl Mapping {
             mark: outbox.mark,
             on_poison: config.relay.on_poison,
             shards: config.relay.shards,
+            per_key_order: config.outbox.per_key_order,
         })
     }
 
@@ -489,19 +492,107 @@ pub mod claim_columns {
     pub const TRACEPARENT: usize = 6;
     /// Where the claim found its first live row (`int8`, see [`crate::claim_floor`]), or NULL;
     /// the same on every row.
-    pub const FIRST_LIVE: usize = 7;
+    pub const FIRST_UNPUBLISHED: usize = 7;
     /// The claim snapshot's `xmin` as text; the same on every row.
     pub const SNAPSHOT_XMIN: usize = 8;
     /// The claim snapshot's `xmax` as text; the same on every row.
     pub const SNAPSHOT_XMAX: usize = 9;
+    /// Whether the order column is still fed by a sequence whose ids grow with time (`bool`,
+    /// see [`OrderSequence::grows_with_time`]); the same on every row.
+    pub const IDS_GROW_WITH_TIME: usize = 10;
     /// First topic column; template columns follow.
-    pub const TOPIC: usize = 10;
+    pub const TOPIC: usize = 11;
+}
+
+/// What the catalog says about the claim order column: whether it can give a key's rows their
+/// insertion order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderColumn {
+    /// Declared `NOT NULL`.
+    pub not_null: bool,
+    /// Covered by a unique index of its own (not partial, no other key column).
+    pub unique: bool,
+    /// The sequence feeding it (identity or serial), if any.
+    pub sequence: Option<OrderSequence>,
+}
+
+/// The sequence feeding the order column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderSequence {
+    /// Its name, schema-qualified where needed.
+    pub name: String,
+    /// `INCREMENT BY`.
+    pub increment: i64,
+    /// `CACHE`: how many ids a session takes at once.
+    pub cache: i64,
+    /// `CYCLE`: whether it wraps around.
+    pub cycles: bool,
+}
+
+impl OrderSequence {
+    /// Whether it hands out ever larger ids in the order they are taken, so that a row inserted
+    /// later gets a larger id. A cache breaks that: each session holds a block of ids, and a
+    /// session can take a lower id from its block after another session took a higher one.
+    pub fn grows_with_time(&self) -> bool {
+        self.increment > 0 && self.cache == 1 && !self.cycles
+    }
 }
 
 impl Layout {
-    /// Whether the order column gives events a meaningful order.
-    pub fn order_is_meaningful(&self) -> bool {
-        !matches!(self.order_type.as_str(), "uuid")
+    /// Checks that the order column gives a key's rows a total order that follows insertion:
+    /// an integer column, never NULL, whose values are unique and, when a sequence feeds it,
+    /// grow in the order they are taken. Without that, rows that tie or come out of a cache
+    /// would be published in an order no one wrote, so the relay refuses the table unless
+    /// `outbox.per_key_order = false`.
+    pub fn check_per_key_order(&self, column: &OrderColumn) -> Result<(), LayoutError> {
+        let m = &self.mapping;
+        let (table, name) = (m.table_sql(), m.order_by.as_str());
+        let opt_out = "or set outbox.per_key_order = false if no consumer needs a key's events in order";
+        let refuse = |problem: String| LayoutError { key: "outbox.columns.order_by".to_owned(), problem };
+        if !self.orders_by_integer() {
+            return Err(refuse(format!(
+                "column \"{name}\" is {ty}, which cannot keep a key's rows in the order they were inserted \
+                 (random uuids order nothing, UUIDv7 is random within its millisecond, timestamps tie); \
+                 add a column fed by a sequence and name it in outbox.columns.order_by \
+                 (ALTER TABLE {table} ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE, \
+                 which fills existing rows), {opt_out}",
+                ty = self.order_type
+            )));
+        }
+        if !column.not_null {
+            return Err(refuse(format!(
+                "column \"{name}\" may be NULL, and a row without a value has no place in its key's order; \
+                 ALTER TABLE {table} ALTER COLUMN {col} SET NOT NULL, {opt_out}",
+                col = m.order_by
+            )));
+        }
+        match &column.sequence {
+            Some(sequence) if !sequence.grows_with_time() => {
+                let why = if sequence.increment <= 0 {
+                    "counts down".to_owned()
+                } else if sequence.cycles {
+                    "wraps around (CYCLE)".to_owned()
+                } else {
+                    format!(
+                        "has CACHE {}: each session takes a block of ids, so a row inserted later can get a lower id",
+                        sequence.cache
+                    )
+                };
+                Err(refuse(format!(
+                    "the sequence {seq} feeding column \"{name}\" {why}; ALTER SEQUENCE {seq} CACHE 1 NO CYCLE \
+                     (an identity column: ALTER TABLE {table} ALTER COLUMN {col} SET CACHE 1), {opt_out}",
+                    seq = sequence.name,
+                    col = m.order_by
+                )))
+            }
+            None if !column.unique => Err(refuse(format!(
+                "column \"{name}\" is neither fed by a sequence nor unique, so rows can tie and a key's rows \
+                 would have no order between them; use an identity column, or CREATE UNIQUE INDEX ON {table} ({col}) \
+                 if the application assigns ever larger values, {opt_out}",
+                col = m.order_by
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Whether the claim order column is an integer, so that a claim can start at a floor
@@ -615,15 +706,21 @@ impl Layout {
             Some(h) => format!("(o.{h} IS NULL OR o.{h} < pg_snapshot_xmin(pg_current_snapshot()))"),
             None => "true".to_owned(),
         };
-        let first_live = if self.orders_by_integer() {
+        let first_unpublished = if self.orders_by_integer() {
             format!(
-                "(SELECT o.{order}::int8 FROM {table} AS o WHERE {live} ORDER BY o.{order} LIMIT 1)",
+                "(SELECT o.{order}::int8 FROM {table} AS o WHERE {unpublished} ORDER BY o.{order} LIMIT 1)",
                 order = m.order_by,
                 table = m.table_sql(),
-                live = live.join(" AND "),
+                unpublished = self.unpublished_row_filters("o").join(" AND "),
             )
         } else {
             "NULL::int8".to_owned()
+        };
+        // A row being retried goes out alone for its key: if it fails again, nothing of its key
+        // claimed with it may have gone out ahead of it.
+        let retrying = match &m.attempts {
+            Some(attempts) => format!("o.{attempts} > 0"),
+            None => "false".to_owned(),
         };
         let topic: Vec<String> =
             m.topic.columns().iter().enumerate().map(|(i, c)| format!("o.{c}::text AS t{i}")).collect();
@@ -632,13 +729,17 @@ impl Layout {
             "WITH window_rows AS (\
                SELECT o.{order} AS r_order, o.{id}::text AS r_id, o.{event_id}::text AS r_event_id, {key} AS r_key, \
                       o.{payload} AS r_payload, {headers} AS r_headers, {created_at} AS r_created_at, \
-                      {traceparent} AS r_traceparent, {topic}, {ready} AS r_ready \
-               FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT $1) \
+                      {traceparent} AS r_traceparent, {topic}, {ready} AS r_ready, {retrying} AS r_retrying \
+               FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT $1), \
+             claimed AS (SELECT * FROM window_rows AS c WHERE c.r_ready AND NOT EXISTS (\
+               SELECT 1 FROM window_rows AS b WHERE (NOT b.r_ready OR b.r_retrying) AND b.r_key = c.r_key \
+                 AND b.r_order < c.r_order)) \
              SELECT c.r_id, c.r_event_id, c.r_key, c.r_payload, c.r_headers, c.r_created_at, c.r_traceparent, \
-                    {first_live}, (SELECT pg_snapshot_xmin(pg_current_snapshot())::text), \
-                    (SELECT pg_snapshot_xmax(pg_current_snapshot())::text), {topic_out} FROM window_rows AS c \
-             WHERE c.r_ready AND NOT EXISTS (\
-               SELECT 1 FROM window_rows AS b WHERE NOT b.r_ready AND b.r_key = c.r_key AND b.r_order < c.r_order) \
+                    v.first_unpublished, v.xmin, v.xmax, v.ids_grow, {topic_out} \
+             FROM (SELECT {first_unpublished} AS first_unpublished, \
+                          pg_snapshot_xmin(pg_current_snapshot())::text AS xmin, \
+                          pg_snapshot_xmax(pg_current_snapshot())::text AS xmax, {ids_grow} AS ids_grow) AS v \
+               LEFT JOIN claimed AS c ON true \
              ORDER BY c.r_order",
             order = m.order_by,
             id = m.id,
@@ -655,6 +756,23 @@ impl Layout {
             table = m.table_sql(),
             filters = filters.join(" AND "),
             topic_out = topic_out.join(", "),
+            ids_grow = self.ids_grow_with_time_sql(),
+        )
+    }
+
+    /// Whether the order column is fed by a sequence whose ids grow with time, read again by
+    /// every claim: the sequence can be altered while the relay runs, and the claim floor must
+    /// stop the moment it no longer holds ([`crate::claim_floor`]).
+    fn ids_grow_with_time_sql(&self) -> String {
+        if !self.orders_by_integer() {
+            return "false".to_owned();
+        }
+        let m = &self.mapping;
+        format!(
+            "(SELECT coalesce(bool_and(s.seqincrement > 0 AND s.seqcache = 1 AND NOT s.seqcycle), false) \
+             FROM pg_sequence AS s WHERE s.seqrelid = pg_get_serial_sequence({table}, {column})::regclass)",
+            table = sql_literal(&m.table_sql()),
+            column = sql_literal(m.order_by.as_str()),
         )
     }
 
@@ -664,12 +782,26 @@ impl Layout {
     /// backoff is live; the rows it holds back are not, but it is earlier than all of them.
     fn live_row_filters(&self, a: &str) -> Vec<String> {
         let m = &self.mapping;
+        let mut filters = self.unpublished_row_filters(a);
+        if let Some(failed_at) = &m.failed_at {
+            filters.push(format!("{a}.{failed_at} IS NULL"));
+        }
+        if let Some(holding) = self.earlier_row_holding_the_key(a) {
+            filters.push(format!("NOT EXISTS ({holding})"));
+        }
+        filters
+    }
+
+    /// The conditions of a row `a` of this relay's shards (`$2`) that is not published yet, at
+    /// or after the claim's start (`$6`): claimable, in flight, waiting out a backoff, failed
+    /// for good, or held back by such a row. The claim floor never rises past the first of
+    /// them, so that whatever makes one claimable again (`outbox-relay retry`, a backoff ending)
+    /// finds it at or above the floor, with nothing of its key ahead of it.
+    fn unpublished_row_filters(&self, a: &str) -> Vec<String> {
+        let m = &self.mapping;
         let mut filters = Vec::new();
         if let Some(published_at) = &m.published_at {
             filters.push(format!("{a}.{published_at} IS NULL"));
-        }
-        if let Some(failed_at) = &m.failed_at {
-            filters.push(format!("{a}.{failed_at} IS NULL"));
         }
         filters.push(format!("{} = ANY($2::int4[])", self.shard_sql(a)));
         if self.orders_by_integer() {
@@ -678,9 +810,6 @@ impl Layout {
             filters.push(format!("($6::int8 IS NULL OR {a}.{order} >= $6::int8)", order = m.order_by));
         } else {
             filters.push("$6::int8 IS NULL".to_owned());
-        }
-        if let Some(holding) = self.earlier_row_holding_the_key(a) {
-            filters.push(format!("NOT EXISTS ({holding})"));
         }
         filters
     }
@@ -916,6 +1045,11 @@ impl Layout {
     }
 }
 
+/// `text` as a SQL string literal.
+fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 /// `o.column::text`, or a typed NULL for a column the table does not have.
 fn text_or_null(column: &Option<Identifier>) -> String {
     match column {
@@ -931,11 +1065,15 @@ pub const AUDIT_TOPIC_COLUMN: usize = 5;
 pub const TABLE_COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
      FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
 
-/// The increment and cache size of the sequence that feeds column `$2` (its name as stored) of
-/// table `$1` (quoted name), identity or serial; no row when no sequence belongs to the column.
-/// Needs no privilege on the sequence.
-pub const ORDER_SEQUENCE_SQL: &str = "SELECT s.seqincrement, s.seqcache FROM pg_sequence AS s \
-     WHERE s.seqrelid = pg_get_serial_sequence($1, $2)::regclass";
+/// What [`OrderColumn`] needs to know of column `$2` (its name as stored) of table `$1` (quoted
+/// name): `NOT NULL`, a unique index of its own, and the sequence feeding it (identity or
+/// serial: name, increment, cache, cycle; NULLs without one). Needs no privilege on the sequence.
+pub const ORDER_COLUMN_SQL: &str = "SELECT a.attnotnull, EXISTS (SELECT 1 FROM pg_index AS i \
+       WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indpred IS NULL AND i.indnkeyatts = 1 \
+         AND i.indkey[0] = a.attnum), \
+     s.seqrelid::regclass::text, s.seqincrement, s.seqcache, s.seqcycle \
+     FROM pg_attribute AS a LEFT JOIN pg_sequence AS s ON s.seqrelid = pg_get_serial_sequence($1, $2)::regclass \
+     WHERE a.attrelid = to_regclass($1) AND a.attname = $2 AND NOT a.attisdropped";
 
 /// Which of the privileges `$2` (names) on columns `$3` (names, `''` for the table) the current
 /// role lacks on table `$1` (quoted name): their positions in the lists, from 1; and the role.
@@ -1065,10 +1203,49 @@ mod tests {
         assert_eq!(layout.payload, PayloadKind::Json);
         let sql = layout.claim_sql();
         assert!(sql.contains("ORDER BY o.\"id\" LIMIT $1"), "a window of the next rows in id order: {sql}");
-        assert!(sql.contains("o.\"published_at\" IS NULL AND o.\"failed_at\" IS NULL"), "{sql}");
+        assert!(sql.contains("o.\"published_at\" IS NULL") && sql.contains("o.\"failed_at\" IS NULL"), "{sql}");
+        assert!(
+            sql.contains("(NOT b.r_ready OR b.r_retrying)"),
+            "a row being retried goes out alone for its key: {sql}"
+        );
         assert!(sql.contains("o.\"xact_id\" < pg_snapshot_xmin(pg_current_snapshot())"), "{sql}");
         assert!(sql.contains("% 16) = ANY($2::int4[])"), "only this relay's shards: {sql}");
         assert!(layout.mark_published_sql().contains("::bigint[]"));
+    }
+
+    fn identity(cache: i64) -> OrderColumn {
+        OrderColumn {
+            not_null: true,
+            unique: true,
+            sequence: Some(OrderSequence { name: "outbox_id_seq".into(), increment: 1, cache, cycles: false }),
+        }
+    }
+
+    /// The standard layout with the order column of type `ty`.
+    fn ordered_by(ty: &str) -> Layout {
+        let mut columns = standard_layout_columns();
+        columns.iter_mut().filter(|c| c.0 == "id").for_each(|c| c.1 = ty.to_owned());
+        Mapping::from_config(&Config::default()).unwrap().resolve(&columns).unwrap()
+    }
+
+    #[test]
+    fn per_key_order_needs_an_integer_order_column_that_is_never_null_and_never_ties() {
+        let layout = standard_layout();
+        assert!(layout.check_per_key_order(&identity(1)).is_ok(), "the standard identity column");
+        let refused = |layout: &Layout, column: OrderColumn| layout.check_per_key_order(&column).unwrap_err().problem;
+
+        for ty in ["uuid", "timestamp with time zone", "text"] {
+            let problem = refused(&ordered_by(ty), identity(1));
+            assert!(problem.contains("GENERATED ALWAYS AS IDENTITY"), "{ty}: names the fix: {problem}");
+            assert!(problem.contains("outbox.per_key_order = false"), "{ty}: names the opt-out: {problem}");
+        }
+        let cached = refused(&layout, identity(50));
+        assert!(cached.contains("CACHE 50") && cached.contains("SET CACHE 1"), "{cached}");
+        let problem = refused(&layout, OrderColumn { not_null: false, ..identity(1) });
+        assert!(problem.contains("SET NOT NULL"), "{problem}");
+        let app_assigned = OrderColumn { not_null: true, unique: false, sequence: None };
+        assert!(refused(&layout, app_assigned.clone()).contains("CREATE UNIQUE INDEX"));
+        assert!(layout.check_per_key_order(&OrderColumn { unique: true, ..app_assigned }).is_ok(), "unique values");
     }
 
     #[test]

@@ -55,7 +55,7 @@ async fn claims_start_past_published_rows_but_never_past_a_transaction_still_ope
     let outbox = Outbox::connect(&config, &mapping).await.unwrap();
     assert!(outbox.ids_grow_with_time(), "the standard table's identity hands out ids in order");
     let shards = all_shards(&config);
-    let mut floor = ClaimFloor::new(NO_FULL_SCANS);
+    let mut floor = ClaimFloor::new(NO_FULL_SCANS, outbox.ids_grow_with_time());
 
     insert_backlog(&db, "t", 0..1000, 10).await;
     assert_eq!(claim_and_mark_all(&outbox, &mut floor, &shards).await.len(), 1000);
@@ -140,5 +140,134 @@ async fn a_row_set_back_to_unpublished_is_found_by_the_next_full_scan() {
     db.execute("UPDATE outbox SET published_at = NULL WHERE id = $1", &[&first]).await.unwrap();
     wait_until(PATIENCE, "the row to be published again", || async { published_at_is_set(&db, first).await }).await;
     assert_eq!(relay.metrics.published.with_label_values(&[&topic]).get(), 3001);
+    relay.stop().await.unwrap();
+}
+
+/// The `n` of each record of `key` on the topic, in the order the topic holds them (first
+/// copies only).
+fn key_sequence(records: &[Received], key: &str) -> Vec<i64> {
+    let mut seen = std::collections::HashSet::new();
+    records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(key) && seen.insert(r.event_id()))
+        .filter_map(|r| r.payload_text())
+        .map(|p| serde_json::from_str::<serde_json::Value>(&p).unwrap()["n"].as_i64().unwrap())
+        .collect()
+}
+
+/// A failed row parks key K while the other keys' rows lift the claim floor far above it; the
+/// operator fixes it and runs `retry --key K` while writers go on inserting rows of K. Whether
+/// or not the relay hears the retry's notification, and with no full scan to find it, the
+/// retried row goes out before every later row of K.
+async fn retry_of_a_parked_key_keeps_its_order(listen: bool) {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let db = env.client().await;
+    let mut bad = NewEvent::keyed(&topic, "K", 0);
+    bad.headers = Some(r#"{"a": 1}"#.into());
+    let failed = insert_events(&db, &[bad]).await[0];
+    let mut config = env.poison_config(1);
+    config.relay.batch_size = 50;
+    config.relay.listen = listen;
+    config.relay.full_scan_interval = NO_FULL_SCANS;
+    let relay = env.spawn_relay(config.clone());
+    wait_until(PATIENCE, "the bad row to be given up on", || async {
+        db.query_one("SELECT failed_at IS NOT NULL FROM outbox WHERE id = $1", &[&failed]).await.unwrap().get(0)
+    })
+    .await;
+
+    // Rounds of other keys, and rows of K that wait behind the failed one.
+    let mut n = 1;
+    for _round in 0..6 {
+        let mut events: Vec<NewEvent> = (0..200).map(|i| NewEvent::keyed(&topic, &format!("o{}", i % 20), i)).collect();
+        events.push(NewEvent::keyed(&topic, "K", n));
+        n += 1;
+        insert_events(&db, &events).await;
+        let waiting = n as i64; // K's rows, the failed one included
+        wait_until(PATIENCE, "the other keys to be published", || async { unpublished_count(&db).await == waiting })
+            .await;
+    }
+
+    db.execute("UPDATE outbox SET headers = '{\"a\": \"1\"}' WHERE id = $1", &[&failed]).await.unwrap();
+    let path = write_config(&env, &config);
+    let (code, stdout, stderr) =
+        run_command(&["--config", path.to_str().unwrap(), "retry", "--key", "K"], &[("RUST_LOG", "off")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("re-queued 1 failed rows"), "{stdout}");
+    // Writers go on: rows of K right after the retry, while the relay may not have looked yet.
+    for _ in 0..5 {
+        insert_events(&db, &[NewEvent::keyed(&topic, "K", n), NewEvent::keyed(&topic, "o1", n)]).await;
+        n += 1;
+    }
+    wait_until(PATIENCE, "every row of K to be published", || async { unpublished_count(&db).await == 0 }).await;
+    relay.stop().await.unwrap();
+
+    let records = read_topic(&env.brokers, &topic).await;
+    assert_eq!(key_sequence(&records, "K"), (0..n as i64).collect::<Vec<_>>(), "K in the order it was written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_row_goes_out_before_later_rows_of_its_key_with_notify_off() {
+    retry_of_a_parked_key_keeps_its_order(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_row_goes_out_before_later_rows_of_its_key_with_notify_on() {
+    retry_of_a_parked_key_keeps_its_order(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_being_retried_is_claimed_without_the_later_rows_of_its_key() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    let config = env.config();
+    let shards = all_shards(&config);
+    let outbox = Outbox::connect(&config, &Mapping::from_config(&config).unwrap()).await.unwrap();
+    let ids =
+        insert_events(&db, &[NewEvent::keyed("t", "K", 1), NewEvent::keyed("t", "K", 2), NewEvent::keyed("t", "L", 1)])
+            .await;
+    // K's first row failed once at the broker and its backoff is over: it is due again.
+    db.execute("UPDATE outbox SET attempts = 1, last_error = 'rejected by the broker' WHERE id = $1", &[&ids[0]])
+        .await
+        .unwrap();
+    let claim = outbox.claim(100, &shards, &[], None).await.unwrap();
+    let claimed: Vec<i64> = claim.rows.into_iter().map(|r| r.unwrap().id.parse().unwrap()).collect();
+    assert_eq!(claimed, [ids[0], ids[2]], "if K's first row fails again, its second must not have gone out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_given_a_cache_while_the_relay_runs_stops_the_floor_at_the_next_claim() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let db = env.client().await;
+    let mut config = env.config();
+    config.relay.batch_size = 50;
+    config.relay.listen = false;
+    config.relay.full_scan_interval = NO_FULL_SCANS;
+    let relay = env.spawn_relay(config);
+    insert_backlog(&db, &topic, 0..500, 20).await;
+    wait_until(PATIENCE, "the backlog to be published", || async { unpublished_count(&db).await == 0 }).await;
+
+    db.batch_execute("ALTER TABLE outbox ALTER COLUMN id SET CACHE 50").await.unwrap();
+    // Each session now takes a block of 50 ids: `early` holds the lower block.
+    let early = env.client().await;
+    let late = env.client().await;
+    let first_early = insert_events(&early, &[NewEvent::keyed(&topic, "K", 1)]).await[0];
+    for round in 0..6 {
+        let events: Vec<NewEvent> = (0..5).map(|i| NewEvent::keyed(&topic, "L", round * 5 + i)).collect();
+        insert_events(&late, &events).await;
+        wait_until(PATIENCE, "the later block's rows to be published", || async { unpublished_count(&db).await == 0 })
+            .await;
+    }
+    // A row from the earlier block, below everything the later block published.
+    let cached_low = insert_events(&early, &[NewEvent::keyed(&topic, "K", 2)]).await[0];
+    assert_eq!(cached_low, first_early + 1);
+    wait_until(PATIENCE, "the row with the cached lower id to be published", || async {
+        published_at_is_set(&db, cached_low).await
+    })
+    .await;
     relay.stop().await.unwrap();
 }

@@ -19,7 +19,9 @@ async fn a_debezium_style_table_is_relayed_with_a_topic_template_and_deleted_on_
             aggregateid   varchar(255) NOT NULL,
             type          varchar(255) NOT NULL,
             payload       jsonb
-        )",
+        );
+        -- The README's recipe: a column that keeps each aggregate's events in insertion order.
+        ALTER TABLE outboxevent ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY UNIQUE;",
     )
     .await
     .unwrap();
@@ -49,6 +51,7 @@ async fn a_debezium_style_table_is_relayed_with_a_topic_template_and_deleted_on_
     config.outbox.mark = MarkMode::Delete;
     let columns = &mut config.outbox.columns;
     columns.id = "id".into();
+    columns.order_by = Some("seq".into());
     columns.event_id = "id".into();
     columns.key = Some("aggregateid".into());
     columns.topic = None;
@@ -171,4 +174,66 @@ async fn a_payload_column_of_an_unsupported_type_is_refused_by_name() {
     assert!(err.is_config_problem());
     let message = err.to_string();
     assert!(message.contains("outbox.columns.payload") && message.contains("type integer"), "{message}");
+}
+
+/// Runs `outbox-relay run` on `config` and returns its exit code and standard error.
+fn run_binary(env: &TestEnv, config: &outbox_relay::Config) -> (i32, String) {
+    let path = write_config(env, config);
+    let (code, _, stderr) = run_command(&["--config", path.to_str().unwrap(), "run"], &[("RUST_LOG", "off")]);
+    (code, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_column_that_cannot_keep_a_keys_insertion_order_is_refused_naming_the_fix() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE outboxevent (id uuid NOT NULL PRIMARY KEY, aggregatetype text NOT NULL, \
+           aggregateid text NOT NULL, payload jsonb, created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .unwrap();
+    let mut debezium = env.owner_config();
+    debezium.outbox.table = "outboxevent".into();
+    debezium.outbox.topic_template = Some("outbox.event.{aggregatetype}".into());
+    debezium.outbox.mark = MarkMode::Delete;
+    let columns = &mut debezium.outbox.columns;
+    columns.id = "id".into();
+    columns.event_id = "id".into();
+    columns.key = Some("aggregateid".into());
+    columns.topic = None;
+    columns.headers = None;
+    columns.published_at = None;
+    columns.attempts = None;
+    columns.last_error = None;
+    columns.xact_id = None;
+    columns.last_attempt_at = None;
+    columns.failed_at = None;
+
+    // Random or time-ordered uuids, and timestamps that tie.
+    let (code, stderr) = run_binary(&env, &debezium);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("outbox.columns.order_by") && stderr.contains("is uuid"), "{stderr}");
+    assert!(stderr.contains("ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY"), "the fix: {stderr}");
+    assert!(stderr.contains("outbox.per_key_order = false"), "the opt-out: {stderr}");
+    debezium.outbox.columns.order_by = Some("created_at".into());
+    let (code, stderr) = run_binary(&env, &debezium);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("timestamp with time zone"), "{stderr}");
+
+    // The standard table, once its identity hands out ids in blocks.
+    db.batch_execute("ALTER TABLE outbox ALTER COLUMN id SET CACHE 50").await.unwrap();
+    let (code, stderr) = run_binary(&env, &env.config());
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("CACHE 50") && stderr.contains("SET CACHE 1"), "{stderr}");
+
+    // An operator who needs no per-key order says so, and the table is relayed as it is.
+    let topic = unique_name("order");
+    create_topic(&env.brokers, &format!("outbox.event.{topic}"), 1).await;
+    db.execute("INSERT INTO outboxevent VALUES (gen_random_uuid(), $1, 'o-1', '{}')", &[&topic]).await.unwrap();
+    debezium.outbox.per_key_order = false;
+    let relay = env.spawn_relay(debezium);
+    consume(&env.brokers, &format!("outbox.event.{topic}"), 1).await;
+    relay.stop().await.expect("clean stop");
 }

@@ -205,3 +205,62 @@ async fn a_batch_claimed_ahead_is_dropped_when_a_row_in_flight_fails() {
     assert_eq!(published, ["A:1"], "nothing of A after its failed row, though A:4 and A:5 were claimed ahead");
     relay.stop().await.expect("clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_relay_rejects_holds_back_its_key_in_its_batch_and_on_every_retry() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let db = env.client().await;
+    // One batch: K's second row can never become a record (a header value that is a number).
+    let mut bad = NewEvent::keyed(&topic, "K", 2);
+    bad.headers = Some(r#"{"a": 1}"#.into());
+    let ids = insert_events(
+        &db,
+        &[
+            NewEvent::keyed(&topic, "K", 1),
+            bad,
+            NewEvent::keyed(&topic, "K", 3),
+            NewEvent::keyed(&topic, "L", 1),
+            NewEvent::keyed(&topic, "K", 4),
+        ],
+    )
+    .await;
+    let bad_id = ids[1];
+
+    let mut config = env.poison_config(4);
+    config.relay.retry_backoff_initial = std::time::Duration::from_millis(300);
+    config.relay.retry_backoff_max = std::time::Duration::from_millis(300);
+    let relay = env.spawn_relay(config.clone());
+    // While the bad row waits out its backoff, another row of K arrives: it must not go out
+    // with the bad row's next attempt.
+    wait_until(PATIENCE, "the bad row's first failed attempt", || async {
+        db.query_one("SELECT attempts >= 1 FROM outbox WHERE id = $1", &[&bad_id]).await.unwrap().get(0)
+    })
+    .await;
+    insert_events(&db, &[NewEvent::keyed(&topic, "K", 5)]).await;
+    wait_until(PATIENCE, "the bad row to be given up on", || async { failed_count(&db).await == 1 }).await;
+    wait_until(PATIENCE, "the rows before it and of other keys to flow", || async {
+        published_keys(&db).await == ["K:1", "L:1"]
+    })
+    .await;
+
+    let (_, text, _) = command(&env, &config, &["status"]);
+    assert!(text.contains(&format!("key K behind failed row {bad_id}: 3 rows waiting")), "{text}");
+
+    // The operator fixes the row and re-queues the key: K arrives whole and in order.
+    db.execute("UPDATE outbox SET headers = '{\"a\": \"1\"}' WHERE id = $1", &[&bad_id]).await.unwrap();
+    let (code, _, stderr) = command(&env, &config, &["retry", "--key", "K"]);
+    assert_eq!(code, 0, "{stderr}");
+    wait_until(PATIENCE, "key K to flow after the retry", || async { unpublished_count(&db).await == 0 }).await;
+    relay.stop().await.expect("clean stop");
+    let order: Vec<String> = read_topic(&env.brokers, &topic)
+        .await
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("K"))
+        .filter_map(|r| r.payload_text())
+        .collect();
+    let ns: Vec<i64> =
+        order.iter().map(|p| serde_json::from_str::<serde_json::Value>(p).unwrap()["n"].as_i64().unwrap()).collect();
+    assert_eq!(ns, [1, 2, 3, 4, 5], "each row of K once, in the order written");
+}
