@@ -8,15 +8,15 @@
 //! ```text
 //! cargo run --example balance_consumer -- DATABASE_URL BROKERS TOPIC [GROUP] [--stop-at-end]
 //! ```
-//! `--stop-at-end` exits once every assigned partition has been read to its end.
+//! `--stop-at-end` exits once every partition assigned to it has been read to its end. Several
+//! instances may run at once in one group; each applies the events of its own partitions.
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use tokio_postgres::{NoTls, Transaction};
 
-use outbox_relay::inbox::{Event, Handled, INBOX_SQL, Inbox, InboxError};
+use outbox_relay::inbox::{Event, Handled, Inbox, InboxError};
 
 #[derive(serde::Deserialize)]
 struct Deposit {
@@ -49,28 +49,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (mut db, connection) = tokio_postgres::connect(database_url, NoTls).await?;
     tokio::spawn(connection);
-    db.batch_execute(INBOX_SQL).await?;
-    db.batch_execute("CREATE TABLE IF NOT EXISTS accounts (account text PRIMARY KEY, balance bigint NOT NULL)").await?;
+    // Several instances may start at once; create_table lets them take turns.
+    Inbox::create_table(&mut db).await?;
+    let tx = db.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('balance-consumer-ddl'))", &[]).await?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS accounts (account text PRIMARY KEY, balance bigint NOT NULL)").await?;
+    tx.commit().await?;
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers.as_str())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "true")
-        .create()?;
+    // What the inbox needs (offsets committed only after their effect), plus end-of-partition
+    // events for --stop-at-end.
+    let mut config = outbox_relay::inbox::consumer_config(brokers, group);
+    config.set("enable.partition.eof", "true");
+    outbox_relay::inbox::check_consumer_config(&config)?;
+    let consumer: StreamConsumer = config.create()?;
     consumer.subscribe(&[topic.as_str()])?;
     let inbox = Inbox::new(group);
 
     let (mut applied, mut duplicates) = (0u64, 0u64);
+    // Partitions read to their end since their last message. A rebalance can take some away
+    // and hand over others, so the end is reached only when every partition assigned now is here.
     let mut ended = std::collections::HashSet::new();
     loop {
         let message = match consumer.recv().await {
             Ok(message) => message,
             Err(KafkaError::PartitionEOF(partition)) => {
                 ended.insert(partition);
-                let assigned = consumer.assignment()?.count();
-                if stop_at_end && assigned > 0 && ended.len() >= assigned {
+                let assigned: Vec<i32> = consumer.assignment()?.elements().iter().map(|p| p.partition()).collect();
+                if stop_at_end && !assigned.is_empty() && assigned.iter().all(|p| ended.contains(p)) {
                     break;
                 }
                 continue;

@@ -7,9 +7,18 @@
 //! after that the message's Kafka offset. A duplicate from the relay, or a message redelivered
 //! because the consumer died before its offset commit, finds its id recorded and is skipped,
 //! so a non-idempotent effect (adding to a balance) is applied exactly once.
+//!
+//! That holds only if the consumer commits offsets itself: with librdkafka's default
+//! `enable.auto.commit = true` an offset can be committed before its effect, and a crash then
+//! skips the event. [`consumer_config`] gives the settings the inbox needs, and
+//! [`check_consumer_config`] refuses a configuration without them. When handling fails, the
+//! inbox seeks the consumer back to the message, so the next `recv` delivers it again rather
+//! than the message after it (whose offset commit would otherwise skip this one).
 
 use std::time::Duration;
 
+use rdkafka::Offset;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -24,6 +33,39 @@ pub const INBOX_SQL: &str = include_str!("../sql/inbox.sql");
 
 /// Rows deleted per statement when pruning, so that no statement holds locks for long.
 const PRUNE_BATCH: i64 = 10_000;
+
+/// How long seeking back to a message that could not be handled may take.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Consumer settings the inbox relies on, with the reason for each.
+const REQUIRED_CONSUMER_SETTINGS: &[(&str, &str, &str)] = &[(
+    "enable.auto.commit",
+    "false",
+    "the inbox commits each offset after its effect; an automatic commit can move past an event \
+     whose effect was never committed, and a crash then skips it",
+)];
+
+/// A consumer configuration with what the inbox needs: offsets committed only by
+/// [`Inbox::handle`], reading from the start of partitions the group has no offset for.
+pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers).set("group.id", group).set("auto.offset.reset", "earliest");
+    for (name, value, _) in REQUIRED_CONSUMER_SETTINGS {
+        config.set(*name, *value);
+    }
+    config
+}
+
+/// Refuses a consumer configuration the inbox cannot keep its promise with (librdkafka's
+/// default is to commit offsets automatically, which must be turned off).
+pub fn check_consumer_config(config: &ClientConfig) -> Result<(), InboxError> {
+    for (name, value, why) in REQUIRED_CONSUMER_SETTINGS {
+        if config.get(name) != Some(value) {
+            return Err(InboxError::ConsumerConfig(format!("set {name} = {value}: {why}")));
+        }
+    }
+    Ok(())
+}
 
 /// Why a message could not be handled. In every case its offset is not committed, so the
 /// message is delivered again.
@@ -54,6 +96,24 @@ pub enum InboxError {
         event_id: String,
         /// The handler's error.
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The consumer is configured in a way the inbox cannot work with.
+    #[error("inbox: consumer configuration: {0}")]
+    ConsumerConfig(String),
+    /// Handling failed and seeking back to the message failed too: the consumer would go on
+    /// past it, so it must be stopped (or re-subscribed) to get the message again.
+    #[error("{failure}; seeking back to {topic}[{partition}]@{offset} failed too ({source}): restart the consumer")]
+    SeekBack {
+        /// Why handling failed.
+        failure: Box<InboxError>,
+        /// Its topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+        /// librdkafka's error.
+        source: KafkaError,
     },
     /// The database commit succeeded but the offset commit failed: the message will be
     /// delivered again and then skipped as a duplicate.
@@ -153,9 +213,11 @@ impl Inbox {
                 "INSERT INTO {table} (consumer, event_id, topic, kafka_partition, kafka_offset) \
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, event_id) DO NOTHING"
             ),
+            // By the primary key: a ctid is unique only within one partition, and an inbox
+            // partitioned by consumer or by event id would lose other rows' entries.
             prune_sql: format!(
-                "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} \
-                 WHERE consumer = $1 AND processed_at < now() - $2::float8 * interval '1 second' LIMIT $3))"
+                "DELETE FROM {table} WHERE consumer = $1 AND event_id IN (SELECT event_id FROM {table} \
+                 WHERE consumer = $1 AND processed_at < now() - $2::float8 * interval '1 second' LIMIT $3)"
             ),
             consumer: consumer.to_owned(),
         })
@@ -175,9 +237,23 @@ impl Inbox {
         Ok(inserted == 1)
     }
 
+    /// Creates the inbox table (`sql/inbox.sql`) if it does not exist. Several consumers may
+    /// start at once: PostgreSQL's `CREATE TABLE IF NOT EXISTS` is not safe against a
+    /// concurrent creation of the same table, so creators take turns under an advisory lock.
+    pub async fn create_table(client: &mut Client) -> Result<(), InboxError> {
+        let tx = client.transaction().await.map_err(database("begin"))?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext('outbox-relay-inbox-ddl'))", &[])
+            .await
+            .map_err(database("lock the inbox's creation"))?;
+        tx.batch_execute(INBOX_SQL).await.map_err(database("create the inbox table"))?;
+        tx.commit().await.map_err(database("commit"))
+    }
+
     /// Applies `message` once: records its event id and runs `handler` in one transaction
     /// (skipping the handler for an id recorded before), commits, then commits the message's
-    /// offset. On any error nothing is committed and the message will be delivered again.
+    /// offset. On an error of the database or the handler nothing is committed and the
+    /// consumer is sought back to the message, so its next `recv` delivers it again. The
+    /// consumer must not commit offsets by itself ([`check_consumer_config`]).
     pub async fn handle<C, X, H, E>(
         &self,
         client: &mut Client,
@@ -192,16 +268,10 @@ impl Inbox {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let event = Event::from_message(message)?;
-        let tx = client.transaction().await.map_err(database("begin"))?;
-        let handled = if self.record(&tx, &event).await? {
-            handler(&tx, &event)
-                .await
-                .map_err(|e| InboxError::Handler { event_id: event.event_id.clone(), source: e.into() })?;
-            Handled::Applied
-        } else {
-            Handled::Duplicate
+        let handled = match self.apply(client, &event, handler).await {
+            Ok(handled) => handled,
+            Err(failure) => return Err(seek_back(consumer, message, failure)),
         };
-        tx.commit().await.map_err(database("commit"))?;
         // Only now, with the effect durable, may the offset move past the message.
         consumer.commit_message(message, CommitMode::Async).map_err(|source| InboxError::OffsetCommit {
             topic: message.topic().to_owned(),
@@ -209,6 +279,25 @@ impl Inbox {
             offset: message.offset(),
             source,
         })?;
+        Ok(handled)
+    }
+
+    /// Records `event` and runs `handler` for a new one, in one committed transaction.
+    async fn apply<H, E>(&self, client: &mut Client, event: &Event<'_>, handler: H) -> Result<Handled, InboxError>
+    where
+        H: AsyncFnOnce(&Transaction<'_>, &Event<'_>) -> Result<(), E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tx = client.transaction().await.map_err(database("begin"))?;
+        let handled = if self.record(&tx, event).await? {
+            handler(&tx, event)
+                .await
+                .map_err(|e| InboxError::Handler { event_id: event.event_id.clone(), source: e.into() })?;
+            Handled::Applied
+        } else {
+            Handled::Duplicate
+        };
+        tx.commit().await.map_err(database("commit"))?;
         Ok(handled)
     }
 
@@ -228,5 +317,37 @@ impl Inbox {
                 return Ok(deleted);
             }
         }
+    }
+}
+
+/// Points `consumer` back at `message` after `failure`, so the message is delivered again;
+/// returns the error to report.
+fn seek_back<C, X>(consumer: &C, message: &BorrowedMessage<'_>, failure: InboxError) -> InboxError
+where
+    C: Consumer<X>,
+    X: ConsumerContext,
+{
+    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+    match consumer.seek(topic, partition, Offset::Offset(offset), SEEK_TIMEOUT) {
+        Ok(()) => failure,
+        Err(source) => {
+            InboxError::SeekBack { failure: Box::new(failure), topic: topic.to_owned(), partition, offset, source }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inbox_refuses_a_consumer_that_commits_offsets_by_itself() {
+        assert!(check_consumer_config(&consumer_config("localhost:9092", "g")).is_ok());
+        let mut defaults = ClientConfig::new();
+        defaults.set("bootstrap.servers", "localhost:9092").set("group.id", "g");
+        let refused = check_consumer_config(&defaults).unwrap_err().to_string();
+        assert!(refused.contains("enable.auto.commit = false"), "librdkafka's default commits by itself: {refused}");
+        defaults.set("enable.auto.commit", "true");
+        assert!(check_consumer_config(&defaults).is_err());
     }
 }
