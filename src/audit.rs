@@ -115,8 +115,11 @@ pub struct AuditReport {
     pub duplicated: Finding,
     /// Copies beyond the first, over all duplicated event ids.
     pub extra_copies: u64,
-    /// Duplicated event ids whose copies differ in key, value, headers or partition.
+    /// Duplicated event ids whose copies differ in key, value or headers.
     pub conflicting: Finding,
+    /// Duplicated event ids with identical copies on different partitions: a repeat after the
+    /// topic's partition count changed moved to the partition its key hashes to now.
+    pub moved: Finding,
     /// Unpublished rows that have not failed yet.
     pub pending: Finding,
     /// Unpublished rows with failed attempts, with their last error.
@@ -202,6 +205,11 @@ impl AuditReport {
             ids(&self.conflicting)
         ));
         out.push_str(&format!(
+            "  moved      {} duplicated event ids with equal copies on another partition (partitions added){}\n",
+            self.moved.count,
+            ids(&self.moved)
+        ));
+        out.push_str(&format!(
             "  pending    {} rows ({} already on the topic, to be marked){}\n",
             self.pending.count,
             self.pending_on_topic,
@@ -216,8 +224,13 @@ impl AuditReport {
 /// What the topic says about one event id.
 struct Seen {
     copies: u64,
+    /// Digest of the first copy's key, value and headers.
     first_identity: u64,
+    first_partition: i32,
+    /// A copy's bytes differ from the first's.
     conflicting: bool,
+    /// A copy sits on another partition than the first.
+    moved: bool,
 }
 
 /// Audits `topic` against the rows of `range`, listing up to `show` ids per finding.
@@ -253,7 +266,10 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
 
     let seen: HashMap<String, Seen> = rows
         .iter()
-        .map(|row| (row.event_id.clone(), Seen { copies: 0, first_identity: 0, conflicting: false }))
+        .map(|row| {
+            let unseen = Seen { copies: 0, first_identity: 0, first_partition: 0, conflicting: false, moved: false };
+            (row.event_id.clone(), unseen)
+        })
         .collect();
     // librdkafka's consumer API blocks; keep it off the async workers.
     let (reader_config, reader_topic) = (config.clone(), topic.to_owned());
@@ -280,7 +296,7 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
         ..AuditReport::default()
     };
     for row in &rows {
-        let on_topic = seen.get(&row.event_id).map(|s| (s.copies, s.conflicting)).unwrap_or((0, false));
+        let on_topic = seen.get(&row.event_id).map(|s| (s.copies, s.conflicting, s.moved)).unwrap_or((0, false, false));
         match (row.published, on_topic.0) {
             (true, 0) => report.lost.add(&row.id, show),
             (true, _) => report.published += 1,
@@ -302,6 +318,8 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
         }
         if on_topic.1 {
             report.conflicting.add(&row.event_id, show);
+        } else if on_topic.2 {
+            report.moved.add(&row.event_id, show);
         }
     }
     Ok(report)
@@ -371,8 +389,10 @@ fn read_topic(
                     let identity = identity_of(&message);
                     if entry.copies == 0 {
                         entry.first_identity = identity;
-                    } else if entry.first_identity != identity {
-                        entry.conflicting = true;
+                        entry.first_partition = message.partition();
+                    } else {
+                        entry.conflicting |= entry.first_identity != identity;
+                        entry.moved |= entry.first_partition != message.partition();
                     }
                     entry.copies += 1;
                 }
@@ -402,10 +422,11 @@ fn event_id_of<M: Message>(message: &M) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// A digest of what makes two copies of an event the same record.
+/// A digest of what makes two copies of an event the same record: its bytes. The partition is
+/// not part of it: after partitions are added to a topic, a key hashes to another partition,
+/// and a repeat lands there with the same bytes.
 fn identity_of<M: Message>(message: &M) -> u64 {
     let mut hasher = DefaultHasher::new();
-    message.partition().hash(&mut hasher);
     message.key().hash(&mut hasher);
     message.payload().hash(&mut hasher);
     if let Some(headers) = message.headers() {

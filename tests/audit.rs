@@ -152,3 +152,26 @@ async fn audit_of_a_missing_topic_or_a_bad_time_fails_clearly() {
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("--since \"yesterday-ish\"") && stderr.contains("timestamp"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_on_another_partition_after_partitions_were_added_is_a_duplicate_not_a_conflict() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let records = relayed(&env, &topic, 10).await;
+    // Partitions were added and then the relay repeated a record: murmur2 over the new count
+    // put its key on another partition, with the same bytes.
+    let original = records.values().next().unwrap();
+    let mut moved = original.clone();
+    moved.partition = 1 - original.partition;
+    produce_copy(&env.brokers, &topic, &moved, None).await;
+
+    let (code, report) = audit_json(&env, &["--topic", &topic]);
+    assert_eq!(code, 0, "nothing to repair: {report:#}");
+    assert_eq!(report["duplicated"]["count"], 1);
+    assert_eq!(report["conflicting"]["count"], 0, "{report:#}");
+    assert_eq!(report["moved"]["count"], 1);
+    assert_eq!(report["moved"]["first"][0], original.event_id());
+    let (_, stdout, _) = audit(&env, &["--topic", &topic]);
+    assert!(stdout.contains("moved      1 duplicated event ids with equal copies on another partition"), "{stdout}");
+}
