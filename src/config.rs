@@ -617,9 +617,14 @@ pub struct RelayConfig {
     /// How often a relay checks shard ownership: takes free shards, hands back extra ones.
     #[serde(with = "humantime_serde")]
     pub rebalance_interval: Duration,
-    /// LISTEN for the NOTIFY the outbox trigger sends at commit, so new rows go out without
-    /// waiting for the next poll.
+    /// LISTEN for NOTIFY on the `outbox_relay` channel: from `outbox-relay retry`, and from
+    /// the `outbox_relay_notify` trigger on tables that keep it.
     pub listen: bool,
+    /// How often an idle relay asks PostgreSQL whether the commit horizon moved (one trivial
+    /// query), so that new rows go out without waiting for the next poll and without a NOTIFY
+    /// in the writers' transactions. Zero turns it off.
+    #[serde(with = "humantime_serde")]
+    pub commit_watch_interval: Duration,
     /// How often a claim starts at the beginning of the table instead of at the claim floor,
     /// to pick up rows made claimable again out of band (an operator setting `published_at`
     /// back to NULL). Zero: every claim starts at the beginning.
@@ -657,6 +662,7 @@ impl Default for RelayConfig {
             shards: 16,
             rebalance_interval: Duration::from_secs(1),
             listen: true,
+            commit_watch_interval: Duration::from_millis(20),
             full_scan_interval: Duration::from_secs(10),
             holdback_warning: Duration::from_secs(30),
         }

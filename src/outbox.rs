@@ -136,8 +136,12 @@ pub struct PendingStats {
 /// The open transaction that holds the commit horizon back.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OldestTransaction {
-    /// Its backend's process id (for `pg_terminate_backend` if it must go).
-    pub pid: i32,
+    /// Its backend's process id (for `pg_terminate_backend` if it must go); `None` for a
+    /// prepared transaction, which no session holds.
+    pub pid: Option<i32>,
+    /// The global id of a prepared transaction (two-phase commit): it ends only with
+    /// `COMMIT PREPARED` or `ROLLBACK PREPARED`, typically from its transaction manager.
+    pub prepared: Option<String>,
     /// How long it has been open; when the relay's role may not see that (another role's
     /// session, without `pg_read_all_stats`), how long the oldest row it holds back has waited.
     pub seconds: f64,
@@ -508,7 +512,8 @@ impl Outbox {
 
     /// The open transaction that holds the commit horizon back, if any. `held_rows` are the
     /// stats of the same moment: their oldest held row's age stands in for the transaction's
-    /// age when PostgreSQL hides that from the relay's role. Its pid is never hidden.
+    /// age when PostgreSQL hides that from the relay's role. Its pid is never hidden; a
+    /// prepared transaction has none, and its gid instead.
     pub async fn oldest_transaction(&self, held_rows: &PendingStats) -> Result<Option<OldestTransaction>, OutboxError> {
         let row = self
             .client
@@ -517,6 +522,7 @@ impl Outbox {
             .map_err(OutboxError::query("oldest transaction"))?;
         Ok(row.map(|r| OldestTransaction {
             pid: r.get(0),
+            prepared: r.get(4),
             seconds: r.get::<_, Option<f64>>(1).or(held_rows.oldest_held_age_seconds).unwrap_or(0.0),
             state: r.get(2),
             query: r.get(3),
@@ -534,13 +540,13 @@ impl Outbox {
         let Some(sql) = self.layout.retry_sql() else { return Ok(0) };
         let ids: Option<Vec<String>> = ids.map(|ids| ids.to_vec());
         let requeued = self.client.execute(&sql, &[&ids, &key]).await.map_err(OutboxError::query("retry"))?;
-        // The re-queued rows may lie below a running relay's claim floor: ask it to look from the
-        // beginning now rather than at its next full scan (relay.full_scan_interval).
+        // The claim floor never passes an unpublished row, so running relays find the re-queued
+        // rows at their next claim; the notification wakes idle ones at once.
         let notify = "SELECT pg_notify($1, $2)";
         if let Err(e) = self.client.execute(notify, &[&crate::wakeup::CHANNEL, &crate::wakeup::RESCAN_PAYLOAD]).await {
-            tracing::warn!(
+            tracing::debug!(
                 error = %describe_pg_error(&e),
-                "rows re-queued, but running relays were not told; they pick them up within relay.full_scan_interval"
+                "rows re-queued, but idle relays were not woken; they find them at their next poll"
             );
         }
         Ok(requeued)

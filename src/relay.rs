@@ -32,7 +32,7 @@ use crate::record::{OutboxRow, Record, RowKey, UnreadableRow};
 use crate::shards::Shards;
 use crate::shutdown::Shutdown;
 use crate::table::Mapping;
-use crate::wakeup::Wakeup;
+use crate::wakeup::{CommitSignal, Wakeup};
 
 /// After this many consecutive batches of which the broker took nothing, the relay starts a
 /// new producer session (new producer id, metadata and connections).
@@ -213,11 +213,8 @@ impl Relay {
             self.metrics.clone(),
             self.shutdown.clone(),
         ));
-        let wakeup = if self.config.relay.listen {
-            Wakeup::listen(&self.config, self.shutdown.clone())
-        } else {
-            Wakeup::disabled()
-        };
+        let signal = if self.mapping.xact_id.is_some() { CommitSignal::Horizon } else { CommitSignal::AnyCommit };
+        let wakeup = Wakeup::start(&self.config, signal, self.shutdown.clone());
         info!(table = %self.mapping.table_name(), brokers = %self.config.kafka.brokers, "relay starting");
 
         let relay = &self.config.relay;

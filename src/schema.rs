@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_time_ordered_event_ids",
         sql: include_str!("../sql/migrations/0003_time_ordered_event_ids.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_wakeups_without_notify",
+        sql: include_str!("../sql/migrations/0004_wakeups_without_notify.sql"),
+    },
 ];
 
 const LOCK_KEY: &str = "outbox-relay:migrate";

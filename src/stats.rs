@@ -61,15 +61,24 @@ async fn refresh(
         && last_warning.is_none_or(|at| at.elapsed() >= HOLDBACK_WARNING_REPEAT)
     {
         *last_warning = Some(Instant::now());
-        warn!(
-            blocking_pid = blocking.pid,
-            open_for_seconds = blocking.seconds.round(),
-            state = %blocking.state,
-            query = %blocking.query,
-            held_rows = stats.held_rows,
-            "an open transaction is holding rows back: they wait until it ends \
-             (commit or roll it back; pg_terminate_backend(pid) if it is stuck)"
-        );
+        match (&blocking.prepared, blocking.pid) {
+            (Some(gid), _) => warn!(
+                prepared_transaction = %gid,
+                prepared_for_seconds = blocking.seconds.round(),
+                held_rows = stats.held_rows,
+                "a prepared transaction (two-phase commit) is holding rows back: they wait until its transaction \
+                 manager commits or rolls it back (COMMIT PREPARED / ROLLBACK PREPARED with its gid if it is stuck)"
+            ),
+            (None, pid) => warn!(
+                blocking_pid = pid.unwrap_or_default(),
+                open_for_seconds = blocking.seconds.round(),
+                state = %blocking.state,
+                query = %blocking.query,
+                held_rows = stats.held_rows,
+                "an open transaction is holding rows back: they wait until it ends \
+                 (commit or roll it back; pg_terminate_backend(pid) if it is stuck)"
+            ),
+        }
     }
     Ok(())
 }

@@ -73,9 +73,18 @@ impl StatusReport {
             ));
         }
         match &self.holding_transaction {
+            Some(OldestTransaction { prepared: Some(gid), seconds, .. }) => out.push_str(&format!(
+                "  held back  {} rows, by prepared transaction '{gid}' (prepared {seconds:.0}s ago; \
+                 COMMIT PREPARED or ROLLBACK PREPARED ends it)\n",
+                self.held_rows
+            )),
             Some(t) => out.push_str(&format!(
                 "  held back  {} rows, by backend pid {} ({}, open {:.0}s): {}\n",
-                self.held_rows, t.pid, t.state, t.seconds, t.query
+                self.held_rows,
+                t.pid.unwrap_or_default(),
+                t.state,
+                t.seconds,
+                t.query
             )),
             None => out.push_str(&format!("  held back  {} rows\n", self.held_rows)),
         }

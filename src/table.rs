@@ -1099,11 +1099,18 @@ pub const OWNERSHIP_SQL: &str = "SELECT CASE WHEN l.classid = (hashtext('outbox-
        (hashtext('outbox-relay-member:' || $1) & 2147483647)::oid, (hashtext('outbox-relay-shard:' || $1) & 2147483647)::oid) \
      ORDER BY 1, 2";
 
-/// The oldest transaction that holds an xid: the one that holds the commit horizon back.
-/// Returns pid, seconds since it began, state, and the start of its current query.
-pub const OLDEST_TRANSACTION_SQL: &str = "SELECT pid, extract(epoch FROM now() - xact_start)::float8, \
-     coalesce(state, ''), left(coalesce(query, ''), 200) FROM pg_stat_activity \
-     WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() ORDER BY age(backend_xid) DESC LIMIT 1";
+/// The oldest transaction that holds an xid, the one that holds the commit horizon back: a
+/// session's, or a prepared transaction's (two-phase commit), which has no session. Returns
+/// pid (NULL for a prepared transaction), seconds since it began (since it was prepared),
+/// state, the start of its current query, and a prepared transaction's gid.
+pub const OLDEST_TRANSACTION_SQL: &str = "SELECT pid, seconds, state, query, gid FROM ( \
+       SELECT pid, extract(epoch FROM now() - xact_start)::float8 AS seconds, coalesce(state, '') AS state, \
+              left(coalesce(query, ''), 200) AS query, NULL::text AS gid, age(backend_xid) AS age \
+       FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
+       UNION ALL \
+       SELECT NULL::int4, extract(epoch FROM now() - prepared)::float8, 'prepared', '', gid, age(transaction) \
+       FROM pg_prepared_xacts) AS t \
+     ORDER BY age DESC LIMIT 1";
 
 #[cfg(test)]
 mod tests {

@@ -1,12 +1,21 @@
-//! Wake-ups: the outbox trigger sends a NOTIFY when rows commit, and the relay, idle between
-//! polls, goes back to claiming at once instead of waiting out the poll interval.
+//! Wake-ups: an idle relay, between polls, goes back to claiming as soon as rows may have
+//! become claimable, instead of waiting out the poll interval.
 //!
-//! `outbox-relay retry` sends one too, with [`RESCAN_PAYLOAD`]: the rows it re-queued may lie
-//! below the claim floor, so the next claim starts at the beginning ([`crate::claim_floor`]).
+//! Two sources, on one connection of their own:
+//! - **The commit watch**: every `relay.commit_watch_interval` a trivial query reads the
+//!   commit horizon. A row is claimable once its transaction and every older one have ended,
+//!   which is exactly when the horizon (`pg_snapshot_xmin`) passes it, so a horizon that has
+//!   not moved means nothing new is claimable and the relay sleeps on. It needs nothing from
+//!   the writers: no trigger, no NOTIFY in their transaction (which PostgreSQL refuses to
+//!   PREPARE, so two-phase commit works), no lock in their commit path. A table without an
+//!   `xact_id` column makes rows claimable at commit, so there any change of the snapshot
+//!   (a transaction that writes starting or ending) counts.
+//! - **LISTEN** (`relay.listen`): for tables that keep the `outbox_relay_notify` trigger, and
+//!   for `outbox-relay retry`, which sends [`RESCAN_PAYLOAD`].
 //!
-//! Notifications are only a hint. A lost one (the LISTEN connection dropped, a connection
-//! pooler that does not pass them on, a table without the trigger) costs at most one poll
-//! interval; the relay never depends on them for correctness.
+//! Wake-ups are only hints. A lost one (the connection dropped, a connection pooler that does
+//! not pass notifications on) costs at most one poll interval; the relay never depends on them
+//! for correctness.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +44,26 @@ pub struct Wakeup {
     rescan: Arc<AtomicBool>,
 }
 
+/// What the commit watch compares between two looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitSignal {
+    /// The commit horizon: rows carry their transaction's id (`xact_id`) and are claimable
+    /// only below it.
+    Horizon,
+    /// The whole snapshot: rows are claimable as soon as their transaction commits.
+    AnyCommit,
+}
+
+impl CommitSignal {
+    /// The statement that reads it, as text.
+    fn sql(self) -> &'static str {
+        match self {
+            CommitSignal::Horizon => "SELECT pg_snapshot_xmin(pg_current_snapshot())::text",
+            CommitSignal::AnyCommit => "SELECT pg_current_snapshot()::text",
+        }
+    }
+}
+
 impl Wakeup {
     /// Hints that never come: the relay polls.
     pub fn disabled() -> Wakeup {
@@ -46,11 +75,14 @@ impl Wakeup {
         self.rescan.swap(false, Ordering::AcqRel)
     }
 
-    /// Listens on [`CHANNEL`] over a connection of its own until shutdown, reconnecting with
-    /// backoff when it drops.
-    pub fn listen(config: &Config, shutdown: Shutdown) -> Wakeup {
+    /// Watches for commits (`signal`, every `relay.commit_watch_interval`) and, with
+    /// `relay.listen`, listens on [`CHANNEL`], over a connection of its own until shutdown,
+    /// reconnecting with backoff when it drops.
+    pub fn start(config: &Config, signal: CommitSignal, shutdown: Shutdown) -> Wakeup {
         let wakeup = Wakeup::disabled();
-        tokio::spawn(listen_until_shutdown(config.clone(), wakeup.clone(), shutdown));
+        if config.relay.listen || !config.relay.commit_watch_interval.is_zero() {
+            tokio::spawn(watch_until_shutdown(config.clone(), signal, wakeup.clone(), shutdown));
+        }
         wakeup
     }
 
@@ -60,19 +92,19 @@ impl Wakeup {
     }
 }
 
-async fn listen_until_shutdown(config: Config, wakeup: Wakeup, shutdown: Shutdown) {
+async fn watch_until_shutdown(config: Config, signal: CommitSignal, wakeup: Wakeup, shutdown: Shutdown) {
     let mut backoff = Backoff::new(config.relay.backoff_initial, config.relay.backoff_max);
     loop {
         let ended = tokio::select! {
-            ended = listen_once(&config, &wakeup) => ended,
+            ended = watch_once(&config, signal, &wakeup) => ended,
             _ = shutdown.requested() => return,
         };
-        if ended.was_listening {
+        if ended.was_watching {
             backoff.reset();
         }
         let delay = backoff.next_delay();
-        warn!(error = %ended.reason, retry_in = ?delay, "LISTEN connection lost; polling until it is back");
-        // A commit, or a retry, may have happened while no one listened.
+        warn!(error = %ended.reason, retry_in = ?delay, "wake-up connection lost; polling until it is back");
+        // A commit, or a retry, may have happened while no one watched.
         wakeup.rescan.store(true, Ordering::Release);
         wakeup.notify.notify_one();
         tokio::select! {
@@ -82,29 +114,29 @@ async fn listen_until_shutdown(config: Config, wakeup: Wakeup, shutdown: Shutdow
     }
 }
 
-/// Why a LISTEN connection ended.
+/// Why a wake-up connection ended.
 struct Ended {
     reason: String,
-    /// Whether LISTEN had succeeded (so the next attempt starts with a short backoff).
-    was_listening: bool,
+    /// Whether it had been set up (so the next attempt starts with a short backoff).
+    was_watching: bool,
 }
 
-/// Runs one LISTEN connection until it fails.
-async fn listen_once(config: &Config, wakeup: &Wakeup) -> Ended {
+/// Runs one wake-up connection until it fails.
+async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> Ended {
     let (client, mut connection) = match crate::outbox::connect_raw(config).await {
         Ok(pair) => pair,
-        Err(e) => return Ended { reason: e.to_string(), was_listening: false },
+        Err(e) => return Ended { reason: e.to_string(), was_watching: false },
     };
-    let wakeup = wakeup.clone();
+    let forwarded = wakeup.clone();
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     let forward = async move {
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(note)) => {
                     if note.payload() == RESCAN_PAYLOAD {
-                        wakeup.rescan.store(true, Ordering::Release);
+                        forwarded.rescan.store(true, Ordering::Release);
                     }
-                    wakeup.notify.notify_one();
+                    forwarded.notify.notify_one();
                 }
                 Ok(_) => {}
                 Err(e) => return crate::outbox::describe_pg_error(&e),
@@ -112,16 +144,37 @@ async fn listen_once(config: &Config, wakeup: &Wakeup) -> Ended {
         }
         "the server closed the connection".to_owned()
     };
-    let listen = async {
-        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-            return Ended { reason: crate::outbox::describe_pg_error(&e), was_listening: false };
+    let watch = async {
+        if config.relay.listen {
+            if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                return Ended { reason: crate::outbox::describe_pg_error(&e), was_watching: false };
+            }
+            debug!(channel = CHANNEL, "listening for new rows");
         }
-        debug!(channel = CHANNEL, "listening for new rows");
-        // Keep the client (and so the connection) alive while notifications are forwarded.
-        std::future::pending::<Ended>().await
+        // Rows may have committed between the relay's last claim and now, unseen by anyone.
+        wakeup.notify.notify_one();
+        let interval = config.relay.commit_watch_interval;
+        if interval.is_zero() {
+            // Keep the client (and so the connection) alive while notifications are forwarded.
+            return std::future::pending::<Ended>().await;
+        }
+        let mut last_seen: Option<String> = None;
+        loop {
+            tokio::time::sleep(interval).await;
+            match client.query_one(signal.sql(), &[]).await {
+                Ok(row) => {
+                    let seen: Option<String> = row.get(0);
+                    if seen != last_seen {
+                        last_seen = seen;
+                        wakeup.notify.notify_one();
+                    }
+                }
+                Err(e) => return Ended { reason: crate::outbox::describe_pg_error(&e), was_watching: true },
+            }
+        }
     };
     tokio::select! {
-        reason = forward => Ended { reason, was_listening: true },
-        ended = listen => ended,
+        reason = forward => Ended { reason, was_watching: true },
+        ended = watch => ended,
     }
 }

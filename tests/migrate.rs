@@ -16,6 +16,7 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
     assert!(stdout.contains("applied 0001_create_outbox"), "{stdout}");
     assert!(stdout.contains("applied 0002_order_retries_notify"), "{stdout}");
     assert!(stdout.contains("applied 0003_time_ordered_event_ids"), "{stdout}");
+    assert!(stdout.contains("applied 0004_wakeups_without_notify"), "{stdout}");
 
     let db = env.client().await;
     let columns: Vec<(String, String)> = db
@@ -71,9 +72,9 @@ async fn migrate_creates_the_outbox_table_and_running_it_again_is_a_no_op() {
     assert!(event_ids[0] < event_ids[1], "time-ordered: {event_ids:?}");
     let (code, stdout, stderr) = migrate();
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("schema is up to date (version 3)"), "{stdout}");
+    assert!(stdout.contains("schema is up to date (version 4)"), "{stdout}");
     let versions: i64 = db.query_one("SELECT count(*) FROM outbox_relay_schema_migrations", &[]).await.unwrap().get(0);
-    assert_eq!(versions, 3, "each version is recorded once");
+    assert_eq!(versions, 4, "each version is recorded once");
     let rows: i64 = db.query_one("SELECT count(*) FROM outbox", &[]).await.unwrap().get(0);
     assert_eq!(rows, 2, "a second migrate leaves the table and its rows alone");
 }

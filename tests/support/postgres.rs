@@ -81,7 +81,7 @@ impl Postgres {
             .arg("-p")
             .arg(self.port.to_string())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "fsync=off"])
-            .args(["-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .args(["-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "max_prepared_transactions=20"])
             .args(self.settings.iter().flat_map(|s| ["-c".to_owned(), s.clone()]))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
