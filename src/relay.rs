@@ -62,7 +62,11 @@ impl RelayError {
         matches!(
             self,
             RelayError::Outbox(
-                OutboxError::Layout(_) | OutboxError::TableMissing(_) | OutboxError::MissingPrivileges { .. }
+                OutboxError::Layout(_)
+                    | OutboxError::TableMissing(_)
+                    | OutboxError::MissingPrivileges { .. }
+                    | OutboxError::ShardCountMismatch { .. }
+                    | OutboxError::EarlierVersionRunning { .. }
             )
         ) || matches!(self, RelayError::Publisher(_))
     }
@@ -191,7 +195,7 @@ impl Relay {
 
         let relay = &self.config.relay;
         let mut backoff = Backoff::new(relay.backoff_initial, relay.backoff_max);
-        let mut shards = Shards::new(relay.shards, relay.rebalance_interval);
+        let mut shards = Shards::new(relay.shards, relay.rebalance_interval, relay.takeover_after);
         let mut connection: Option<Outbox> = None;
         // Where claims start; built again for each connection.
         let mut floor = ClaimFloor::disabled();
@@ -275,6 +279,9 @@ impl Relay {
 
             // Between batches: nothing of any shard is in flight, so shards may change hands.
             if let Err(e) = shards.rebalance(&outbox).await {
+                if !e.is_transient() {
+                    return Err(e.into());
+                }
                 let delay = backoff.next_delay();
                 warn!(error = %e, retry_in = ?delay, "database error; reconnecting");
                 self.pause(delay, deadline).await;
