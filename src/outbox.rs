@@ -5,7 +5,8 @@
 //! that; this module executes the statements `table.rs` writes, prepared once per connection.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Statement};
@@ -17,7 +18,7 @@ use crate::record::OutboxRow;
 use crate::table::{
     AUDIT_TOPIC_COLUMN, LOCK_KEYS_SQL, LOCK_SHARD_COUNT_SQL, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping,
     OLD_VERSION_HOLDERS_SQL, ORDER_SEQUENCE_SQL, OTHER_SHARD_COUNTS_SQL, OWNERSHIP_SQL, Privilege, TABLE_COLUMNS_SQL,
-    TRY_LOCK_SQL, UNLOCK_SHARD_COUNT_SQL, UNLOCK_SQL, claim_columns,
+    TERMINATE_FROZEN_SQL, TRY_LOCK_SQL, UNLOCK_SHARD_COUNT_SQL, UNLOCK_SQL, claim_columns,
 };
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
@@ -161,6 +162,8 @@ pub struct Outbox {
     ids_grow_with_time: bool,
     /// The keys of the advisory locks the table's relays share it through.
     locks: LockKeys,
+    /// When this session last showed that it exists (and so still holds its locks).
+    proof: SessionProof,
 }
 
 /// The advisory lock keys of one table ([`LOCK_KEYS_SQL`]): classids derived from the table's
@@ -172,6 +175,47 @@ struct LockKeys {
     shard_count: i32,
     /// The table, schema-qualified, for messages.
     table: String,
+}
+
+/// When a session last proved that it exists: the moment a statement was *sent* that then
+/// succeeded. Another relay may end this session only after it has been idle for
+/// `relay.takeover_after`, and idle means since the server last began or ended a statement
+/// of it, which is no earlier than that moment: so until the moment plus the shortest
+/// `relay.takeover_after` this session, and every advisory lock it holds, is certain to exist.
+#[derive(Debug)]
+struct SessionProof {
+    /// A moment before the session was opened.
+    base: Instant,
+    /// Milliseconds after `base` at which the last proving statement was sent.
+    sent_ms: AtomicU64,
+}
+
+impl SessionProof {
+    fn new(base: Instant) -> SessionProof {
+        SessionProof { base, sent_ms: AtomicU64::new(0) }
+    }
+
+    /// A statement sent at `sent` succeeded. Statements may run concurrently on one
+    /// connection, so the latest sending moment wins, whatever order they finish in.
+    fn proved(&self, sent: Instant) {
+        let ms = u64::try_from(sent.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
+        self.sent_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn age(&self) -> Duration {
+        self.base.elapsed().saturating_sub(Duration::from_millis(self.sent_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// What became of a relay that looked frozen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Termination {
+    /// Its session was ended; PostgreSQL releases its locks as the backend exits.
+    Ended,
+    /// It ran a statement since it was seen idle (or its session is already gone).
+    NoLongerFrozen,
+    /// This relay's role may not end that session; the server's message.
+    NotAllowed(String),
 }
 
 /// The result of one claim: its rows, and what the claim floor learns from it.
@@ -420,6 +464,7 @@ pub fn describe_target(url: &str) -> String {
 impl Outbox {
     /// Connects, checks the configured mapping against the table and prepares the statements.
     pub async fn connect(config: &Config, mapping: &Mapping) -> Result<Outbox, OutboxError> {
+        let connecting = Instant::now();
         let client = connect_client(config).await?;
         let layout = Arc::new(resolve_layout(&client, mapping).await?);
         let locks = resolve_lock_keys(&client, mapping).await?;
@@ -473,6 +518,7 @@ impl Outbox {
             max_attempts: i32::try_from(relay.max_attempts).unwrap_or(i32::MAX),
             ids_grow_with_time,
             locks,
+            proof: SessionProof::new(connecting),
         })
     }
 
@@ -530,11 +576,13 @@ impl Outbox {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (initial, max) = self.retry_backoff;
         let start = start.filter(|_| self.ids_grow_with_time);
+        let sent = Instant::now();
         let rows = self
             .client
             .query(&self.claim, &[&limit, &shards, &initial, &max, &in_flight, &start])
             .await
             .map_err(OutboxError::query("claim"))?;
+        self.proof.proved(sent);
         let view = rows.first().and_then(decode_view);
         Ok(Claim { rows: rows.iter().map(decode_row).collect(), view })
     }
@@ -553,7 +601,11 @@ impl Outbox {
         if ids.is_empty() {
             return Ok(0);
         }
-        self.client.execute(&self.mark_published, &[&ids]).await.map_err(OutboxError::query("mark published"))
+        let sent = Instant::now();
+        let marked =
+            self.client.execute(&self.mark_published, &[&ids]).await.map_err(OutboxError::query("mark published"))?;
+        self.proof.proved(sent);
+        Ok(marked)
     }
 
     /// Records failed attempts. `row_failures` (caused by the rows: an unknown topic, a record
@@ -684,6 +736,31 @@ impl Outbox {
         Ok(row.get(0))
     }
 
+    /// Runs a statement that does nothing, to show that this session exists: other relays
+    /// watch it ([`RelaySession::looks_frozen`]), and it proves the session's locks are held.
+    pub async fn ping(&self) -> Result<(), OutboxError> {
+        let sent = Instant::now();
+        self.client.batch_execute("SELECT 1").await.map_err(OutboxError::query("heartbeat"))?;
+        self.proof.proved(sent);
+        Ok(())
+    }
+
+    /// How long ago this session last proved that it exists: the sending of the last
+    /// statement that then succeeded.
+    pub fn proved_alive_ago(&self) -> Duration {
+        self.proof.age()
+    }
+
+    /// Makes sure that this session, and so every lock it holds, existed at most `within`
+    /// ago: if it has not proved that lately, runs a statement now. An error means the session
+    /// is gone (or unreachable) and its shards may be another relay's.
+    pub async fn confirm_session(&self, within: Duration) -> Result<(), OutboxError> {
+        if self.proof.age() < within {
+            return Ok(());
+        }
+        self.ping().await
+    }
+
     /// Fails with [`OutboxError::EarlierVersionRunning`] if relays of an earlier version,
     /// whose lock keys derive from the table's name rather than its OID, hold locks of this
     /// table under any of its usual spellings (as configured, qualified, bare).
@@ -766,12 +843,27 @@ impl Outbox {
     /// `takeover_after` looks frozen.
     pub async fn ownership(&self, takeover_after: Duration) -> Result<Ownership, OutboxError> {
         let keys = &self.locks;
+        let sent = Instant::now();
         let rows = self
             .client
             .query(OWNERSHIP_SQL, &[&keys.member, &keys.shard, &keys.shard_count, &takeover_after.as_secs_f64()])
             .await
             .map_err(OutboxError::query("shard ownership"))?;
+        self.proof.proved(sent);
         decode_ownership(&rows).map_err(OutboxError::query("shard ownership"))
+    }
+
+    /// Ends the session `pid` if it still looks frozen (idle longer than `takeover_after`),
+    /// which releases its locks.
+    pub async fn terminate_if_frozen(&self, pid: i32, takeover_after: Duration) -> Result<Termination, OutboxError> {
+        match self.client.query_opt(TERMINATE_FROZEN_SQL, &[&pid, &takeover_after.as_secs_f64()]).await {
+            Ok(Some(row)) if row.try_get("ended").unwrap_or(false) => Ok(Termination::Ended),
+            Ok(_) => Ok(Termination::NoLongerFrozen),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                Ok(Termination::NotAllowed(describe_pg_error(&e)))
+            }
+            Err(e) => Err(OutboxError::Query { what: "end a frozen relay's session", source: e }),
+        }
     }
 }
 

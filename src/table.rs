@@ -1017,6 +1017,13 @@ pub const OWNERSHIP_SQL: &str = concat!(
     "ORDER BY kind, number"
 );
 
+/// Ends backend `$1` if it still looks frozen: idle (between statements, or in a transaction)
+/// for longer than `$2` seconds. Checked again here, in the same statement as the termination,
+/// so that a relay that woke since the last look keeps its session. One row (whether it was
+/// ended) or none (it no longer looks frozen).
+pub const TERMINATE_FROZEN_SQL: &str = "SELECT pg_terminate_backend(pid) AS ended FROM pg_stat_activity \
+     WHERE pid = $1 AND state LIKE 'idle%' AND clock_timestamp() - state_change > $2::float8 * interval '1 second'";
+
 /// The oldest transaction that holds an xid: the one that holds the commit horizon back.
 /// Returns pid, seconds since it began, state, and the start of its current query.
 pub const OLDEST_TRANSACTION_SQL: &str = "SELECT pid, extract(epoch FROM now() - xact_start)::float8, \

@@ -1,13 +1,26 @@
 //! Who owns which shard, when relays do not see the table or each other the same way: relays
 //! of two databases on one server, two spellings of one table, relays with different shard
-//! counts.
+//! counts, a relay frozen with its locks held, a relay paused with a claimed batch in hand, and
+//! what `status` shows of it all.
 
 mod support;
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use outbox_relay::Config;
 use support::*;
+
+/// How long a relay's session may stay idle before another relay takes its shards over, in
+/// these tests.
+const TAKEOVER_AFTER: Duration = Duration::from_secs(3);
+
+/// A configuration whose relays take a frozen relay's shards over after [`TAKEOVER_AFTER`].
+fn quick_takeover(env: &TestEnv) -> Config {
+    let mut config = env.config();
+    config.relay.takeover_after = TAKEOVER_AFTER;
+    config
+}
 
 /// A test's database with the standard outbox table, a topic of two partitions, and a
 /// connection as the application.
@@ -78,6 +91,25 @@ fn status_json(env: &TestEnv, config: &Config) -> serde_json::Value {
         run_command(&["--config", path.to_str().unwrap(), "status", "--json"], &[("RUST_LOG", "off")]);
     assert_eq!(code, 0, "{stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// Runs `outbox-relay status` with `config` and returns the text.
+fn status_text(env: &TestEnv, config: &Config) -> String {
+    let path = write_config(env, config);
+    let (code, stdout, stderr) = run_command(&["--config", path.to_str().unwrap(), "status"], &[("RUST_LOG", "off")]);
+    assert_eq!(code, 0, "{stderr}");
+    stdout
+}
+
+/// The entry of `status --json` for the relay whose session is `pid`.
+fn relay_entry(status: &serde_json::Value, pid: i32) -> serde_json::Value {
+    status["ownership"]["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["pid"] == pid)
+        .cloned()
+        .unwrap_or_else(|| panic!("no relay with pid {pid}: {status:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,4 +219,161 @@ async fn a_relay_refuses_to_start_beside_relays_of_the_earlier_version() {
     let error = log.lines().find(|l| l.starts_with("outbox-relay: ")).unwrap_or_else(|| panic!("{log}"));
     assert!(error.contains("earlier outbox-relay version") && error.contains(&earlier.to_string()), "{error}");
     assert!(shard_holders(&db).await.is_empty(), "it took no shard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_relay_loses_its_shards_and_rejoins_when_it_wakes() {
+    let (env, topic, db) = table_and_topic().await;
+    let config = quick_takeover(&env);
+
+    let (mut frozen, frozen_session) = first_relay(&env, &db, &config, &[]).await;
+    let mut survivor = spawn_relay_process(&env, &config);
+    wait_for_split(&db, "the shards to be split", &[8, 8]).await;
+    insert_backlog(&db, &topic, 0..500, 40).await;
+    wait_until(PATIENCE, "both relays to publish", || async { unpublished_count(&db).await == 0 }).await;
+
+    frozen.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let holders = wait_for_split(&db, "the survivor to take every shard", &[16]).await;
+    let takeover = stopped.elapsed();
+    assert_ne!(sole_holder(&holders), frozen_session);
+    assert!(takeover < TAKEOVER_AFTER + Duration::from_secs(5), "takeover took {takeover:?}");
+    eprintln!("shards taken over {takeover:?} after SIGSTOP");
+    survivor.wait_for_log("ended its session").await;
+    let log = survivor.log();
+    let warning = log.lines().find(|l| l.contains("ended its session")).unwrap();
+    assert!(warning.contains(&format!("pid={frozen_session}")) && warning.contains("shards=8"), "{warning}");
+    insert_backlog(&db, &topic, 500..1_500, 40).await;
+    wait_until(PATIENCE, "the survivor to publish the rows inserted meanwhile", || async {
+        unpublished_count(&db).await == 0
+    })
+    .await;
+
+    frozen.signal(libc::SIGCONT);
+    let holders = wait_for_split(&db, "the woken relay to rejoin", &[8, 8]).await;
+    assert!(!holders.contains_key(&frozen_session), "it rejoined with a new session: {holders:?}");
+    insert_backlog(&db, &topic, 1_500..2_000, 40).await;
+    wait_until(PATIENCE, "both relays to publish", || async { unpublished_count(&db).await == 0 }).await;
+    stop(&mut frozen).await;
+    stop(&mut survivor).await;
+    assert_published_exactly_once(&env, &db, &topic).await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_paused_with_a_claimed_batch_publishes_nothing_it_no_longer_owns() {
+    let (env, topic, db) = table_and_topic().await;
+    let config = quick_takeover(&env);
+
+    let (mut survivor, survivor_session) = first_relay(&env, &db, &config, &[]).await;
+    // Its loop thread blocks for 10 s with its first batch claimed and not yet produced:
+    // longer than the takeover time, as a relay stuck in a call or paused with its host.
+    let mut paused =
+        spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-produce=1*sleep(10000)")]);
+    wait_for_split(&db, "the shards to be split", &[8, 8]).await;
+
+    insert_backlog(&db, &topic, 0..400, 40).await;
+    let holders = wait_for_split(&db, "the survivor to take the paused relay's shards", &[16]).await;
+    assert_eq!(sole_holder(&holders), survivor_session);
+    wait_until(PATIENCE, "the survivor to publish every row", || async { unpublished_count(&db).await == 0 }).await;
+    wait_for_split(&db, "the paused relay to wake and rejoin", &[8, 8]).await;
+
+    insert_backlog(&db, &topic, 400..800, 40).await;
+    wait_until(PATIENCE, "both relays to publish", || async { unpublished_count(&db).await == 0 }).await;
+    stop(&mut paused).await;
+    stop(&mut survivor).await;
+    assert_published_exactly_once(&env, &db, &topic).await;
+    let log = paused.log();
+    assert!(log.contains("dropping the claimed batch unpublished"), "{log}");
+    assert!(log.contains("batch settled"), "the woken relay publishes again once it owns shards: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_waiting_on_a_frozen_broker_keep_their_shards() {
+    let (env, topic, db) = table_and_topic().await;
+    let Some(broker) = env.broker.as_ref() else {
+        eprintln!("skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot freeze it");
+        return;
+    };
+    let config = quick_takeover(&env);
+    let (mut first, _) = first_relay(&env, &db, &config, &[]).await;
+    let mut second = spawn_relay_process(&env, &config);
+    let holders = wait_for_split(&db, "the shards to be split", &[8, 8]).await;
+
+    // The relay owning the key's shard claims a batch and waits for its delivery reports for
+    // three times the takeover time, while the other relay, with nothing to do, rebalances
+    // every second: an outage of the broker is not a frozen relay.
+    broker.freeze();
+    let events: Vec<NewEvent> = (0..200).map(|n| NewEvent::keyed(&topic, "one-key", n)).collect();
+    insert_events(&db, &events).await;
+    let frozen_at = Instant::now();
+    while frozen_at.elapsed() < TAKEOVER_AFTER * 3 {
+        assert_eq!(shard_holders(&db).await, holders, "no relay took another's shards");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.thaw();
+    wait_until(PATIENCE, "both relays to publish", || async { unpublished_count(&db).await == 0 }).await;
+    assert_eq!(shard_holders(&db).await, holders, "no relay took another's shards");
+    stop(&mut first).await;
+    stop(&mut second).await;
+    for relay in [&first, &second] {
+        assert!(!relay.log().contains("ended its session"), "{}", relay.log());
+    }
+    assert_published_exactly_once(&env, &db, &topic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_every_relay_and_flags_unheld_shards_and_frozen_relays() {
+    let (env, _, db) = table_and_topic().await;
+    let config = quick_takeover(&env);
+
+    let (mut leader, leader_session) = first_relay(&env, &db, &config, &[]).await;
+    // A second relay joins while the first is stopped, so it finds every shard held; it will
+    // not look again for an hour, nor take over a relay frozen for less than a minute.
+    leader.signal(libc::SIGSTOP);
+    let mut standby_config = config.clone();
+    standby_config.relay.rebalance_interval = Duration::from_secs(3600);
+    standby_config.relay.takeover_after = Duration::from_secs(60);
+    let mut standby = spawn_relay_process(&env, &standby_config);
+    wait_until(PATIENCE, "the second relay to join", || async {
+        status_json(&env, &config)["ownership"]["relays"].as_array().unwrap().len() == 2
+    })
+    .await;
+    leader.signal(libc::SIGCONT);
+    // The first relay hands back the second one's share, which nobody takes for an hour.
+    wait_for_split(&db, "the first relay to hand back half its shards", &[8]).await;
+
+    let status = status_json(&env, &config);
+    assert_eq!(status["shards"], 16, "{status:#}");
+    assert_eq!(status["unheld_shards"].as_array().unwrap().len(), 8, "{status:#}");
+    let owners = status["ownership"]["shards"].as_array().unwrap();
+    assert_eq!(owners.len(), 8, "{status:#}");
+    assert!(owners.iter().all(|o| o["pid"] == leader_session && o["shard"].is_i64() && o["client"].is_string()));
+    let leader_entry = relay_entry(&status, leader_session);
+    assert_eq!(leader_entry["shards"].as_array().unwrap().len(), 8, "{status:#}");
+    for relay in status["ownership"]["relays"].as_array().unwrap() {
+        assert_eq!(relay["shard_count"], 16, "{status:#}");
+        assert_eq!(relay["application_name"], "outbox-relay", "{status:#}");
+        assert_eq!(relay["looks_frozen"], false, "{status:#}");
+        assert!(relay["idle_seconds"].as_f64().unwrap() < TAKEOVER_AFTER.as_secs_f64(), "{status:#}");
+    }
+    let text = status_text(&env, &config);
+    assert!(text.contains("relays     2 running, 16 shards"), "{text}");
+    assert!(text.contains("8 SHARDS NOT HELD by any relay [8 9 10 11 12 13 14 15]"), "{text}");
+    assert!(text.contains(&format!("backend pid {leader_session} from ")), "{text}");
+    assert!(!text.contains("LOOKS FROZEN"), "{text}");
+
+    leader.signal(libc::SIGSTOP);
+    wait_until(PATIENCE, "status to see the stopped relay as frozen", || async {
+        relay_entry(&status_json(&env, &config), leader_session)["looks_frozen"] == true
+    })
+    .await;
+    let text = status_text(&env, &config);
+    let line = text.lines().find(|l| l.contains(&format!("backend pid {leader_session} "))).unwrap();
+    assert!(line.contains("LOOKS FROZEN"), "{text}");
+    assert_eq!(text.matches("LOOKS FROZEN").count(), 1, "the standby relay is alive: {text}");
+
+    leader.signal(libc::SIGCONT);
+    stop(&mut leader).await;
+    stop(&mut standby).await;
 }
