@@ -31,6 +31,10 @@
 --     another role's transaction that holds rows back, not its query or start time; it then
 --     reports the age of the oldest held row instead. `GRANT pg_read_all_stats TO outbox_relay`
 --     restores the details, at the cost of letting the role read every session's query text.
+--   - No grant to take over a frozen relay's shards either: relays running as this one role see
+--     each other's session state and may end each other's sessions (pg_terminate_backend).
+--     Relays of one table running as different roles need pg_read_all_stats and
+--     pg_signal_backend for that; without them a frozen relay keeps its shards (they warn).
 --   - Not outbox_relay_schema_migrations: only `migrate` reads it, and migrate is the owner's job.
 --   - No CREATE on the schema. PostgreSQL 15 and later no longer let PUBLIC create objects in
 --     schema public; on older versions every role can, this one included, until the owner runs

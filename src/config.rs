@@ -577,6 +577,12 @@ impl Default for Columns {
     }
 }
 
+/// The shortest `relay.takeover_after`. A relay keeps its claim session visibly active at
+/// least every second ([`crate::relay`]'s heartbeat), and hands a batch to the producer only
+/// if that session proved itself within the last 1.5 s: both hold for any mix of relays whose
+/// `takeover_after` is at least this, so relays need not agree on it.
+pub const MIN_TAKEOVER_AFTER: Duration = Duration::from_secs(3);
+
 /// `[relay]`: the loop's pacing.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -614,9 +620,16 @@ pub struct RelayConfig {
     /// Shards the table's keys are split into, each published by exactly one relay. Every
     /// relay of a table must use the same number.
     pub shards: u32,
-    /// How often a relay checks shard ownership: takes free shards, hands back extra ones.
+    /// How often a relay checks shard ownership: takes free shards, hands back extra ones,
+    /// and takes over the shards of relays that look frozen.
     #[serde(with = "humantime_serde")]
     pub rebalance_interval: Duration,
+    /// How long another relay's database session may stay idle before this relay ends it
+    /// (`pg_terminate_backend`) and so takes its shards over: a relay runs a statement about
+    /// every second whatever it is doing, so a session idle this long belongs to a relay that
+    /// is frozen (stopped, hung, paused with its host). At least [`MIN_TAKEOVER_AFTER`].
+    #[serde(with = "humantime_serde")]
+    pub takeover_after: Duration,
     /// LISTEN for NOTIFY on the `outbox_relay` channel: from `outbox-relay retry`, and from
     /// the `outbox_relay_notify` trigger on tables that keep it.
     pub listen: bool,
@@ -661,6 +674,7 @@ impl Default for RelayConfig {
             on_poison: OnPoison::ParkKey,
             shards: 16,
             rebalance_interval: Duration::from_secs(1),
+            takeover_after: Duration::from_secs(30),
             listen: true,
             commit_watch_interval: Duration::from_millis(20),
             full_scan_interval: Duration::from_secs(10),
@@ -843,6 +857,16 @@ impl Config {
         }
         if !(1..=1024).contains(&relay.shards) {
             return Err(ConfigError::new("relay.shards", "must be between 1 and 1024"));
+        }
+        if relay.takeover_after < MIN_TAKEOVER_AFTER {
+            return Err(ConfigError::new(
+                "relay.takeover_after",
+                format!(
+                    "must be at least {}: a live relay's session may be idle for about a second, \
+                     and a shorter value would take shards from relays that are not frozen",
+                    humantime::format_duration(MIN_TAKEOVER_AFTER)
+                ),
+            ));
         }
         if relay.backoff_max < relay.backoff_initial {
             return Err(ConfigError::new("relay.backoff_max", "must not be less than relay.backoff_initial"));

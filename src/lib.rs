@@ -17,7 +17,8 @@
 //! - [`publisher`]: the Kafka side: producer settings, sending, delivery outcomes.
 //! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
 //! - [`claim_floor`]: where each claim starts, so it skips the rows already published.
-//! - [`shards`]: which shards of the table this relay publishes, when several relays run.
+//! - [`shards`]: which shards of the table this relay publishes, when several relays run; the
+//!   heartbeat that shows it alive, and the takeover of relays that look frozen.
 //! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
 //! - [`health`]: what `/healthz` and `/readyz` answer.
 //! - [`retention`]: deletes published rows after a configured age, in small batches.

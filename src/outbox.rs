@@ -5,7 +5,8 @@
 //! that; this module executes the statements `table.rs` writes, prepared once per connection.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Statement};
@@ -15,8 +16,10 @@ use crate::config::{Config, redact_connection_string};
 use crate::pg_tls::ConnectOptions;
 use crate::record::{OutboxRow, RowKey, UnreadableRow};
 use crate::table::{
-    AUDIT_TOPIC_COLUMN, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, ORDER_COLUMN_SQL, OrderColumn,
-    OrderSequence, Privilege, TABLE_COLUMNS_SQL, claim_columns,
+    AUDIT_TOPIC_COLUMN, LOCK_KEYS_SQL, LOCK_SHARD_COUNT_SQL, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping,
+    OLD_VERSION_HOLDERS_SQL, ORDER_COLUMN_SQL, OTHER_SHARD_COUNTS_SQL, OWNERSHIP_SQL, OrderColumn, OrderSequence,
+    Privilege, TABLE_COLUMNS_SQL, TERMINATE_FROZEN_SQL, TRY_LOCK_SQL, UNLOCK_SHARD_COUNT_SQL, UNLOCK_SQL,
+    claim_columns,
 };
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
@@ -75,6 +78,58 @@ pub enum OutboxError {
         /// What it lacks, and what for.
         missing: Vec<Privilege>,
     },
+    /// Other relays of the table run with a different `relay.shards`: the two counts would
+    /// hash keys to different shards, so both would publish some keys and neither others.
+    #[error(
+        "relay.shards = {ours}, but {}; every relay of a table must use the same count. \
+         To change it, stop every relay of the table, then start them with the new value",
+        others.iter().map(|other| other.describe(table)).collect::<Vec<_>>().join(", and ")
+    )]
+    ShardCountMismatch {
+        /// The table, schema-qualified.
+        table: String,
+        /// This relay's `relay.shards`.
+        ours: u32,
+        /// The other counts in use, with the relays using them.
+        others: Vec<OtherShardCount>,
+    },
+    /// Relays of an earlier version, which name their locks after the configured table text,
+    /// run on the table: they cannot see this version's locks, so both would publish the same
+    /// shards.
+    #[error(
+        "relays of an earlier outbox-relay version run on table {table} (backend pids {}): they \
+         cannot see this version's shard locks, and both would publish the same rows. Stop them, \
+         then start the relays of this version",
+        pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    EarlierVersionRunning {
+        /// The table, schema-qualified.
+        table: String,
+        /// Backend pids of their sessions.
+        pids: Vec<i32>,
+    },
+}
+
+/// Relays of a table running with a `relay.shards` other than this relay's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherShardCount {
+    /// Their `relay.shards`.
+    pub shard_count: i64,
+    /// Backend pids of their sessions.
+    pub pids: Vec<i32>,
+}
+
+impl OtherShardCount {
+    /// "1 other relay of table public.outbox (pid 4711) runs with relay.shards = 16".
+    fn describe(&self, table: &str) -> String {
+        let pids = self.pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+        match self.pids.len() {
+            1 => format!("1 other relay of table {table} (pid {pids}) runs with relay.shards = {}", self.shard_count),
+            n => {
+                format!("{n} other relays of table {table} (pids {pids}) run with relay.shards = {}", self.shard_count)
+            }
+        }
+    }
 }
 
 impl OutboxError {
@@ -105,6 +160,62 @@ pub struct Outbox {
     max_attempts: i32,
     /// What the catalog said of the claim order column at connect.
     order_column: OrderColumn,
+    /// The keys of the advisory locks the table's relays share it through.
+    locks: LockKeys,
+    /// When this session last showed that it exists (and so still holds its locks).
+    proof: SessionProof,
+}
+
+/// The advisory lock keys of one table ([`LOCK_KEYS_SQL`]): classids derived from the table's
+/// OID, so every spelling of the table names the same locks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LockKeys {
+    member: i32,
+    shard: i32,
+    shard_count: i32,
+    /// The table, schema-qualified, for messages.
+    table: String,
+}
+
+/// When a session last proved that it exists: the moment a statement was *sent* that then
+/// succeeded. Another relay may end this session only after it has been idle for
+/// `relay.takeover_after`, and idle means since the server last began or ended a statement
+/// of it, which is no earlier than that moment: so until the moment plus the shortest
+/// `relay.takeover_after` this session, and every advisory lock it holds, is certain to exist.
+#[derive(Debug)]
+struct SessionProof {
+    /// A moment before the session was opened.
+    base: Instant,
+    /// Milliseconds after `base` at which the last proving statement was sent.
+    sent_ms: AtomicU64,
+}
+
+impl SessionProof {
+    fn new(base: Instant) -> SessionProof {
+        SessionProof { base, sent_ms: AtomicU64::new(0) }
+    }
+
+    /// A statement sent at `sent` succeeded. Statements may run concurrently on one
+    /// connection, so the latest sending moment wins, whatever order they finish in.
+    fn proved(&self, sent: Instant) {
+        let ms = u64::try_from(sent.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
+        self.sent_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn age(&self) -> Duration {
+        self.base.elapsed().saturating_sub(Duration::from_millis(self.sent_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// What became of a relay that looked frozen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Termination {
+    /// Its session was ended; PostgreSQL releases its locks as the backend exits.
+    Ended,
+    /// It ran a statement since it was seen idle (or its session is already gone).
+    NoLongerFrozen,
+    /// This relay's role may not end that session; the server's message.
+    NotAllowed(String),
 }
 
 /// The result of one claim: its rows, and what the claim floor learns from it.
@@ -174,21 +285,53 @@ pub struct ParkedKey {
     pub waiting: i64,
 }
 
-/// The relays of a table and the shards they hold, as PostgreSQL's lock table shows them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+/// The relays of a table and the shards they hold, as PostgreSQL's lock table shows them (in
+/// the current database only).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Ownership {
-    /// One entry per running relay.
-    pub members: Vec<Holder>,
-    /// Held shards and their holders.
-    pub shards: Vec<(i32, Holder)>,
+    /// Every session holding one of the table's relay locks: one per running relay, by pid.
+    pub relays: Vec<RelaySession>,
+    /// Held shards and their holders, by shard.
+    pub shards: Vec<ShardOwner>,
 }
 
-/// A relay's database session.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Holder {
-    /// Backend pid of the relay's session.
+/// A running relay, as its database session shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RelaySession {
+    /// Backend pid of the relay's claim session.
     pub pid: i32,
-    /// The relay's address as the database sees it.
+    /// The relay's address as the database sees it (`-` when hidden or a local socket).
+    pub client: String,
+    /// The session's `application_name`.
+    pub application_name: String,
+    /// The `relay.shards` it runs with; `None` before it has said (it is joining).
+    pub shard_count: Option<i64>,
+    /// `active`, `idle`, ...; `None` when PostgreSQL hides another role's session from this
+    /// one (without `pg_read_all_stats`).
+    pub state: Option<String>,
+    /// Seconds since its session last began or ended a statement; `None` when hidden.
+    pub idle_seconds: Option<f64>,
+    /// Whether it has been idle longer than `relay.takeover_after`: a live relay runs a
+    /// statement about every second, so this one is frozen or cut off.
+    pub looks_frozen: bool,
+    /// The shards it holds.
+    pub shards: Vec<i32>,
+    /// Whether it counts itself among the table's relays (holds its membership lock).
+    #[serde(skip)]
+    pub member: bool,
+    /// Whether this is the session that asked.
+    #[serde(skip)]
+    pub mine: bool,
+}
+
+/// A held shard and the relay holding it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShardOwner {
+    /// The shard.
+    pub shard: i32,
+    /// Backend pid of the holder's session.
+    pub pid: i32,
+    /// The holder's address as the database sees it.
     pub client: String,
 }
 
@@ -325,8 +468,10 @@ pub fn describe_target(url: &str) -> String {
 impl Outbox {
     /// Connects, checks the configured mapping against the table and prepares the statements.
     pub async fn connect(config: &Config, mapping: &Mapping) -> Result<Outbox, OutboxError> {
+        let connecting = Instant::now();
         let client = connect_client(config).await?;
         let layout = Arc::new(resolve_layout(&client, mapping).await?);
+        let locks = resolve_lock_keys(&client, mapping).await?;
         let claim = client.prepare(&layout.claim_sql()).await.map_err(OutboxError::query("prepare claim"))?;
         let mark_published =
             client.prepare(&layout.mark_published_sql()).await.map_err(OutboxError::query("prepare mark"))?;
@@ -376,6 +521,8 @@ impl Outbox {
             retry_backoff: (relay.retry_backoff_initial.as_secs_f64(), relay.retry_backoff_max.as_secs_f64()),
             max_attempts: i32::try_from(relay.max_attempts).unwrap_or(i32::MAX),
             order_column,
+            locks,
+            proof: SessionProof::new(connecting),
         })
     }
 
@@ -440,11 +587,13 @@ impl Outbox {
     ) -> Result<Claim, OutboxError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let (initial, max) = self.retry_backoff;
+        let sent = Instant::now();
         let rows = self
             .client
             .query(&self.claim, &[&limit, &shards, &initial, &max, &in_flight, &start])
             .await
             .map_err(OutboxError::query("claim"))?;
+        self.proof.proved(sent);
         // Every claim returns at least one row, carrying what the claim floor learns; when
         // nothing was claimed, it is the only row and its row columns are NULL.
         let view = rows.first().and_then(decode_view);
@@ -467,7 +616,11 @@ impl Outbox {
         if ids.is_empty() {
             return Ok(0);
         }
-        self.client.execute(&self.mark_published, &[&ids]).await.map_err(OutboxError::query("mark published"))
+        let sent = Instant::now();
+        let marked =
+            self.client.execute(&self.mark_published, &[&ids]).await.map_err(OutboxError::query("mark published"))?;
+        self.proof.proved(sent);
+        Ok(marked)
     }
 
     /// Records failed attempts. `row_failures` (caused by the rows: an unknown topic, a record
@@ -600,61 +753,190 @@ impl Outbox {
         Ok(row.get(0))
     }
 
+    /// Runs a statement that does nothing, to show that this session exists: other relays
+    /// watch it ([`RelaySession::looks_frozen`]), and it proves the session's locks are held.
+    pub async fn ping(&self) -> Result<(), OutboxError> {
+        let sent = Instant::now();
+        self.client.batch_execute("SELECT 1").await.map_err(OutboxError::query("heartbeat"))?;
+        self.proof.proved(sent);
+        Ok(())
+    }
+
+    /// How long ago this session last proved that it exists: the sending of the last
+    /// statement that then succeeded.
+    pub fn proved_alive_ago(&self) -> Duration {
+        self.proof.age()
+    }
+
+    /// Makes sure that this session, and so every lock it holds, existed at most `within`
+    /// ago: if it has not proved that lately, runs a statement now. An error means the session
+    /// is gone (or unreachable) and its shards may be another relay's.
+    pub async fn confirm_session(&self, within: Duration) -> Result<(), OutboxError> {
+        if self.proof.age() < within {
+            return Ok(());
+        }
+        self.ping().await
+    }
+
+    /// Fails with [`OutboxError::EarlierVersionRunning`] if relays of an earlier version,
+    /// whose lock keys derive from the table's name rather than its OID, hold locks of this
+    /// table under any of its usual spellings (as configured, qualified, bare).
+    pub async fn check_no_earlier_version(&self) -> Result<(), OutboxError> {
+        let configured = self.layout.mapping.table_name();
+        let bare = self.locks.table.rsplit('.').next().unwrap_or(&self.locks.table).to_owned();
+        let spellings = vec![configured, self.locks.table.clone(), bare];
+        let rows = self
+            .client
+            .query(OLD_VERSION_HOLDERS_SQL, &[&spellings])
+            .await
+            .map_err(OutboxError::query("look for relays of an earlier version"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let pids =
+            rows.iter().map(|r| r.try_get("pid")).collect::<Result<_, _>>().map_err(OutboxError::query("read pids"))?;
+        Err(OutboxError::EarlierVersionRunning { table: self.locks.table.clone(), pids })
+    }
+
+    /// Declares that this relay runs with `shard_count` shards (a shared lock every relay with
+    /// that count holds), then fails with [`OutboxError::ShardCountMismatch`], having taken
+    /// the declaration back, if another relay of the table runs with a different count. Two
+    /// relays racing with different counts both declare before they look, so at least one of
+    /// them sees the other.
+    pub async fn declare_shard_count(&self, shard_count: u32) -> Result<(), OutboxError> {
+        let count = i32::try_from(shard_count).unwrap_or(i32::MAX);
+        let key = self.locks.shard_count;
+        self.client
+            .query_one(LOCK_SHARD_COUNT_SQL, &[&key, &count])
+            .await
+            .map_err(OutboxError::query("declare the shard count"))?;
+        let rows = self
+            .client
+            .query(OTHER_SHARD_COUNTS_SQL, &[&key, &count])
+            .await
+            .map_err(OutboxError::query("read other relays' shard counts"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let others = rows
+            .iter()
+            .map(|r| Ok(OtherShardCount { shard_count: r.try_get("shard_count")?, pids: r.try_get("pids")? }))
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(OutboxError::query("read other relays' shard counts"))?;
+        // The session ends as the relay stops anyway; releasing now keeps a retry clean.
+        if let Err(e) = self.client.query_one(UNLOCK_SHARD_COUNT_SQL, &[&key, &count]).await {
+            tracing::debug!(error = %describe_pg_error(&e), "could not take the shard count back");
+        }
+        Err(OutboxError::ShardCountMismatch { table: self.locks.table.clone(), ours: shard_count, others })
+    }
+
     /// Registers this relay as a member of the table's relays, under `instance`; false if
     /// another relay already uses that number.
     pub async fn join(&self, instance: i32) -> Result<bool, OutboxError> {
-        let table = self.layout.mapping.table_name();
-        let row = self
-            .client
-            .query_one(crate::table::JOIN_SQL, &[&table, &instance])
-            .await
-            .map_err(OutboxError::query("join"))?;
-        Ok(row.get(0))
+        self.try_lock(self.locks.member, instance, "join").await
     }
 
     /// Takes `shard` for this relay (a session lock, released if the connection ends); false if
     /// another relay holds it.
     pub async fn lock_shard(&self, shard: i32) -> Result<bool, OutboxError> {
-        let table = self.layout.mapping.table_name();
-        let row = self
-            .client
-            .query_one(crate::table::LOCK_SHARD_SQL, &[&table, &shard])
-            .await
-            .map_err(OutboxError::query("lock shard"))?;
-        Ok(row.get(0))
+        self.try_lock(self.locks.shard, shard, "lock shard").await
+    }
+
+    async fn try_lock(&self, classid: i32, number: i32, what: &'static str) -> Result<bool, OutboxError> {
+        let row = self.client.query_one(TRY_LOCK_SQL, &[&classid, &number]).await.map_err(OutboxError::query(what))?;
+        row.try_get(0).map_err(OutboxError::query(what))
     }
 
     /// Hands `shard` back.
     pub async fn unlock_shard(&self, shard: i32) -> Result<(), OutboxError> {
-        let table = self.layout.mapping.table_name();
         self.client
-            .query_one(crate::table::UNLOCK_SHARD_SQL, &[&table, &shard])
+            .query_one(UNLOCK_SQL, &[&self.locks.shard, &shard])
             .await
             .map_err(OutboxError::query("unlock shard"))?;
         Ok(())
     }
 
-    /// The relays of this table and the shards they hold.
-    pub async fn ownership(&self) -> Result<Ownership, OutboxError> {
-        let table = self.layout.mapping.table_name();
+    /// The table's relays and the shards they hold; a relay idle longer than
+    /// `takeover_after` looks frozen.
+    pub async fn ownership(&self, takeover_after: Duration) -> Result<Ownership, OutboxError> {
+        let keys = &self.locks;
+        let sent = Instant::now();
         let rows = self
             .client
-            .query(crate::table::OWNERSHIP_SQL, &[&table])
+            .query(OWNERSHIP_SQL, &[&keys.member, &keys.shard, &keys.shard_count, &takeover_after.as_secs_f64()])
             .await
             .map_err(OutboxError::query("shard ownership"))?;
-        let mut ownership = Ownership::default();
-        for row in rows {
-            let kind: String = row.get(0);
-            let number = i32::try_from(row.get::<_, i64>(1)).unwrap_or(i32::MAX);
-            let holder = Holder { pid: row.get(2), client: row.get(3) };
-            if kind == "member" {
-                ownership.members.push(holder);
-            } else {
-                ownership.shards.push((number, holder));
+        self.proof.proved(sent);
+        decode_ownership(&rows).map_err(OutboxError::query("shard ownership"))
+    }
+
+    /// Ends the session `pid` if it still looks frozen (idle longer than `takeover_after`),
+    /// which releases its locks.
+    pub async fn terminate_if_frozen(&self, pid: i32, takeover_after: Duration) -> Result<Termination, OutboxError> {
+        match self.client.query_opt(TERMINATE_FROZEN_SQL, &[&pid, &takeover_after.as_secs_f64()]).await {
+            Ok(Some(row)) if row.try_get("ended").unwrap_or(false) => Ok(Termination::Ended),
+            Ok(_) => Ok(Termination::NoLongerFrozen),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                Ok(Termination::NotAllowed(describe_pg_error(&e)))
+            }
+            Err(e) => Err(OutboxError::Query { what: "end a frozen relay's session", source: e }),
+        }
+    }
+}
+
+/// The rows of [`OWNERSHIP_SQL`] as relays and shard owners.
+fn decode_ownership(rows: &[tokio_postgres::Row]) -> Result<Ownership, tokio_postgres::Error> {
+    let mut ownership = Ownership::default();
+    for row in rows {
+        let pid: i32 = row.try_get("pid")?;
+        let number: i64 = row.try_get("number")?;
+        let index = match ownership.relays.iter().position(|r| r.pid == pid) {
+            Some(index) => index,
+            None => {
+                ownership.relays.push(RelaySession {
+                    pid,
+                    client: row.try_get("client")?,
+                    application_name: row.try_get("application_name")?,
+                    shard_count: None,
+                    state: row.try_get("state")?,
+                    idle_seconds: row.try_get("idle_seconds")?,
+                    looks_frozen: row.try_get("looks_frozen")?,
+                    shards: Vec::new(),
+                    member: false,
+                    mine: row.try_get("mine")?,
+                });
+                ownership.relays.len() - 1
+            }
+        };
+        let relay = &mut ownership.relays[index];
+        match row.try_get::<_, String>("kind")?.as_str() {
+            "member" => relay.member = true,
+            "count" => relay.shard_count = Some(number),
+            _ => {
+                let shard = i32::try_from(number).unwrap_or(i32::MAX);
+                relay.shards.push(shard);
+                ownership.shards.push(ShardOwner { shard, pid, client: relay.client.clone() });
             }
         }
-        Ok(ownership)
     }
+    ownership.relays.sort_by_key(|r| r.pid);
+    Ok(ownership)
+}
+
+/// The lock keys of the mapped table; [`OutboxError::TableMissing`] if it is gone.
+async fn resolve_lock_keys(client: &Client, mapping: &Mapping) -> Result<LockKeys, OutboxError> {
+    let what = "read the table's lock keys";
+    let row = client.query_opt(LOCK_KEYS_SQL, &[&mapping.table_sql()]).await.map_err(OutboxError::query(what))?;
+    let Some(row) = row else { return Err(OutboxError::TableMissing(mapping.table_name())) };
+    let keys = || -> Result<LockKeys, tokio_postgres::Error> {
+        Ok(LockKeys {
+            member: row.try_get("member")?,
+            shard: row.try_get("shard")?,
+            shard_count: row.try_get("shard_count")?,
+            table: row.try_get("qualified_name")?,
+        })
+    };
+    keys().map_err(OutboxError::query(what))
 }
 
 async fn resolve_layout(client: &Client, mapping: &Mapping) -> Result<Layout, OutboxError> {

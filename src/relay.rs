@@ -6,6 +6,10 @@
 //!   with backoff when the row itself was the cause, until `relay.max_attempts`;
 //! - rows are claimed only from the shards this relay holds, and a shard changes hands only
 //!   between batches, so per-key order survives scale-out and takeover;
+//! - a batch goes to the producer only if the session holding the shards' locks proved within
+//!   [`shards::FENCE`] that it still exists, so a relay that wakes after its shards were taken
+//!   over does not publish what it claimed before; and the loop keeps that session visibly
+//!   active whatever it waits for ([`shards::with_heartbeat`]), so only a frozen relay loses it;
 //! - a batch is produced only after every row of the batch before it was acknowledged; the
 //!   next batch may be claimed while the current one awaits its reports, leaving the rows in
 //!   flight out, and is dropped unclaimed if any of them failed; an acknowledged batch is
@@ -15,6 +19,7 @@
 //!   (reports and mark) within the grace period, or left unmarked to be sent again.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -29,7 +34,7 @@ use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
 use crate::publisher::{Outcome, Publisher, PublisherError};
 use crate::record::{OutboxRow, Record, RowKey, UnreadableRow};
-use crate::shards::Shards;
+use crate::shards::{self, Shards};
 use crate::shutdown::Shutdown;
 use crate::table::Mapping;
 use crate::wakeup::{CommitSignal, Wakeup};
@@ -63,7 +68,11 @@ impl RelayError {
         matches!(
             self,
             RelayError::Outbox(
-                OutboxError::Layout(_) | OutboxError::TableMissing(_) | OutboxError::MissingPrivileges { .. }
+                OutboxError::Layout(_)
+                    | OutboxError::TableMissing(_)
+                    | OutboxError::MissingPrivileges { .. }
+                    | OutboxError::ShardCountMismatch { .. }
+                    | OutboxError::EarlierVersionRunning { .. }
             )
         ) || matches!(self, RelayError::Publisher(_))
     }
@@ -219,7 +228,7 @@ impl Relay {
 
         let relay = &self.config.relay;
         let mut backoff = Backoff::new(relay.backoff_initial, relay.backoff_max);
-        let mut shards = Shards::new(relay.shards, relay.rebalance_interval);
+        let mut shards = Shards::new(relay.shards, relay.rebalance_interval, relay.takeover_after);
         let mut connection: Option<Outbox> = None;
         // Where claims start; built again for each connection.
         let mut floor = ClaimFloor::new(relay.full_scan_interval, false);
@@ -299,6 +308,9 @@ impl Relay {
 
             // Between batches: nothing of any shard is in flight, so shards may change hands.
             if let Err(e) = shards.rebalance(&outbox).await {
+                if !e.is_transient() {
+                    return Err(e.into());
+                }
                 let delay = backoff.next_delay();
                 warn!(error = %e, retry_in = ?delay, "database error; reconnecting");
                 self.pause(delay, deadline).await;
@@ -310,8 +322,8 @@ impl Relay {
             let ahead = claimed_ahead.take().filter(|(claimed_for, _)| *claimed_for == owned).map(|(_, rows)| rows);
             if owned.is_empty() {
                 // More relays than shards: this one stands by until a shard is free.
+                self.idle(&wakeup, &outbox).await;
                 connection = Some(outbox);
-                self.idle(&wakeup).await;
                 continue;
             }
 
@@ -319,16 +331,16 @@ impl Relay {
                 floor.rescan();
             }
             self.health.step_started();
-            let turn = self.relay_batch(&outbox, &publisher, &owned, ahead, to_mark.take(), &mut floor).await;
+            let batch = self.relay_batch(&outbox, &publisher, &owned, ahead, to_mark.take(), &mut floor);
+            let turn = self.with_heartbeat(&outbox, batch).await;
             self.health.step_finished();
             match turn {
                 Ok(Turn::Idle) => {
                     backoff.reset();
+                    self.idle(&wakeup, &outbox).await;
                     connection = Some(outbox);
-                    self.idle(&wakeup).await;
                 }
                 Ok(Turn::Relayed { claimed, broker_unavailable, producer_unusable, ahead, to_mark: marking }) => {
-                    connection = Some(outbox);
                     to_mark = marking;
                     let has_next = ahead.is_some();
                     claimed_ahead = ahead.map(|rows| (owned, rows));
@@ -353,14 +365,16 @@ impl Relay {
                     if broker_unavailable {
                         let delay = backoff.next_delay();
                         warn!(retry_in = ?delay, "the broker took none of the batch; backing off");
-                        self.pause(delay, deadline).await;
+                        // A broker outage is not a frozen relay: it keeps its shards meanwhile.
+                        self.with_heartbeat(&outbox, self.pause(delay, deadline)).await;
                     } else {
                         backoff.reset();
                         if claimed < relay.batch_size && !has_next {
                             // A partial batch: the shards are drained for now.
-                            self.idle(&wakeup).await;
+                            self.idle(&wakeup, &outbox).await;
                         }
                     }
+                    connection = Some(outbox);
                 }
                 Ok(Turn::Unsettled(settlement, e)) => {
                     let delay = backoff.next_delay();
@@ -424,6 +438,24 @@ impl Relay {
         if claimed.is_empty() {
             self.health.progress();
             return Ok(Turn::Idle);
+        }
+        // The ownership tests block the loop here, with a batch claimed and not yet produced,
+        // until another relay has taken its shards over.
+        fail::fail_point!("relay-before-produce");
+        // A relay frozen since it claimed these rows (or since the previous batch, for rows
+        // claimed ahead) may have lost its shards to another relay, which publishes the rows
+        // itself: hand them to the producer only if the session holding the locks still exists.
+        if let Err(e) = outbox.confirm_session(shards::FENCE).await {
+            warn!(
+                rows = claimed.len(),
+                error = %e,
+                "the session holding this relay's shards did not answer: dropping the claimed batch unpublished, \
+                 since another relay may own its shards now"
+            );
+            return match previous {
+                Some(earlier) => Ok(Turn::Unsettled(earlier, e)),
+                None => Err(e),
+            };
         }
         let claimed_count = claimed.len();
         self.health.work_claimed();
@@ -696,13 +728,24 @@ impl Relay {
         Ok(())
     }
 
-    /// Waits for a wake-up (rows committed), the poll interval, or shutdown.
-    async fn idle(&self, wakeup: &Wakeup) {
-        tokio::select! {
-            _ = tokio::time::sleep(self.config.relay.poll_interval) => {}
-            _ = wakeup.notified() => {}
-            _ = self.shutdown.requested() => {}
-        }
+    /// Waits for a wake-up (rows committed), the poll interval, or shutdown, keeping the claim
+    /// session visibly alive however long the poll interval is.
+    async fn idle(&self, wakeup: &Wakeup, outbox: &Outbox) {
+        let wait = async {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.relay.poll_interval) => {}
+                _ = wakeup.notified() => {}
+                _ = self.shutdown.requested() => {}
+            }
+        };
+        self.with_heartbeat(outbox, wait).await
+    }
+
+    /// Runs `work` (a step of the loop, or a wait) while the claim connection keeps showing
+    /// other relays that this one is alive ([`shards::with_heartbeat`]).
+    async fn with_heartbeat<T>(&self, outbox: &Outbox, work: impl Future<Output = T>) -> T {
+        let every = shards::heartbeat_interval(self.config.relay.takeover_after);
+        shards::with_heartbeat(outbox, every, &self.health, work).await
     }
 
     /// Waits `delay`, cut short by a shutdown request; once shutdown is requested, never past

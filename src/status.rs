@@ -3,10 +3,12 @@
 //! rows held back by an open transaction, and which one)? Who publishes what (the relays of
 //! the table and the shards each holds)? It only reads.
 
+use std::collections::BTreeSet;
+
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::outbox::{FailedGroup, OldestTransaction, Outbox, OutboxError, Ownership, ParkedKey};
+use crate::outbox::{FailedGroup, OldestTransaction, Outbox, OutboxError, Ownership, ParkedKey, RelaySession};
 use crate::table::Mapping;
 
 /// A snapshot of the table and its relays.
@@ -28,10 +30,15 @@ pub struct StatusReport {
     pub held_rows: i64,
     /// The open transaction holding them, if any.
     pub holding_transaction: Option<OldestTransaction>,
-    /// Shards in all (`relay.shards`).
+    /// Shards in all: the `relay.shards` the running relays use (this configuration's when
+    /// none runs, or when they disagree).
     pub shards: u32,
-    /// The running relays and their shards.
+    /// The `relay.takeover_after` by which a relay looks frozen.
+    pub takeover_after_seconds: f64,
+    /// The running relays (with their shards) and each held shard's owner.
     pub ownership: Ownership,
+    /// Shards no relay holds: their rows wait until a relay takes them.
+    pub unheld_shards: Vec<i32>,
 }
 
 /// Reads the status of the configured table.
@@ -41,6 +48,9 @@ pub async fn status(config: &Config) -> Result<StatusReport, OutboxError> {
     let outbox = Outbox::connect(config, &mapping).await?;
     let stats = outbox.pending_stats().await?;
     let holding_transaction = if stats.held_rows > 0 { outbox.oldest_transaction(&stats).await? } else { None };
+    let ownership = outbox.ownership(config.relay.takeover_after).await?;
+    let shards = agreed_shard_count(&ownership).unwrap_or(config.relay.shards);
+    let held: BTreeSet<i32> = ownership.shards.iter().map(|owner| owner.shard).collect();
     Ok(StatusReport {
         table: mapping.table_name(),
         pending_rows: stats.rows,
@@ -50,12 +60,49 @@ pub async fn status(config: &Config) -> Result<StatusReport, OutboxError> {
         parked_keys: outbox.parked_keys().await?,
         held_rows: stats.held_rows,
         holding_transaction,
-        shards: config.relay.shards,
-        ownership: outbox.ownership().await?,
+        shards,
+        takeover_after_seconds: config.relay.takeover_after.as_secs_f64(),
+        unheld_shards: (0..shards as i32).filter(|s| !held.contains(s)).collect(),
+        ownership,
     })
 }
 
+/// The shard count every running relay declares, if they declare one and agree.
+fn agreed_shard_count(ownership: &Ownership) -> Option<u32> {
+    let counts: BTreeSet<i64> = ownership.relays.iter().filter_map(|r| r.shard_count).collect();
+    match counts.into_iter().collect::<Vec<_>>()[..] {
+        [count] => u32::try_from(count).ok(),
+        _ => None,
+    }
+}
+
 impl StatusReport {
+    /// One relay's line: who it is, what it runs with, when it was last active, its shards.
+    fn describe_relay(&self, relay: &RelaySession) -> String {
+        let shards: Vec<String> = relay.shards.iter().map(|s| s.to_string()).collect();
+        let count = relay.shard_count.map(|c| format!(", relay.shards = {c}")).unwrap_or_default();
+        let activity = match (relay.state.as_deref(), relay.idle_seconds) {
+            (Some("active"), _) => "active now".to_owned(),
+            (Some(_), Some(seconds)) => format!("last active {seconds:.1}s ago"),
+            _ => "activity hidden from this role (pg_read_all_stats shows it)".to_owned(),
+        };
+        let mut line = format!(
+            "backend pid {} from {} ({}{count}), {activity}: {} shards [{}]",
+            relay.pid,
+            relay.client,
+            relay.application_name,
+            shards.len(),
+            shards.join(" ")
+        );
+        if relay.looks_frozen {
+            line.push_str(&format!(
+                "; LOOKS FROZEN: idle longer than relay.takeover_after ({}s), another relay takes its shards over at its next rebalance",
+                self.takeover_after_seconds
+            ));
+        }
+        line
+    }
+
     /// The report for a person.
     pub fn render_text(&self) -> String {
         let mut out = format!("outbox {}\n", self.table);
@@ -88,27 +135,26 @@ impl StatusReport {
             )),
             None => out.push_str(&format!("  held back  {} rows\n", self.held_rows)),
         }
-        out.push_str(&format!("  relays     {} running, {} shards\n", self.ownership.members.len(), self.shards));
-        for member in &self.ownership.members {
-            let shards: Vec<String> = self
-                .ownership
-                .shards
-                .iter()
-                .filter(|(_, holder)| holder.pid == member.pid)
-                .map(|(shard, _)| shard.to_string())
-                .collect();
+        let relays = &self.ownership.relays;
+        out.push_str(&format!("  relays     {} running, {} shards\n", relays.len(), self.shards));
+        for relay in relays {
+            out.push_str(&format!("    {}\n", self.describe_relay(relay)));
+        }
+        let counts: BTreeSet<i64> = relays.iter().filter_map(|r| r.shard_count).collect();
+        if counts.len() > 1 {
+            let counts: Vec<String> = counts.iter().map(|c| c.to_string()).collect();
             out.push_str(&format!(
-                "    backend pid {} from {}: {} shards [{}]\n",
-                member.pid,
-                member.client,
-                shards.len(),
-                shards.join(" ")
+                "    RELAYS DISAGREE on relay.shards ({}): stop every relay of the table, then start them with one value\n",
+                counts.join(", ")
             ));
         }
-        let held: std::collections::HashSet<i32> = self.ownership.shards.iter().map(|(s, _)| *s).collect();
-        let free = (0..self.shards as i32).filter(|s| !held.contains(s)).count();
-        if free > 0 {
-            out.push_str(&format!("    {free} shards not held by any relay\n"));
+        if !self.unheld_shards.is_empty() {
+            let unheld: Vec<String> = self.unheld_shards.iter().map(|s| s.to_string()).collect();
+            out.push_str(&format!(
+                "    {} SHARDS NOT HELD by any relay [{}]: their rows wait until a relay takes them\n",
+                unheld.len(),
+                unheld.join(" ")
+            ));
         }
         out
     }

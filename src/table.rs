@@ -1081,23 +1081,86 @@ pub const MISSING_PRIVILEGES_SQL: &str = "SELECT current_user::text, coalesce(ar
      CASE WHEN p.col = '' THEN has_table_privilege($1, p.privilege) ELSE has_column_privilege($1, p.col, p.privilege) END), \
      '{}') FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS p(privilege, col, n)";
 
-/// Takes a relay's membership lock: `$1` table name, `$2` the relay's instance number.
-pub const JOIN_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('outbox-relay-member:' || $1) & 2147483647, $2)";
+/// The keys of the advisory locks through which the relays of table `$1` (quoted name) share
+/// it, derived from the table's OID so that every spelling of the table (`outbox`,
+/// `public.outbox`, a search_path) names the same locks: the classids of the membership locks,
+/// the shard locks and the shard-count locks, and the table's schema-qualified name. No row
+/// when the table does not exist.
+pub const LOCK_KEYS_SQL: &str = "SELECT (hashtext('outbox-relay-member:' || c.oid::text) & 2147483647)::int4 AS member, \
+     (hashtext('outbox-relay-shard:' || c.oid::text) & 2147483647)::int4 AS shard, \
+     (hashtext('outbox-relay-shard-count:' || c.oid::text) & 2147483647)::int4 AS shard_count, \
+     n.nspname || '.' || c.relname AS qualified_name \
+     FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)";
 
-/// Takes shard `$2` of table `$1`; false if another relay holds it.
-pub const LOCK_SHARD_SQL: &str = "SELECT pg_try_advisory_lock(hashtext('outbox-relay-shard:' || $1) & 2147483647, $2)";
+/// Takes the exclusive advisory lock (`$1` classid, `$2` number) of a membership or a shard;
+/// false if another session holds it.
+pub const TRY_LOCK_SQL: &str = "SELECT pg_try_advisory_lock($1::int4, $2::int4)";
 
-/// Releases shard `$2` of table `$1`.
-pub const UNLOCK_SHARD_SQL: &str = "SELECT pg_advisory_unlock(hashtext('outbox-relay-shard:' || $1) & 2147483647, $2)";
+/// Releases an exclusive advisory lock taken with [`TRY_LOCK_SQL`].
+pub const UNLOCK_SQL: &str = "SELECT pg_advisory_unlock($1::int4, $2::int4)";
 
-/// The relays of table `$1` (their membership locks) and who holds which shard: one row per
-/// lock, `kind` 'member' or 'shard', the number, and the holder's pid and client address.
-pub const OWNERSHIP_SQL: &str = "SELECT CASE WHEN l.classid = (hashtext('outbox-relay-member:' || $1) & 2147483647)::oid \
-     THEN 'member' ELSE 'shard' END, l.objid::int8, l.pid, coalesce(host(a.client_addr), '-') \
-     FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid \
-     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid IN ( \
-       (hashtext('outbox-relay-member:' || $1) & 2147483647)::oid, (hashtext('outbox-relay-shard:' || $1) & 2147483647)::oid) \
-     ORDER BY 1, 2";
+/// Takes the shared advisory lock that says which shard count (`$2`) this relay runs with, on
+/// the table's shard-count classid `$1`; relays running with the same count share it.
+pub const LOCK_SHARD_COUNT_SQL: &str = "SELECT pg_try_advisory_lock_shared($1::int4, $2::int4)";
+
+/// Releases the lock of [`LOCK_SHARD_COUNT_SQL`].
+pub const UNLOCK_SHARD_COUNT_SQL: &str = "SELECT pg_advisory_unlock_shared($1::int4, $2::int4)";
+
+/// The condition on `pg_locks AS l` that selects the relays' advisory locks (the two-number
+/// form) of the current database only: `pg_locks` shows every database's locks, and another
+/// database's relays are not this table's, whatever their keys.
+macro_rules! advisory_locks_of_this_database {
+    () => {
+        "l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    };
+}
+
+/// The shard counts other sessions run this table with (shard-count classid `$1`) other than
+/// `$2`: each count and the pids of the relays running with it.
+pub const OTHER_SHARD_COUNTS_SQL: &str = concat!(
+    "SELECT l.objid::int8 AS shard_count, array_agg(l.pid ORDER BY l.pid) AS pids FROM pg_locks AS l WHERE ",
+    advisory_locks_of_this_database!(),
+    "AND l.classid = $1::int4::oid AND l.objid <> $2::int4::oid AND l.pid <> pg_backend_pid() ",
+    "GROUP BY l.objid ORDER BY l.objid"
+);
+
+/// Backends holding locks of this table under the keys the previous version of the relay
+/// derived from the table's *name*: `'outbox-relay-member:'` or `'outbox-relay-shard:'`
+/// followed by any of the spellings `$1`. Relays of that version cannot see the OID-keyed locks.
+pub const OLD_VERSION_HOLDERS_SQL: &str = concat!(
+    "SELECT DISTINCT l.pid AS pid FROM pg_locks AS l WHERE ",
+    advisory_locks_of_this_database!(),
+    "AND l.classid IN (SELECT (hashtext(prefix || spelling) & 2147483647)::oid ",
+    "FROM unnest(ARRAY['outbox-relay-member:', 'outbox-relay-shard:']) AS prefix, unnest($1::text[]) AS spelling) ",
+    "ORDER BY 1"
+);
+
+/// Every lock of this table's relays in the current database, with the session holding it:
+/// `kind` ('member', 'shard' or 'count', for classids `$1`, `$2`, `$3`), the number (the
+/// relay's instance, the shard, the shard count), and the holder's pid, client address,
+/// application name, state (NULL when PostgreSQL hides another role's session), seconds since
+/// its state last changed (it began or ended a statement), whether it looks frozen (idle
+/// longer than `$4` seconds), and whether it is the asking session.
+pub const OWNERSHIP_SQL: &str = concat!(
+    "SELECT CASE l.classid WHEN $1::int4::oid THEN 'member' WHEN $2::int4::oid THEN 'shard' ELSE 'count' END AS kind, ",
+    "l.objid::int8 AS number, l.pid AS pid, coalesce(host(a.client_addr), '-') AS client, ",
+    "coalesce(a.application_name, '') AS application_name, a.state AS state, ",
+    "extract(epoch FROM clock_timestamp() - a.state_change)::float8 AS idle_seconds, ",
+    "coalesce(a.state LIKE 'idle%' AND clock_timestamp() - a.state_change > $4::float8 * interval '1 second', false) ",
+    "AS looks_frozen, l.pid = pg_backend_pid() AS mine ",
+    "FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid WHERE ",
+    advisory_locks_of_this_database!(),
+    "AND l.classid IN ($1::int4::oid, $2::int4::oid, $3::int4::oid) ",
+    "ORDER BY kind, number"
+);
+
+/// Ends backend `$1` if it still looks frozen: idle (between statements, or in a transaction)
+/// for longer than `$2` seconds. Checked again here, in the same statement as the termination,
+/// so that a relay that woke since the last look keeps its session. One row (whether it was
+/// ended) or none (it no longer looks frozen).
+pub const TERMINATE_FROZEN_SQL: &str = "SELECT pg_terminate_backend(pid) AS ended FROM pg_stat_activity \
+     WHERE pid = $1 AND state LIKE 'idle%' AND clock_timestamp() - state_change > $2::float8 * interval '1 second'";
 
 /// The oldest transaction that holds an xid, the one that holds the commit horizon back: a
 /// session's, or a prepared transaction's (two-phase commit), which has no session. Returns

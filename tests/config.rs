@@ -75,6 +75,7 @@ fn out_of_range_and_unparseable_values_are_refused() {
         "retention.delete_published_after",
     );
     assert_config_error(&["config"], &[("OUTBOX_RELAY_RELAY__SHARDS", "0")], "relay.shards");
+    assert_config_error(&["config"], &[("OUTBOX_RELAY_RELAY__TAKEOVER_AFTER", "1s")], "relay.takeover_after");
 }
 
 #[test]

@@ -4,22 +4,9 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use support::*;
-
-/// The shards each running relay holds, by backend pid, from PostgreSQL's lock table.
-async fn shard_holders(db: &tokio_postgres::Client) -> HashMap<i32, usize> {
-    let rows = db
-        .query(
-            "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
-             AND classid = (hashtext('outbox-relay-shard:outbox') & 2147483647)::oid GROUP BY pid",
-            &[],
-        )
-        .await
-        .unwrap();
-    rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1) as usize)).collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_split_the_shards_and_the_survivor_takes_them_all() {
@@ -185,7 +172,7 @@ async fn three_relays_a_kill_a_late_commit_and_two_poison_rows_together() {
         status["failed_by_error"].as_array().unwrap().iter().map(|g| g["error"].as_str().unwrap()).collect();
     assert!(errors.iter().any(|e| e.contains("MessageSizeTooLarge")), "{errors:?}");
     assert!(errors.iter().any(|e| e.contains("does not exist")), "{errors:?}");
-    assert_eq!(status["ownership"]["members"].as_array().unwrap().len(), 2, "{status:#}");
+    assert_eq!(status["ownership"]["relays"].as_array().unwrap().len(), 2, "{status:#}");
 
     let records = read_topic(&env.brokers, &topic).await;
     let healthy: HashSet<String> = db

@@ -201,6 +201,39 @@ impl TestEnv {
     pub fn spawn_relay(&self, config: Config) -> RunningRelay {
         RunningRelay::spawn(config)
     }
+
+    /// Creates another database on this test's server as a copy of this test's database
+    /// (`CREATE DATABASE ... TEMPLATE`), as tenants cloned from one template are: the same
+    /// tables, with the same OIDs, and the same grants. Call it before connecting to this
+    /// test's database (a template must have no sessions). Returns a relay configuration for
+    /// the copy, and the owner's URL of it.
+    pub async fn copy_database(&self) -> (Config, String) {
+        let source = url::Url::parse(&self.database_url).expect("database URL");
+        let source = source.path().trim_start_matches('/').to_owned();
+        let copy = unique_name("db");
+        let admin = connect(&replace_dbname(&self.database_url, "postgres")).await;
+        admin.batch_execute(&format!("CREATE DATABASE {copy} TEMPLATE {source}")).await.expect("copy the database");
+        let owner_url = replace_dbname(&self.database_url, &copy);
+        let mut config = self.config();
+        config.database.url = login_as(&owner_url, &self.relay_role, RELAY_PASSWORD);
+        (config, owner_url)
+    }
+}
+
+/// The shards of the standard outbox table each running relay holds, by the backend pid of
+/// its session, from PostgreSQL's lock table (this database's locks, keyed by the table's OID).
+pub async fn shard_holders(db: &Client) -> std::collections::HashMap<i32, usize> {
+    let rows = db
+        .query(
+            "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND classid = (hashtext('outbox-relay-shard:' || 'outbox'::regclass::oid::text) & 2147483647)::oid \
+             GROUP BY pid",
+            &[],
+        )
+        .await
+        .expect("shard holders");
+    rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1) as usize)).collect()
 }
 
 /// The test relay role's password. The test server trusts every local login, so it only shows
