@@ -143,18 +143,6 @@ async fn a_row_set_back_to_unpublished_is_found_by_the_next_full_scan() {
     relay.stop().await.unwrap();
 }
 
-/// The `n` of each record of `key` on the topic, in the order the topic holds them (first
-/// copies only).
-fn key_sequence(records: &[Received], key: &str) -> Vec<i64> {
-    let mut seen = std::collections::HashSet::new();
-    records
-        .iter()
-        .filter(|r| r.key.as_deref() == Some(key) && seen.insert(r.event_id()))
-        .filter_map(|r| r.payload_text())
-        .map(|p| serde_json::from_str::<serde_json::Value>(&p).unwrap()["n"].as_i64().unwrap())
-        .collect()
-}
-
 /// A failed row parks key K while the other keys' rows lift the claim floor far above it; the
 /// operator fixes it and runs `retry --key K` while writers go on inserting rows of K. Whether
 /// or not the relay hears the retry's notification, and with no full scan to find it, the

@@ -7,6 +7,32 @@ mod support;
 use outbox_relay::config::MarkMode;
 use support::*;
 
+/// `config` for Debezium's outbox layout in table `outboxevent`: uuid ids that are also the
+/// event ids, the topic from `aggregatetype`, the key from `aggregateid`, rows deleted once
+/// published, none of the relay's bookkeeping columns.
+fn debezium_config(mut config: outbox_relay::Config) -> outbox_relay::Config {
+    config.outbox.table = "outboxevent".into();
+    config.outbox.topic_template = Some("outbox.event.{aggregatetype}".into());
+    config.outbox.mark = MarkMode::Delete;
+    let columns = &mut config.outbox.columns;
+    columns.id = "id".into();
+    columns.event_id = "id".into();
+    columns.key = Some("aggregateid".into());
+    for unused in [
+        &mut columns.topic,
+        &mut columns.headers,
+        &mut columns.published_at,
+        &mut columns.attempts,
+        &mut columns.last_error,
+        &mut columns.xact_id,
+        &mut columns.last_attempt_at,
+        &mut columns.failed_at,
+    ] {
+        *unused = None;
+    }
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_debezium_style_table_is_relayed_with_a_topic_template_and_deleted_on_publish() {
     let env = TestEnv::start().await;
@@ -45,24 +71,9 @@ async fn a_debezium_style_table_is_relayed_with_a_topic_template_and_deleted_on_
         .map(|r| (r.get(0), r.get(1)))
         .collect();
 
-    let mut config = env.config();
-    config.outbox.table = "outboxevent".into();
-    config.outbox.topic_template = Some("outbox.event.{aggregatetype}".into());
-    config.outbox.mark = MarkMode::Delete;
-    let columns = &mut config.outbox.columns;
-    columns.id = "id".into();
-    columns.order_by = Some("seq".into());
-    columns.event_id = "id".into();
-    columns.key = Some("aggregateid".into());
-    columns.topic = None;
-    columns.headers = None;
-    columns.created_at = None;
-    columns.published_at = None;
-    columns.attempts = None;
-    columns.last_error = None;
-    columns.xact_id = None;
-    columns.last_attempt_at = None;
-    columns.failed_at = None;
+    let mut config = debezium_config(env.config());
+    config.outbox.columns.order_by = Some("seq".into());
+    config.outbox.columns.created_at = None;
     config.validate().expect("a Debezium layout is a valid configuration");
     let relay = env.spawn_relay(config);
 
@@ -194,22 +205,7 @@ async fn an_order_column_that_cannot_keep_a_keys_insertion_order_is_refused_nami
     )
     .await
     .unwrap();
-    let mut debezium = env.owner_config();
-    debezium.outbox.table = "outboxevent".into();
-    debezium.outbox.topic_template = Some("outbox.event.{aggregatetype}".into());
-    debezium.outbox.mark = MarkMode::Delete;
-    let columns = &mut debezium.outbox.columns;
-    columns.id = "id".into();
-    columns.event_id = "id".into();
-    columns.key = Some("aggregateid".into());
-    columns.topic = None;
-    columns.headers = None;
-    columns.published_at = None;
-    columns.attempts = None;
-    columns.last_error = None;
-    columns.xact_id = None;
-    columns.last_attempt_at = None;
-    columns.failed_at = None;
+    let mut debezium = debezium_config(env.owner_config());
 
     // Random or time-ordered uuids, and timestamps that tie.
     let (code, stderr) = run_binary(&env, &debezium);

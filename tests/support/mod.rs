@@ -902,6 +902,17 @@ pub async fn produce_copy(brokers: &str, topic: &str, record: &Received, payload
 // ---------------------------------------------------------------------------------------------
 // Checks over a topic's records
 
+/// The `n` of the payloads (`{"n": ...}`) of `key`'s records, in topic order, first copies only.
+pub fn key_sequence(records: &[Received], key: &str) -> Vec<i64> {
+    let mut seen = std::collections::HashSet::new();
+    records
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(key) && seen.insert(r.event_id()))
+        .filter_map(|r| r.payload_text())
+        .filter_map(|p| serde_json::from_str::<serde_json::Value>(&p).ok()?["n"].as_i64())
+        .collect()
+}
+
 /// Whether `copy` is the same record as `original` (event id, key, value, headers and
 /// partition), whatever its offset.
 pub fn is_same_record(original: &Received, copy: &Received) -> bool {
