@@ -7,7 +7,7 @@
 //! binary in its own process, so its CPU time and peak RSS are its own.
 //!
 //! Arguments: `--quick` (smaller sizes, for a smoke run), `--out DIR` (default `docs/bench`),
-//! `--only SECTION,...` (some of ceilings, drain, depth, latency, naive), `--depths N,...`
+//! `--only SECTION,...` (some of ceilings, drain, large, depth, latency, naive), `--depths N,...`
 //! (the backlogs of the depth series).
 //! Writes `DIR/latest.json` and `DIR/latest.md` and prints the table.
 
@@ -37,6 +37,10 @@ const PARTITIONS: i32 = 8;
 /// JSON padding giving payloads of about 200 bytes and about 1 KiB.
 const SMALL_PAD: i32 = 180;
 const LARGE_PAD: i32 = 1000;
+/// The large-row drain: rows of about 900 KiB (under librdkafka's 1 MB record limit), enough of
+/// them to fill many batches of the default `relay.batch_bytes`.
+const HUGE_PAD: i32 = 900_000;
+const HUGE_ROWS: i64 = 300;
 /// Depths from this backlog up drain long enough to be measured once.
 const SINGLE_RUN_DEPTH: i64 = 1_000_000;
 
@@ -157,6 +161,16 @@ async fn main() {
             "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k, "peak_rss_mb": drain.peak_rss_mb }));
     }
     report.insert("drain".into(), Value::Array(drains));
+
+    let mut large = Vec::new();
+    if runs("large") {
+        eprintln!("large rows: {HUGE_ROWS} rows at ~900 KiB");
+        let drain = drain(HUGE_ROWS, HUGE_PAD, MarkMode::Update).await;
+        large.push(json!({ "payload": "~900 KiB", "rows": HUGE_ROWS, "rows_per_s": drain.rate,
+            "mib_per_s": drain.rate * f64::from(HUGE_PAD) / (1024.0 * 1024.0),
+            "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k, "peak_rss_mb": drain.peak_rss_mb }));
+    }
+    report.insert("large".into(), Value::Array(large));
 
     let mut depths = Vec::new();
     for &rows in plan.depths.iter().filter(|_| runs("depth")) {
@@ -299,7 +313,8 @@ async fn database_ceiling(rows: i64, mark: MarkMode) -> f64 {
     let mut done = 0;
     loop {
         let start = floor.start(&shards, Instant::now());
-        let claim = outbox.claim(config.relay.batch_size, &shards, &[], start).await.expect("claim");
+        let claim =
+            outbox.claim(config.relay.batch_size, config.relay.batch_bytes, &shards, &[], start).await.expect("claim");
         floor.observe(start, claim.view.as_ref(), Instant::now());
         let claimed = claim.rows;
         if claimed.is_empty() {
@@ -583,6 +598,17 @@ fn markdown(report: &Value) -> String {
             d["payload"].as_str().unwrap_or("?"),
             number(&d["rows_per_s"]),
             number(&d["fraction_of_lower_ceiling"]),
+            number(&d["cpu_ms_per_1k_rows"]),
+            number(&d["peak_rss_mb"]),
+        );
+    }
+    for d in report["large"].as_array().into_iter().flatten() {
+        out += &format!(
+            "| relay drains {} rows at {} ({:.0} MiB/s; `relay.batch_bytes` bounds memory) | {:.0} | | {:.1} | {:.0} |\n",
+            d["rows"],
+            d["payload"].as_str().unwrap_or("?"),
+            number(&d["mib_per_s"]),
+            number(&d["rows_per_s"]),
             number(&d["cpu_ms_per_1k_rows"]),
             number(&d["peak_rss_mb"]),
         );

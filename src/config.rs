@@ -589,6 +589,10 @@ pub const MIN_TAKEOVER_AFTER: Duration = Duration::from_secs(3);
 pub struct RelayConfig {
     /// Most rows claimed and produced in one batch.
     pub batch_size: usize,
+    /// Most bytes of row data (payloads, keys, headers) in one batch; a single row larger than
+    /// this goes out alone. Bounds the relay's memory whatever the rows' sizes: a batch in
+    /// flight, its copy in librdkafka's queue and the batch claimed ahead.
+    pub batch_bytes: usize,
     /// How long an idle relay waits before looking for new rows again.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -663,6 +667,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             batch_size: 1000,
+            batch_bytes: 16 * 1024 * 1024,
             poll_interval: Duration::from_millis(200),
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
@@ -832,6 +837,12 @@ impl Config {
         let relay = &self.relay;
         if !(1..=100_000).contains(&relay.batch_size) {
             return Err(ConfigError::new("relay.batch_size", "must be between 1 and 100000"));
+        }
+        if relay.batch_bytes < 1024 {
+            return Err(ConfigError::new(
+                "relay.batch_bytes",
+                "must be at least 1024 (bytes; e.g. 16777216 for 16 MiB)",
+            ));
         }
         for (key, value) in [
             ("relay.poll_interval", relay.poll_interval),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::TryStreamExt;
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Statement};
 
@@ -225,6 +226,9 @@ pub struct Claim {
     pub rows: Vec<Result<OutboxRow, UnreadableRow>>,
     /// What the claim saw besides its rows; `None` only if that could not be read.
     pub view: Option<ClaimView>,
+    /// Whether it may have left claimable rows behind: it returned its row limit, or stopped
+    /// at its byte limit.
+    pub full: bool,
 }
 
 /// Pending rows as seen by one stats query.
@@ -574,32 +578,54 @@ impl Outbox {
         self.client.is_closed()
     }
 
-    /// The next unpublished rows in claim order, at most `limit`, leaving out the rows `in_flight`
-    /// (ids as text), starting at claim-order value `start` (`None`: at the beginning; ignored
-    /// to [`crate::claim_floor::ClaimFloor`] to decide). A row whose columns cannot be decoded
-    /// comes back as an [`UnreadableRow`] so that the rest of the batch still flows.
+    /// The next unpublished rows in claim order, at most `limit` rows and, past the first row,
+    /// at most `max_bytes` of row data, leaving out the rows `in_flight` (ids as text), starting
+    /// at claim-order value `start` (`None`: at the beginning; it is up to
+    /// [`crate::claim_floor::ClaimFloor`] to decide). A row larger than `max_bytes` comes alone.
+    /// A row whose columns cannot be decoded comes back as an [`UnreadableRow`] so that the
+    /// rest of the batch still flows.
+    ///
+    /// Rows are decoded as they arrive and the claim stops reading at the byte limit, so the
+    /// relay's memory is bounded by it whatever the rows' sizes (the rest of the result is
+    /// discarded as it arrives: the rows are not claimed, only read past).
     pub async fn claim(
         &self,
         limit: usize,
+        max_bytes: usize,
         shards: &[i32],
         in_flight: &[String],
         start: Option<i64>,
     ) -> Result<Claim, OutboxError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
         let (initial, max) = self.retry_backoff;
         let sent = Instant::now();
-        let rows = self
-            .client
-            .query(&self.claim, &[&limit, &shards, &initial, &max, &in_flight, &start])
-            .await
-            .map_err(OutboxError::query("claim"))?;
-        self.proof.proved(sent);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&limit_param, &shards, &initial, &max, &in_flight, &start];
+        let stream = self.client.query_raw(&self.claim, params).await.map_err(OutboxError::query("claim"))?;
+        futures::pin_mut!(stream);
+        let mut claim = Claim::default();
+        let mut bytes = 0usize;
         // Every claim returns at least one row, carrying what the claim floor learns; when
         // nothing was claimed, it is the only row and its row columns are NULL.
-        let view = rows.first().and_then(decode_view);
-        let claimed =
-            rows.iter().filter(|row| !matches!(row.try_get::<_, Option<String>>(claim_columns::ID), Ok(None)));
-        Ok(Claim { rows: claimed.map(decode_row).collect(), view })
+        while let Some(row) = stream.try_next().await.map_err(OutboxError::query("claim"))? {
+            if claim.view.is_none() {
+                claim.view = decode_view(&row);
+            }
+            if matches!(row.try_get::<_, Option<String>>(claim_columns::ID), Ok(None)) {
+                continue;
+            }
+            let decoded = decode_row(&row);
+            let size = decoded_size(&decoded);
+            if !claim.rows.is_empty() && bytes.saturating_add(size) > max_bytes {
+                claim.full = true;
+                break;
+            }
+            bytes = bytes.saturating_add(size);
+            claim.rows.push(decoded);
+        }
+        self.proof.proved(sent);
+        claim.full |= claim.rows.len() >= limit;
+        Ok(claim)
     }
 
     /// The value of a run-time setting on this connection (`SHOW name`); `name` is a setting
@@ -979,6 +1005,23 @@ fn decode_view(row: &tokio_postgres::Row) -> Option<ClaimView> {
         xmin: xid(claim_columns::SNAPSHOT_XMIN)?,
         xmax: xid(claim_columns::SNAPSHOT_XMAX)?,
     })
+}
+
+/// The bytes a claimed row holds in the relay's memory, near enough: its variable-length values.
+fn decoded_size(row: &Result<OutboxRow, UnreadableRow>) -> usize {
+    let text = |t: &Option<String>| t.as_ref().map_or(0, String::len);
+    match row {
+        Ok(row) => {
+            row.id.len()
+                + row.event_id.len()
+                + text(&row.key)
+                + row.payload.as_ref().map_or(0, Vec::len)
+                + text(&row.headers)
+                + text(&row.traceparent)
+                + row.topic_values.iter().map(text).sum::<usize>()
+        }
+        Err(unreadable) => unreadable.id.len() + unreadable.problem.len(),
+    }
 }
 
 fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, UnreadableRow> {

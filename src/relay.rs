@@ -21,6 +21,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tracing::field::Empty;
@@ -44,7 +45,14 @@ use crate::wakeup::{CommitSignal, Wakeup};
 const FRESH_PRODUCER_AFTER_REFUSED_BATCHES: u32 = 3;
 
 /// Rows returned by a claim: each decoded, or its id and why it could not be.
-type Claimed = Vec<Result<OutboxRow, UnreadableRow>>;
+/// The rows of one claim: each decoded, or its id and why it could not be.
+#[derive(Debug, Default)]
+struct Claimed {
+    rows: Vec<Result<OutboxRow, UnreadableRow>>,
+    /// Whether the claim may have left claimable rows behind (it reached its row or byte
+    /// limit), so the relay claims again at once instead of idling.
+    full: bool,
+}
 
 /// Why the relay stopped other than by a shutdown request. Outages are not in this list: the
 /// relay waits them out.
@@ -85,6 +93,9 @@ pub struct Relay {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: Shutdown,
+    /// Rows the next claim may return: `relay.batch_size`, or fewer while rows are so large
+    /// that `relay.batch_bytes` cuts claims short.
+    claim_limit: AtomicUsize,
 }
 
 /// Rows of a batch whose outcome must still be written to the table.
@@ -144,8 +155,8 @@ enum Turn {
     Idle,
     /// A batch went out and its outcome is recorded.
     Relayed {
-        /// Rows claimed.
-        claimed: usize,
+        /// Whether the claim reached its row or byte limit: more rows may be waiting.
+        full: bool,
         /// No record was acknowledged and some failed for reasons outside the rows.
         broker_unavailable: bool,
         /// The broker disowned the producer session; the next batch needs a new producer.
@@ -168,7 +179,8 @@ impl Relay {
     pub fn new(config: Config, shutdown: Shutdown) -> Result<Relay, RelayError> {
         let mapping = Mapping::from_config(&config)
             .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
-        Ok(Relay { config, mapping, metrics: Metrics::new(), health: Arc::new(Health::new()), shutdown })
+        let claim_limit = AtomicUsize::new(config.relay.batch_size);
+        Ok(Relay { config, mapping, metrics: Metrics::new(), health: Arc::new(Health::new()), shutdown, claim_limit })
     }
 
     /// The relay's metrics, also served at `/metrics`.
@@ -340,7 +352,7 @@ impl Relay {
                     self.idle(&wakeup, &outbox).await;
                     connection = Some(outbox);
                 }
-                Ok(Turn::Relayed { claimed, broker_unavailable, producer_unusable, ahead, to_mark: marking }) => {
+                Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: marking }) => {
                     to_mark = marking;
                     let has_next = ahead.is_some();
                     claimed_ahead = ahead.map(|rows| (owned, rows));
@@ -369,7 +381,7 @@ impl Relay {
                         self.with_heartbeat(&outbox, self.pause(delay, deadline)).await;
                     } else {
                         backoff.reset();
-                        if claimed < relay.batch_size && !has_next {
+                        if !full && !has_next {
                             // A partial batch: the shards are drained for now.
                             self.idle(&wakeup, &outbox).await;
                         }
@@ -435,7 +447,7 @@ impl Relay {
                 self.claim(outbox, shards, &[], floor).await?
             }
         };
-        if claimed.is_empty() {
+        if claimed.rows.is_empty() {
             self.health.progress();
             return Ok(Turn::Idle);
         }
@@ -447,7 +459,7 @@ impl Relay {
         // itself: hand them to the producer only if the session holding the locks still exists.
         if let Err(e) = outbox.confirm_session(shards::FENCE).await {
             warn!(
-                rows = claimed.len(),
+                rows = claimed.rows.len(),
                 error = %e,
                 "the session holding this relay's shards did not answer: dropping the claimed batch unpublished, \
                  since another relay may own its shards now"
@@ -457,7 +469,7 @@ impl Relay {
                 None => Err(e),
             };
         }
-        let claimed_count = claimed.len();
+        let claimed_count = claimed.rows.len();
         self.health.work_claimed();
         self.metrics.batch_size.observe(claimed_count as f64);
         let span = info_span!(
@@ -497,6 +509,7 @@ impl Relay {
         started: Instant,
         floor: &mut ClaimFloor,
     ) -> Result<Turn, OutboxError> {
+        let Claimed { rows: claimed, full } = claimed;
         let claimed_count = claimed.len();
         debug!(rows = claimed_count, "claimed a batch");
         let in_flight: Vec<String> = claimed
@@ -636,13 +649,7 @@ impl Relay {
         }
         if ahead.is_some() {
             self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-            return Ok(Turn::Relayed {
-                claimed: claimed_count,
-                broker_unavailable,
-                producer_unusable,
-                ahead,
-                to_mark: Some(settlement),
-            });
+            return Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: Some(settlement) });
         }
         let mark_started = Instant::now();
         if let Err(e) = self.settle(outbox, &mut settlement).await {
@@ -650,7 +657,7 @@ impl Relay {
         }
         span.record("mark_ms", mark_started.elapsed().as_secs_f64() * 1000.0);
         self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-        Ok(Turn::Relayed { claimed: claimed_count, broker_unavailable, producer_unusable, ahead, to_mark: None })
+        Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: None })
     }
 
     /// Claims the batch after `in_flight` while that one awaits its delivery reports, so that
@@ -664,7 +671,7 @@ impl Relay {
         floor: &mut ClaimFloor,
     ) -> Option<Claimed> {
         match self.claim(outbox, shards, in_flight, floor).await {
-            Ok(rows) if !rows.is_empty() => Some(rows),
+            Ok(claimed) if !claimed.rows.is_empty() => Some(claimed),
             Ok(_) => None,
             Err(e) => {
                 // The mark that follows meets the same problem and handles it.
@@ -684,9 +691,19 @@ impl Relay {
         floor: &mut ClaimFloor,
     ) -> Result<Claimed, OutboxError> {
         let start = floor.start(shards, Instant::now());
-        let claim = outbox.claim(self.config.relay.batch_size, shards, in_flight, start).await?;
+        let limit = self.claim_limit.load(Ordering::Relaxed);
+        let claim = outbox.claim(limit, self.config.relay.batch_bytes, shards, in_flight, start).await?;
         floor.observe(start, claim.view.as_ref(), Instant::now());
-        Ok(claim.rows)
+        // Rows too large for a whole window of them: ask for no more rows than fitted, so the
+        // database does not read and send rows the relay would only read past; grow back as
+        // the rows get smaller.
+        let next = if claim.full && claim.rows.len() < limit {
+            claim.rows.len().max(1)
+        } else {
+            limit.saturating_mul(2).min(self.config.relay.batch_size)
+        };
+        self.claim_limit.store(next, Ordering::Relaxed);
+        Ok(Claimed { rows: claim.rows, full: claim.full })
     }
 
     /// [`Relay::settle`] as a step the liveness probe watches.
