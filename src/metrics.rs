@@ -54,6 +54,10 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     /// `outbox_relay_producer_restarts_total`: new producer sessions started to recover.
     pub producer_restarts: IntCounter,
+    /// `outbox_relay_key_order_breaks_total`: records acknowledged after an earlier record of
+    /// their key in the same batch failed at the broker (the one case per-key order does not
+    /// cover; see the README).
+    pub key_order_breaks: IntCounter,
     /// `outbox_relay_retention_deleted_total`: published rows deleted by retention.
     pub retention_deleted: IntCounter,
     /// `outbox_relay_kafka_queue_messages`: records in librdkafka's queue (sent or waiting).
@@ -128,6 +132,11 @@ impl Metrics {
             "New producer sessions started to recover from a broker that refused the old one.",
         )
         .expect("static metric definition");
+        let key_order_breaks = IntCounter::new(
+            "outbox_relay_key_order_breaks_total",
+            "Records acknowledged after an earlier record of their key in the same batch failed at the broker.",
+        )
+        .expect("static metric definition");
         let retention_deleted =
             IntCounter::new("outbox_relay_retention_deleted_total", "Published rows deleted by retention.")
                 .expect("static metric definition");
@@ -173,6 +182,7 @@ impl Metrics {
             Box::new(batch_size.clone()),
             Box::new(delivery_latency.clone()),
             Box::new(producer_restarts.clone()),
+            Box::new(key_order_breaks.clone()),
             Box::new(retention_deleted.clone()),
             Box::new(kafka_queue_messages.clone()),
             Box::new(kafka_brokers_up.clone()),
@@ -199,6 +209,7 @@ impl Metrics {
             batch_size,
             delivery_latency,
             producer_restarts,
+            key_order_breaks,
             retention_deleted,
             kafka_queue_messages,
             kafka_brokers_up,

@@ -601,7 +601,27 @@ impl Relay {
 
         let mut producer_unusable = false;
         let mut first_failure = None;
+        // Keys of records the broker refused: a later record of such a key that it acknowledged
+        // went out ahead of its predecessor. Only a rejection after sending can do that (failures
+        // found before sending hold the key back); it is reported, since it cannot be undone.
+        let mut refused_keys: HashSet<String> = HashSet::new();
         for (((id, record), outcome), created_at) in ids.into_iter().zip(records).zip(outcomes).zip(created) {
+            if let (Outcome::Acked { .. }, Some(key)) = (&outcome, &record.key)
+                && refused_keys.contains(key)
+            {
+                self.metrics.key_order_breaks.inc();
+                error!(
+                    row = %id,
+                    key = %key,
+                    "the broker acknowledged this record after refusing an earlier record of its key in the same batch: \
+                     the key's order is broken on the topic (see outbox_relay_key_order_breaks_total in the README)"
+                );
+            }
+            if let (Outcome::Failed(failure), Some(key)) = (&outcome, &record.key)
+                && !failure.transient
+            {
+                refused_keys.insert(key.clone());
+            }
             match outcome {
                 Outcome::Acked { at } => {
                     if let (Some(created_at), Ok(acked_at)) = (created_at, at.duration_since(UNIX_EPOCH)) {
