@@ -27,7 +27,7 @@
 //!   just after.
 //! - **Ids that do not grow with time**: a sequence with a cache (each session holds a block of
 //!   ids) or a descending one, ids the application assigns, an order column that is not an
-//!   integer. The floor is then never used ([`ClaimFloor::disabled`]); the claim starts at the
+//!   integer. The floor is then never used (see [`ClaimFloor::new`]); the claim starts at the
 //!   beginning. The sequence can change while the relay runs (`ALTER SEQUENCE ... CACHE 50`), so
 //!   every claim reads it again ([`ClaimView::ids_grow_with_time`]) and the floor is dropped the
 //!   moment it no longer holds.

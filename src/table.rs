@@ -498,7 +498,7 @@ pub mod claim_columns {
     /// The claim snapshot's `xmax` as text; the same on every row.
     pub const SNAPSHOT_XMAX: usize = 9;
     /// Whether the order column is still fed by a sequence whose ids grow with time (`bool`,
-    /// see [`OrderSequence::grows_with_time`]); the same on every row.
+    /// see [`super::OrderSequence::grows_with_time`]); the same on every row.
     pub const IDS_GROW_WITH_TIME: usize = 10;
     /// First topic column; template columns follow.
     pub const TOPIC: usize = 11;

@@ -143,6 +143,15 @@ async fn a_row_set_back_to_unpublished_is_found_by_the_next_full_scan() {
     relay.stop().await.unwrap();
 }
 
+/// The standard table, an application's connection to it, and the relay's own connection with
+/// every shard, to claim without a relay running.
+async fn claiming_without_a_relay(env: &TestEnv) -> (tokio_postgres::Client, Outbox, Vec<i32>) {
+    env.migrate().await;
+    let config = env.config();
+    let outbox = Outbox::connect(&config, &Mapping::from_config(&config).unwrap()).await.unwrap();
+    (env.client().await, outbox, all_shards(&config))
+}
+
 /// A failed row parks key K while the other keys' rows lift the claim floor far above it; the
 /// operator fixes it and runs `retry --key K` while writers go on inserting rows of K. Whether
 /// or not the relay hears the retry's notification, and with no full scan to find it, the
@@ -208,11 +217,7 @@ async fn a_retried_row_goes_out_before_later_rows_of_its_key_with_notify_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_being_retried_is_claimed_without_the_later_rows_of_its_key() {
     let env = TestEnv::start().await;
-    env.migrate().await;
-    let db = env.client().await;
-    let config = env.config();
-    let shards = all_shards(&config);
-    let outbox = Outbox::connect(&config, &Mapping::from_config(&config).unwrap()).await.unwrap();
+    let (db, outbox, shards) = claiming_without_a_relay(&env).await;
     let ids =
         insert_events(&db, &[NewEvent::keyed("t", "K", 1), NewEvent::keyed("t", "K", 2), NewEvent::keyed("t", "L", 1)])
             .await;
@@ -263,11 +268,7 @@ async fn a_sequence_given_a_cache_while_the_relay_runs_stops_the_floor_at_the_ne
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_stops_at_its_byte_limit_and_a_row_larger_than_it_comes_alone() {
     let env = TestEnv::start().await;
-    env.migrate().await;
-    let db = env.client().await;
-    let config = env.config();
-    let shards = all_shards(&config);
-    let outbox = Outbox::connect(&config, &Mapping::from_config(&config).unwrap()).await.unwrap();
+    let (db, outbox, shards) = claiming_without_a_relay(&env).await;
     db.execute(
         "INSERT INTO outbox (topic, key, payload) \
          SELECT 't', 'k' || n, jsonb_build_object('blob', repeat('x', 100000)) FROM generate_series(1, 5) n",
