@@ -477,7 +477,7 @@ impl Relay {
             rows = claimed_count,
             acknowledged = Empty,
             failed = Empty,
-            claim_ms = started.elapsed().as_secs_f64() * 1000.0,
+            claim_ms = millis(started.elapsed()),
             deliver_ms = Empty,
             mark_ms = Empty,
             duration_ms = Empty
@@ -661,7 +661,7 @@ impl Relay {
         let span = tracing::Span::current();
         span.record("acknowledged", settlement.acked.len());
         span.record("failed", settlement.row_failures.len() + settlement.outage_failures.len());
-        span.record("deliver_ms", delivery_started.elapsed().as_secs_f64() * 1000.0);
+        span.record("deliver_ms", millis(delivery_started.elapsed()));
 
         if let Some((earlier, e)) = previous_unsettled {
             settlement.absorb(earlier);
@@ -675,7 +675,7 @@ impl Relay {
         if let Err(e) = self.settle(outbox, &mut settlement).await {
             return Ok(Turn::Unsettled(settlement, e));
         }
-        span.record("mark_ms", mark_started.elapsed().as_secs_f64() * 1000.0);
+        span.record("mark_ms", millis(mark_started.elapsed()));
         self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
         Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: None })
     }
@@ -803,6 +803,12 @@ impl Relay {
     }
 }
 
+/// A duration in milliseconds to a hundredth, for the batch span's fields (a float's full
+/// digits, `0.7458290000000001`, only make the log harder to read).
+fn millis(elapsed: Duration) -> f64 {
+    (elapsed.as_secs_f64() * 100_000.0).round() / 100.0
+}
+
 /// Warnings about a table layout that weakens a guarantee.
 fn warn_about_layout(outbox: &Outbox) {
     let layout = outbox.layout();
@@ -822,5 +828,28 @@ fn warn_about_layout(outbox: &Outbox) {
         warn!(
             "outbox.columns.xact_id is not set: a row whose transaction commits late can be overtaken by a later row of its key"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_row_holds_back_its_key_and_an_unreadable_key_holds_every_keyed_row() {
+        let mut held = HeldKeys::default();
+        held.hold(RowKey::Known(None));
+        assert!(!held.holds(Some("K")), "a keyless row holds nothing");
+        held.hold(RowKey::Known(Some("K".into())));
+        assert!(held.holds(Some("K")) && !held.holds(Some("L")) && !held.holds(None));
+        held.hold(RowKey::Unreadable);
+        assert!(held.holds(Some("L")), "any keyed row may share an unreadable key");
+        assert!(!held.holds(None), "keyless rows have no order to keep");
+    }
+
+    #[test]
+    fn batch_timings_are_logged_to_a_hundredth_of_a_millisecond() {
+        assert_eq!(millis(Duration::from_nanos(745_829)), 0.75);
+        assert_eq!(millis(Duration::from_millis(12)), 12.0);
     }
 }

@@ -987,12 +987,16 @@ impl Layout {
             Some(p) => format!("AND {a}.{p} IS NULL"),
             None => String::new(),
         };
+        // A key whose failed row has no later row waiting holds nothing back: it is listed with
+        // the failed rows, not as parked. The failed row named is the key's first in claim order.
         Some(format!(
-            "SELECT f.{key}::text, min(f.{id}::text), \
-                    (SELECT count(*) FROM {table} AS w WHERE w.{key} = f.{key} {wu} AND w.{failed_at} IS NULL \
-                       AND w.{order} > min(f.{order})) \
-             FROM {table} AS f WHERE f.{failed_at} IS NOT NULL {fu} AND f.{key} IS NOT NULL \
-             GROUP BY f.{key} ORDER BY 3 DESC LIMIT 100",
+            "SELECT key, failed_id, waiting FROM (\
+               SELECT f.{key}::text AS key, (array_agg(f.{id}::text ORDER BY f.{order}))[1] AS failed_id, \
+                      (SELECT count(*) FROM {table} AS w WHERE w.{key} = f.{key} {wu} AND w.{failed_at} IS NULL \
+                         AND w.{order} > min(f.{order})) AS waiting \
+               FROM {table} AS f WHERE f.{failed_at} IS NOT NULL {fu} AND f.{key} IS NOT NULL \
+               GROUP BY f.{key}) AS p \
+             WHERE waiting > 0 ORDER BY waiting DESC LIMIT 100",
             id = m.id,
             order = m.order_by,
             table = m.table_sql(),

@@ -227,6 +227,10 @@ async fn a_row_the_relay_rejects_holds_back_its_key_in_its_batch_and_on_every_re
     )
     .await;
     let bad_id = ids[1];
+    // A bad row with nothing of its key after it: failed, but it parks nothing.
+    let mut lone = NewEvent::keyed(&topic, "Z", 1);
+    lone.headers = Some(r#"{"z": []}"#.into());
+    insert_events(&db, &[lone]).await;
 
     let mut config = env.poison_config(4);
     config.relay.retry_backoff_initial = std::time::Duration::from_millis(300);
@@ -239,7 +243,7 @@ async fn a_row_the_relay_rejects_holds_back_its_key_in_its_batch_and_on_every_re
     })
     .await;
     insert_events(&db, &[NewEvent::keyed(&topic, "K", 5)]).await;
-    wait_until(PATIENCE, "the bad row to be given up on", || async { failed_count(&db).await == 1 }).await;
+    wait_until(PATIENCE, "the bad rows to be given up on", || async { failed_count(&db).await == 2 }).await;
     wait_until(PATIENCE, "the rows before it and of other keys to flow", || async {
         published_keys(&db).await == ["K:1", "L:1"]
     })
@@ -247,12 +251,13 @@ async fn a_row_the_relay_rejects_holds_back_its_key_in_its_batch_and_on_every_re
 
     let (_, text, _) = command(&env, &config, &["status"]);
     assert!(text.contains(&format!("key K behind failed row {bad_id}: 3 rows waiting")), "{text}");
+    assert!(text.contains("parked     1 keys") && !text.contains("key Z behind"), "Z holds nothing back: {text}");
 
     // The operator fixes the row and re-queues the key: K arrives whole and in order.
     db.execute("UPDATE outbox SET headers = '{\"a\": \"1\"}' WHERE id = $1", &[&bad_id]).await.unwrap();
     let (code, _, stderr) = command(&env, &config, &["retry", "--key", "K"]);
     assert_eq!(code, 0, "{stderr}");
-    wait_until(PATIENCE, "key K to flow after the retry", || async { unpublished_count(&db).await == 0 }).await;
+    wait_until(PATIENCE, "key K to flow after the retry", || async { unpublished_count(&db).await == 1 }).await;
     relay.stop().await.expect("clean stop");
     let records = read_topic(&env.brokers, &topic).await;
     assert_eq!(records.iter().filter(|r| r.key.as_deref() == Some("K")).count(), 5, "each row of K once");
