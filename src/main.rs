@@ -248,14 +248,42 @@ async fn retry(config: Config, args: RetryArgs) -> ExitCode {
     }
     let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
     let key = if args.all { None } else { args.key.as_deref() };
-    match outbox.retry(ids, key).await {
-        Ok(count) => {
-            println!("re-queued {count} failed rows");
-            ExitCode::SUCCESS
+    let requeued = match outbox.retry(ids, key).await {
+        Ok(requeued) => requeued,
+        Err(e) if e.is_invalid_value() => {
+            eprintln!(
+                "outbox-relay: retry: --id {}: not ids of table {} (its id column is {}); see `outbox-relay status` for failed rows",
+                args.id.join(","),
+                mapping.table_name(),
+                outbox.layout().id_type
+            );
+            return ExitCode::from(EXIT_CONFIG);
         }
         Err(e) => {
             eprintln!("outbox-relay: retry: {e}");
-            ExitCode::from(EXIT_FAILED)
+            return ExitCode::from(EXIT_FAILED);
         }
+    };
+    println!("re-queued {} failed rows", requeued.len());
+    // Say what became of each id asked for that was not re-queued.
+    let not_requeued: Vec<String> = args.id.iter().filter(|id| !requeued.contains(id)).cloned().collect();
+    if not_requeued.is_empty() {
+        return ExitCode::SUCCESS;
     }
+    let states = match outbox.row_states(&not_requeued).await {
+        Ok(states) => states,
+        Err(e) => {
+            eprintln!("outbox-relay: retry: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    for id in &not_requeued {
+        let why = match states.iter().find(|s| &s.id == id) {
+            None => "no such row".to_owned(),
+            Some(s) if s.published => "already published".to_owned(),
+            Some(_) => "pending, never failed: nothing to re-queue".to_owned(),
+        };
+        eprintln!("outbox-relay: retry: row {id}: {why}");
+    }
+    ExitCode::from(EXIT_FAILED)
 }

@@ -140,6 +140,14 @@ impl OutboxError {
         matches!(self, OutboxError::Connect { .. } | OutboxError::Query { .. })
     }
 
+    /// Whether the server refused a value as not of the column's type (an id given on the
+    /// command line that is not an id of the table, say).
+    pub fn is_invalid_value(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        matches!(self, OutboxError::Query { source, .. }
+            if source.code().is_some_and(|c| *c == SqlState::INVALID_TEXT_REPRESENTATION || *c == SqlState::NUMERIC_VALUE_OUT_OF_RANGE))
+    }
+
     fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> OutboxError {
         move |source| OutboxError::Query { what, source }
     }
@@ -276,6 +284,19 @@ pub struct FailedGroup {
     pub count: i64,
     /// The first ids.
     pub first_ids: Vec<String>,
+}
+
+/// Where one row stands, for a command that names rows by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowState {
+    /// Its id as text.
+    pub id: String,
+    /// Marked published.
+    pub published: bool,
+    /// Given up on (until `retry`).
+    pub failed: bool,
+    /// Failed attempts so far.
+    pub attempts: i64,
 }
 
 /// A key held back by a failed row.
@@ -714,11 +735,13 @@ impl Outbox {
         self.client.execute(&sql, &[&age.as_secs_f64(), &limit]).await.map_err(OutboxError::query("retention"))
     }
 
-    /// Re-queues failed rows by id, by key, or all (both `None`); returns how many.
-    pub async fn retry(&self, ids: Option<&[String]>, key: Option<&str>) -> Result<u64, OutboxError> {
-        let Some(sql) = self.layout.retry_sql() else { return Ok(0) };
+    /// Re-queues failed rows (given up on, or waiting out a retry backoff) by id, by key, or
+    /// all (both `None`); returns the ids re-queued.
+    pub async fn retry(&self, ids: Option<&[String]>, key: Option<&str>) -> Result<Vec<String>, OutboxError> {
+        let Some(sql) = self.layout.retry_sql() else { return Ok(Vec::new()) };
         let ids: Option<Vec<String>> = ids.map(|ids| ids.to_vec());
-        let requeued = self.client.execute(&sql, &[&ids, &key]).await.map_err(OutboxError::query("retry"))?;
+        let rows = self.client.query(&sql, &[&ids, &key]).await.map_err(OutboxError::query("retry"))?;
+        let requeued = rows.iter().map(|r| r.get(0)).collect();
         // The claim floor never passes an unpublished row, so running relays find the re-queued
         // rows at their next claim; the notification wakes idle ones at once.
         let notify = "SELECT pg_notify($1, $2)";
@@ -729,6 +752,16 @@ impl Outbox {
             );
         }
         Ok(requeued)
+    }
+
+    /// What became of the rows with these ids; ids of no row are left out.
+    pub async fn row_states(&self, ids: &[String]) -> Result<Vec<RowState>, OutboxError> {
+        let rows =
+            self.client.query(&self.layout.row_states_sql(), &[&ids]).await.map_err(OutboxError::query("read rows"))?;
+        Ok(rows
+            .iter()
+            .map(|r| RowState { id: r.get(0), published: r.get(1), failed: r.get(2), attempts: r.get(3) })
+            .collect())
     }
 
     /// Failed rows grouped by their last error, most frequent first.

@@ -924,8 +924,9 @@ impl Layout {
         ))
     }
 
-    /// Re-queues failed rows: clears failed-at, attempts, last attempt and error. `$1` ids
-    /// (text[], or NULL), `$2` key (or NULL); with both NULL, every failed row.
+    /// Re-queues failed rows (given up on, or waiting out a retry backoff): clears failed-at,
+    /// attempts and last attempt. `$1` ids (text[], or NULL), `$2` key (or NULL); with both
+    /// NULL, every failed row. Returns the ids re-queued.
     pub fn retry_sql(&self) -> Option<String> {
         let m = &self.mapping;
         let failed_at = m.failed_at.as_ref()?;
@@ -940,9 +941,15 @@ impl Layout {
             Some(key) => format!("($2::text IS NULL OR {key}::text = $2::text)"),
             None => "$2::text IS NULL".to_owned(),
         };
+        // A row waiting out its retry backoff is re-queued too: the operator who fixed the
+        // cause need not wait for the backoff (up to `relay.retry_backoff_max`).
+        let has_failed = match &m.attempts {
+            Some(attempts) => format!("({failed_at} IS NOT NULL OR {attempts} > 0)"),
+            None => format!("{failed_at} IS NOT NULL"),
+        };
         Some(format!(
-            "UPDATE {table} SET {sets} WHERE {failed_at} IS NOT NULL {unpublished} \
-             AND ($1::text[] IS NULL OR {id} = ANY($1::text[]::{ty}[])) AND {key_filter}",
+            "UPDATE {table} SET {sets} WHERE {has_failed} {unpublished} \
+             AND ($1::text[] IS NULL OR {id} = ANY($1::text[]::{ty}[])) AND {key_filter} RETURNING {id}::text",
             table = m.table_sql(),
             sets = sets.join(", "),
             unpublished = match &m.published_at {
@@ -952,6 +959,30 @@ impl Layout {
             id = m.id,
             ty = self.id_type,
         ))
+    }
+
+    /// The state of the rows whose ids (text, `$1`) are given: id, published?, failed for
+    /// good?, failed attempts. Ids that match no row are absent.
+    pub fn row_states_sql(&self) -> String {
+        let m = &self.mapping;
+        let published = match &m.published_at {
+            Some(p) => format!("{p} IS NOT NULL"),
+            None => "false".to_owned(),
+        };
+        let failed = match &m.failed_at {
+            Some(f) => format!("{f} IS NOT NULL"),
+            None => "false".to_owned(),
+        };
+        let attempts = match &m.attempts {
+            Some(a) => format!("{a}::int8"),
+            None => "0::int8".to_owned(),
+        };
+        format!(
+            "SELECT {id}::text, {published}, {failed}, {attempts} FROM {table} WHERE {id} = ANY($1::text[]::{ty}[])",
+            id = m.id,
+            table = m.table_sql(),
+            ty = self.id_type,
+        )
     }
 
     /// Failed rows grouped by error: error, count, first ids (text[]).

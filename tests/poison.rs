@@ -176,6 +176,26 @@ async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i32>(1)), (5, 0), "attempts reset, failed_at cleared");
     let (code, _, stderr) = command(&env, &config, &["retry"]);
     assert_eq!(code, 2, "one of --id, --key or --all is required: {stderr}");
+
+    // Ids that name nothing to re-queue say so, each with its reason.
+    let (code, _, stderr) = command(&env, &config, &["retry", "--id", "abc"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not ids of table outbox") && stderr.contains("bigint"), "{stderr}");
+    let (code, stdout, stderr) = command(&env, &config, &["retry", "--id", "5,999"]);
+    assert_eq!((code, stdout.trim()), (1, "re-queued 0 failed rows"), "{stderr}");
+    assert!(stderr.contains("row 5: pending, never failed") && stderr.contains("row 999: no such row"), "{stderr}");
+
+    // A row waiting out its retry backoff is re-queued too, so it is tried at once.
+    db.batch_execute(
+        "UPDATE outbox SET attempts = 2, last_error = 'boom', last_attempt_at = now() WHERE key = 'pending'",
+    )
+    .await
+    .unwrap();
+    let (code, stdout, _) = command(&env, &config, &["retry", "--key", "pending"]);
+    assert_eq!((code, stdout.trim()), (0, "re-queued 1 failed rows"));
+    let backoff: Option<std::time::SystemTime> =
+        db.query_one("SELECT last_attempt_at FROM outbox WHERE key = 'pending'", &[]).await.unwrap().get(0);
+    assert_eq!(backoff, None, "its backoff is over");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
