@@ -135,6 +135,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
+    // Logs and this command's own error line both go to stderr: a fatal error is said once,
+    // as a JSON log line where logs are JSON (so log pipelines get it whole), as one plain line
+    // otherwise.
+    let json_logs = config.log.format == outbox_relay::config::LogFormat::Json;
     let shutdown = Shutdown::new();
     if let Err(e) = shutdown.on_signals() {
         eprintln!("outbox-relay: cannot install signal handlers: {e}");
@@ -147,8 +151,11 @@ async fn run(config: Config) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "relay stopped");
-            eprintln!("outbox-relay: {e}");
+            if json_logs {
+                tracing::error!(error = %e, "relay stopped");
+            } else {
+                eprintln!("outbox-relay: {e}");
+            }
             ExitCode::from(if e.is_config_problem() { EXIT_CONFIG } else { EXIT_FAILED })
         }
     }

@@ -174,3 +174,21 @@ async fn run_against_a_missing_table_exits_2_and_suggests_migrate() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("outbox.table") && stderr.contains("outbox-relay migrate"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_error_is_said_once_as_a_line_or_as_a_json_log_line() {
+    let env = TestEnv::start().await;
+    let mut config = env.config();
+    let path = write_config(&env, &config);
+    let (code, _, stderr) = run_command(&["--config", path.to_str().unwrap(), "run"], &[("RUST_LOG", "info")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.matches("does not exist").count(), 1, "once: {stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("outbox-relay: outbox.table")), "{stderr}");
+
+    config.log.format = outbox_relay::config::LogFormat::Json;
+    let path = write_config(&env, &config);
+    let (code, _, stderr) = run_command(&["--config", path.to_str().unwrap(), "run"], &[("RUST_LOG", "info")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.matches("does not exist").count(), 1, "once: {stderr}");
+    assert!(stderr.lines().all(|l| l.starts_with('{')), "every stderr line is a JSON log line: {stderr}");
+}
