@@ -151,6 +151,20 @@ impl TopicTemplate {
     }
 }
 
+/// The `[outbox.columns]` roles a table may lack (`""` in the configuration).
+const OPTIONAL_COLUMNS: &[&str] = &[
+    "key",
+    "headers",
+    "created_at",
+    "published_at",
+    "attempts",
+    "last_error",
+    "xact_id",
+    "last_attempt_at",
+    "failed_at",
+    "traceparent",
+];
+
 /// Where a row's topic comes from.
 #[derive(Debug, Clone)]
 pub enum TopicSource {
@@ -369,7 +383,15 @@ impl Mapping {
             table_columns.iter().find(|(name, _)| name == column.as_str()).map(|(_, ty)| ty.clone()).ok_or_else(|| {
                 LayoutError {
                     key: key.to_owned(),
-                    problem: format!("table {} has no column \"{}\"", self.table_name(), column.as_str()),
+                    problem: if key.starts_with("outbox.columns.") && OPTIONAL_COLUMNS.contains(&&key["outbox.columns.".len()..]) {
+                        format!(
+                            "table {} has no column \"{}\"; name the column that plays this role, or set {key} = \"\" if the table has none",
+                            self.table_name(),
+                            column.as_str()
+                        )
+                    } else {
+                        format!("table {} has no column \"{}\"", self.table_name(), column.as_str())
+                    },
                 }
             })
         };
@@ -818,9 +840,15 @@ impl Layout {
     pub fn mark_published_sql(&self) -> String {
         let m = &self.mapping;
         let ids = format!("{id} = ANY($1::text[]::{ty}[])", id = m.id, ty = self.id_type);
+        // A published row keeps no error from an earlier attempt: the update writes a whole new
+        // row version anyway, so clearing it costs nothing.
+        let clear_error = match &m.last_error {
+            Some(last_error) => format!(", {last_error} = NULL"),
+            None => String::new(),
+        };
         match &m.published_at {
             Some(published_at) => format!(
-                "UPDATE {table} SET {published_at} = now() WHERE {ids} AND {published_at} IS NULL",
+                "UPDATE {table} SET {published_at} = now(){clear_error} WHERE {ids} AND {published_at} IS NULL",
                 table = m.table_sql()
             ),
             None => format!("DELETE FROM {table} WHERE {ids}", table = m.table_sql()),

@@ -164,6 +164,7 @@ async fn run_against_a_table_missing_a_mapped_column_exits_2_naming_the_column()
     let (code, _, stderr) = run_command(&["--config", path.to_str().unwrap(), "run"], &[("RUST_LOG", "off")]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("outbox.columns.key") && stderr.contains("no column \"key\""), "{stderr}");
+    assert!(stderr.contains("or set outbox.columns.key = \"\" if the table has none"), "how to do without: {stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

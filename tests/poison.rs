@@ -278,6 +278,9 @@ async fn a_row_the_relay_rejects_holds_back_its_key_in_its_batch_and_on_every_re
     let (code, _, stderr) = command(&env, &config, &["retry", "--key", "K"]);
     assert_eq!(code, 0, "{stderr}");
     wait_until(PATIENCE, "key K to flow after the retry", || async { unpublished_count(&db).await == 1 }).await;
+    let error: Option<String> =
+        db.query_one("SELECT last_error FROM outbox WHERE id = $1", &[&bad_id]).await.unwrap().get(0);
+    assert_eq!(error, None, "a published row keeps no error from an earlier attempt");
     relay.stop().await.expect("clean stop");
     let records = read_topic(&env.brokers, &topic).await;
     assert_eq!(records.iter().filter(|r| r.key.as_deref() == Some("K")).count(), 5, "each row of K once");
