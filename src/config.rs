@@ -1165,6 +1165,10 @@ fn describe_figment_error(error: &figment::Error) -> ConfigError {
             path.push(field.to_string());
             "is required".to_owned()
         }
+        // humantime's durations: say what one looks like.
+        other if other.to_string().ends_with("expected a duration") => {
+            format!("{other}, such as \"500ms\", \"30s\", \"5m\" or \"1h 30m\"")
+        }
         other => other.to_string(),
     };
     let origin = error.metadata.as_ref().map(|meta| match &meta.source {

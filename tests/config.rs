@@ -34,6 +34,7 @@ fn an_invalid_file_value_exits_2_naming_the_key_and_the_file() {
     let (_dir, path) = write_file("relay.toml", "[relay]\npoll_interval = \"soon\"\n");
     let err = assert_config_error(&["--config", &path, "config"], &[], "relay.poll_interval");
     assert!(err.contains("relay.toml"), "{err}");
+    assert!(err.contains("such as \"500ms\", \"30s\""), "a duration error shows what one looks like: {err}");
 }
 
 #[test]
