@@ -713,11 +713,20 @@ pub struct LogConfig {
     /// Log each record's key and payload at debug level. Off by default: payloads are the
     /// application's data and may be personal.
     pub payloads: bool,
+    /// How often the relay logs a one-line summary (rows published since the last one, pending,
+    /// failed) at info level while there is anything to say. Zero turns it off.
+    #[serde(with = "humantime_serde")]
+    pub summary_interval: Duration,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Text, level: "info".to_owned(), payloads: false }
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+            payloads: false,
+            summary_interval: Duration::from_secs(60),
+        }
     }
 }
 

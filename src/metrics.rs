@@ -72,6 +72,17 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Records published so far, over every topic.
+    pub fn published_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.published
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|metric| metric.get_counter().value() as u64)
+            .sum()
+    }
+
     /// Creates the metrics in a fresh registry.
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -23,6 +23,7 @@ const HOLDBACK_WARNING_REPEAT: Duration = Duration::from_secs(60);
 pub async fn report(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shutdown: Shutdown) {
     let mut connection: Option<Outbox> = None;
     let mut last_warning: Option<Instant> = None;
+    let mut summary = Summary { at: Instant::now(), published: metrics.published_total() };
     loop {
         let outbox = match connection.take().filter(|c| !c.is_closed()) {
             Some(outbox) => Some(outbox),
@@ -34,10 +35,46 @@ pub async fn report(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shu
                 Err(e) => debug!(error = %e, "table stats unavailable"),
             }
         }
+        summary.log_if_due(config.log.summary_interval, &metrics);
         tokio::select! {
             _ = tokio::time::sleep(config.relay.stats_interval) => {}
             _ = shutdown.requested() => return,
         }
+    }
+}
+
+/// The periodic summary line: at info level a busy relay would otherwise say nothing after
+/// its start, and an operator tailing the log could not tell a drain from a stall.
+struct Summary {
+    /// When the last summary was logged (or the relay started).
+    at: Instant,
+    /// Records published by then.
+    published: u64,
+}
+
+impl Summary {
+    /// Logs what happened since the last summary, if `interval` has passed and there is
+    /// anything to say (rows published, pending or failed).
+    fn log_if_due(&mut self, interval: Duration, metrics: &Metrics) {
+        if interval.is_zero() || self.at.elapsed() < interval {
+            return;
+        }
+        let published = metrics.published_total();
+        let (pending, failed) = (metrics.pending_rows.get(), metrics.failed_rows.get());
+        let since = published.saturating_sub(self.published);
+        if since > 0 || pending > 0 || failed > 0 {
+            info!(
+                published = since,
+                seconds = self.at.elapsed().as_secs(),
+                pending,
+                oldest_pending_s = metrics.oldest_pending_age.get().round(),
+                failed,
+                held = metrics.held_rows.get(),
+                shards = metrics.shards_owned.get(),
+                "summary"
+            );
+        }
+        *self = Summary { at: Instant::now(), published };
     }
 }
 

@@ -277,3 +277,23 @@ async fn the_relays_batch_spans_are_exported_over_otlp() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_logs_a_periodic_summary_at_info_level() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let db = env.client().await;
+    let mut config = env.config();
+    config.log.summary_interval = std::time::Duration::from_millis(300);
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[("RUST_LOG", "info")]);
+    insert_backlog(&db, &topic, 0..2_000, 10).await;
+    wait_until(PATIENCE, "the backlog to drain", || async { unpublished_count(&db).await == 0 }).await;
+    relay.wait_for_log("summary").await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0));
+    let log = relay.log();
+    let line =
+        log.lines().find(|l| l.contains("summary") && l.contains("published=")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("pending=") && line.contains("failed="), "{line}");
+}
