@@ -56,6 +56,10 @@ pub enum OutboxError {
         /// The driver's error.
         source: tokio_postgres::Error,
     },
+    /// The server refused the login at startup: the database does not exist, or the role or
+    /// its password was refused. A configuration problem, not an outage.
+    #[error("{0}; check database.url (and database.password), the relay does not retry a login refused at startup")]
+    Refused(Box<OutboxError>),
     /// The configured table does not exist.
     #[error(
         "outbox.table: table {0} does not exist; create it with `outbox-relay migrate` or point outbox.table at your table"
@@ -138,6 +142,17 @@ impl OutboxError {
     /// fix itself; a dropped connection will.
     pub fn is_transient(&self) -> bool {
         matches!(self, OutboxError::Connect { .. } | OutboxError::Query { .. })
+    }
+
+    /// Whether the server refused the login itself: no such database, no such role, a wrong
+    /// password, or no `pg_hba.conf` entry for it.
+    pub fn is_refused_login(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        matches!(self, OutboxError::Connect { source, .. } if source.code().is_some_and(|c| {
+            *c == SqlState::INVALID_CATALOG_NAME
+                || *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        }))
     }
 
     /// Whether the server refused a value as not of the column's type (an id given on the

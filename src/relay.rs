@@ -77,6 +77,7 @@ impl RelayError {
             self,
             RelayError::Outbox(
                 OutboxError::Layout(_)
+                    | OutboxError::Refused(_)
                     | OutboxError::TableMissing(_)
                     | OutboxError::MissingPrivileges { .. }
                     | OutboxError::ShardCountMismatch { .. }
@@ -240,6 +241,8 @@ impl Relay {
 
         let relay = &self.config.relay;
         let mut backoff = Backoff::new(relay.backoff_initial, relay.backoff_max);
+        // Whether a connection ever succeeded: until then, a refused login is a mistake.
+        let mut ever_connected = false;
         let mut shards = Shards::new(relay.shards, relay.rebalance_interval, relay.takeover_after);
         let mut connection: Option<Outbox> = None;
         // Where claims start; built again for each connection.
@@ -288,11 +291,19 @@ impl Relay {
                     self.health.set_database_connected(false);
                     match self.connect().await {
                         Ok(outbox) => {
+                            ever_connected = true;
                             self.health.set_database_connected(true);
                             floor = ClaimFloor::new(relay.full_scan_interval, outbox.ids_grow_with_time());
                             info!(table = %self.mapping.table_name(), "connected to PostgreSQL");
                             warn_about_layout(&outbox);
                             outbox
+                        }
+                        // Before the first connection, a database that does not exist or a
+                        // login the server refuses is a configuration mistake, not an outage:
+                        // waiting would never help. After it, the same answer (a database
+                        // being restored, a password being rotated) is waited out.
+                        Err(e) if !ever_connected && e.is_refused_login() => {
+                            return Err(OutboxError::Refused(Box::new(e)).into());
                         }
                         Err(e) if e.is_transient() => {
                             let delay = backoff.next_delay();

@@ -194,3 +194,23 @@ async fn a_fatal_error_is_said_once_as_a_line_or_as_a_json_log_line() {
     assert_eq!(stderr.matches("does not exist").count(), 1, "once: {stderr}");
     assert!(stderr.lines().all(|l| l.starts_with('{')), "every stderr line is a JSON log line: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_or_role_that_does_not_exist_fails_the_start_with_exit_2() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let mut config = env.config();
+    for (what, url) in [
+        ("database", env.database_url.replace("/db_", "/no_such_db_")),
+        ("role", login_as(&env.database_url, "no_such_role", "x")),
+    ] {
+        config.database.url = url;
+        let path = write_config(&env, &config);
+        let started = std::time::Instant::now();
+        let (code, _, stderr) = run_command(&["--config", path.to_str().unwrap(), "run"], &[("RUST_LOG", "off")]);
+        assert_eq!(code, 2, "{what}: {stderr}");
+        assert!(stderr.contains("does not exist") && stderr.contains("check database.url"), "{what}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{what}: one line: {stderr}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "{what}: no retrying");
+    }
+}
