@@ -993,24 +993,24 @@ impl Layout {
     /// good?, failed attempts. Ids that match no row are absent.
     pub fn row_states_sql(&self) -> String {
         let m = &self.mapping;
-        let published = match &m.published_at {
-            Some(p) => format!("{p} IS NOT NULL"),
-            None => "false".to_owned(),
-        };
-        let failed = match &m.failed_at {
-            Some(f) => format!("{f} IS NOT NULL"),
-            None => "false".to_owned(),
-        };
-        let attempts = match &m.attempts {
-            Some(a) => format!("{a}::int8"),
-            None => "0::int8".to_owned(),
-        };
         format!(
-            "SELECT {id}::text, {published}, {failed}, {attempts} FROM {table} WHERE {id} = ANY($1::text[]::{ty}[])",
+            "SELECT o.{id}::text, {published}, {failed}, {attempts} FROM {table} AS o \
+             WHERE o.{id} = ANY($1::text[]::{ty}[])",
+            published = is_set(&m.published_at),
+            failed = is_set(&m.failed_at),
+            attempts = self.attempts_sql(),
             id = m.id,
             table = m.table_sql(),
             ty = self.id_type,
         )
+    }
+
+    /// Row `o`'s failed attempts as `int8` (0 without an attempts column).
+    fn attempts_sql(&self) -> String {
+        match &self.mapping.attempts {
+            Some(c) => format!("o.{c}::int8"),
+            None => "0::int8".to_owned(),
+        }
     }
 
     /// Failed rows grouped by error: error, count, first ids (text[]).
@@ -1071,14 +1071,7 @@ impl Layout {
     /// from a column (a template's topic is checked row by row instead).
     pub fn audit_rows_sql(&self) -> String {
         let m = &self.mapping;
-        let published = match &m.published_at {
-            Some(c) => format!("o.{c} IS NOT NULL"),
-            None => "false".to_owned(),
-        };
-        let attempts = match &m.attempts {
-            Some(c) => format!("o.{c}::int8"),
-            None => "0::int8".to_owned(),
-        };
+        let (published, attempts) = (is_set(&m.published_at), self.attempts_sql());
         let last_error = text_or_null(&m.last_error);
         let mut filters = vec![
             format!("($1::text IS NULL OR o.{id} >= $1::text::{ty})", id = m.id, ty = self.id_type),
@@ -1105,6 +1098,14 @@ impl Layout {
             filters = filters.join(" AND "),
             order = m.order_by,
         )
+    }
+}
+
+/// `o.column IS NOT NULL`, or `false` for a column the table does not have.
+fn is_set(column: &Option<Identifier>) -> String {
+    match column {
+        Some(c) => format!("o.{c} IS NOT NULL"),
+        None => "false".to_owned(),
     }
 }
 
