@@ -2,7 +2,7 @@
 //! ceilings it cannot beat (the database alone, the broker alone) and a naive relay.
 //!
 //! Run it with `scripts/bench.sh` (which builds the release binary, runs this and draws the
-//! plot). It starts its own PostgreSQL (fsync on, as in production) and tansu broker on free
+//! plot). It starts its own PostgreSQL (fsync on, as in production) and Apache Kafka node on free
 //! loopback ports; each scenario gets a fresh database and topic. The relay runs as the release
 //! binary in its own process, so its CPU time and peak RSS are its own.
 //!
@@ -27,7 +27,7 @@ use outbox_relay::record::Record;
 use outbox_relay::table::Mapping;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use support::{Broker, Postgres, RelayProcess, TestEnv, free_port, sample, spawn_relay_process_with_env};
+use support::{Kafka, Postgres, RelayProcess, TestEnv, free_port, sample, spawn_relay_process_with_env};
 use tokio_postgres::Client;
 
 /// Distinct keys in generated rows: enough that every partition sees traffic.
@@ -122,7 +122,7 @@ async fn main() {
         "shared_buffers=1GB",
         "max_wal_size=4GB",
     ]);
-    let broker = Broker::start();
+    let broker = Kafka::start();
     // SAFETY: set before any other thread reads the environment.
     unsafe {
         std::env::set_var("OUTBOX_TEST_DATABASE_URL", postgres.url("postgres"));

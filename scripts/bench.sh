@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the benchmark (benches/relay.rs): starts PostgreSQL and tansu on free ports, measures the
+# Runs the benchmark (benches/relay.rs): starts PostgreSQL and Apache Kafka (scripts/kafka.sh) on free ports, measures the
 # database and broker ceilings, the relay's drain rate at several backlogs, its latency at fixed
 # insert rates, its CPU and memory, and a naive relay; prints a Markdown table and writes
 # docs/bench/latest.json, docs/bench/latest.md and docs/bench/latency.png. About 15 minutes on

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the demo and the test suite need on a fresh machine, skipping what is there:
 #   - a PostgreSQL server (Debian's postgresql package) when no server binaries are found;
-#   - tansu, the Kafka-compatible broker, from crates.io (about 10 minutes to build the first time);
+#   - a Java runtime and Maven (Debian's openjdk-17-jre-headless, maven) when absent, and Apache
+#     Kafka's jars from Maven Central into ~/.cache/outbox-relay (scripts/kafka.sh fetch, about
+#     45 MB, seconds);
+#   - tansu, a Kafka-compatible broker, from crates.io (about 10 minutes to build the first time),
+#     which only the security tests still use;
 #   - OpenSSL's headers and pkg-config (Debian's libssl-dev, pkg-config), which librdkafka's TLS
 #     and SASL and the PostgreSQL TLS connector build against;
 #   - cargo-nextest, the test runner.
@@ -36,6 +40,13 @@ if ! pkg-config --exists openssl 2>/dev/null; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
 fi
+
+if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+    say "installing a Java runtime and Maven (Debian packages openjdk-17-jre-headless, maven) for Apache Kafka"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+fi
+"$(dirname "$0")/kafka.sh" fetch >/dev/null
 
 tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
 if ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then

@@ -66,8 +66,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
-    /// `/healthz` fails when one step of the loop (a claim, a batch's delivery reports, a mark)
-    /// has taken longer than this. Keep it above `message.timeout.ms`.
+    /// `/healthz` fails when one step of the loop (a claim, a mark, a database statement) has
+    /// taken longer than this. Waiting for the broker's acknowledgements does not count: a
+    /// broker outage fails readiness instead, since restarting the relay would not end it.
     #[serde(with = "humantime_serde")]
     pub liveness_timeout: Duration,
     /// `/readyz` fails when the relay has had rows to publish for this long without any being

@@ -24,6 +24,10 @@ fn now_ms() -> u64 {
 pub struct Health {
     /// When the current step began, if the loop is in one.
     busy_since: AtomicU64,
+    /// Whether the step is waiting for the broker's acknowledgements, which takes as long as a
+    /// broker outage does: not a stuck relay (a restart would not help, and would send the
+    /// batch again).
+    awaiting_broker: AtomicBool,
     /// Whether the claim connection is up.
     database_connected: AtomicBool,
     /// Whether librdkafka reports at least one broker up (from its statistics and errors).
@@ -57,6 +61,15 @@ impl Health {
         self.busy_since.store(0, Ordering::Relaxed);
     }
 
+    /// The step waits for (`true`) or has received (`false`) the broker's acknowledgements.
+    pub fn awaiting_broker(&self, waiting: bool) {
+        if !waiting && self.busy_since.load(Ordering::Relaxed) != 0 {
+            // The rest of the step (marking) is timed from here.
+            self.busy_since.store(now_ms(), Ordering::Relaxed);
+        }
+        self.awaiting_broker.store(waiting, Ordering::Relaxed);
+    }
+
     /// The claim connection came up or went away.
     pub fn set_database_connected(&self, connected: bool) {
         self.database_connected.store(connected, Ordering::Relaxed);
@@ -82,7 +95,8 @@ impl Health {
     pub fn alive(&self, liveness_timeout: Duration) -> Verdict {
         let busy_since = self.busy_since.load(Ordering::Relaxed);
         let stuck_for = now_ms().saturating_sub(busy_since);
-        if busy_since != 0 && stuck_for >= liveness_timeout.as_millis() as u64 {
+        let awaiting_broker = self.awaiting_broker.load(Ordering::Relaxed);
+        if busy_since != 0 && !awaiting_broker && stuck_for >= liveness_timeout.as_millis() as u64 {
             return Verdict {
                 ok: false,
                 reasons: vec![format!("the relay loop has been in one step for {} s", stuck_for / 1000)],
@@ -135,6 +149,18 @@ mod tests {
         assert!(!verdict.ok && verdict.reasons[0].contains("none acknowledged"), "{verdict:?}");
         health.progress();
         assert!(health.ready(Duration::ZERO).ok, "progress clears it");
+    }
+
+    #[test]
+    fn waiting_for_the_broker_is_not_being_stuck_and_the_rest_of_the_step_is_timed_afresh() {
+        let health = Health::new();
+        health.step_started();
+        health.awaiting_broker(true);
+        assert!(health.alive(Duration::ZERO).ok, "a broker outage is not a stuck relay");
+        std::thread::sleep(Duration::from_millis(20));
+        health.awaiting_broker(false);
+        assert!(health.alive(Duration::from_millis(15)).ok, "the wait is not counted against the mark");
+        assert!(!health.alive(Duration::ZERO).ok, "the rest of the step is timed");
     }
 
     #[test]

@@ -31,9 +31,12 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     ("acks", "all"),
     // Java-compatible murmur2 for keyed records; NULL keys are spread at random.
     ("partitioner", "murmur2_random"),
-    // Java's delivery.timeout.ms default: long enough to ride out a broker restart, short
-    // enough that a dead cluster surfaces as row errors and metrics within minutes.
-    ("message.timeout.ms", "120000"),
+    // Never give up on a record (0 is no limit). A record that times out may have been
+    // written by a broker that was only slow, and the relay would then send it again: a
+    // duplicate without any relay stop. Waiting instead, librdkafka retries with the same
+    // producer id and sequence numbers, which the broker deduplicates. An outage shows in
+    // readiness, the metrics and a periodic warning, never as row errors.
+    (MESSAGE_TIMEOUT, "0"),
     // Queue depth and broker round-trip times for the metrics.
     ("statistics.interval.ms", "5000"),
     // The relay hands librdkafka a whole batch at once and waits for it, so lingering only
@@ -41,6 +44,18 @@ const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
     // benchmark. 1 ms still lets the records of a batch share produce requests.
     ("linger.ms", "1"),
 ];
+
+/// librdkafka's limit on how long a record may wait for its acknowledgement;
+/// `delivery.timeout.ms` is another name for it.
+pub const MESSAGE_TIMEOUT: &str = "message.timeout.ms";
+
+/// The user's `message.timeout.ms` (or `delivery.timeout.ms`) when it lets librdkafka abandon
+/// a record: records abandoned after it are sent again and may reach the topic twice.
+pub fn abandoning_timeout(config: &Config) -> Option<(&'static str, &str)> {
+    [MESSAGE_TIMEOUT, "delivery.timeout.ms"].into_iter().find_map(|name| {
+        config.kafka.properties.get(name).map(String::as_str).filter(|v| v.trim() != "0").map(|v| (name, v))
+    })
+}
 
 /// Every `reason` a [`DeliveryError`] can carry, plus `invalid_row` for rows that cannot become
 /// a record at all. The metrics start each at zero so that dashboards see the series from the

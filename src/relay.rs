@@ -238,6 +238,15 @@ impl Relay {
         let signal = if self.mapping.xact_id.is_some() { CommitSignal::Horizon } else { CommitSignal::AnyCommit };
         let wakeup = Wakeup::start(&self.config, signal, self.shutdown.clone());
         info!(table = %self.mapping.table_name(), brokers = %self.config.kafka.brokers, "relay starting");
+        if let Some((name, value)) = crate::publisher::abandoning_timeout(&self.config) {
+            warn!(
+                property = name,
+                value,
+                "kafka.properties.{name} lets librdkafka give up on a record the broker may have written after all: \
+                 the relay then sends it again, a duplicate without any relay stop. Remove it (the relay's default, 0, \
+                 never gives up) unless duplicates are acceptable"
+            );
+        }
 
         let relay = &self.config.relay;
         let mut backoff = Backoff::new(relay.backoff_initial, relay.backoff_max);
@@ -434,6 +443,29 @@ impl Relay {
         Ok(())
     }
 
+    /// Awaits `delivery`, the reports of a batch of `records` records, for as long as it takes
+    /// (librdkafka never abandons a record), saying every so often that the broker keeps the
+    /// batch waiting. Meanwhile the wait does not count against liveness.
+    async fn awaiting_acknowledgements<T>(&self, delivery: impl Future<Output = T>, records: usize) -> T {
+        self.health.awaiting_broker(true);
+        let started = Instant::now();
+        tokio::pin!(delivery);
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut delivery => break outcome,
+                _ = tokio::time::sleep(ACKNOWLEDGEMENT_WAIT_WARNING) => warn!(
+                    records,
+                    waiting_s = started.elapsed().as_secs(),
+                    brokers_up = self.metrics.kafka_brokers_up.get(),
+                    "the broker has not acknowledged this batch yet; still waiting (records are never abandoned, since \
+                     one the broker already wrote would be sent twice)"
+                ),
+            }
+        };
+        self.health.awaiting_broker(false);
+        outcome
+    }
+
     /// Claims one batch of `shards` (or takes the one claimed ahead), publishes it, awaits every
     /// report and records the outcome.
     async fn relay_batch(
@@ -598,7 +630,8 @@ impl Relay {
             }
             (None, self.claim_ahead(outbox, shards, &in_flight, floor).await)
         };
-        let deliver_and_claim_next = async { tokio::join!(publisher.publish(&records), mark_previous_and_claim_next) };
+        let deliver = self.awaiting_acknowledgements(publisher.publish(&records), records.len());
+        let deliver_and_claim_next = async { tokio::join!(deliver, mark_previous_and_claim_next) };
         let (outcomes, (previous_unsettled, ahead)) = tokio::select! {
             both = deliver_and_claim_next => both,
             _ = self.shutdown.grace_expired(self.config.relay.shutdown_timeout) => {
@@ -819,6 +852,10 @@ impl Relay {
 fn millis(elapsed: Duration) -> f64 {
     (elapsed.as_secs_f64() * 100_000.0).round() / 100.0
 }
+
+/// How long a batch waits for its acknowledgements before the relay says so, and how often it
+/// says so again: long enough that a leader election passes unremarked.
+const ACKNOWLEDGEMENT_WAIT_WARNING: Duration = Duration::from_secs(15);
 
 /// Warnings about a table layout that weakens a guarantee.
 fn warn_about_layout(outbox: &Outbox) {

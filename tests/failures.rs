@@ -5,10 +5,9 @@ mod support;
 
 use support::*;
 
-/// Failures should surface in seconds, not librdkafka's default minutes.
+/// A missing topic should surface in seconds, not after librdkafka's 30 s metadata wait.
 fn fail_fast(env: &TestEnv) -> outbox_relay::Config {
     let mut config = env.config();
-    config.kafka.properties.insert("message.timeout.ms".into(), "1500".into());
     config.kafka.properties.insert("topic.metadata.propagation.max.ms".into(), "500".into());
     config
 }

@@ -13,7 +13,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use support::tls::{TestCa, TlsProxy};
 use support::{
-    Broker, NewEvent, PATIENCE, RelayProcess, TestEnv, insert_events, marked_event_ids, spawn_relay_process_with_env,
+    NewEvent, PATIENCE, RelayProcess, TestEnv, insert_events, marked_event_ids, spawn_relay_process_with_env,
     unique_name, wait_until,
 };
 
@@ -102,7 +102,7 @@ async fn publishes_over_sasl_ssl_with_scram_sha_512_and_a_verified_broker_certif
     let (cert, key) = ca.issue("broker", &["localhost"]);
     let proxy = TlsProxy::start(&cert, &key, None).await;
     let advertised = format!("localhost:{}", proxy.port);
-    let broker = Broker::start_secured(Some(advertised.clone()), &[ALICE]);
+    let broker = support::tansu::Broker::start_secured(Some(advertised.clone()), &[ALICE]);
     proxy.forward_to(&broker.address());
 
     let security = vec![
@@ -135,7 +135,7 @@ async fn publishes_over_sasl_ssl_with_scram_sha_512_and_a_verified_broker_certif
 async fn publishes_with_scram_sha_256_from_the_environment_and_fails_clearly_with_a_wrong_password() {
     let env = TestEnv::start().await;
     env.migrate().await;
-    let broker = Broker::start_secured(None, &[BOB]);
+    let broker = support::tansu::Broker::start_secured(None, &[BOB]);
     let security = vec![
         ("security.protocol", "sasl_plaintext".to_owned()),
         ("sasl.mechanisms", "SCRAM-SHA-256".to_owned()),
@@ -166,7 +166,7 @@ async fn a_broker_certificate_from_another_authority_is_refused() {
     let (cert, key) = ca.issue("broker", &["localhost"]);
     let proxy = TlsProxy::start(&cert, &key, None).await;
     let advertised = format!("localhost:{}", proxy.port);
-    let broker = Broker::start_secured(Some(advertised.clone()), &[]);
+    let broker = support::tansu::Broker::start_secured(Some(advertised.clone()), &[]);
     proxy.forward_to(&broker.address());
     let security =
         vec![("security.protocol", "ssl".to_owned()), ("ssl.ca.location", ca.ca_file().display().to_string())];
@@ -188,7 +188,7 @@ async fn a_broker_that_requires_client_certificates_gets_the_relays() {
     let (client_cert, client_key) = ca.issue("relay", &["outbox-relay"]);
     let proxy = TlsProxy::start(&cert, &key, Some(&ca.ca_file())).await;
     let advertised = format!("localhost:{}", proxy.port);
-    let broker = Broker::start_secured(Some(advertised.clone()), &[]);
+    let broker = support::tansu::Broker::start_secured(Some(advertised.clone()), &[]);
     proxy.forward_to(&broker.address());
     let security = vec![
         ("security.protocol", "ssl".to_owned()),

@@ -25,7 +25,6 @@ async fn the_metrics_endpoint_serves_every_relay_metric_and_they_follow_the_work
     let addr = format!("127.0.0.1:{}", free_port());
     let mut config = env.config();
     config.metrics.listen = addr.clone();
-    config.kafka.properties.insert("message.timeout.ms".into(), "1000".into());
     config.kafka.properties.insert("topic.metadata.propagation.max.ms".into(), "200".into());
     let relay = env.spawn_relay(config);
 
@@ -80,9 +79,7 @@ async fn the_oldest_pending_age_reports_a_backlog_the_relay_cannot_drain() {
     )
     .await
     .unwrap();
-    let mut config = env.config();
-    config.kafka.properties.insert("message.timeout.ms".into(), "1000".into());
-    let relay = env.spawn_relay(config);
+    let relay = env.spawn_relay(env.config());
     wait_until(PATIENCE, "the age gauge", || async { relay.metrics.oldest_pending_age.get() >= 3600.0 }).await;
     assert_eq!(relay.metrics.pending_rows.get(), 1);
     relay.stop().await.expect("clean stop");

@@ -17,17 +17,12 @@ fn with_endpoint(env: &TestEnv) -> (outbox_relay::Config, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_fails_while_the_broker_is_down_with_rows_pending_and_recovers_without_a_restart() {
-    let mut env = TestEnv::start().await;
-    let Some(port) = env.broker.as_ref().map(|b| b.port) else {
-        eprintln!("skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot stop it");
-        return;
-    };
+    let mut env = TestEnv::start_with_own_broker().await;
     env.migrate().await;
     let topic = env.create_topic(1).await;
     let db = env.client().await;
     let (mut config, addr) = with_endpoint(&env);
     config.health.readiness_window = Duration::from_secs(2);
-    config.kafka.properties.insert("message.timeout.ms".into(), "1000".into());
     let relay = env.spawn_relay(config);
     insert_events(&db, &[NewEvent::keyed(&topic, "a", 1)]).await;
     wait_until(PATIENCE, "ready, with the first row published", || async {
@@ -36,15 +31,14 @@ async fn readyz_fails_while_the_broker_is_down_with_rows_pending_and_recovers_wi
     .await;
     assert_eq!(http_get(&addr, "/healthz").await.0, 200);
 
-    env.broker.as_mut().expect("broker").stop();
+    env.broker.as_mut().expect("own broker").stop(1);
     insert_events(&db, &[NewEvent::keyed(&topic, "a", 2)]).await;
     wait_until(PATIENCE, "/readyz to fail", || async { http_get(&addr, "/readyz").await.0 == 503 }).await;
     let (_, reasons) = http_get(&addr, "/readyz").await;
     assert!(reasons.contains("broker") || reasons.contains("none acknowledged"), "{reasons}");
     assert_eq!(http_get(&addr, "/healthz").await.0, 200, "an outage waited out is not a dead relay");
 
-    env.broker = Some(Broker::start_on(port));
-    create_topic(&env.brokers, &topic, 1).await;
+    env.broker.as_mut().expect("own broker").restart(1);
     wait_until(PATIENCE, "/readyz to pass again once the row is out", || async {
         http_get(&addr, "/readyz").await.0 == 200 && unpublished_count(&db).await == 0
     })
@@ -55,25 +49,50 @@ async fn readyz_fails_while_the_broker_is_down_with_rows_pending_and_recovers_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_fails_when_a_step_is_stuck_past_the_liveness_timeout() {
     let env = TestEnv::start().await;
-    let Some(broker) = env.broker.as_ref() else { return };
     env.migrate().await;
     let topic = env.create_topic(1).await;
     let (mut config, addr) = with_endpoint(&env);
     config.health.liveness_timeout = Duration::from_secs(1);
-    config.kafka.properties.insert("message.timeout.ms".into(), "60000".into());
+    // The loop blocks for 5 s in its first batch, after the claim and before the produce.
+    let relay = spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-produce=1*sleep(5000)")]);
+    wait_until(PATIENCE, "alive", || async { http_get(&addr, "/healthz").await.0 == 200 }).await;
+    insert_events(&env.client().await, &[NewEvent::keyed(&topic, "a", 1)]).await;
+    wait_until(PATIENCE, "/healthz to fail", || async { http_get(&addr, "/healthz").await.0 == 503 }).await;
+    let (_, reasons) = http_get(&addr, "/healthz").await;
+    assert!(reasons.contains("in one step"), "{reasons}");
+    wait_until(PATIENCE, "/healthz to pass once the batch completes", || async {
+        http_get(&addr, "/healthz").await.0 == 200
+    })
+    .await;
+    consume(&env.brokers, &topic, 1).await;
+    drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_broker_fails_readiness_and_never_liveness() {
+    let env = TestEnv::start_with_own_broker().await;
+    let broker = env.broker.as_ref().expect("own broker");
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let (mut config, addr) = with_endpoint(&env);
+    config.health.liveness_timeout = Duration::from_secs(1);
+    config.health.readiness_window = Duration::from_secs(1);
     let relay = env.spawn_relay(config);
     wait_until(PATIENCE, "alive", || async { http_get(&addr, "/healthz").await.0 == 200 }).await;
     // A hung broker: the batch waits for delivery reports that do not come.
-    broker.freeze();
+    broker.freeze(1);
     insert_events(&env.client().await, &[NewEvent::keyed(&topic, "a", 1)]).await;
-    wait_until(PATIENCE, "/healthz to fail", || async { http_get(&addr, "/healthz").await.0 == 503 }).await;
     wait_until(PATIENCE, "the stuck record in librdkafka's queue metric", || async {
         relay.metrics.kafka_queue_messages.get() >= 1
     })
     .await;
-    broker.thaw();
-    wait_until(PATIENCE, "/healthz to pass once the batch completes", || async {
-        http_get(&addr, "/healthz").await.0 == 200
+    wait_until(PATIENCE, "/readyz to fail", || async { http_get(&addr, "/readyz").await.0 == 503 }).await;
+    let (_, reasons) = http_get(&addr, "/readyz").await;
+    assert!(reasons.contains("none acknowledged") || reasons.contains("broker"), "{reasons}");
+    assert_eq!(http_get(&addr, "/healthz").await.0, 200, "restarting the relay would not end a broker outage");
+    broker.thaw(1);
+    wait_until(PATIENCE, "/readyz to pass once the batch completes", || async {
+        http_get(&addr, "/readyz").await.0 == 200 && unpublished_count(&env.client().await).await == 0
     })
     .await;
     relay.stop().await.expect("clean stop");

@@ -25,7 +25,10 @@ fn quick_takeover(env: &TestEnv) -> Config {
 /// A test's database with the standard outbox table, a topic of two partitions, and a
 /// connection as the application.
 async fn table_and_topic() -> (TestEnv, String, tokio_postgres::Client) {
-    let env = TestEnv::start().await;
+    table_and_topic_on(TestEnv::start().await).await
+}
+
+async fn table_and_topic_on(env: TestEnv) -> (TestEnv, String, tokio_postgres::Client) {
     env.migrate().await;
     let topic = env.create_topic(2).await;
     let db = env.client().await;
@@ -290,11 +293,8 @@ async fn a_relay_paused_with_a_claimed_batch_publishes_nothing_it_no_longer_owns
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_waiting_on_a_frozen_broker_keep_their_shards() {
-    let (env, topic, db) = table_and_topic().await;
-    let Some(broker) = env.broker.as_ref() else {
-        eprintln!("skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot freeze it");
-        return;
-    };
+    let (env, topic, db) = table_and_topic_on(TestEnv::start_with_own_broker().await).await;
+    let broker = env.broker.as_ref().expect("own broker");
     let config = quick_takeover(&env);
     let (mut first, _) = first_relay(&env, &db, &config, &[]).await;
     let mut second = spawn_relay_process(&env, &config);
@@ -303,7 +303,7 @@ async fn relays_waiting_on_a_frozen_broker_keep_their_shards() {
     // The relay owning the key's shard claims a batch and waits for its delivery reports for
     // three times the takeover time, while the other relay, with nothing to do, rebalances
     // every second: an outage of the broker is not a frozen relay.
-    broker.freeze();
+    broker.freeze(1);
     let events: Vec<NewEvent> = (0..200).map(|n| NewEvent::keyed(&topic, "one-key", n)).collect();
     insert_events(&db, &events).await;
     let frozen_at = Instant::now();
@@ -311,7 +311,7 @@ async fn relays_waiting_on_a_frozen_broker_keep_their_shards() {
         assert_eq!(shard_holders(&db).await, holders, "no relay took another's shards");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    broker.thaw();
+    broker.thaw(1);
     wait_until(PATIENCE, "both relays to publish", || async { unpublished_count(&db).await == 0 }).await;
     assert_eq!(shard_holders(&db).await, holders, "no relay took another's shards");
     stop(&mut first).await;

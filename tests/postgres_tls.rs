@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use outbox_relay::config::Config;
 use support::tls::TestCa;
-use support::{Broker, NewEvent, PATIENCE, Postgres, RunningRelay, connect, insert_events, unique_name, wait_until};
+use support::{
+    NewEvent, PATIENCE, Postgres, RunningRelay, connect, insert_events, test_broker, unique_name, wait_until,
+};
 
 /// A PostgreSQL server with TLS on, its certificate naming only `localhost`, and its CA.
 struct TlsServer {
@@ -108,7 +110,7 @@ async fn every_sslmode_connects_or_refuses_as_libpq_would() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_migrates_and_publishes_over_a_verify_full_connection() {
     let server = TlsServer::start();
-    let broker = Broker::start();
+    let (_own_broker, brokers) = test_broker();
     let database = unique_name("db");
     let admin = connect(&server.postgres.url("postgres")).await;
     admin.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
@@ -116,14 +118,14 @@ async fn the_relay_migrates_and_publishes_over_a_verify_full_connection() {
     let mut config = Config::default();
     let ca = server.ca.ca_file().display().to_string();
     config.database.url = server.url("localhost", &database, &format!("sslmode=verify-full&sslrootcert={ca}"));
-    config.kafka.brokers = broker.address();
+    config.kafka.brokers = brokers.clone();
     config.metrics.listen = String::new();
     config.relay.poll_interval = Duration::from_millis(20);
     config.validate().expect("valid");
     outbox_relay::schema::migrate(&config).await.expect("migrate over TLS");
 
     let topic = unique_name("topic");
-    support::create_topic(&broker.address(), &topic, 1).await;
+    support::create_topic(&brokers, &topic, 1).await;
     let db = connect(&server.postgres.url(&database)).await;
     insert_events(&db, &(0..3).map(|i| NewEvent::keyed(&topic, "k", i)).collect::<Vec<_>>()).await;
     let relay = RunningRelay::spawn(config);

@@ -15,8 +15,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use support::tls::{TestCa, TlsProxy};
 use support::{
-    Broker, NewEvent, PATIENCE, Postgres, RELAY_PASSWORD, connect, free_port, http_get, insert_events, login_as,
-    run_command, run_relay_role_script, unique_name, wait_until, write_config_to,
+    NewEvent, PATIENCE, Postgres, RELAY_PASSWORD, connect, free_port, http_get, insert_events, login_as, run_command,
+    run_relay_role_script, unique_name, wait_until, write_config_to,
 };
 
 const SASL_PASSWORD: &str = "sasl-Secret-7f3a";
@@ -83,7 +83,8 @@ async fn no_password_or_key_appears_in_logs_config_status_metrics_or_errors() {
     encrypt_key(&client_key, KEY_PASSWORD);
     let proxy = TlsProxy::start(&cert, &key, Some(&ca.ca_file())).await;
     let advertised = format!("localhost:{}", proxy.port);
-    let broker = Broker::start_secured(Some(advertised.clone()), &[("alice", SASL_PASSWORD, "scram512")]);
+    let broker =
+        support::tansu::Broker::start_secured(Some(advertised.clone()), &[("alice", SASL_PASSWORD, "scram512")]);
     proxy.forward_to(&broker.address());
     let topic = unique_name("topic");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()

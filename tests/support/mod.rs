@@ -1,15 +1,18 @@
-//! The harness the integration tests stand on: a real PostgreSQL and a real Kafka-protocol
-//! broker (tansu) started on free loopback ports, a fresh database per test, a real consumer
-//! to read topics back, and the relay run either in-process or as the built binary.
+//! The harness the integration tests stand on: a real PostgreSQL and Apache Kafka started on
+//! free loopback ports, a fresh database per test, a real consumer to read topics back, and the
+//! relay run either in-process or as the built binary.
 //!
 //! `OUTBOX_TEST_DATABASE_URL` (a superuser URL) and `OUTBOX_TEST_KAFKA_BROKERS` point the tests
 //! at servers that are already running instead; every test still gets its own database and
-//! its own topics, so tests never see each other's rows or records.
+//! its own topics, so tests never see each other's rows or records. `scripts/test.sh` starts
+//! one Kafka node for the whole run and sets `OUTBOX_TEST_KAFKA_BROKERS`, since a JVM takes
+//! seconds to start; a test that stops, kills or freezes a broker starts its own.
 
 #![allow(dead_code)]
 
-pub mod broker;
+pub mod kafka;
 pub mod postgres;
+pub mod tansu;
 pub mod tls;
 
 use std::future::Future;
@@ -32,7 +35,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
-pub use broker::Broker;
+pub use kafka::Kafka;
 pub use postgres::Postgres;
 
 /// How long a test waits for something that should happen in well under a second on an idle
@@ -43,8 +46,8 @@ pub const PATIENCE: Duration = Duration::from_secs(60);
 pub struct TestEnv {
     /// The server this test started, if it started one.
     pub postgres: Option<Postgres>,
-    /// The broker this test started, if it started one.
-    pub broker: Option<Broker>,
+    /// The Kafka this test started, if it started one.
+    pub broker: Option<Kafka>,
     /// Superuser URL of this test's own database: the table owner's login, which `migrate`
     /// and the tests' own writes (the application's) use.
     pub database_url: String,
@@ -59,31 +62,32 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// Starts (or connects to) PostgreSQL and a broker, and creates a fresh database.
+    /// Starts (or connects to) PostgreSQL and a broker, and creates a fresh database. The broker
+    /// may be shared with other tests: a test that stops or freezes it uses
+    /// [`TestEnv::start_with_own_broker`].
     pub async fn start() -> TestEnv {
-        Self::start_with(Postgres::start, || Some(Broker::start())).await
+        Self::start_with(Postgres::start, shared_or_own_broker).await
     }
 
-    /// As [`TestEnv::start`], but the broker's port is only reserved: it starts when the test
-    /// calls [`TestEnv::start_broker`]. (None when the broker is external.)
-    pub async fn start_with_broker_later() -> Option<TestEnv> {
-        if std::env::var("OUTBOX_TEST_KAFKA_BROKERS").is_ok() {
-            eprintln!("skipped: the broker is external (OUTBOX_TEST_KAFKA_BROKERS), the test cannot start it");
-            return None;
-        }
-        let port = free_port();
-        let mut env = Self::start_with(Postgres::start, || None).await;
-        env.brokers = format!("127.0.0.1:{port}");
-        Some(env)
+    /// As [`TestEnv::start`], with a single-node Kafka of this test's own, whatever
+    /// `OUTBOX_TEST_KAFKA_BROKERS` says.
+    pub async fn start_with_own_broker() -> TestEnv {
+        Self::start_with(Postgres::start, || (Some(Kafka::start()), None)).await
     }
 
-    /// Starts the broker reserved by [`TestEnv::start_with_broker_later`].
+    /// As [`TestEnv::start`], but the broker (this test's own) is only prepared, its ports
+    /// reserved: it starts when the test calls [`TestEnv::start_broker`].
+    pub async fn start_with_broker_later() -> TestEnv {
+        Self::start_with(Postgres::start, || (Some(Kafka::prepare(1, &[])), None)).await
+    }
+
+    /// Starts the broker prepared by [`TestEnv::start_with_broker_later`].
     pub fn start_broker(&mut self) {
-        let port = self.brokers.rsplit(':').next().and_then(|p| p.parse().ok()).expect("reserved port");
-        self.broker = Some(Broker::start_on(port));
+        let kafka = self.broker.as_mut().expect("a prepared broker");
+        assert!(kafka.start_all(), "Apache Kafka did not start");
     }
 
-    async fn start_with(pg: fn() -> Postgres, broker: fn() -> Option<Broker>) -> TestEnv {
+    async fn start_with(pg: fn() -> Postgres, broker: fn() -> (Option<Kafka>, Option<String>)) -> TestEnv {
         // OUTBOX_TEST_LOG=debug shows the in-process relay's log in a failing test's output.
         if let Ok(filter) = std::env::var("OUTBOX_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -99,15 +103,11 @@ impl TestEnv {
                 (Some(server), url)
             }
         };
-        let (broker, brokers) = match std::env::var("OUTBOX_TEST_KAFKA_BROKERS") {
-            Ok(brokers) => (None, brokers),
-            Err(_) => match broker() {
-                Some(server) => {
-                    let brokers = server.address();
-                    (Some(server), brokers)
-                }
-                None => (None, String::new()),
-            },
+        let (broker, shared) = broker();
+        let brokers = match (&broker, shared) {
+            (Some(kafka), _) => kafka.address(),
+            (None, Some(shared)) => shared,
+            (None, None) => unreachable!("a test has its own broker or a shared one"),
         };
         let database = unique_name("db");
         let admin = connect(&admin_url).await;
@@ -292,6 +292,26 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// A free TCP port on 127.0.0.1 (free when asked; the caller retries if it is taken later).
+/// The broker of `OUTBOX_TEST_KAFKA_BROKERS`, else a single node of the test's own.
+fn shared_or_own_broker() -> (Option<Kafka>, Option<String>) {
+    match std::env::var("OUTBOX_TEST_KAFKA_BROKERS") {
+        Ok(shared) => (None, Some(shared)),
+        Err(_) => (Some(Kafka::start()), None),
+    }
+}
+
+/// For a test without a [`TestEnv`]: the shared broker, or one of its own (keep the first
+/// element alive as long as the broker is used), and its bootstrap servers.
+pub fn test_broker() -> (Option<Kafka>, String) {
+    match shared_or_own_broker() {
+        (Some(own), _) => {
+            let address = own.address();
+            (Some(own), address)
+        }
+        (None, shared) => (None, shared.unwrap_or_default()),
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
@@ -391,7 +411,8 @@ pub async fn create_topic(brokers: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
     let results = admin
-        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        // The cluster's default replication factor: 1 on one node, 3 on three.
+        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(-1))], &AdminOptions::new())
         .await
         .expect("create topic");
     for result in results {

@@ -1,4 +1,5 @@
-//! A throwaway Kafka-protocol broker (tansu) on a free loopback port.
+//! A throwaway Kafka-protocol broker (tansu) on a free loopback port, kept only for the security
+//! tests until they run on Kafka's own TLS and SASL listeners.
 //!
 //! Memory storage. An outage that must keep the broker's data is a freeze (SIGSTOP) and a thaw
 //! (SIGCONT): tansu 0.6's durable sqlite storage loses producer state across restarts and then
