@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Runs outbox-relay end to end on this machine: starts a PostgreSQL server and a tansu broker on
-# free loopback ports, migrates the outbox table, inserts sample events, relays them to Kafka,
-# shows them consumed, and stops everything again.
+# Runs outbox-relay end to end on this machine: starts a PostgreSQL server and an Apache Kafka
+# node (scripts/kafka.sh) on free loopback ports, migrates the outbox table, inserts sample
+# events, relays them to Kafka, shows them consumed, and stops everything again. The relay's log
+# is kept at the path printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
-cargo build --quiet --bin outbox-relay --example tail
+cargo build --quiet --bin outbox-relay --example tail --example create_topic
 relay_bin=target/debug/outbox-relay
 tail_bin=target/debug/examples/tail
-tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
+create_topic_bin=target/debug/examples/create_topic
 pg_bindir=$(pg_config --bindir 2>/dev/null || true)
 if [ ! -x "$pg_bindir/postgres" ]; then
     pg_bindir=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/postgres | sort -V | tail -1)")
@@ -23,17 +24,17 @@ as_postgres() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else 
 work=$(mktemp -d /tmp/outbox-relay-demo.XXXXXX)
 chmod 755 "$work"
 relay_pid=""
-tansu_pid=""
+kept_log=/tmp/outbox-relay-demo-relay.log
 cleanup() {
     [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null || true
-    [ -n "$tansu_pid" ] && kill "$tansu_pid" 2>/dev/null || true
+    scripts/kafka.sh stop "$work/kafka" >/dev/null 2>&1 || true
     as_postgres "$pg_bindir/pg_ctl" -D "$work/pg" -m fast stop >/dev/null 2>&1 || true
+    [ -f "$work/relay.log" ] && cp "$work/relay.log" "$kept_log" && echo "the relay's log is kept at $kept_log"
     rm -rf "$work"
 }
 trap cleanup EXIT
 
 pg_port=$(free_port)
-kafka_port=$(free_port)
 metrics_port=$(free_port)
 
 say "starting PostgreSQL on 127.0.0.1:$pg_port"
@@ -43,16 +44,13 @@ as_postgres "$pg_bindir/initdb" -D "$work/pg" -A trust -U postgres -E UTF8 --loc
 as_postgres "$pg_bindir/pg_ctl" -D "$work/pg" -l "$work/pg/server.log" -w \
     -o "-p $pg_port -c listen_addresses=127.0.0.1 -c unix_socket_directories=''" start >/dev/null
 
-say "starting tansu (Kafka protocol) on 127.0.0.1:$kafka_port"
-(cd "$work" && exec "$tansu_bin" broker --listener-url "tcp://127.0.0.1:$kafka_port" \
-    --advertised-listener-url "tcp://127.0.0.1:$kafka_port" --storage-engine memory://tansu/ \
-    >"$work/tansu.log" 2>&1) &
-tansu_pid=$!
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$kafka_port") 2>/dev/null && break; sleep 0.1; done
-"$tansu_bin" topic create --broker "tcp://127.0.0.1:$kafka_port" --partitions 3 orders >/dev/null
+say "starting Apache Kafka (one KRaft node, scripts/kafka.sh)"
+brokers=$(scripts/kafka.sh start "$work/kafka")
+echo "listening on $brokers"
+"$create_topic_bin" "$brokers" orders 3
 
 export OUTBOX_RELAY_DATABASE__URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
-export OUTBOX_RELAY_KAFKA__BROKERS="127.0.0.1:$kafka_port"
+export OUTBOX_RELAY_KAFKA__BROKERS="$brokers"
 export OUTBOX_RELAY_METRICS__LISTEN="127.0.0.1:$metrics_port"
 export OUTBOX_RELAY_RELAY__STATS_INTERVAL=1s
 psql_demo() { psql -X -q -v ON_ERROR_STOP=1 "$OUTBOX_RELAY_DATABASE__URL" "$@"; }
@@ -78,7 +76,7 @@ COMMIT;
 SELECT id, key, payload, published_at FROM outbox ORDER BY id;
 SQL
 
-say "outbox-relay run (log: $work/relay.log)"
+say "outbox-relay run"
 "$relay_bin" run >"$work/relay.log" 2>&1 &
 relay_pid=$!
 for _ in $(seq 300); do
@@ -89,7 +87,7 @@ done
 psql_demo -c "SELECT id, key, event_id, published_at FROM outbox ORDER BY id"
 
 say "consumed from Kafka (topic orders): one partition per key, in order, with the event_id header"
-timeout 60 "$tail_bin" "127.0.0.1:$kafka_port" orders 6
+timeout 60 "$tail_bin" "$brokers" orders 6
 
 say "a few of the relay's metrics (http://127.0.0.1:$metrics_port/metrics)"
 for _ in $(seq 50); do

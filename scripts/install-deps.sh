@@ -4,8 +4,8 @@
 #   - a Java runtime and Maven (Debian's openjdk-17-jre-headless, maven) when absent, and Apache
 #     Kafka's jars from Maven Central into ~/.cache/outbox-relay (scripts/kafka.sh fetch, about
 #     45 MB, seconds);
-#   - tansu, a Kafka-compatible broker, from crates.io (about 10 minutes to build the first time),
-#     which only the security tests still use;
+#   - with --tests: tansu, a Kafka-compatible broker, from crates.io (about 10 minutes to build
+#     the first time), which only the security tests still use;
 #   - OpenSSL's headers and pkg-config (Debian's libssl-dev, pkg-config), which librdkafka's TLS
 #     and SASL and the PostgreSQL TLS connector build against;
 #   - cargo-nextest, the test runner.
@@ -48,10 +48,13 @@ if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
 fi
 "$(dirname "$0")/kafka.sh" fetch >/dev/null
 
-tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
-if ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-    say "installing tansu $TANSU_VERSION (about 10 minutes on 2 cores the first time)"
-    cargo install tansu --locked --version "$TANSU_VERSION" --features "$TANSU_FEATURES"
+# Only the test suite (`install-deps.sh --tests`) still needs tansu.
+if [ "${1:-}" = "--tests" ]; then
+    tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
+    if ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+        say "installing tansu $TANSU_VERSION (about 10 minutes on 2 cores the first time)"
+        cargo install tansu --locked --version "$TANSU_VERSION" --features "$TANSU_FEATURES"
+    fi
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
