@@ -429,8 +429,21 @@ pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
             .await
             .map_err(OutboxError::query("set client_encoding"))?;
     }
+    // A relay killed with -9 (or cut off) leaves its statement running until the server next
+    // writes to the dead socket: a claim waiting on a lock kept its shard locks for the whole
+    // wait. PostgreSQL 14 and later can check the socket while a statement runs and cancel it.
+    let version = client.query_one("SHOW server_version_num", &[]).await.map_err(OutboxError::query("show version"))?;
+    if version.try_get::<_, String>(0).ok().and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| v >= 140_000) {
+        client
+            .batch_execute(&format!("SET client_connection_check_interval = {}", CLIENT_CHECK_INTERVAL_MS))
+            .await
+            .map_err(OutboxError::query("set client_connection_check_interval"))?;
+    }
     Ok(client)
 }
+
+/// How often PostgreSQL checks, during a statement, that the relay is still connected.
+const CLIENT_CHECK_INTERVAL_MS: u32 = 1000;
 
 /// A text value of a user's row for a report (`status`, `audit`). In a SQL_ASCII database it
 /// may not be UTF-8; the report shows that rather than failing.

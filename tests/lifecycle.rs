@@ -210,3 +210,31 @@ async fn a_second_signal_exits_at_once_without_waiting_for_the_grace_period() {
     assert_eq!(relay.wait().await, Some(130), "log:\n{}", relay.log());
     assert_eq!(unpublished_count(&env.client().await).await, 1);
 }
+
+/// Issue 16: after `kill -9`, the killed relay's statement kept running in PostgreSQL (a claim
+/// waiting on a lock held its shard locks for the whole wait). PostgreSQL now checks the
+/// relay's socket during a statement and cancels it once the relay is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_while_its_statement_waits_leaves_nothing_running_in_postgresql() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let mut locker = env.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE outbox IN ACCESS EXCLUSIVE MODE").await.unwrap();
+
+    let relay = spawn_relay_process(&env, &env.config());
+    let db = env.client().await;
+    let waiting = "SELECT pid FROM pg_stat_activity \
+                   WHERE application_name LIKE 'outbox-relay%' AND wait_event_type = 'Lock'";
+    wait_until(PATIENCE, "the relay's statement to wait on the lock", || async {
+        !db.query(waiting, &[]).await.unwrap().is_empty()
+    })
+    .await;
+    relay.signal(libc::SIGKILL);
+    // Without the check, the statement waits as long as the lock is held: here, forever.
+    wait_until(std::time::Duration::from_secs(20), "the killed relay's statements to end", || async {
+        db.query(waiting, &[]).await.unwrap().is_empty()
+    })
+    .await;
+    lock.rollback().await.unwrap();
+}
