@@ -122,7 +122,11 @@ pub struct AuditReport {
     pub moved: Finding,
     /// Unpublished rows that have not failed yet.
     pub pending: Finding,
-    /// Unpublished rows with failed attempts, with their last error.
+    /// Unpublished rows failing with errors of their own, retried after a backoff, with their
+    /// last error (`status` says "failing" too).
+    pub failing: Finding,
+    /// Unpublished rows the relay gave up on, waiting for `outbox-relay retry`, with their last
+    /// error.
     pub failed: Finding,
     /// Pending rows already on the topic (sent, not yet marked: in flight, or a crash between
     /// publish and mark that the next run will repeat).
@@ -215,7 +219,16 @@ impl AuditReport {
             self.pending_on_topic,
             ids(&self.pending)
         ));
-        out.push_str(&format!("  failed     {} rows with failed attempts{}\n", self.failed.count, ids(&self.failed)));
+        out.push_str(&format!(
+            "  failing    {} rows with errors of their own, retried after a backoff{}\n",
+            self.failing.count,
+            ids(&self.failing)
+        ));
+        out.push_str(&format!(
+            "  failed     {} rows given up on, waiting for `outbox-relay retry`{}\n",
+            self.failed.count,
+            ids(&self.failed)
+        ));
         out.push_str(if self.is_clean() { "result: nothing lost\n" } else { "result: PROBLEMS FOUND\n" });
         out
     }
@@ -304,9 +317,11 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
                 if copies > 0 {
                     report.pending_on_topic += 1;
                 }
-                if row.attempts > 0 {
-                    let error = row.last_error.as_deref().unwrap_or("no error recorded");
+                let error = row.last_error.as_deref().unwrap_or("no error recorded");
+                if row.failed {
                     report.failed.add(format!("{} ({error})", row.id), show);
+                } else if row.attempts > 0 {
+                    report.failing.add(format!("{} ({error})", row.id), show);
                 } else {
                     report.pending.add(&row.id, show);
                 }

@@ -75,11 +75,20 @@ pub struct HealthConfig {
     /// acknowledged (and at once when PostgreSQL or every broker is unreachable).
     #[serde(with = "humantime_serde")]
     pub readiness_window: Duration,
+    /// `/readyz` also fails while rows fail with errors of their own (retried after a backoff)
+    /// or were given up on (waiting for `outbox-relay retry`): work only an operator can
+    /// unstick. Off, only the metrics and `status` show them (for deployments whose rollouts
+    /// wait for readiness).
+    pub stuck_rows_fail_readiness: bool,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        HealthConfig { liveness_timeout: Duration::from_secs(300), readiness_window: Duration::from_secs(60) }
+        HealthConfig {
+            liveness_timeout: Duration::from_secs(300),
+            readiness_window: Duration::from_secs(60),
+            stuck_rows_fail_readiness: true,
+        }
     }
 }
 

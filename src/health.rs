@@ -7,12 +7,16 @@
 //! - Ready (`/readyz`): connected to PostgreSQL, the brokers reachable, and, whenever the relay
 //!   has rows it could publish, some of them acknowledged within `health.readiness_window`.
 //!   Rows it cannot claim yet (parked behind a failed row, waiting for an open transaction)
-//!   do not make it unready; an outage or a stalled pipeline does.
+//!   do not make it unready; an outage or a stalled pipeline does, and so (unless
+//!   `health.stuck_rows_fail_readiness` is off) do rows failing with errors of their own or
+//!   given up on, which only an operator can unstick.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+use crate::config::HealthConfig;
 
 /// Milliseconds since the epoch, 0 meaning "not set".
 fn now_ms() -> u64 {
@@ -34,6 +38,10 @@ pub struct Health {
     brokers_up: AtomicBool,
     /// Since when the relay has had claimable rows without getting any acknowledged.
     waiting_for_progress_since: AtomicU64,
+    /// Rows failing with errors of their own (retried after a backoff), as last counted.
+    failing_rows: AtomicU64,
+    /// Rows given up on (waiting for `outbox-relay retry`), as last counted.
+    failed_rows: AtomicU64,
 }
 
 /// A probe's answer, also its JSON body.
@@ -68,6 +76,12 @@ impl Health {
             self.busy_since.store(now_ms(), Ordering::Relaxed);
         }
         self.awaiting_broker.store(waiting, Ordering::Relaxed);
+    }
+
+    /// The table's latest counts of failing and failed rows.
+    pub fn set_stuck_rows(&self, failing: i64, failed: i64) {
+        self.failing_rows.store(failing.max(0) as u64, Ordering::Relaxed);
+        self.failed_rows.store(failed.max(0) as u64, Ordering::Relaxed);
     }
 
     /// The claim connection came up or went away.
@@ -106,7 +120,8 @@ impl Health {
     }
 
     /// The readiness verdict.
-    pub fn ready(&self, readiness_window: Duration) -> Verdict {
+    pub fn ready(&self, config: &HealthConfig) -> Verdict {
+        let readiness_window = config.readiness_window;
         let mut reasons = Vec::new();
         if !self.database_connected.load(Ordering::Relaxed) {
             reasons.push("not connected to PostgreSQL".to_owned());
@@ -121,6 +136,21 @@ impl Health {
                 reasons.push(format!("rows to publish, none acknowledged for {} s", waiting_for / 1000));
             }
         }
+        if config.stuck_rows_fail_readiness {
+            let failing = self.failing_rows.load(Ordering::Relaxed);
+            if failing > 0 {
+                reasons.push(format!(
+                    "{failing} rows failing with errors of their own, retried after a backoff: \
+                     `outbox-relay status` names them and their errors"
+                ));
+            }
+            let failed = self.failed_rows.load(Ordering::Relaxed);
+            if failed > 0 {
+                reasons.push(format!(
+                    "{failed} rows given up on: fix the cause, then `outbox-relay retry` (`outbox-relay status` names them)"
+                ));
+            }
+        }
         Verdict { ok: reasons.is_empty(), reasons }
     }
 }
@@ -129,12 +159,32 @@ impl Health {
 mod tests {
     use super::*;
 
+    fn window(readiness_window: Duration) -> HealthConfig {
+        HealthConfig { readiness_window, ..HealthConfig::default() }
+    }
+
+    #[test]
+    fn failing_or_failed_rows_make_the_relay_unready_unless_turned_off() {
+        let health = Health::new();
+        health.set_database_connected(true);
+        health.set_brokers_up(true);
+        health.set_stuck_rows(1, 0);
+        let verdict = health.ready(&HealthConfig::default());
+        assert!(!verdict.ok && verdict.reasons[0].contains("1 rows failing"), "{verdict:?}");
+        health.set_stuck_rows(0, 2);
+        assert!(health.ready(&HealthConfig::default()).reasons[0].contains("2 rows given up on"));
+        let off = HealthConfig { stuck_rows_fail_readiness: false, ..HealthConfig::default() };
+        assert!(health.ready(&off).ok);
+        health.set_stuck_rows(0, 0);
+        assert!(health.ready(&HealthConfig::default()).ok);
+    }
+
     #[test]
     fn a_connected_relay_without_work_is_ready_and_alive() {
         let health = Health::new();
         health.set_database_connected(true);
         health.set_brokers_up(true);
-        assert!(health.ready(Duration::from_secs(60)).ok);
+        assert!(health.ready(&window(Duration::from_secs(60))).ok);
         assert!(health.alive(Duration::from_secs(60)).ok);
     }
 
@@ -144,11 +194,11 @@ mod tests {
         health.set_database_connected(true);
         health.set_brokers_up(true);
         health.work_claimed();
-        assert!(health.ready(Duration::from_secs(60)).ok, "within the window");
-        let verdict = health.ready(Duration::ZERO);
+        assert!(health.ready(&window(Duration::from_secs(60))).ok, "within the window");
+        let verdict = health.ready(&window(Duration::ZERO));
         assert!(!verdict.ok && verdict.reasons[0].contains("none acknowledged"), "{verdict:?}");
         health.progress();
-        assert!(health.ready(Duration::ZERO).ok, "progress clears it");
+        assert!(health.ready(&window(Duration::ZERO)).ok, "progress clears it");
     }
 
     #[test]
@@ -176,7 +226,7 @@ mod tests {
     #[test]
     fn lost_connections_are_reasons() {
         let health = Health::new();
-        let verdict = health.ready(Duration::from_secs(60));
+        let verdict = health.ready(&window(Duration::from_secs(60)));
         assert!(!verdict.ok);
         assert_eq!(verdict.reasons.len(), 2, "{verdict:?}");
     }

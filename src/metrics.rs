@@ -39,6 +39,9 @@ pub struct Metrics {
     pub oldest_pending_age: Gauge,
     /// `outbox_relay_failed_rows`: rows the relay gave up on (until `outbox-relay retry`).
     pub failed_rows: IntGauge,
+    /// `outbox_relay_failing_rows`: rows failing with errors of their own, retried after a
+    /// backoff until `relay.max_attempts`.
+    pub failing_rows: IntGauge,
     /// `outbox_relay_held_rows`: pending rows waiting for an open transaction that began
     /// before they were inserted.
     pub held_rows: IntGauge,
@@ -110,6 +113,11 @@ impl Metrics {
         .expect("static metric definition");
         let failed_rows = IntGauge::new("outbox_relay_failed_rows", "Rows the relay gave up on, until re-queued.")
             .expect("static metric definition");
+        let failing_rows = IntGauge::new(
+            "outbox_relay_failing_rows",
+            "Rows failing with errors of their own (not an outage), retried after a backoff.",
+        )
+        .expect("static metric definition");
         let held_rows = IntGauge::new(
             "outbox_relay_held_rows",
             "Pending rows waiting for an open transaction that began before they were inserted.",
@@ -187,6 +195,7 @@ impl Metrics {
             Box::new(pending_rows.clone()),
             Box::new(oldest_pending_age.clone()),
             Box::new(failed_rows.clone()),
+            Box::new(failing_rows.clone()),
             Box::new(held_rows.clone()),
             Box::new(watermark_holdback.clone()),
             Box::new(shards_owned.clone()),
@@ -214,6 +223,7 @@ impl Metrics {
             pending_rows,
             oldest_pending_age,
             failed_rows,
+            failing_rows,
             held_rows,
             watermark_holdback,
             shards_owned,
@@ -290,7 +300,7 @@ async fn healthz(State(endpoint): State<Endpoint>) -> impl IntoResponse {
 }
 
 async fn readyz(State(endpoint): State<Endpoint>) -> impl IntoResponse {
-    verdict_response(endpoint.health.ready(endpoint.config.readiness_window))
+    verdict_response(endpoint.health.ready(&endpoint.config))
 }
 
 /// 200 or 503, with the verdict as JSON so a person running curl sees why.

@@ -269,6 +269,9 @@ pub struct PendingStats {
     /// Age of the oldest held-back row, when the table has a created-at column and rows are
     /// held back.
     pub oldest_held_age_seconds: Option<f64>,
+    /// Rows failing with errors of their own, not given up on yet (0 without an attempts
+    /// column).
+    pub failing_rows: i64,
 }
 
 /// The open transaction that holds the commit horizon back.
@@ -388,6 +391,8 @@ pub struct AuditRow {
     pub attempts: i64,
     /// The last failure, if any.
     pub last_error: Option<String>,
+    /// Whether the relay gave up on it (until `retry`).
+    pub failed: bool,
     /// Values of the topic column or the template's columns.
     pub topic_values: Vec<Option<String>>,
 }
@@ -735,6 +740,7 @@ impl Outbox {
             failed_rows: row.get(2),
             held_rows: row.get(3),
             oldest_held_age_seconds: row.get(4),
+            failing_rows: row.get(5),
         })
     }
 
@@ -799,6 +805,13 @@ impl Outbox {
         Ok(rows.iter().map(|r| FailedGroup { error: r.get(0), count: r.get(1), first_ids: r.get(2) }).collect())
     }
 
+    /// Failing rows (retried after a backoff) grouped by their last error.
+    pub async fn failing_by_error(&self) -> Result<Vec<FailedGroup>, OutboxError> {
+        let Some(sql) = self.layout.failing_by_error_sql() else { return Ok(Vec::new()) };
+        let rows = self.client.query(&sql, &[]).await.map_err(OutboxError::query("failing rows"))?;
+        Ok(rows.iter().map(|r| FailedGroup { error: r.get(0), count: r.get(1), first_ids: r.get(2) }).collect())
+    }
+
     /// Keys held back by a failed row.
     pub async fn parked_keys(&self) -> Result<Vec<ParkedKey>, OutboxError> {
         let Some(sql) = self.layout.parked_keys_sql() else { return Ok(Vec::new()) };
@@ -824,6 +837,7 @@ impl Outbox {
                 published: r.get(2),
                 attempts: r.get(3),
                 last_error: r.get(4),
+                failed: r.get(5),
                 topic_values: (AUDIT_TOPIC_COLUMN..r.len()).map(|i| readable_text(r, i)).collect(),
             })
             .collect())

@@ -233,6 +233,7 @@ impl Relay {
             self.config.clone(),
             self.mapping.clone(),
             self.metrics.clone(),
+            self.health.clone(),
             self.shutdown.clone(),
         ));
         let signal = if self.mapping.xact_id.is_some() { CommitSignal::Horizon } else { CommitSignal::AnyCommit };
@@ -603,7 +604,7 @@ impl Relay {
                     records.push(record);
                 }
                 Err(UnreadableRow { id, key, problem }) => {
-                    warn!(row = %id, error = %problem, "row cannot be published");
+                    report_row_failure(&id, "invalid_row", &problem);
                     self.metrics.publish_errors.with_label_values(&["invalid_row"]).inc();
                     held.hold(key);
                     if !id.is_empty() {
@@ -681,6 +682,7 @@ impl Relay {
                     if failure.transient {
                         settlement.outage_failures.push((id, failure.message));
                     } else {
+                        report_row_failure(&id, failure.reason, &failure.message);
                         settlement.row_failures.push((id, failure.message));
                     }
                 }
@@ -856,6 +858,34 @@ fn millis(elapsed: Duration) -> f64 {
 /// How long a batch waits for its acknowledgements before the relay says so, and how often it
 /// says so again: long enough that a leader election passes unremarked.
 const ACKNOWLEDGEMENT_WAIT_WARNING: Duration = Duration::from_secs(15);
+
+/// Says at once, at error level, that a row failed for a reason of its own (which waiting does
+/// not fix), and what fixes it: the relay keeps retrying it with a growing backoff, and an
+/// operator should not learn of it only when it is given up on minutes later.
+fn report_row_failure(id: &str, reason: &str, error: &str) {
+    error!(
+        row = %id,
+        reason,
+        error,
+        "a row failed with an error of its own: {}; it is retried after a backoff until relay.max_attempts, and once \
+         the cause is fixed `outbox-relay retry --id {id}` tries it again at once",
+        row_failure_fix(reason)
+    );
+}
+
+/// What fixes a row failure of kind `reason` (a label of `publisher::ERROR_REASONS`).
+fn row_failure_fix(reason: &str) -> &'static str {
+    match reason {
+        "unknown_topic" => "create its topic (the relay never creates topics) or correct the row's topic",
+        "message_too_large" => {
+            "make the payload smaller, or raise the topic's max.message.bytes and kafka.properties.message.max.bytes"
+        }
+        "not_authorized" => "grant the relay's Kafka principal WRITE on the topic",
+        "invalid_record" => "correct the row: the broker refused the record as invalid",
+        "invalid_row" => "correct the row: it cannot become a Kafka record (the error says which column)",
+        _ => "see the error",
+    }
+}
 
 /// Warnings about a table layout that weakens a guarantee.
 fn warn_about_layout(outbox: &Outbox) {

@@ -1,5 +1,5 @@
-//! The table's gauges, refreshed on a connection of their own: pending, failed and held-back
-//! rows, the oldest pending age, and how long an open transaction has held the commit horizon
+//! The table's gauges, refreshed on a connection of their own: pending, failing, failed and
+//! held-back rows (failing and failed ones also feed readiness), the oldest pending age, and how long an open transaction has held the commit horizon
 //! back (with a warning naming the backend past `relay.holdback_warning`).
 //!
 //! A slow count over a large backlog must never delay the relay loop, so this runs apart from
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::shutdown::Shutdown;
@@ -20,7 +21,7 @@ use crate::table::Mapping;
 const HOLDBACK_WARNING_REPEAT: Duration = Duration::from_secs(60);
 
 /// Refreshes the gauges every `relay.stats_interval` until shutdown.
-pub async fn report(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shutdown: Shutdown) {
+pub async fn report(config: Config, mapping: Mapping, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: Shutdown) {
     let mut connection: Option<Outbox> = None;
     let mut last_warning: Option<Instant> = None;
     let mut summary = Summary { at: Instant::now(), published: metrics.published_total() };
@@ -30,7 +31,7 @@ pub async fn report(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shu
             None => Outbox::connect(&config, &mapping).await.ok(),
         };
         if let Some(outbox) = outbox {
-            match refresh(&outbox, &config, &metrics, &mut last_warning).await {
+            match refresh(&outbox, &config, &metrics, &health, &mut last_warning).await {
                 Ok(()) => connection = Some(outbox),
                 Err(e) => debug!(error = %e, "table stats unavailable"),
             }
@@ -68,6 +69,7 @@ impl Summary {
                 seconds = self.at.elapsed().as_secs(),
                 pending,
                 oldest_pending_s = metrics.oldest_pending_age.get().round(),
+                failing = metrics.failing_rows.get(),
                 failed,
                 held = metrics.held_rows.get(),
                 shards = metrics.shards_owned.get(),
@@ -82,9 +84,12 @@ async fn refresh(
     outbox: &Outbox,
     config: &Config,
     metrics: &Metrics,
+    health: &Health,
     last_warning: &mut Option<Instant>,
 ) -> Result<(), crate::outbox::OutboxError> {
     let stats = outbox.pending_stats().await?;
+    metrics.failing_rows.set(stats.failing_rows);
+    health.set_stuck_rows(stats.failing_rows, stats.failed_rows);
     metrics.pending_rows.set(stats.rows);
     metrics.oldest_pending_age.set(stats.oldest_age_seconds.unwrap_or(0.0));
     metrics.failed_rows.set(stats.failed_rows);

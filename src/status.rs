@@ -20,6 +20,11 @@ pub struct StatusReport {
     pub pending_rows: i64,
     /// Age of the oldest of them, in seconds.
     pub oldest_pending_age_seconds: Option<f64>,
+    /// Pending rows failing with errors of their own (retried after a backoff): a missing
+    /// topic, a record too large, a row that cannot become a record.
+    pub failing_rows: i64,
+    /// Failing rows grouped by their last error.
+    pub failing_by_error: Vec<FailedGroup>,
     /// Rows given up on.
     pub failed_rows: i64,
     /// Failed rows grouped by their last error.
@@ -55,6 +60,8 @@ pub async fn status(config: &Config) -> Result<StatusReport, OutboxError> {
         table: mapping.table_name(),
         pending_rows: stats.rows,
         oldest_pending_age_seconds: stats.oldest_age_seconds,
+        failing_rows: stats.failing_rows,
+        failing_by_error: outbox.failing_by_error().await?,
         failed_rows: stats.failed_rows,
         failed_by_error: outbox.failed_by_error().await?,
         parked_keys: outbox.parked_keys().await?,
@@ -108,7 +115,18 @@ impl StatusReport {
         let mut out = format!("outbox {}\n", self.table);
         let age = self.oldest_pending_age_seconds.map(|s| format!(", oldest {s:.1}s old")).unwrap_or_default();
         out.push_str(&format!("  pending    {} rows{age}\n", self.pending_rows));
-        out.push_str(&format!("  failed     {} rows\n", self.failed_rows));
+        out.push_str(&format!(
+            "  failing    {} of them, with errors of their own (retried after a backoff; \
+             `outbox-relay retry` tries them at once)\n",
+            self.failing_rows
+        ));
+        for group in &self.failing_by_error {
+            out.push_str(&format!("    {:>6} x {} (ids {})\n", group.count, group.error, group.first_ids.join(", ")));
+        }
+        out.push_str(&format!(
+            "  failed     {} rows, given up on (fix the cause, then `outbox-relay retry`)\n",
+            self.failed_rows
+        ));
         for group in &self.failed_by_error {
             out.push_str(&format!("    {:>6} x {} (ids {})\n", group.count, group.error, group.first_ids.join(", ")));
         }

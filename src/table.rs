@@ -907,7 +907,8 @@ impl Layout {
 
     /// Pending rows (not failed), age in seconds of the oldest of them (NULL without a
     /// created-at column or pending rows), failed rows, pending rows held back by the commit
-    /// horizon, and the age in seconds of the oldest of those (NULL as for the pending age).
+    /// horizon, the age in seconds of the oldest of those (NULL as for the pending age), and
+    /// failing rows (not failed for good, with failed attempts of their own).
     pub fn pending_stats_sql(&self) -> String {
         let m = &self.mapping;
         let failed = match &m.failed_at {
@@ -930,9 +931,13 @@ impl Layout {
             }
             None => "NULL::float8".to_owned(),
         };
+        let failing = match &m.attempts {
+            Some(attempts) => format!("NOT ({failed}) AND {attempts} > 0"),
+            None => "false".to_owned(),
+        };
         format!(
             "SELECT count(*) FILTER (WHERE NOT ({failed})), {age}, count(*) FILTER (WHERE {failed}), \
-             count(*) FILTER (WHERE {is_held}), {held_age} FROM {table} {filter}",
+             count(*) FILTER (WHERE {is_held}), {held_age}, count(*) FILTER (WHERE {failing}) FROM {table} {filter}",
             table = m.table_sql(),
             filter = self.unpublished_filter()
         )
@@ -1015,15 +1020,29 @@ impl Layout {
 
     /// Failed rows grouped by error: error, count, first ids (text[]).
     pub fn failed_by_error_sql(&self) -> Option<String> {
+        let failed_at = self.mapping.failed_at.as_ref()?;
+        Some(self.by_error_sql(&format!("{failed_at} IS NOT NULL")))
+    }
+
+    /// Failing rows (failed attempts of their own, not given up on yet) grouped by error, as
+    /// [`Layout::failed_by_error_sql`].
+    pub fn failing_by_error_sql(&self) -> Option<String> {
         let m = &self.mapping;
-        let failed_at = m.failed_at.as_ref()?;
+        let attempts = m.attempts.as_ref()?;
+        let not_failed = m.failed_at.as_ref().map(|f| format!(" AND {f} IS NULL")).unwrap_or_default();
+        Some(self.by_error_sql(&format!("{attempts} > 0{not_failed}")))
+    }
+
+    /// Unpublished rows matching `condition` grouped by their last error.
+    fn by_error_sql(&self, condition: &str) -> String {
+        let m = &self.mapping;
         let error = match &m.last_error {
             Some(e) => format!("coalesce({e}, '(no error recorded)')"),
             None => "'(no error column)'".to_owned(),
         };
-        Some(format!(
+        format!(
             "SELECT {error} AS error, count(*), (array_agg({id}::text ORDER BY {order}))[1:10] \
-             FROM {table} WHERE {failed_at} IS NOT NULL {unpublished} GROUP BY 1 ORDER BY 2 DESC",
+             FROM {table} WHERE {condition} {unpublished} GROUP BY 1 ORDER BY 2 DESC",
             id = m.id,
             order = m.order_by,
             table = m.table_sql(),
@@ -1031,7 +1050,7 @@ impl Layout {
                 Some(p) => format!("AND {p} IS NULL"),
                 None => String::new(),
             },
-        ))
+        )
     }
 
     /// Keys held back by a failed row (`on_poison = "park_key"`): key, the failed row's id,
@@ -1089,10 +1108,11 @@ impl Layout {
             TopicSource::Template(_) => filters.push("($5::text IS NULL OR true)".to_owned()),
         }
         format!(
-            "SELECT o.{id}::text, o.{event_id}::text, {published}, {attempts}, {last_error}, {topic} \
+            "SELECT o.{id}::text, o.{event_id}::text, {published}, {attempts}, {last_error}, {failed}, {topic} \
              FROM {table} AS o WHERE {filters} ORDER BY o.{order}",
             id = m.id,
             event_id = m.event_id,
+            failed = is_set(&m.failed_at),
             topic = self.topic_select(),
             table = m.table_sql(),
             filters = filters.join(" AND "),
@@ -1123,7 +1143,7 @@ fn text_or_null(column: &Option<Identifier>) -> String {
 }
 
 /// Position of the first topic column in [`Layout::audit_rows_sql`]'s result.
-pub const AUDIT_TOPIC_COLUMN: usize = 5;
+pub const AUDIT_TOPIC_COLUMN: usize = 6;
 
 /// Columns of a table with their `format_type`; `$1` is the quoted table name.
 pub const TABLE_COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \

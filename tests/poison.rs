@@ -286,3 +286,54 @@ async fn a_row_the_relay_rejects_holds_back_its_key_in_its_batch_and_on_every_re
     assert_eq!(records.iter().filter(|r| r.key.as_deref() == Some("K")).count(), 5, "each row of K once");
     assert_eq!(key_sequence(&records, "K"), [1, 2, 3, 4, 5], "in the order written");
 }
+
+/// Issue 16: a row that retrying cannot fix was invisible for minutes (`status` said pending,
+/// `/readyz` stayed 200) while the relay retried it with a growing backoff. Its first failure
+/// is now reported: an error naming the fix, `status` calls it failing with its error, the
+/// gauge counts it and `/readyz` fails, all before its second attempt; once the operator
+/// fixed the cause, `retry --id` publishes it at once, without waiting out the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_cannot_succeed_is_reported_at_its_first_failure_and_retry_publishes_it_once_fixed() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    insert_events(&db, &[NewEvent::keyed(&missing, "m", 1)]).await;
+    let id: i64 = db.query_one("SELECT id FROM outbox", &[]).await.unwrap().get(0);
+
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut config = env.config();
+    config.metrics.listen = addr.clone();
+    config.relay.stats_interval = std::time::Duration::from_millis(200);
+    // The second attempt is an hour away: whatever is reported came from the first failure.
+    config.relay.retry_backoff_initial = std::time::Duration::from_secs(3600);
+    config.relay.retry_backoff_max = std::time::Duration::from_secs(3600);
+    config.kafka.properties.insert("topic.metadata.propagation.max.ms".into(), "500".into());
+    let relay = spawn_relay_process(&env, &config);
+
+    wait_until(PATIENCE, "/readyz to name the failing row", || async {
+        let (status, reasons) = http_get(&addr, "/readyz").await;
+        status == 503 && reasons.contains("1 rows failing")
+    })
+    .await;
+    let log = relay.log();
+    assert!(log.contains("a row failed with an error of its own") && log.contains("create its topic"), "{log}");
+    assert!(log.contains(&format!("retry --id {id}")), "{log}");
+    assert_eq!(sample(&scrape(&addr).await, "outbox_relay_failing_rows"), Some(1.0));
+    let (code, text, stderr) = command(&env, &config, &["status"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(text.contains("failing    1 of them"), "{text}");
+    assert!(text.contains(&format!("(ids {id})")) && text.contains("does not exist"), "{text}");
+    let attempts: i32 = db.query_one("SELECT attempts FROM outbox", &[]).await.unwrap().get(0);
+    assert_eq!(attempts, 1, "reported at the first failure");
+
+    create_topic(&env.brokers, &missing, 1).await;
+    let (code, stdout, stderr) = command(&env, &config, &["retry", "--id", &id.to_string()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    wait_until(PATIENCE, "the fixed row published and /readyz passing", || async {
+        unpublished_count(&db).await == 0 && http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+    consume(&env.brokers, &missing, 1).await;
+    drop(relay);
+}
