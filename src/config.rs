@@ -189,6 +189,12 @@ pub struct KafkaConfig {
     pub tls: KafkaTls,
     /// SASL authentication (with `sasl_plaintext` and `sasl_ssl`).
     pub sasl: KafkaSasl,
+    /// How long `run` waits at startup for a broker to answer before it exits (2) saying the
+    /// address is wrong or unreachable. Until then it takes no shards, so a relay that cannot
+    /// produce never holds rows back from the others. Once a broker has answered, outages are
+    /// waited out however long they last.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
 }
 
 impl Default for KafkaConfig {
@@ -199,6 +205,7 @@ impl Default for KafkaConfig {
             security_protocol: SecurityProtocol::Plaintext,
             tls: KafkaTls::default(),
             sasl: KafkaSasl::default(),
+            startup_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -912,6 +919,7 @@ impl Config {
             ));
         }
         for (key, value) in [
+            ("kafka.startup_timeout", self.kafka.startup_timeout),
             ("health.liveness_timeout", self.health.liveness_timeout),
             ("health.readiness_window", self.health.readiness_window),
             ("retention.interval", self.retention.interval),

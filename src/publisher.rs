@@ -123,6 +123,9 @@ pub struct Publisher {
 /// produced and librdkafka decides.
 const TOPIC_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long one metadata request of the startup check may wait.
+const CLUSTER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long a confirmed topic is trusted before it is checked again.
 const TOPIC_RECHECK_AFTER: Duration = Duration::from_secs(60);
 
@@ -183,6 +186,25 @@ impl Publisher {
         let context = RelayContext { last_logged: Mutex::default(), metrics, health };
         let producer = producer_config(config).create_with_context(context).map_err(PublisherError::Create)?;
         Ok(Publisher { producer, known_topics: Mutex::new(HashMap::new()) })
+    }
+
+    /// Waits until a broker of the cluster answers a metadata request, for at most `within`.
+    /// The error is librdkafka's last answer.
+    pub async fn wait_for_cluster(&self, within: Duration) -> Result<(), KafkaError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let producer = self.producer.clone();
+            let wait = deadline.saturating_duration_since(Instant::now()).min(CLUSTER_CHECK_TIMEOUT);
+            let answer = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, wait).map(|_| ()))
+                .await
+                .unwrap_or(Err(KafkaError::MetadataFetch(RDKafkaErrorCode::Fail)));
+            match answer {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                // An address that fails at once (refused, not resolvable) is asked again shortly.
+                Err(_) => tokio::time::sleep(Duration::from_millis(200).min(deadline - Instant::now())).await,
+            }
+        }
     }
 
     /// Sends every record and waits for every delivery report. Records of one topic and key

@@ -67,6 +67,20 @@ pub enum RelayError {
     /// The metrics endpoint could not be opened.
     #[error(transparent)]
     Metrics(#[from] ServeError),
+    /// No broker answered at startup.
+    #[error(
+        "kafka.brokers = \"{brokers}\": no broker answered within {waited:?} ({error}); check the addresses and \
+         that this host can reach them (kafka.startup_timeout sets the wait; once a broker has answered, outages \
+         are waited out)"
+    )]
+    BrokersUnreachable {
+        /// The configured bootstrap servers.
+        brokers: String,
+        /// How long the relay waited.
+        waited: Duration,
+        /// librdkafka's last answer.
+        error: String,
+    },
 }
 
 impl RelayError {
@@ -83,7 +97,7 @@ impl RelayError {
                     | OutboxError::ShardCountMismatch { .. }
                     | OutboxError::EarlierVersionRunning { .. }
             )
-        ) || matches!(self, RelayError::Publisher(_))
+        ) || matches!(self, RelayError::Publisher(_) | RelayError::BrokersUnreachable { .. })
     }
 }
 
@@ -221,6 +235,17 @@ impl Relay {
             metrics::serve(addr, self.metrics.clone(), health.0, health.1, self.shutdown.clone()).await?;
         }
         let mut publisher = self.new_publisher()?;
+        // No shard is taken before a broker answers: a relay pointed at a wrong address would
+        // otherwise hold its shards' rows back from the relays that can publish them.
+        let waited = self.config.kafka.startup_timeout;
+        tokio::select! {
+            answer = publisher.wait_for_cluster(waited) => answer.map_err(|e| RelayError::BrokersUnreachable {
+                brokers: self.config.kafka.brokers.clone(),
+                waited,
+                error: e.to_string(),
+            })?,
+            _ = self.shutdown.requested() => return Ok(()),
+        }
         if self.config.retention.delete_published_after.is_some() {
             tokio::spawn(crate::retention::run(
                 self.config.clone(),

@@ -177,14 +177,44 @@ async fn a_broker_hung_for_fifteen_seconds_while_a_writer_inserts_duplicates_not
 
 /// A relay whose first batch can never be acknowledged (no broker at all), with `grace`.
 async fn relay_with_a_stuck_batch(grace: std::time::Duration) -> Option<(TestEnv, RelayProcess)> {
-    let env = TestEnv::start_with_broker_later().await;
+    let env = TestEnv::start_with_own_broker().await;
     env.migrate().await;
-    insert_events(&env.client().await, &[NewEvent::keyed(&unique_name("topic"), "k", 1)]).await;
+    let topic = env.create_topic(1).await;
     let mut config = env.config();
     config.relay.shutdown_timeout = grace;
     let relay = spawn_relay_process(&env, &config);
+    // Past the startup check of the broker, then the broker hangs.
+    relay.wait_for_log("connected to PostgreSQL").await;
+    env.broker.as_ref().expect("own broker").freeze(1);
+    insert_events(&env.client().await, &[NewEvent::keyed(&topic, "k", 1)]).await;
     relay.wait_for_log("claimed a batch").await;
     Some((env, relay))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_address_that_never_answers_ends_the_relay_with_exit_2_before_it_takes_any_shard() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    insert_events(&env.client().await, &[NewEvent::keyed(&unique_name("topic"), "k", 1)]).await;
+    let mut config = env.config();
+    config.kafka.brokers = format!("127.0.0.1:{}", free_port());
+    config.kafka.startup_timeout = std::time::Duration::from_secs(4);
+    let mut relay = spawn_relay_process(&env, &config);
+    let db = env.client().await;
+    let locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = \
+                 (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let mut held_while_waiting = 0;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while relay.is_running() && std::time::Instant::now() < deadline {
+        held_while_waiting += db.query_one(locks, &[]).await.unwrap().get::<_, i64>(0);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!relay.is_running(), "still waiting for the broker after {PATIENCE:?}:\n{}", relay.log());
+    assert_eq!(relay.wait().await, Some(2), "log:\n{}", relay.log());
+    let log = relay.log();
+    assert!(log.contains("kafka.brokers") && log.contains("no broker answered within 4s"), "{log}");
+    assert_eq!(held_while_waiting, 0, "a relay that cannot produce takes no shards");
+    assert_eq!(unpublished_count(&db).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,7 +78,7 @@ async fn a_hung_broker_fails_readiness_and_never_liveness() {
     config.health.liveness_timeout = Duration::from_secs(1);
     config.health.readiness_window = Duration::from_secs(1);
     let relay = env.spawn_relay(config);
-    wait_until(PATIENCE, "alive", || async { http_get(&addr, "/healthz").await.0 == 200 }).await;
+    wait_until(PATIENCE, "ready", || async { http_get(&addr, "/readyz").await.0 == 200 }).await;
     // A hung broker: the batch waits for delivery reports that do not come.
     broker.freeze(1);
     insert_events(&env.client().await, &[NewEvent::keyed(&topic, "a", 1)]).await;
