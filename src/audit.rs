@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -38,6 +40,19 @@ pub enum AuditError {
     /// The database side failed.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// No broker answered.
+    #[error(
+        "kafka.brokers = \"{brokers}\": no broker answered within {waited:?} ({source}); check the addresses and \
+         that this host can reach them (kafka.startup_timeout sets the wait)"
+    )]
+    Unreachable {
+        /// The configured bootstrap servers.
+        brokers: String,
+        /// How long audit waited.
+        waited: Duration,
+        /// librdkafka's error.
+        source: KafkaError,
+    },
     /// The topic could not be read.
     #[error("reading topic {topic}: {source}")]
     Kafka {
@@ -255,6 +270,16 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
         ));
     }
     let outbox = Outbox::connect(config, &mapping).await?;
+    if let (Some(from), Some(to)) = (&range.from_id, &range.to_id) {
+        let empty = outbox.id_range_is_empty(from, to).await.map_err(|e| {
+            AuditError::InvalidRange(format!("--from-id {from} / --to-id {to}: not ids of the table ({e})"))
+        })?;
+        if empty {
+            return Err(AuditError::InvalidRange(format!(
+                "--from-id {from} is after --to-id {to}: the range holds no row (swap them?)"
+            )));
+        }
+    }
     for (flag, bound) in [("--since", &range.since), ("--until", &range.until)] {
         if let Some(time) = bound {
             outbox.epoch_millis(time).await.map_err(|e| {
@@ -359,13 +384,18 @@ fn read_topic(
     mut seen: HashMap<String, Seen>,
 ) -> Result<TopicRead, AuditError> {
     let kafka = |source| AuditError::Kafka { topic: topic.to_owned(), source };
-    let consumer: BaseConsumer = crate::publisher::reader_config(config)
+    let consumer: BaseConsumer<QuietContext> = crate::publisher::reader_config(config)
         .set("group.id", "outbox-relay-audit")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
-        .create()
+        .create_with_context(QuietContext)
         .map_err(kafka)?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(kafka)?;
+    let waited = config.kafka.startup_timeout;
+    let metadata = consumer.fetch_metadata(Some(topic), waited).map_err(|source| AuditError::Unreachable {
+        brokers: config.kafka.brokers.clone(),
+        waited,
+        source,
+    })?;
     let partitions = match metadata.topics().iter().find(|t| t.name() == topic) {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len() as i32,
         _ => return Err(AuditError::UnknownTopic(topic.to_owned())),
@@ -427,6 +457,22 @@ fn read_topic(
     }
     Ok(TopicRead { records, partitions: spans, seen })
 }
+
+/// librdkafka's own log lines and errors at debug level only: `audit` reports what went wrong
+/// itself, in one line, and a healthy run prints nothing but its report.
+struct QuietContext;
+
+impl ClientContext for QuietContext {
+    fn log(&self, _level: RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(target: "librdkafka", facility, "{message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(target: "librdkafka", error = %error, "{reason}");
+    }
+}
+
+impl ConsumerContext for QuietContext {}
 
 fn event_id_of<M: Message>(message: &M) -> Option<String> {
     let headers = message.headers()?;

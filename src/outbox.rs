@@ -843,6 +843,13 @@ impl Outbox {
             .collect())
     }
 
+    /// Whether id `from` sorts after id `to` in the table's id type: a range holding no row.
+    pub async fn id_range_is_empty(&self, from: &str, to: &str) -> Result<bool, OutboxError> {
+        let sql = format!("SELECT $1::text::{ty} > $2::text::{ty}", ty = self.layout.id_type);
+        let row = self.client.query_one(&sql, &[&from, &to]).await.map_err(OutboxError::query("compare ids"))?;
+        Ok(row.get(0))
+    }
+
     /// Milliseconds since the epoch of a timestamp as PostgreSQL reads it (so `audit` accepts
     /// the same formats in `--since` as the database does).
     pub async fn epoch_millis(&self, timestamp: &str) -> Result<i64, OutboxError> {

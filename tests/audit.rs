@@ -176,3 +176,45 @@ async fn a_repeat_on_another_partition_after_partitions_were_added_is_a_duplicat
     let (_, stdout, _) = audit(&env, &["--topic", &topic]);
     assert!(stdout.contains("moved      1 duplicated event ids with equal copies on another partition"), "{stdout}");
 }
+
+/// Issue 16: a healthy audit printed librdkafka's end-of-partition events as errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_audit_prints_its_report_and_nothing_else() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(3).await;
+    relayed(&env, &topic, 10).await;
+    let path = write_config(&env, &env.config());
+    let (code, stdout, stderr) = run_command(&["--config", path.to_str().unwrap(), "audit", "--topic", &topic], &[]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("result: nothing lost"), "{stdout}");
+    assert!(!stderr.contains("ERROR") && !stderr.contains("WARN"), "a healthy run logs no error: {stderr}");
+}
+
+/// Issue 16: `--from-id 10 --to-id 5` said "nothing lost" and exited 0; a range that cannot
+/// hold a row is a mistake (exit 3, as the README says for a bad range).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_id_range_is_refused_with_exit_3() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let (code, stdout, stderr) = audit(&env, &["--topic", &topic, "--from-id", "10", "--to-id", "5"]);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(stderr.contains("--from-id") && stderr.contains("--to-id"), "{stderr}");
+}
+
+/// Issue 16: with a wrong broker address, audit waited 30 s, then printed some 90 librdkafka
+/// error lines before its own. It now says so in one line, sooner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_against_a_broker_that_never_answers_fails_with_one_line() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let mut config = env.config();
+    config.kafka.brokers = format!("127.0.0.1:{}", free_port());
+    config.kafka.startup_timeout = std::time::Duration::from_secs(3);
+    let path = write_config(&env, &config);
+    let (code, stdout, stderr) = run_command(&["--config", path.to_str().unwrap(), "audit", "--topic", "t"], &[]);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("kafka.brokers"), "{stderr}");
+}
