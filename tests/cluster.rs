@@ -1,6 +1,6 @@
 //! The guarantees on a three-node Apache Kafka cluster (replication factor 3,
 //! `min.insync.replicas` 2, the relay's `acks=all`), one fault per test, each on a fresh
-//! cluster: a partition leader killed, a rolling restart, two brokers down, the active KRaft
+//! cluster: a partition leader killed, a rolling restart, two brokers stopped or killed, the active KRaft
 //! controller killed, and the relay itself killed twelve times. After each: every row is on the
 //! topic, no row was marked before the broker acknowledged it, each key's first copies are in
 //! order, and no row was charged with the cluster's fault (no attempt counted, none failed).
@@ -112,7 +112,31 @@ async fn a_rolling_restart_of_every_broker_while_a_writer_inserts_loses_nothing_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_of_three_brokers_down_for_twenty_seconds_the_relay_waits_unready_marks_nothing_and_resumes_alone() {
+async fn two_of_three_brokers_stopped_for_twenty_seconds_the_relay_waits_unready_marks_nothing_and_resumes_alone() {
+    two_of_three_brokers_down(TakeDown::Stop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_three_brokers_killed_at_once_for_twenty_seconds_the_relay_waits_unready_marks_nothing_and_resumes_alone()
+ {
+    two_of_three_brokers_down(TakeDown::Kill).await;
+}
+
+/// How two of the three nodes go away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TakeDown {
+    /// One after the other, each in a controlled shutdown (SIGTERM): the partitions' leadership
+    /// and in-sync replicas move to the node left, which refuses writes for want of a second
+    /// replica (`NOT_ENOUGH_REPLICAS`).
+    Stop,
+    /// Both at once with SIGKILL: the controller quorum is lost before either is fenced, so no
+    /// leader is elected and no in-sync replica set shrinks; the node left holds each acks=all
+    /// write for replicas that never answer, until the request times out (`REQUEST_TIMED_OUT`).
+    Kill,
+}
+
+async fn two_of_three_brokers_down(how: TakeDown) {
+    use rdkafka::error::RDKafkaErrorCode;
     let log = capture_client_log();
     let mut env = TestEnv::start_with_cluster(NODES, FAST_FAILOVER).await;
     env.migrate().await;
@@ -125,20 +149,38 @@ async fn two_of_three_brokers_down_for_twenty_seconds_the_relay_waits_unready_ma
     let mut config = relay_config(&env);
     config.metrics.listen = addr.clone();
     config.health.readiness_window = Duration::from_secs(2);
+    // Requests held by the broker time out, and are sent again, several times over the outage.
+    config.kafka.properties.insert("request.timeout.ms".into(), "5000".into());
     let relay = env.spawn_relay(config);
     wait_until(PATIENCE, "the drain to be under way", || async { marked_count(&db).await >= 5 * BATCH as i64 }).await;
     wait_until(PATIENCE, "/readyz to pass", || async { http_get(&addr, "/readyz").await.0 == 200 }).await;
 
-    // Stopped one after the other, each in a controlled shutdown: the partitions' leadership
-    // and in-sync replicas move to the node left, whose writes then lack a second replica.
-    let (first, second, left) = (1, 2, 3);
-    cluster(&mut env).stop(first);
-    cluster(&mut env).stop(second);
+    let left = match how {
+        TakeDown::Stop => NODES,
+        // The probe's partition stays led, so that it meets the held write.
+        TakeDown::Kill => partition_leader(&env.brokers, &probe_topic, 0),
+    };
+    let (first, second) = match (1..=NODES).filter(|n| *n != left).collect::<Vec<_>>()[..] {
+        [first, second] => (first, second),
+        _ => unreachable!("three nodes"),
+    };
+    let expected = match how {
+        TakeDown::Stop => {
+            cluster(&mut env).stop(first);
+            cluster(&mut env).stop(second);
+            RDKafkaErrorCode::NotEnoughReplicas
+        }
+        TakeDown::Kill => {
+            cluster(&mut env).kill(first);
+            cluster(&mut env).kill(second);
+            RDKafkaErrorCode::RequestTimedOut
+        }
+    };
     let outage_started = Instant::now();
     assert_eq!(
         probe_produce(&env.brokers, &probe_topic).await,
-        Some(rdkafka::error::RDKafkaErrorCode::NotEnoughReplicas),
-        "with one of three replicas in sync, node {left} refuses acks=all writes"
+        Some(expected),
+        "node {left} alone answers an acks=all write with {expected:?}"
     );
     wait_until(PATIENCE, "/readyz to fail", || async { http_get(&addr, "/readyz").await.0 == 503 }).await;
     let marked_in_outage = marked_event_ids(&db).await;
@@ -162,7 +204,7 @@ async fn two_of_three_brokers_down_for_twenty_seconds_the_relay_waits_unready_ma
     wait_until(PATIENCE, "/readyz to pass again", || async { http_get(&addr, "/readyz").await.0 == 200 }).await;
     let figures = assert_guarantees(&env, &topic, &relay).await;
     eprintln!(
-        "nodes {first} and {second} down, {} rows marked and {pending} pending; node {first} served again \
+        "nodes {first} and {second} down ({how:?}), {} rows marked and {pending} pending; node {first} served again \
          {restarted:.1?} after the outage began, every row marked after {resumed:.1?}; {figures}; broker errors \
          seen: {:?}",
         marked_in_outage.len(),
@@ -402,6 +444,8 @@ async fn probe_produce(brokers: &str, topic: &str) -> Option<rdkafka::error::RDK
         .set("acks", "all")
         .set("enable.idempotence", "false")
         .set("retries", "0")
+        // A write the broker holds for replicas is answered within 3 s.
+        .set("request.timeout.ms", "3000")
         .set("message.timeout.ms", "10000")
         .create()
         .expect("producer");
