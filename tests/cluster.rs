@@ -340,8 +340,8 @@ fn relay_config(env: &TestEnv) -> outbox_relay::Config {
 }
 
 /// Sends this process's log (the in-process relay's, and librdkafka's debug lines) to a file,
-/// and returns its path.
-fn capture_client_log() -> PathBuf {
+/// kept only if the test fails.
+fn capture_client_log() -> ClientLog {
     let path = std::env::temp_dir().join(format!("{}.log", unique_name("outbox-cluster-test")));
     let file = std::fs::File::create(&path).expect("log file");
     let _ = tracing_subscriber::fmt()
@@ -349,16 +349,28 @@ fn capture_client_log() -> PathBuf {
         .with_ansi(false)
         .with_writer(std::sync::Mutex::new(file))
         .try_init();
-    eprintln!("the relay's and librdkafka's log: {}", path.display());
-    path
+    ClientLog(path)
+}
+
+/// The file [`capture_client_log`] writes; removed when the test passes.
+struct ClientLog(PathBuf);
+
+impl Drop for ClientLog {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the relay's and librdkafka's log is kept at {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
 }
 
 /// The errors librdkafka logged, counted by kind: a produce request's (`... encountered error:
 /// ERROR (actions ...)`, which it retried) and the client's own (`Kafka client error ... error=`,
 /// such as a refused connection).
-fn broker_errors(log: &std::path::Path) -> BTreeMap<String, usize> {
+fn broker_errors(log: &ClientLog) -> BTreeMap<String, usize> {
     let mut errors = BTreeMap::new();
-    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+    for line in std::fs::read_to_string(&log.0).unwrap_or_default().lines() {
         let error = if let Some((_, rest)) = line.split_once("encountered error: ") {
             rest.split(" (actions").next().unwrap_or(rest)
         } else if let (true, Some((_, rest))) = (line.contains("Kafka client error"), line.split_once(" error=")) {
