@@ -518,6 +518,36 @@ mod tests {
         }
     }
 
+    /// The README's table "Broker errors: outage or row". librdkafka retries these itself while
+    /// `message.timeout.ms = 0`; should one reach a delivery report (a user's timeout), it must
+    /// not count toward `relay.max_attempts`.
+    #[test]
+    fn a_cluster_fault_is_an_outage_never_the_rows_error() {
+        use RDKafkaErrorCode as C;
+        let cluster_faults = [
+            C::NotEnoughReplicas,
+            C::NotEnoughReplicasAfterAppend,
+            C::NotLeaderForPartition,
+            C::LeaderNotAvailable,
+            C::RequestTimedOut,
+            C::OperationTimedOut,
+            C::MessageTimedOut,
+            C::NetworkException,
+            C::KafkaStorageError,
+            C::BrokerTransportFailure,
+            C::AllBrokersDown,
+            C::Fatal,
+        ];
+        for code in cluster_faults {
+            let failure = classify(&KafkaError::MessageProduction(code));
+            assert!(failure.transient && !failure.producer_unusable, "{code:?} -> {failure:?}");
+        }
+        for code in [C::OutOfOrderSequenceNumber, C::UnknownProducerId, C::InvalidProducerEpoch, C::ProducerFenced] {
+            let failure = classify(&KafkaError::MessageProduction(code));
+            assert!(failure.transient && failure.producer_unusable, "{code:?}: a new session, not the row's error");
+        }
+    }
+
     #[test]
     fn a_fenced_producer_must_be_replaced_but_a_timeout_does_not_need_it() {
         let fenced = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced));

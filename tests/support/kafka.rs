@@ -176,6 +176,27 @@ impl Kafka {
         }
     }
 
+    /// Whether node `node` runs (it was not stopped or killed since it last started).
+    pub fn is_running(&self, node: usize) -> bool {
+        self.nodes[node - 1].child.is_some()
+    }
+
+    /// The active KRaft controller (the quorum's leader) among the running nodes, as the
+    /// running nodes last recorded it in their `quorum-state` files (the newest epoch wins);
+    /// `None` while an election is under way or the quorum is lost.
+    pub fn active_controller(&self) -> Option<usize> {
+        let newest = (1..=self.nodes.len())
+            .filter(|node| self.is_running(*node))
+            .filter_map(|node| {
+                let path = self.node_dir(node).join("data/__cluster_metadata-0/quorum-state");
+                let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+                Some((state["leaderEpoch"].as_i64()?, state["leaderId"].as_i64()?))
+            })
+            .max()?;
+        let leader = usize::try_from(newest.1).ok().filter(|n| (1..=self.nodes.len()).contains(n))?;
+        self.is_running(leader).then_some(leader)
+    }
+
     /// Freezes node `node` (SIGSTOP): connections stay open but nothing is answered, as with a
     /// hung broker or a network partition.
     pub fn freeze(&self, node: usize) {

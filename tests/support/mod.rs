@@ -81,13 +81,19 @@ impl TestEnv {
         Self::start_with(Postgres::start, || (Some(Kafka::prepare(1, &[])), None)).await
     }
 
+    /// As [`TestEnv::start`], with an Apache Kafka cluster of this test's own: `nodes` nodes, each
+    /// a broker and a KRaft controller, with extra broker `properties` (`key=value`).
+    pub async fn start_with_cluster(nodes: usize, properties: &[&str]) -> TestEnv {
+        Self::start_with(Postgres::start, || (Some(Kafka::start_cluster(nodes, properties)), None)).await
+    }
+
     /// Starts the broker prepared by [`TestEnv::start_with_broker_later`].
     pub fn start_broker(&mut self) {
         let kafka = self.broker.as_mut().expect("a prepared broker");
         assert!(kafka.start_all(), "Apache Kafka did not start");
     }
 
-    async fn start_with(pg: fn() -> Postgres, broker: fn() -> (Option<Kafka>, Option<String>)) -> TestEnv {
+    async fn start_with(pg: fn() -> Postgres, broker: impl FnOnce() -> (Option<Kafka>, Option<String>)) -> TestEnv {
         // OUTBOX_TEST_LOG=debug shows the in-process relay's log in a failing test's output.
         if let Ok(filter) = std::env::var("OUTBOX_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
