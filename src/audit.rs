@@ -212,24 +212,26 @@ impl AuditReport {
         } else {
             out.push_str("  lost       not detectable: mark = \"delete\" removes published rows from the table\n");
         }
+        let among = if self.lost_detectable { "" } else { " among the rows still in the table" };
         out.push_str(&format!(
-            "  duplicated {} event ids ({} extra copies){}\n",
+            "  duplicated {} rows on the topic more than once{among} ({} extra copies){}\n",
             self.duplicated.count,
             self.extra_copies,
             ids(&self.duplicated)
         ));
         out.push_str(&format!(
-            "  conflicting {} duplicated event ids whose copies differ{}\n",
+            "  conflicting {} duplicated rows whose copies differ{}\n",
             self.conflicting.count,
             ids(&self.conflicting)
         ));
         out.push_str(&format!(
-            "  moved      {} duplicated event ids with equal copies on another partition (partitions added){}\n",
+            "  moved      {} duplicated rows with equal copies on another partition (partitions added){}\n",
             self.moved.count,
             ids(&self.moved)
         ));
         out.push_str(&format!(
-            "  pending    {} rows ({} already on the topic, to be marked){}\n",
+            "  pending    {} rows ({} of them already on the topic: sent, not marked yet; the relay marks them, \
+             or publishes them again if it stops first){}\n",
             self.pending.count,
             self.pending_on_topic,
             ids(&self.pending)
@@ -244,7 +246,14 @@ impl AuditReport {
             self.failed.count,
             ids(&self.failed)
         ));
-        out.push_str(if self.is_clean() { "result: nothing lost\n" } else { "result: PROBLEMS FOUND\n" });
+        out.push_str(match (self.is_clean(), self.lost_detectable) {
+            (true, true) => "result: nothing lost\n",
+            (true, false) => {
+                "result: nothing wrong among the rows still in the table; with mark = \"delete\" published rows \
+                 are gone, so neither lost nor duplicated ones can be seen\n"
+            }
+            (false, _) => "result: PROBLEMS FOUND\n",
+        });
         out
     }
 }
@@ -352,14 +361,17 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
                 }
             }
         }
+        // Every finding lists rows by their id; those about copies on the topic add the event
+        // id, which is what a consumer sees.
+        let with_event = || format!("{} (event {})", row.id, row.event_id);
         if on_topic.0 > 1 {
-            report.duplicated.add(&row.event_id, show);
+            report.duplicated.add(with_event(), show);
             report.extra_copies += on_topic.0 - 1;
         }
         if on_topic.1 {
-            report.conflicting.add(&row.event_id, show);
+            report.conflicting.add(with_event(), show);
         } else if on_topic.2 {
-            report.moved.add(&row.event_id, show);
+            report.moved.add(with_event(), show);
         }
     }
     Ok(report)
