@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs outbox-relay end to end on this machine: starts a PostgreSQL server and an Apache Kafka
 # node (scripts/kafka.sh) on free loopback ports, migrates the outbox table, inserts sample
-# events, relays them to Kafka, shows them consumed, and stops everything again. The relay's log
+# events, relays them to Kafka, shows them consumed, then an operator's loop (a poison row,
+# `status`, the fix, `retry`, `audit`), and stops everything again. The relay's log
 # is kept at the path printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +96,33 @@ for _ in $(seq 50); do
     sleep 0.1
 done
 curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^outbox_relay_(published_total|pending_rows|oldest_pending_age_seconds|batch_duration_seconds_count)'
+
+say "the operator's loop: an event for a topic nobody created (a poison row)"
+poison_id=$(psql_demo -At -c "INSERT INTO outbox (topic, key, payload) VALUES ('payments', 'order-1', '{\"type\": \"PaymentCaptured\"}') RETURNING id")
+for _ in $(seq 300); do
+    failing=$(curl -s "http://127.0.0.1:$metrics_port/metrics" | sed -n 's/^outbox_relay_failing_rows //p')
+    [ "${failing:-0}" != "0" ] && break
+    sleep 0.1
+done
+echo "the relay reported it at its first failure (its log):"
+grep "a row failed with an error of its own" "$work/relay.log" | tail -n 1 | cut -c1-400
+echo "/readyz: $(curl -s "http://127.0.0.1:$metrics_port/readyz")"
+
+say "outbox-relay status"
+"$relay_bin" status
+
+say "the fix: create the topic, then outbox-relay retry --id $poison_id (no need to wait out the backoff)"
+"$create_topic_bin" "$brokers" payments 1
+"$relay_bin" retry --id "$poison_id"
+for _ in $(seq 300); do
+    pending=$(psql_demo -At -c "SELECT count(*) FROM outbox WHERE published_at IS NULL")
+    [ "$pending" -eq 0 ] && break
+    sleep 0.1
+done
+psql_demo -c "SELECT id, topic, key, attempts, published_at FROM outbox WHERE id = $poison_id"
+
+say "outbox-relay audit --topic orders: the table against what the topic holds"
+"$relay_bin" audit --topic orders
 
 say "SIGTERM: the relay finishes its batch and exits"
 kill -TERM "$relay_pid"
