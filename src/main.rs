@@ -174,7 +174,7 @@ async fn migrate(config: Config) -> ExitCode {
             println!("schema is at version {}", report.version);
             ExitCode::SUCCESS
         }
-        Err(e @ schema::MigrateError::CustomLayout) => {
+        Err(e @ (schema::MigrateError::CustomLayout | schema::MigrateError::Partitioned)) => {
             eprintln!("outbox-relay: {e}");
             ExitCode::from(EXIT_CONFIG)
         }

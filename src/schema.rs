@@ -58,6 +58,13 @@ pub enum MigrateError {
          or columns; create and migrate that table yourself (the relay only reads and marks it)"
     )]
     CustomLayout,
+    /// Table `outbox` exists as a partitioned table (the README's high-volume layout): not
+    /// the table the migrations create and change.
+    #[error(
+        "table outbox is partitioned: migrate manages only the standard table it creates, and its migrations are \
+         not written for a partitioned one; keep that table's schema in your own migrations (README: Retention)"
+    )]
+    Partitioned,
     /// The database refused a statement or could not be reached.
     #[error(transparent)]
     Database(#[from] crate::outbox::OutboxError),
@@ -96,8 +103,8 @@ fn privilege_hint(error: &tokio_postgres::Error) -> &'static str {
 
 /// The role of the login, the outbox table's owner, and whether the login may act as that
 /// owner; no row when the table does not exist yet.
-const OWNER_SQL: &str = "SELECT current_user::text, pg_get_userbyid(c.relowner)::text, pg_has_role(c.relowner, 'USAGE') \
-     FROM pg_class AS c WHERE c.oid = to_regclass('outbox')";
+const OWNER_SQL: &str = "SELECT current_user::text, pg_get_userbyid(c.relowner)::text, pg_has_role(c.relowner, 'USAGE'), \
+     c.relkind = 'p' FROM pg_class AS c WHERE c.oid = to_regclass('outbox')";
 
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,10 +135,13 @@ async fn apply(client: &mut Client) -> Result<MigrateReport, MigrateError> {
     tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", &[&LOCK_KEY]).await.map_err(wrap("lock"))?;
     // Said plainly before any statement fails with a bare "permission denied", and whatever
     // the server version lets every role create in schema public.
-    if let Some(row) = tx.query_opt(OWNER_SQL, &[]).await.map_err(wrap("read the table's owner"))?
-        && !row.get::<_, bool>(2)
-    {
-        return Err(MigrateError::NotOwner { role: row.get(0), owner: row.get(1) });
+    if let Some(row) = tx.query_opt(OWNER_SQL, &[]).await.map_err(wrap("read the table's owner"))? {
+        if !row.get::<_, bool>(2) {
+            return Err(MigrateError::NotOwner { role: row.get(0), owner: row.get(1) });
+        }
+        if row.get::<_, bool>(3) {
+            return Err(MigrateError::Partitioned);
+        }
     }
     // IF [NOT] EXISTS clauses send NOTICEs ("... does not exist, skipping") that would reach the
     // operator's terminal as log lines; they carry nothing to act on.

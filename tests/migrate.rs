@@ -105,3 +105,40 @@ async fn migrate_against_an_unreachable_database_fails_with_a_clear_error() {
     assert!(stderr.contains(&format!("cannot connect to PostgreSQL at 127.0.0.1:{port}/app")), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
+
+/// The README's partitioned outbox, run as written (plus a partition for today): the relay
+/// publishes from it in key order, and `migrate` refuses it instead of applying migrations
+/// written for the standard table (issue 16).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_partitioned_outbox_relays_as_written_and_migrate_leaves_it_alone() {
+    let env = TestEnv::start().await;
+    let readme = include_str!("../README.md");
+    let start = readme.find("For very high volume, partition the outbox").expect("the README's section");
+    let block = &readme[start..];
+    let sql = &block[block.find("```sql\n").expect("its SQL block") + 7..];
+    let sql = &sql[..sql.find("```").expect("the end of the block")];
+    let migration = include_str!("../sql/migrations/0003_time_ordered_event_ids.sql");
+    let function =
+        &migration[migration.find("CREATE OR REPLACE FUNCTION").unwrap()..migration.find("$$;").unwrap() + 3];
+    let db = env.client().await;
+    db.batch_execute(function).await.unwrap();
+    db.batch_execute(sql).await.unwrap_or_else(|e| panic!("the README's SQL: {e:?}"));
+    db.batch_execute("CREATE TABLE outbox_today PARTITION OF outbox DEFAULT").await.unwrap();
+
+    let (code, _, stderr) = run_command(&["migrate"], &[("OUTBOX_RELAY_DATABASE__URL", &env.database_url)]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("table outbox is partitioned"), "{stderr}");
+
+    let topic = env.create_topic(2).await;
+    let events: Vec<NewEvent> = (0..40).map(|n| NewEvent::keyed(&topic, &format!("k{}", n % 4), n)).collect();
+    insert_events(&db, &events).await;
+    let version: String =
+        db.query_one("SELECT substr(event_id::text, 15, 1) FROM outbox LIMIT 1", &[]).await.unwrap().get(0);
+    assert_eq!(version, "7", "time-ordered event ids");
+    let relay = env.spawn_relay(env.owner_config());
+    wait_until(PATIENCE, "every row published", || async { unpublished_count(&db).await == 0 }).await;
+    relay.stop().await.expect("clean stop");
+    let records = read_topic(&env.brokers, &topic).await;
+    assert_eq!(records.len(), 40);
+    assert_first_copies_in_key_order(&records);
+}
