@@ -387,7 +387,11 @@ pub fn classify(error: &KafkaError) -> DeliveryError {
         Some(C::QueueFull) => ("queue_full", true),
         Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => ("unknown_topic", false),
         Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => ("message_too_large", false),
-        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed) => ("not_authorized", false),
+        Some(C::TopicAuthorizationFailed) => ("not_authorized", false),
+        // The producer itself may not write (the IdempotentWrite ACL): no row can succeed, so
+        // charging each row an attempt would only park every key until `retry --all`. Waited
+        // out as an outage: readiness fails and the error is logged until the grant is fixed.
+        Some(C::ClusterAuthorizationFailed) => ("not_authorized", true),
         Some(C::InvalidRecord | C::InvalidMessage | C::InvalidArgument) => ("invalid_record", false),
         Some(C::AllBrokersDown | C::BrokerTransportFailure) => ("broker_unavailable", true),
         _ => ("other", true),
@@ -537,6 +541,7 @@ mod tests {
             C::BrokerTransportFailure,
             C::AllBrokersDown,
             C::Fatal,
+            C::ClusterAuthorizationFailed,
         ];
         for code in cluster_faults {
             let failure = classify(&KafkaError::MessageProduction(code));
