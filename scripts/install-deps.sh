@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the demo and the test suite need on a fresh machine, skipping what is there:
 #   - a PostgreSQL server (Debian's postgresql package) when no server binaries are found;
-#   - a Java runtime and Maven (Debian's openjdk-17-jre-headless, maven) when absent, and Apache
+#   - a Java 17 JDK and Maven (Debian's openjdk-17-jdk-headless, maven) when absent, and Apache
 #     Kafka's jars from Maven Central into ~/.cache/outbox-relay (scripts/kafka.sh fetch, about
-#     45 MB, seconds);
+#     45 MB, seconds); a JDK rather than a runtime, because tests/java_consumer.rs runs a Java
+#     source file (Java's source launcher compiles it);
 #   - with --tests: tansu, a Kafka-compatible broker, from crates.io (about 10 minutes to build
 #     the first time), which only the security tests still use;
 #   - OpenSSL's headers and pkg-config (Debian's libssl-dev, pkg-config), which librdkafka's TLS
@@ -41,10 +42,10 @@ if ! pkg-config --exists openssl 2>/dev/null; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
 fi
 
-if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
-    say "installing a Java runtime and Maven (Debian packages openjdk-17-jre-headless, maven) for Apache Kafka"
+if ! command -v javac >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+    say "installing a Java JDK and Maven (Debian packages openjdk-17-jdk-headless, maven) for Apache Kafka"
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jdk-headless maven >/dev/null
 fi
 "$(dirname "$0")/kafka.sh" fetch >/dev/null
 

@@ -214,3 +214,11 @@ impl Drop for Kafka {
 pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("kafka.sh")
 }
+
+/// The directory of Apache Kafka's jars, kafka-clients and the broker's tools among them
+/// (`scripts/kafka.sh fetch`: fetched from Maven Central once, then cached).
+pub fn jars() -> PathBuf {
+    let out = Command::new(script()).arg("fetch").output().expect("run scripts/kafka.sh fetch");
+    assert!(out.status.success(), "scripts/kafka.sh fetch failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
