@@ -12,6 +12,7 @@
 
 pub mod kafka;
 pub mod postgres;
+pub mod secured_kafka;
 pub mod tansu;
 pub mod tls;
 
