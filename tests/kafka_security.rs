@@ -72,6 +72,9 @@ fn relay_config(env: &TestEnv, brokers: &str, protocol: SecurityProtocol) -> Con
     let mut config = env.config();
     config.kafka.brokers = brokers.to_owned();
     config.kafka.security_protocol = protocol;
+    // A relay the broker refuses holds its records in flight for this long after SIGTERM (30 s
+    // by default); the tests stop such relays and need not wait that long.
+    config.relay.shutdown_timeout = std::time::Duration::from_secs(1);
     config
 }
 
