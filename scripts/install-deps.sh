@@ -5,15 +5,10 @@
 #     Kafka's jars from Maven Central into ~/.cache/outbox-relay (scripts/kafka.sh fetch, about
 #     45 MB, seconds); a JDK rather than a runtime, because tests/java_consumer.rs runs a Java
 #     source file (Java's source launcher compiles it);
-#   - with --tests: tansu, a Kafka-compatible broker, from crates.io (about 10 minutes to build
-#     the first time), which only the security tests still use;
 #   - OpenSSL's headers and pkg-config (Debian's libssl-dev, pkg-config), which librdkafka's TLS
 #     and SASL and the PostgreSQL TLS connector build against;
 #   - cargo-nextest, the test runner.
 set -euo pipefail
-
-TANSU_VERSION=0.6.0
-TANSU_FEATURES=dynostore,libsql
 
 say() { printf '==> %s\n' "$*" >&2; }
 
@@ -48,15 +43,6 @@ if ! command -v javac >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jdk-headless maven >/dev/null
 fi
 "$(dirname "$0")/kafka.sh" fetch >/dev/null
-
-# Only the test suite (`install-deps.sh --tests`) still needs tansu.
-if [ "${1:-}" = "--tests" ]; then
-    tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
-    if ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-        say "installing tansu $TANSU_VERSION (about 10 minutes on 2 cores the first time)"
-        cargo install tansu --locked --version "$TANSU_VERSION" --features "$TANSU_FEATURES"
-    fi
-fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     say "installing cargo-nextest"

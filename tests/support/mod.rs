@@ -13,7 +13,6 @@
 pub mod kafka;
 pub mod postgres;
 pub mod secured_kafka;
-pub mod tansu;
 pub mod tls;
 
 use std::future::Future;
