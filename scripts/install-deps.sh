@@ -1,18 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the demo and the test suite need on a fresh machine, skipping what is there:
 #   - a PostgreSQL server (Debian's postgresql package) when no server binaries are found;
-#   - a Java runtime and Maven (Debian's openjdk-17-jre-headless, maven) when absent, and Apache
+#   - a Java 17 JDK and Maven (Debian's openjdk-17-jdk-headless, maven) when absent, and Apache
 #     Kafka's jars from Maven Central into ~/.cache/outbox-relay (scripts/kafka.sh fetch, about
-#     45 MB, seconds);
-#   - with --tests: tansu, a Kafka-compatible broker, from crates.io (about 10 minutes to build
-#     the first time), which only the security tests still use;
+#     45 MB, seconds); a JDK rather than a runtime, because tests/java_consumer.rs runs a Java
+#     source file (Java's source launcher compiles it);
 #   - OpenSSL's headers and pkg-config (Debian's libssl-dev, pkg-config), which librdkafka's TLS
 #     and SASL and the PostgreSQL TLS connector build against;
 #   - cargo-nextest, the test runner.
 set -euo pipefail
-
-TANSU_VERSION=0.6.0
-TANSU_FEATURES=dynostore,libsql
 
 say() { printf '==> %s\n' "$*" >&2; }
 
@@ -41,21 +37,12 @@ if ! pkg-config --exists openssl 2>/dev/null; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
 fi
 
-if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
-    say "installing a Java runtime and Maven (Debian packages openjdk-17-jre-headless, maven) for Apache Kafka"
+if ! command -v javac >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then
+    say "installing a Java JDK and Maven (Debian packages openjdk-17-jdk-headless, maven) for Apache Kafka"
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jdk-headless maven >/dev/null
 fi
 "$(dirname "$0")/kafka.sh" fetch >/dev/null
-
-# Only the test suite (`install-deps.sh --tests`) still needs tansu.
-if [ "${1:-}" = "--tests" ]; then
-    tansu_bin="${TANSU_BIN:-${CARGO_HOME:-$HOME/.cargo}/bin/tansu}"
-    if ! "$tansu_bin" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
-        say "installing tansu $TANSU_VERSION (about 10 minutes on 2 cores the first time)"
-        cargo install tansu --locked --version "$TANSU_VERSION" --features "$TANSU_FEATURES"
-    fi
-fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     say "installing cargo-nextest"

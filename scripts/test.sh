@@ -6,7 +6,7 @@
 # Extra arguments go to cargo nextest (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh --tests
+scripts/install-deps.sh
 # The inbox test runs the example consumer binary, which `nextest --all-targets` does not link.
 cargo build --examples
 

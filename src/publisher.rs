@@ -488,8 +488,12 @@ fn security_hint(error: &KafkaError, reason: &str) -> Option<&'static str> {
         Some(
             "the broker's certificate is not trusted: check kafka.tls.ca_file, and that the certificate names the host in kafka.brokers",
         )
-    } else if reason.contains("certificate required") {
-        Some("the broker asks for a client certificate: set kafka.tls.cert_file and kafka.tls.key_file")
+    } else if reason.contains("certificate required") || reason.contains("alert bad certificate") {
+        // OpenSSL brokers send "certificate required"; Apache Kafka (Java) sends "bad
+        // certificate", for a missing certificate as for one it does not trust.
+        Some(
+            "the broker asks for a client certificate it trusts: set kafka.tls.cert_file and kafka.tls.key_file to one signed by a CA the broker trusts",
+        )
     } else if reason.contains("ssl handshake failed") || reason.contains("wrong version number") {
         Some("the TLS handshake failed: check that kafka.security_protocol matches the broker's listener")
     } else {
@@ -561,5 +565,18 @@ mod tests {
         assert!(!timeout.producer_unusable && timeout.transient);
         let too_large = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
         assert!(!too_large.transient, "a record too large for the broker will not fit later either");
+    }
+
+    #[test]
+    fn a_refused_client_certificate_is_hinted_from_openssl_and_from_kafkas_own_brokers() {
+        let error = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        // As librdkafka reports them: an OpenSSL server's alert, then Apache Kafka's (Java's).
+        for reason in [
+            "ssl://localhost:9093/bootstrap: SSL handshake failed: error:0A00045C:SSL routines::tlsv13 alert certificate required: SSL alert number 116",
+            "ssl://localhost:9093/bootstrap: Receive failed: error:0A000412:SSL routines::sslv3 alert bad certificate: SSL alert number 42 (after 7ms in state APIVERSION_QUERY)",
+        ] {
+            let hint = security_hint(&error, reason).unwrap_or_default();
+            assert!(hint.contains("client certificate"), "{reason}: {hint}");
+        }
     }
 }

@@ -104,18 +104,21 @@ fn check_topic_name(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Headers are a JSON object whose values are strings (or null for a header without value).
+/// Headers are a JSON object whose values are strings (or null for a header without value), sent
+/// in the object's order (for `jsonb`, the order PostgreSQL keeps: shorter names first).
 fn parse_headers(json: &str) -> Result<Vec<(String, Option<String>)>, String> {
     let value: serde_json::Value =
         serde_json::from_str(json).map_err(|e| format!("headers are not valid JSON: {e}"))?;
-    let object = match value {
-        serde_json::Value::Object(object) => object,
+    match value {
+        serde_json::Value::Object(_) => {}
         serde_json::Value::Null => return Ok(Vec::new()),
         other => {
             return Err(format!("headers must be a JSON object of strings, found {}", json_kind(&other)));
         }
     };
-    object
+    // serde_json's own map sorts the names; this keeps them as written.
+    let OrderedObject(entries) = serde_json::from_str(json).map_err(|e| format!("headers are not valid JSON: {e}"))?;
+    entries
         .into_iter()
         .map(|(name, value)| match value {
             serde_json::Value::String(s) => Ok((name, Some(s))),
@@ -123,6 +126,33 @@ fn parse_headers(json: &str) -> Result<Vec<(String, Option<String>)>, String> {
             other => Err(format!("header \"{name}\" is {}; header values must be strings", json_kind(&other))),
         })
         .collect()
+}
+
+/// A JSON object's entries in the order written; a repeated name keeps its first place and its
+/// last value, as `jsonb` keeps the last.
+struct OrderedObject(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for OrderedObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = OrderedObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OrderedObject, A::Error> {
+                let mut entries: Vec<(String, serde_json::Value)> = Vec::new();
+                while let Some((name, value)) = map.next_entry::<String, serde_json::Value>()? {
+                    match entries.iter_mut().find(|(seen, _)| *seen == name) {
+                        Some(entry) => entry.1 = value,
+                        None => entries.push((name, value)),
+                    }
+                }
+                Ok(OrderedObject(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {
@@ -168,6 +198,23 @@ mod tests {
             vec![
                 ("type".to_owned(), Some("OrderPlaced".to_owned())),
                 ("event_id".to_owned(), Some("0b5e3a1c-8a3f-4c59-9f0e-2d7b1c7c9a11".to_owned())),
+            ]
+        );
+    }
+
+    #[test]
+    fn headers_keep_the_objects_order_and_a_repeated_name_its_last_value() {
+        let mut row = row();
+        row.headers = Some(r#"{"type": "A", "trace": null, "correlation_id": "c", "type": "B"}"#.into());
+        let record = Record::from_row(&row, &topic_column()).unwrap();
+        let names: Vec<(&str, Option<&str>)> = record.headers.iter().map(|(n, v)| (n.as_str(), v.as_deref())).collect();
+        assert_eq!(
+            names,
+            [
+                ("type", Some("B")),
+                ("trace", None),
+                ("correlation_id", Some("c")),
+                ("event_id", Some(row.event_id.as_str()))
             ]
         );
     }

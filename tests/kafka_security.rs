@@ -1,6 +1,8 @@
 //! TLS and SASL to the broker: the relay publishes with the right certificates and credentials,
 //! and with wrong ones fails clearly (an error naming the cause, rows left unpublished, the
-//! process still running) rather than crash-looping or stalling silently.
+//! process still running) rather than crash-looping or stalling silently. The broker is Apache
+//! Kafka on its own SSL, SASL_SSL and SASL_PLAINTEXT listeners, with SCRAM users made through
+//! its admin API (`support::secured_kafka`).
 
 mod support;
 
@@ -11,14 +13,15 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use support::tls::{TestCa, TlsProxy};
+use support::secured_kafka::{Listener, SecuredKafka};
+use support::tls::TestCa;
 use support::{
     NewEvent, PATIENCE, RelayProcess, TestEnv, insert_events, marked_event_ids, spawn_relay_process_with_env,
     unique_name, wait_until,
 };
 
-const ALICE: (&str, &str, &str) = ("alice", "alice-scram-512-secret", "scram512");
-const BOB: (&str, &str, &str) = ("bob", "bob-scram-256-secret", "scram256");
+const ALICE: (&str, &str, &str) = ("alice", "alice-scram-512-secret", "SCRAM-SHA-512");
+const BOB: (&str, &str, &str) = ("bob", "bob-scram-256-secret", "SCRAM-SHA-256");
 
 /// A client of the secured broker for the test itself: creating the topic, reading it back.
 fn client(brokers: &str, security: &[(&str, String)]) -> ClientConfig {
@@ -69,6 +72,9 @@ fn relay_config(env: &TestEnv, brokers: &str, protocol: SecurityProtocol) -> Con
     let mut config = env.config();
     config.kafka.brokers = brokers.to_owned();
     config.kafka.security_protocol = protocol;
+    // A relay the broker refuses holds its records in flight for this long after SIGTERM (30 s
+    // by default); the tests stop such relays and need not wait that long.
+    config.relay.shutdown_timeout = std::time::Duration::from_secs(1);
     config
 }
 
@@ -99,11 +105,8 @@ async fn publishes_over_sasl_ssl_with_scram_sha_512_and_a_verified_broker_certif
     let env = TestEnv::start().await;
     env.migrate().await;
     let ca = TestCa::new(&env.path(""), "kafka");
-    let (cert, key) = ca.issue("broker", &["localhost"]);
-    let proxy = TlsProxy::start(&cert, &key, None).await;
-    let advertised = format!("localhost:{}", proxy.port);
-    let broker = support::tansu::Broker::start_secured(Some(advertised.clone()), &[ALICE]);
-    proxy.forward_to(&broker.address());
+    let broker = SecuredKafka::start(&ca, &[ALICE]).await;
+    let advertised = broker.address(Listener::SaslSsl);
 
     let security = vec![
         ("security.protocol", "sasl_ssl".to_owned()),
@@ -135,17 +138,20 @@ async fn publishes_over_sasl_ssl_with_scram_sha_512_and_a_verified_broker_certif
 async fn publishes_with_scram_sha_256_from_the_environment_and_fails_clearly_with_a_wrong_password() {
     let env = TestEnv::start().await;
     env.migrate().await;
-    let broker = support::tansu::Broker::start_secured(None, &[BOB]);
+    // The node has TLS listeners too, so it needs a certificate even here.
+    let ca = TestCa::new(&env.path(""), "kafka");
+    let broker = SecuredKafka::start(&ca, &[BOB]).await;
+    let brokers = broker.address(Listener::SaslPlaintext);
     let security = vec![
         ("security.protocol", "sasl_plaintext".to_owned()),
         ("sasl.mechanisms", "SCRAM-SHA-256".to_owned()),
         ("sasl.username", BOB.0.to_owned()),
         ("sasl.password", BOB.1.to_owned()),
     ];
-    let topic = create_topic(&client(&broker.address(), &security)).await;
+    let topic = create_topic(&client(&brokers, &security)).await;
     insert(&env, &topic, 3).await;
 
-    let mut config = relay_config(&env, &broker.address(), SecurityProtocol::SaslPlaintext);
+    let mut config = relay_config(&env, &brokers, SecurityProtocol::SaslPlaintext);
     config.kafka.sasl.mechanism = Some("scram-sha-256".into());
     config.kafka.sasl.username = Some(BOB.0.into());
     let mut wrong = spawn_relay_process_with_env(&env, &config, &[("OUTBOX_RELAY_KAFKA__SASL__PASSWORD", "not-it")]);
@@ -163,11 +169,8 @@ async fn a_broker_certificate_from_another_authority_is_refused() {
     env.migrate().await;
     let ca = TestCa::new(&env.path(""), "kafka");
     let stranger = TestCa::new(&env.path(""), "stranger");
-    let (cert, key) = ca.issue("broker", &["localhost"]);
-    let proxy = TlsProxy::start(&cert, &key, None).await;
-    let advertised = format!("localhost:{}", proxy.port);
-    let broker = support::tansu::Broker::start_secured(Some(advertised.clone()), &[]);
-    proxy.forward_to(&broker.address());
+    let broker = SecuredKafka::start(&ca, &[]).await;
+    let advertised = broker.address(Listener::Ssl);
     let security =
         vec![("security.protocol", "ssl".to_owned()), ("ssl.ca.location", ca.ca_file().display().to_string())];
     let topic = create_topic(&client(&advertised, &security)).await;
@@ -184,12 +187,9 @@ async fn a_broker_that_requires_client_certificates_gets_the_relays() {
     let env = TestEnv::start().await;
     env.migrate().await;
     let ca = TestCa::new(&env.path(""), "kafka");
-    let (cert, key) = ca.issue("broker", &["localhost"]);
     let (client_cert, client_key) = ca.issue("relay", &["outbox-relay"]);
-    let proxy = TlsProxy::start(&cert, &key, Some(&ca.ca_file())).await;
-    let advertised = format!("localhost:{}", proxy.port);
-    let broker = support::tansu::Broker::start_secured(Some(advertised.clone()), &[]);
-    proxy.forward_to(&broker.address());
+    let broker = SecuredKafka::start(&ca, &[]).await;
+    let advertised = broker.address(Listener::SslWithClientCertificate);
     let security = vec![
         ("security.protocol", "ssl".to_owned()),
         ("ssl.ca.location", ca.ca_file().display().to_string()),
@@ -202,7 +202,7 @@ async fn a_broker_that_requires_client_certificates_gets_the_relays() {
     let mut config = relay_config(&env, &advertised, SecurityProtocol::Ssl);
     config.kafka.tls.ca_file = Some(ca.ca_file());
     let mut without = spawn_relay_process_with_env(&env, &config, &[]);
-    // The proxy drops a client without a certificate during the handshake.
+    // The broker ends the handshake of a client without a certificate.
     assert_fails_clearly(&env, &mut without, "the broker asks for a client certificate").await;
     without.signal(libc::SIGTERM);
     without.wait().await;

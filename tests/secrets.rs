@@ -13,7 +13,8 @@ use outbox_relay::config::{Config, SecurityProtocol};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use support::tls::{TestCa, TlsProxy};
+use support::secured_kafka::{Listener, SecuredKafka};
+use support::tls::TestCa;
 use support::{
     NewEvent, PATIENCE, Postgres, RELAY_PASSWORD, connect, free_port, http_get, insert_events, login_as, run_command,
     run_relay_role_script, unique_name, wait_until, write_config_to,
@@ -77,15 +78,11 @@ async fn no_password_or_key_appears_in_logs_config_status_metrics_or_errors() {
     // Kafka: SASL SCRAM over TLS, to a broker that also wants the relay's certificate, whose key
     // is encrypted.
     let ca = TestCa::new(dir.path(), "kafka");
-    let (cert, key) = ca.issue("broker", &["localhost"]);
+    let broker = SecuredKafka::start(&ca, &[("alice", SASL_PASSWORD, "SCRAM-SHA-512")]).await;
+    let advertised = broker.address(Listener::SaslSslWithClientCertificate);
     let (client_cert, client_key) = ca.issue("relay", &["outbox-relay"]);
-    let secrets = secrets(&[&key, &client_key]);
+    let secrets = secrets(&[broker.key_file(), client_key.as_path()]);
     encrypt_key(&client_key, KEY_PASSWORD);
-    let proxy = TlsProxy::start(&cert, &key, Some(&ca.ca_file())).await;
-    let advertised = format!("localhost:{}", proxy.port);
-    let broker =
-        support::tansu::Broker::start_secured(Some(advertised.clone()), &[("alice", SASL_PASSWORD, "scram512")]);
-    proxy.forward_to(&broker.address());
     let topic = unique_name("topic");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &advertised)

@@ -54,8 +54,16 @@ impl Kafka {
     /// Writes the configuration of `nodes` nodes and formats their storage, without starting
     /// them: the ports are reserved so a relay can be pointed at a broker not yet running.
     pub fn prepare(nodes: usize, properties: &[&str]) -> Kafka {
-        let dir = tempfile::Builder::new().prefix("outbox-relay-kafka-").tempdir().expect("temp dir");
         let ports: Vec<u16> = (0..nodes * 2).map(|_| free_port()).collect();
+        Self::prepare_on(&ports, properties)
+    }
+
+    /// As [`Kafka::prepare`], on the caller's ports: each node's client and controller port, in
+    /// turn. For properties that name the ports (more `listeners`); a node that cannot bind
+    /// one does not start.
+    pub fn prepare_on(ports: &[u16], properties: &[&str]) -> Kafka {
+        let nodes = ports.len() / 2;
+        let dir = tempfile::Builder::new().prefix("outbox-relay-kafka-").tempdir().expect("temp dir");
         let mut command = Command::new(script());
         command.arg("prepare").arg(dir.path()).args(["--nodes", &nodes.to_string()]);
         command.args(["--ports", &ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")]);
@@ -234,4 +242,12 @@ impl Drop for Kafka {
 /// `scripts/kafka.sh` of this checkout.
 pub fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join("kafka.sh")
+}
+
+/// The directory of Apache Kafka's jars, kafka-clients and the broker's tools among them
+/// (`scripts/kafka.sh fetch`: fetched from Maven Central once, then cached).
+pub fn jars() -> PathBuf {
+    let out = Command::new(script()).arg("fetch").output().expect("run scripts/kafka.sh fetch");
+    assert!(out.status.success(), "scripts/kafka.sh fetch failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }

@@ -12,7 +12,7 @@
 
 pub mod kafka;
 pub mod postgres;
-pub mod tansu;
+pub mod secured_kafka;
 pub mod tls;
 
 use std::future::Future;

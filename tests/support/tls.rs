@@ -1,17 +1,9 @@
-//! TLS for the security tests: a throwaway certificate authority, and a TLS-terminating proxy
-//! in front of tansu. tansu 0.6 cannot switch TLS on from its command line (its `--cert` and
-//! `--key` are declared mutually exclusive), so the tests put TLS where many deployments put it
-//! anyway: in front of the broker, which advertises the proxy's address.
+//! TLS for the security tests: a throwaway certificate authority that signs the brokers',
+//! PostgreSQL's and the relay's certificates.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
 
-use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 /// A certificate authority that lives for one test.
 pub struct TestCa {
@@ -53,63 +45,5 @@ impl TestCa {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("key file mode");
         (cert_file, key_file)
-    }
-}
-
-/// Accepts TLS on a loopback port and forwards the plaintext to an upstream address.
-pub struct TlsProxy {
-    /// The port clients connect to.
-    pub port: u16,
-    upstream: Arc<OnceLock<SocketAddr>>,
-    task: JoinHandle<()>,
-}
-
-impl TlsProxy {
-    /// Listens with `cert`/`key`; with `client_ca`, a client must present a certificate signed
-    /// by it. Connections are forwarded once [`TlsProxy::forward_to`] names the upstream.
-    pub async fn start(cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsProxy {
-        let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).expect("acceptor");
-        acceptor.set_certificate_chain_file(cert).expect("proxy certificate");
-        acceptor.set_private_key_file(key, SslFiletype::PEM).expect("proxy key");
-        if let Some(ca) = client_ca {
-            acceptor.set_ca_file(ca).expect("client CA");
-            acceptor.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
-        }
-        let acceptor = Arc::new(acceptor.build());
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("proxy address").port();
-        let upstream: Arc<OnceLock<SocketAddr>> = Arc::default();
-        let target = upstream.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Some(&upstream) = target.get() else { return };
-                    let Ok(ssl) = Ssl::new(acceptor.context()) else { return };
-                    let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, client) else { return };
-                    // A client that fails the handshake (wrong CA, no certificate) is dropped.
-                    if Pin::new(&mut tls).accept().await.is_err() {
-                        return;
-                    }
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
-                    }
-                });
-            }
-        });
-        TlsProxy { port, upstream, task }
-    }
-
-    /// Where accepted connections go (`127.0.0.1:PORT`).
-    pub fn forward_to(&self, upstream: &str) {
-        let address = upstream.parse().expect("upstream address");
-        let _ = self.upstream.set(address);
-    }
-}
-
-impl Drop for TlsProxy {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
