@@ -564,7 +564,7 @@ fn machine() -> Value {
         "memory_gib": (mem_kb / 1024.0 / 1024.0).round(),
         "commit": commit,
         "date": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        "note": "PostgreSQL, tansu and the relay share the same CPUs",
+        "note": "PostgreSQL, Apache Kafka and the relay share the same CPUs",
     })
 }
 
@@ -573,7 +573,7 @@ fn markdown(report: &Value) -> String {
     let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let machine = &report["machine"];
     let mut out = format!(
-        "Machine: {} CPUs ({}), {} GiB; commit {}; {}. PostgreSQL, tansu and the relay share the CPUs.\n\n",
+        "Machine: {} CPUs ({}), {} GiB; commit {}; {}. PostgreSQL, Apache Kafka and the relay share the CPUs.\n\n",
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("unknown"),
         machine["memory_gib"],

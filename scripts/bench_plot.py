@@ -31,7 +31,7 @@ def main():
     ax.grid(True, which="both", alpha=0.3)
     machine = report["machine"]
     ax.set_title(
-        f"outbox-relay latency, {machine['cpus']} CPUs shared with PostgreSQL and tansu ({machine['commit']})",
+        f"outbox-relay latency, {machine['cpus']} CPUs shared with PostgreSQL and Apache Kafka ({machine['commit']})",
         fontsize=9,
     )
     ax.legend()

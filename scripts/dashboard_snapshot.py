@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draws docs/dashboard.png: the dashboard's key panels, from a local run's /metrics.
 
-Starts PostgreSQL and tansu on free ports, runs the relay (target/release/outbox-relay, or
+Starts PostgreSQL and Apache Kafka (scripts/kafka.sh) on free ports, runs the relay (target/release/outbox-relay, or
 target/debug) with a writer inserting 200 rows a second, and scrapes /metrics twice a second
 through four phases: healthy; the broker hung for 20 s (SIGSTOP: the backlog and the oldest
 pending age grow, deliveries time out); recovery; a row for a topic that does not exist (retried,
@@ -94,15 +94,22 @@ def main():
         subprocess.run(as_postgres([f"{bindir}/pg_ctl", "-D", pg_dir, "-l", f"{work}/pg.log", "-w", "-o",
                                     f"-p {pg_port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''",
                                     "start"]), check=True, stdout=subprocess.DEVNULL)
-        tansu = os.path.expanduser(os.environ.get("TANSU_BIN", "~/.cargo/bin/tansu"))
-        url = f"tcp://127.0.0.1:{kafka_port}"
-        broker = subprocess.Popen([tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                   "--storage-engine", "memory://tansu/"], cwd=work,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(broker)
-        time.sleep(1)
-        subprocess.run([tansu, "topic", "create", "--broker", url, "--partitions", "3", "orders"], check=True,
+        # Apache Kafka from Maven Central (scripts/kafka.sh); `run` execs the JVM, so the
+        # process below is the broker itself and SIGSTOP freezes it.
+        kafka_dir, controller_port = os.path.join(work, "kafka"), free_port()
+        kafka_sh = os.path.join(ROOT, "scripts", "kafka.sh")
+        subprocess.run([kafka_sh, "prepare", kafka_dir, "--ports", f"{kafka_port},{controller_port}"], check=True,
                        stdout=subprocess.DEVNULL)
+        kafka_log = open(os.path.join(work, "kafka.log"), "w")
+        broker = subprocess.Popen([kafka_sh, "run", kafka_dir, "1"], stdout=kafka_log, stderr=subprocess.STDOUT)
+        procs.append(broker)
+        deadline = time.time() + 120
+        while "Kafka Server started" not in open(os.path.join(work, "kafka.log")).read():
+            if broker.poll() is not None or time.time() > deadline:
+                sys.exit(f"Apache Kafka did not start; see {work}/kafka.log")
+            time.sleep(0.2)
+        subprocess.run(["cargo", "run", "--quiet", "--example", "create_topic", "--",
+                        f"127.0.0.1:{kafka_port}", "orders", "3"], check=True, cwd=ROOT)
         env = dict(os.environ,
                    OUTBOX_RELAY_DATABASE__URL=f"postgres://postgres@127.0.0.1:{pg_port}/postgres",
                    OUTBOX_RELAY_KAFKA__BROKERS=f"127.0.0.1:{kafka_port}",
@@ -110,7 +117,6 @@ def main():
                    OUTBOX_RELAY_RELAY__STATS_INTERVAL="500ms",
                    OUTBOX_RELAY_RELAY__MAX_ATTEMPTS="4",
                    OUTBOX_RELAY_RELAY__RETRY_BACKOFF_INITIAL="1s",
-                   OUTBOX_RELAY_KAFKA__PROPERTIES__MESSAGE_TIMEOUT_MS="5000",
                    RUST_LOG="warn")
         subprocess.run([relay_binary(), "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
         relay = subprocess.Popen([relay_binary(), "run"], env=env, stderr=open(f"{work}/relay.log", "w"))

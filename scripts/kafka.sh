@@ -39,11 +39,11 @@ say() { printf '==> %s\n' "$*" >&2; }
 
 need_java() {
     command -v "$JAVA" >/dev/null 2>&1 ||
-        die "Java is missing: Apache Kafka $KAFKA_VERSION needs a Java 17 or newer runtime (Debian: apt-get install openjdk-17-jre-headless), or set JAVA to one"
+        die "Java is missing: Apache Kafka $KAFKA_VERSION needs a Java 17 or newer (Debian: apt-get install openjdk-17-jdk-headless; the tests' Java consumer needs the JDK), or set JAVA to one"
     local major
     major=$("$JAVA" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')
     [ "${major:-0}" -ge 17 ] 2>/dev/null ||
-        die "Java $major is too old: Apache Kafka $KAFKA_VERSION needs Java 17 or newer (Debian: apt-get install openjdk-17-jre-headless)"
+        die "Java $major is too old: Apache Kafka $KAFKA_VERSION needs Java 17 or newer (Debian: apt-get install openjdk-17-jdk-headless)"
 }
 
 fetch() {
