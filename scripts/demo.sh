@@ -55,6 +55,13 @@ export OUTBOX_RELAY_KAFKA__BROKERS="$brokers"
 export OUTBOX_RELAY_METRICS__LISTEN="127.0.0.1:$metrics_port"
 export OUTBOX_RELAY_RELAY__STATS_INTERVAL=1s
 psql_demo() { psql -X -q -v ON_ERROR_STOP=1 "$OUTBOX_RELAY_DATABASE__URL" "$@"; }
+# Waits up to 30 s for every row to be published.
+wait_until_published() {
+    for _ in $(seq 300); do
+        [ "$(psql_demo -At -c "SELECT count(*) FROM outbox WHERE published_at IS NULL")" -eq 0 ] && return
+        sleep 0.1
+    done
+}
 
 say "outbox-relay migrate"
 "$relay_bin" migrate
@@ -80,11 +87,7 @@ SQL
 say "outbox-relay run"
 "$relay_bin" run >"$work/relay.log" 2>&1 &
 relay_pid=$!
-for _ in $(seq 300); do
-    pending=$(psql_demo -At -c "SELECT count(*) FROM outbox WHERE published_at IS NULL")
-    [ "$pending" -eq 0 ] && break
-    sleep 0.1
-done
+wait_until_published
 psql_demo -c "SELECT id, key, event_id, published_at FROM outbox ORDER BY id"
 
 say "consumed from Kafka (topic orders): one partition per key, in order, with the event_id header"
@@ -114,11 +117,7 @@ say "outbox-relay status"
 say "the fix: create the topic, then outbox-relay retry --id $poison_id (no need to wait out the backoff)"
 "$create_topic_bin" "$brokers" payments 1
 "$relay_bin" retry --id "$poison_id"
-for _ in $(seq 300); do
-    pending=$(psql_demo -At -c "SELECT count(*) FROM outbox WHERE published_at IS NULL")
-    [ "$pending" -eq 0 ] && break
-    sleep 0.1
-done
+wait_until_published
 psql_demo -c "SELECT id, topic, key, attempts, published_at FROM outbox WHERE id = $poison_id"
 
 say "outbox-relay audit --topic orders: the table against what the topic holds"

@@ -278,22 +278,8 @@ async fn twelve_kill_nines_of_the_relay_during_a_fifty_thousand_row_drain_on_the
         }
     });
 
-    let mut random = Random::from_env();
-    let mut in_flight_at_a_crash = HashSet::new();
     let started = Instant::now();
-    for crash in 0..CRASHES {
-        let mut relay = spawn_relay_process(&env, &config);
-        // Once a batch is settled the new producer has its id and metadata: the kill lands in
-        // the steady drain, at a random moment of a batch.
-        wait_until(PATIENCE, "the relay to settle a batch", || async {
-            relay.log().contains("batch settled") || unpublished_count(&db).await == 0
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(random.below(400))).await;
-        relay.signal(libc::SIGKILL);
-        assert_eq!(relay.wait().await, None, "crash {crash}: killed");
-        in_flight_at_a_crash.extend(unmarked_event_ids(&db).await);
-    }
+    let in_flight_at_a_crash = kill_the_relay_at_random_moments(&env, &config, &db, CRASHES).await;
     writer.await.expect("writer");
     let mut relay = spawn_relay_process(&env, &config);
     wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
@@ -528,26 +514,5 @@ async fn assert_rows_uncharged(db: &tokio_postgres::Client) {
     assert_eq!((charged, failed), (0, 0), "rows charged with an attempt / failed; their errors: {errors:?}");
     if let Some(errors) = errors {
         eprintln!("outage errors recorded on rows still pending (no attempt counted): {errors}");
-    }
-}
-
-/// A small deterministic generator, so that a failing run can be repeated with its seed.
-struct Random(u64);
-
-impl Random {
-    fn from_env() -> Random {
-        let seed = std::env::var("OUTBOX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-        });
-        eprintln!("random kill times from OUTBOX_TEST_SEED={seed}");
-        Random(seed | 1)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        // xorshift64
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % bound
     }
 }

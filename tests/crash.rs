@@ -67,27 +67,6 @@ async fn a_crash_between_publish_and_mark_republishes_exactly_that_batch() {
     assert_eq!(report["conflicting"]["count"], 0);
 }
 
-/// A small deterministic generator, so that a failing run can be repeated with its seed.
-struct Random(u64);
-
-impl Random {
-    fn from_env() -> Random {
-        let seed = std::env::var("OUTBOX_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-        });
-        eprintln!("random kill times from OUTBOX_TEST_SEED={seed}");
-        Random(seed | 1)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        // xorshift64
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % bound
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twelve_kill_nines_during_a_fifty_thousand_row_drain_lose_nothing() {
     const ROWS: usize = 50_000;
@@ -117,23 +96,7 @@ async fn twelve_kill_nines_during_a_fifty_thousand_row_drain_lose_nothing() {
         }
     });
 
-    let mut random = Random::from_env();
-    let mut in_flight_at_a_crash = HashSet::new();
-    for crash in 0..CRASHES {
-        let mut relay = spawn_relay_process(&env, &config);
-        // A new producer's first acknowledgement takes a while (producer id, metadata); wait
-        // for the first settled batch so that the kill lands in the steady drain, at a random
-        // moment of a batch: claiming, producing, awaiting reports, or marking.
-        wait_until(PATIENCE, "the relay to settle a batch", || async {
-            relay.log().contains("batch settled") || unpublished_count(&db).await == 0
-        })
-        .await;
-        tokio::time::sleep(Duration::from_millis(random.below(400))).await;
-        relay.signal(libc::SIGKILL);
-        assert_eq!(relay.wait().await, None, "crash {crash}: killed");
-
-        in_flight_at_a_crash.extend(unmarked_event_ids(&db).await);
-    }
+    let in_flight_at_a_crash = kill_the_relay_at_random_moments(&env, &config, &db, CRASHES).await;
     writer.await.expect("writer");
     drain(&env, &config).await;
 
