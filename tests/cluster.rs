@@ -40,15 +40,7 @@ const OUTAGE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_of_a_busy_partition_killed_mid_drain_loses_nothing_and_charges_no_row() {
-    let log = capture_client_log();
-    let mut env = TestEnv::start_with_cluster(NODES, FAST_FAILOVER).await;
-    env.migrate().await;
-    let topic = env.create_topic(3).await;
-    let db = env.client().await;
-    insert_backlog(&db, &topic, 0..50_000, KEYS).await;
-    let relay = env.spawn_relay(relay_config(&env));
-    let writer = Writer::start(&env, &topic, 50_000).await;
-    wait_until(PATIENCE, "the drain to be under way", || async { marked_count(&db).await >= 5 * BATCH as i64 }).await;
+    let Drain { log, mut env, topic, db, relay, writer } = drain_under_way(50_000).await;
 
     let leader = partition_leader(&env.brokers, &topic, 0);
     let marked_at_kill = marked_count(&db).await;
@@ -77,15 +69,7 @@ async fn the_leader_of_a_busy_partition_killed_mid_drain_loses_nothing_and_charg
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_broker_while_a_writer_inserts_loses_nothing_and_charges_no_row() {
-    let log = capture_client_log();
-    let mut env = TestEnv::start_with_cluster(NODES, FAST_FAILOVER).await;
-    env.migrate().await;
-    let topic = env.create_topic(3).await;
-    let db = env.client().await;
-    insert_backlog(&db, &topic, 0..30_000, KEYS).await;
-    let relay = env.spawn_relay(relay_config(&env));
-    let writer = Writer::start(&env, &topic, 30_000).await;
-    wait_until(PATIENCE, "the drain to be under way", || async { marked_count(&db).await >= 5 * BATCH as i64 }).await;
+    let Drain { log, mut env, topic, db, relay, writer } = drain_under_way(30_000).await;
 
     let started = Instant::now();
     for node in 1..=NODES {
@@ -215,15 +199,7 @@ async fn two_of_three_brokers_down(how: TakeDown) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_active_controller_killed_mid_drain_loses_nothing_and_charges_no_row() {
-    let log = capture_client_log();
-    let mut env = TestEnv::start_with_cluster(NODES, FAST_FAILOVER).await;
-    env.migrate().await;
-    let topic = env.create_topic(3).await;
-    let db = env.client().await;
-    insert_backlog(&db, &topic, 0..50_000, KEYS).await;
-    let relay = env.spawn_relay(relay_config(&env));
-    let writer = Writer::start(&env, &topic, 50_000).await;
-    wait_until(PATIENCE, "the drain to be under way", || async { marked_count(&db).await >= 5 * BATCH as i64 }).await;
+    let Drain { log, mut env, topic, db, relay, writer } = drain_under_way(50_000).await;
 
     let controller = cluster(&mut env).active_controller().expect("an active controller");
     let led: Vec<i32> = (0..3).filter(|p| partition_leader(&env.brokers, &topic, *p) == controller).collect();
@@ -327,6 +303,30 @@ fn relay_config(env: &TestEnv) -> outbox_relay::Config {
 
 /// Sends this process's log (the in-process relay's, and librdkafka's debug lines) to a file,
 /// kept only if the test fails.
+/// A three-node cluster, a topic of three partitions with a backlog of `rows` rows, a relay
+/// draining it (some batches marked already) and a writer adding `rows` more meanwhile.
+struct Drain {
+    log: ClientLog,
+    env: TestEnv,
+    topic: String,
+    db: tokio_postgres::Client,
+    relay: RunningRelay,
+    writer: Writer,
+}
+
+async fn drain_under_way(rows: usize) -> Drain {
+    let log = capture_client_log();
+    let env = TestEnv::start_with_cluster(NODES, FAST_FAILOVER).await;
+    env.migrate().await;
+    let topic = env.create_topic(3).await;
+    let db = env.client().await;
+    insert_backlog(&db, &topic, 0..rows, KEYS).await;
+    let relay = env.spawn_relay(relay_config(&env));
+    let writer = Writer::start(&env, &topic, rows).await;
+    wait_until(PATIENCE, "the drain to be under way", || async { marked_count(&db).await >= 5 * BATCH as i64 }).await;
+    Drain { log, env, topic, db, relay, writer }
+}
+
 fn capture_client_log() -> ClientLog {
     let path = std::env::temp_dir().join(format!("{}.log", unique_name("outbox-cluster-test")));
     let file = std::fs::File::create(&path).expect("log file");
