@@ -1,9 +1,9 @@
 //! What the probes answer, kept as plain atomics that the loop updates and `/healthz` and
 //! `/readyz` read, so a probe never waits for the database or the broker.
 //!
-//! - Alive (`/healthz`): the loop is not stuck in one step (a claim, a batch's delivery reports,
-//!   a mark) for longer than `health.liveness_timeout`. Waiting between polls or backing off
-//!   during an outage is not being stuck.
+//! - Alive (`/healthz`): the loop is not stuck in one step (a claim, a mark) for longer than
+//!   `health.liveness_timeout`. Waiting between polls, backing off during an outage or waiting
+//!   for the broker's acknowledgements (however long) is not being stuck.
 //! - Ready (`/readyz`): connected to PostgreSQL, the brokers reachable, and, whenever the relay
 //!   has rows it could publish, some of them acknowledged within `health.readiness_window`.
 //!   Rows it cannot claim yet (parked behind a failed row, waiting for an open transaction)

@@ -202,7 +202,10 @@ impl Publisher {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 // An address that fails at once (refused, not resolvable) is asked again shortly.
-                Err(_) => tokio::time::sleep(Duration::from_millis(200).min(deadline - Instant::now())).await,
+                Err(_) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(Duration::from_millis(200).min(left)).await
+                }
             }
         }
     }
