@@ -26,6 +26,7 @@
 //!   gauges and warns about transactions that hold rows back.
 //! - [`status`]: what a running relay is doing: pending, failed, parked and held-back rows,
 //!   and which relay holds which shard.
+//! - [`check`]: what a table lacks for each guarantee, and the SQL that adds it.
 //! - [`audit`]: reconciles the table with a topic (lost, duplicated, pending, failed rows).
 //! - [`inbox`]: for consumers: apply each event once, by recording its `event_id` in the same
 //!   transaction as the effect.
@@ -36,6 +37,7 @@
 
 pub mod audit;
 pub mod backoff;
+pub mod check;
 pub mod claim_floor;
 pub mod config;
 pub mod health;

@@ -39,6 +39,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Say what the table lacks for each guarantee (order, commit-order safety, poison rows,
+    /// indexes, unique event ids, two-phase commit, privileges) and print the SQL and settings
+    /// that add it. Exits 0 when nothing is lacking, 1 otherwise. Only reads.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-queue rows the relay gave up on (after relay.max_attempts), so it tries them again.
     Retry(RetryArgs),
 }
@@ -127,6 +135,7 @@ fn main() -> ExitCode {
             Command::Audit(args) => audit(config, args).await,
             Command::Status { json } => status(config, json).await,
             Command::Retry(args) => retry(config, args).await,
+            Command::Check { json } => check(config, json).await,
             Command::Config => ExitCode::SUCCESS,
         }
     });
@@ -232,6 +241,28 @@ async fn status(config: Config, json: bool) -> ExitCode {
             ExitCode::from(if e.is_transient() { EXIT_FAILED } else { EXIT_CONFIG })
         }
     }
+}
+
+async fn check(config: Config, json: bool) -> ExitCode {
+    let report = match outbox_relay::check::check(&config).await {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("outbox-relay: check: {e}");
+            return ExitCode::from(if e.is_transient() { EXIT_FAILED } else { EXIT_CONFIG });
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("outbox-relay: cannot render the check: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    } else {
+        print!("{}", report.render_text());
+    }
+    if report.is_complete() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
 }
 
 async fn retry(config: Config, args: RetryArgs) -> ExitCode {

@@ -17,10 +17,10 @@ use crate::config::{Config, redact_connection_string};
 use crate::pg_tls::ConnectOptions;
 use crate::record::{OutboxRow, RowKey, UnreadableRow};
 use crate::table::{
-    AUDIT_TOPIC_COLUMN, LOCK_KEYS_SQL, LOCK_SHARD_COUNT_SQL, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping,
-    OLD_VERSION_HOLDERS_SQL, ORDER_COLUMN_SQL, OTHER_SHARD_COUNTS_SQL, OWNERSHIP_SQL, OrderColumn, OrderSequence,
-    Privilege, TABLE_COLUMNS_SQL, TERMINATE_FROZEN_SQL, TRY_LOCK_SQL, UNLOCK_SHARD_COUNT_SQL, UNLOCK_SQL,
-    claim_columns,
+    AUDIT_TOPIC_COLUMN, CATALOG_COLUMNS_SQL, CATALOG_INDEXES_SQL, CATALOG_NOTIFY_TRIGGERS_SQL, CatalogColumn,
+    LOCK_KEYS_SQL, LOCK_SHARD_COUNT_SQL, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, OLD_VERSION_HOLDERS_SQL,
+    ORDER_COLUMN_SQL, OTHER_SHARD_COUNTS_SQL, OWNERSHIP_SQL, OrderColumn, OrderSequence, Privilege, TABLE_COLUMNS_SQL,
+    TERMINATE_FROZEN_SQL, TRY_LOCK_SQL, TableCatalog, TableIndex, UNLOCK_SHARD_COUNT_SQL, UNLOCK_SQL, claim_columns,
 };
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
@@ -620,6 +620,48 @@ impl Outbox {
                 .cloned()
                 .collect(),
         })
+    }
+
+    /// What the catalog says of the table's columns, indexes and triggers, for `outbox-relay
+    /// check`.
+    pub async fn catalog(&self) -> Result<TableCatalog, OutboxError> {
+        let table = self.layout.mapping.table_sql();
+        let what = "read the table's catalog";
+        let columns = self.client.query(CATALOG_COLUMNS_SQL, &[&table]).await.map_err(OutboxError::query(what))?;
+        let indexes = self.client.query(CATALOG_INDEXES_SQL, &[&table]).await.map_err(OutboxError::query(what))?;
+        let triggers =
+            self.client.query(CATALOG_NOTIFY_TRIGGERS_SQL, &[&table]).await.map_err(OutboxError::query(what))?;
+        let role = self.client.query_one("SELECT current_user::text", &[]).await.map_err(OutboxError::query(what))?;
+        let decode = || -> Result<TableCatalog, tokio_postgres::Error> {
+            Ok(TableCatalog {
+                columns: columns
+                    .iter()
+                    .map(|r| {
+                        Ok(CatalogColumn {
+                            name: r.try_get(0)?,
+                            quoted: r.try_get(1)?,
+                            data_type: r.try_get(2)?,
+                            default: r.try_get(3)?,
+                        })
+                    })
+                    .collect::<Result<_, tokio_postgres::Error>>()?,
+                indexes: indexes
+                    .iter()
+                    .map(|r| {
+                        Ok(TableIndex {
+                            name: r.try_get(0)?,
+                            unique: r.try_get(1)?,
+                            valid: r.try_get(2)?,
+                            columns: r.try_get(3)?,
+                            predicate: r.try_get(4)?,
+                        })
+                    })
+                    .collect::<Result<_, tokio_postgres::Error>>()?,
+                notify_triggers: triggers.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?,
+                role: role.try_get(0)?,
+            })
+        };
+        decode().map_err(OutboxError::query(what))
     }
 
     /// The layout this connection was checked against.

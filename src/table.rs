@@ -538,6 +538,47 @@ pub struct OrderColumn {
     pub sequence: Option<OrderSequence>,
 }
 
+/// What the catalog says of the table beyond its column types, for `outbox-relay check`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableCatalog {
+    /// Every column, in table order.
+    pub columns: Vec<CatalogColumn>,
+    /// Every index.
+    pub indexes: Vec<TableIndex>,
+    /// Enabled triggers whose function sends a notification.
+    pub notify_triggers: Vec<String>,
+    /// The role the configured login acts as.
+    pub role: String,
+}
+
+/// One column of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogColumn {
+    /// The name as stored.
+    pub name: String,
+    /// The name as PostgreSQL writes it in expressions, quoted only where needed.
+    pub quoted: String,
+    /// `format_type`.
+    pub data_type: String,
+    /// The default expression, if any.
+    pub default: Option<String>,
+}
+
+/// One index of the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableIndex {
+    /// Its name.
+    pub name: String,
+    /// A unique index.
+    pub unique: bool,
+    /// False for what a failed `CREATE INDEX CONCURRENTLY` leaves behind: no query uses it.
+    pub valid: bool,
+    /// Key columns in order; `None` for an expression.
+    pub columns: Vec<Option<String>>,
+    /// The predicate of a partial index, as PostgreSQL prints it.
+    pub predicate: Option<String>,
+}
+
 /// The sequence feeding the order column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderSequence {
@@ -658,6 +699,12 @@ impl Layout {
             None => "$3".to_owned(),
         };
         Some(format!("({a}.{last} IS NULL OR {a}.{last} <= now() - {backoff} * interval '1 second')"))
+    }
+
+    /// Whether each claim looks for an earlier row of a key that holds the key back (a failed
+    /// row, or one waiting out its backoff), which wants an index on (key, order).
+    pub fn looks_for_rows_holding_keys_back(&self) -> bool {
+        self.earlier_row_holding_the_key("o").is_some()
     }
 
     /// A subquery finding an earlier row of row `a`'s key that holds the key back: one that
@@ -1148,6 +1195,30 @@ pub const AUDIT_TOPIC_COLUMN: usize = 6;
 /// Columns of a table with their `format_type`; `$1` is the quoted table name.
 pub const TABLE_COLUMNS_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
      FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
+
+/// What `outbox-relay check` reads of table `$1` (quoted name), one row per column: name,
+/// name as PostgreSQL quotes it in expressions (`quote_ident`, to read index predicates), type,
+/// and default expression (NULL without one).
+pub const CATALOG_COLUMNS_SQL: &str = "SELECT a.attname::text, quote_ident(a.attname), \
+     format_type(a.atttypid, a.atttypmod), pg_get_expr(d.adbin, d.adrelid) \
+     FROM pg_attribute AS a LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+     WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
+
+/// The indexes of table `$1` (quoted name): name, unique, valid (a failed `CREATE INDEX
+/// CONCURRENTLY` leaves an invalid one), key columns in order (NULL for an expression), and the
+/// predicate of a partial index as PostgreSQL prints it (NULL for none).
+pub const CATALOG_INDEXES_SQL: &str = "SELECT c.relname::text, i.indisunique, i.indisvalid, \
+     array(SELECT a.attname::text FROM generate_series(0, i.indnkeyatts - 1) AS k(n) \
+           LEFT JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[k.n] ORDER BY k.n), \
+     pg_get_expr(i.indpred, i.indrelid) \
+     FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass($1) ORDER BY 1";
+
+/// The enabled triggers on table `$1` (quoted name) whose function sends a notification:
+/// PostgreSQL refuses to `PREPARE` a transaction that has sent one.
+pub const CATALOG_NOTIFY_TRIGGERS_SQL: &str = "SELECT t.tgname::text FROM pg_trigger AS t \
+     JOIN pg_proc AS p ON p.oid = t.tgfoid \
+     WHERE t.tgrelid = to_regclass($1) AND NOT t.tgisinternal AND t.tgenabled <> 'D' \
+       AND p.prosrc ~* '(pg_notify|\\mnotify\\M)' ORDER BY 1";
 
 /// What [`OrderColumn`] needs to know of column `$2` (its name as stored) of table `$1` (quoted
 /// name): `NOT NULL`, a unique index of its own, and the sequence feeding it (identity or

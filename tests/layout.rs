@@ -233,3 +233,218 @@ async fn an_order_column_that_cannot_keep_a_keys_insertion_order_is_refused_nami
     consume(&env.brokers, &format!("outbox.event.{topic}"), 1).await;
     relay.stop().await.expect("clean stop");
 }
+
+/// Debezium's outbox table as its documentation creates it.
+const DEBEZIUM_TABLE: &str = "CREATE TABLE outboxevent (
+    id            uuid NOT NULL PRIMARY KEY,
+    aggregatetype varchar(255) NOT NULL,
+    aggregateid   varchar(255) NOT NULL,
+    type          varchar(255) NOT NULL,
+    payload       jsonb
+)";
+
+/// Runs `outbox-relay check` on `config` with `settings` (config keys and values, given as the
+/// environment variables that override them), returning exit code and standard output.
+fn run_check(env: &TestEnv, config: &outbox_relay::Config, settings: &[(String, String)]) -> (i32, String) {
+    let path = write_config(env, config);
+    let vars: Vec<(String, String)> =
+        settings.iter().map(|(key, value)| (setting_variable(key), value.clone())).collect();
+    let mut all: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    all.push(("RUST_LOG", "off"));
+    let (code, stdout, stderr) = run_command(&["--config", path.to_str().unwrap(), "check"], &all);
+    assert!(code == 0 || code == 1, "check exits 0 or 1 on a table it can read: {code}\n{stdout}\n{stderr}");
+    (code, stdout)
+}
+
+/// `outbox.columns.xact_id` as the environment variable that sets it.
+fn setting_variable(key: &str) -> String {
+    format!("OUTBOX_RELAY_{}", key.replace('.', "__").to_uppercase())
+}
+
+/// The statements and settings a `check` report prints under "run:" and "then set:".
+fn fixes(report: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let (mut statements, mut settings) = (Vec::new(), Vec::new());
+    let mut section = "";
+    for line in report.lines() {
+        match line.trim() {
+            "run:" => section = "run",
+            "then set:" => section = "set",
+            text if line.starts_with("           ") && section == "run" => statements.push(text.to_owned()),
+            text if line.starts_with("           ") && section == "set" => {
+                let (key, value) = text.split_once(" = ").expect("key = \"value\"");
+                settings.push((key.to_owned(), value.trim_matches('"').to_owned()));
+            }
+            _ => section = "",
+        }
+    }
+    (statements, settings)
+}
+
+/// The verdict `check` printed for `guarantee`.
+fn verdict<'a>(report: &'a str, guarantee: &str) -> &'a str {
+    report
+        .lines()
+        .find(|line| line.split_whitespace().skip(1).collect::<Vec<_>>().join(" ").starts_with(guarantee))
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no line for {guarantee} in:\n{report}"))
+}
+
+/// Debezium's table as Debezium creates it: `check` names each gap with the statements and
+/// settings that close it. Running what it prints (as the table's owner), round after round,
+/// leaves nothing lacking, and the relay, logged in as its own role, then publishes each
+/// aggregate's events in the order they were written although the ids are random uuids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_a_debezium_table_lacks_and_what_it_prints_closes_the_gap() {
+    let env = TestEnv::start().await;
+    env.migrate().await; // the relay logs in as its own role from here on
+    let db = env.client().await;
+    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
+    let mut config = debezium_config(env.config());
+    config.outbox.columns.created_at = None;
+
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 1, "{report}");
+    for lacking in ["per-key order", "commit-order safety", "poison rows", "privileges"] {
+        assert_eq!(verdict(&report, lacking), "lacking", "{lacking}:\n{report}");
+    }
+    assert_eq!(verdict(&report, "event ids"), "ok", "the primary key: {report}");
+    assert_eq!(verdict(&report, "two-phase commit"), "ok", "{report}");
+    assert!(report.contains("is uuid"), "names why the order does not hold: {report}");
+
+    let mut settings = Vec::new();
+    let mut rounds = 0;
+    let mut last = (code, report);
+    while last.0 != 0 {
+        rounds += 1;
+        assert!(rounds <= 3, "check still lacks after {rounds} rounds:\n{}", last.1);
+        let (statements, new_settings) = fixes(&last.1);
+        assert!(!statements.is_empty() || !new_settings.is_empty(), "lacking, with nothing to do:\n{}", last.1);
+        for statement in &statements {
+            db.batch_execute(statement).await.unwrap_or_else(|e| panic!("{statement}: {e:?}"));
+        }
+        settings.extend(new_settings);
+        last = run_check(&env, &config, &settings);
+    }
+    assert!(last.1.contains("nothing lacking"), "{}", last.1);
+    assert_eq!(verdict(&last.1, "index for retries"), "ok", "asked for once attempts existed: {}", last.1);
+
+    // Four aggregates written at once, each by its own writer, one transaction per event.
+    let aggregate_type = unique_name("order");
+    let topic = format!("outbox.event.{aggregate_type}");
+    create_topic(&env.brokers, &topic, 3).await;
+    let vars: Vec<(String, String)> = settings.iter().map(|(k, v)| (setting_variable(k), v.clone())).collect();
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut relay = spawn_relay_process_with_env(&env, &config, &vars);
+    const EVENTS: i32 = 50;
+    let writers: Vec<_> = (0..4)
+        .map(|writer| {
+            let (env_url, aggregate_type) = (env.database_url.clone(), aggregate_type.clone());
+            tokio::spawn(async move {
+                let db = connect(&env_url).await;
+                for n in 0..EVENTS {
+                    db.execute(
+                        "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload) \
+                         VALUES (gen_random_uuid(), $1, $2, 'Changed', jsonb_build_object('n', $3::int))",
+                        &[&aggregate_type, &format!("agg-{writer}"), &n],
+                    )
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let records = consume(&env.brokers, &topic, 4 * EVENTS as usize).await;
+    wait_until(PATIENCE, "published rows to be deleted", || async {
+        db.query_one("SELECT count(*) FROM outboxevent", &[]).await.unwrap().get::<_, i64>(0) == 0
+    })
+    .await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "clean stop; log: {}", relay.log_path.display());
+    for writer in 0..4 {
+        let key = format!("agg-{writer}");
+        let order: Vec<i64> = records
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(key.as_str()))
+            .map(|r| {
+                serde_json::from_str::<serde_json::Value>(&r.payload_text().unwrap()).unwrap()["n"].as_i64().unwrap()
+            })
+            .collect();
+        assert_eq!(order, (0..EVENTS as i64).collect::<Vec<_>>(), "{key} in the order it was written");
+    }
+}
+
+/// The README's recipe for Debezium's table, run as written: its SQL block on the table as
+/// Debezium creates it and its two TOML blocks as the configuration leave nothing lacking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_custom_table_recipe_leaves_nothing_lacking() {
+    let env = TestEnv::start().await;
+    let db = env.client().await;
+    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
+    let readme = include_str!("../README.md");
+    let section = &readme[readme.find("Already have an outbox table?").expect("the custom-table section")..];
+    let block = |fence: &str, nth: usize| -> String {
+        let start = section.match_indices(fence).nth(nth).expect("the README's block").0 + fence.len();
+        section[start..start + section[start..].find("\n```").unwrap()].to_owned()
+    };
+    let (layout, recipe, columns) = (block("```toml\n", 0), block("```sql\n", 0), block("```toml\n", 1));
+    db.batch_execute(&recipe).await.unwrap_or_else(|e| panic!("the README's SQL: {e:?}\n{recipe}"));
+
+    // The first TOML block with the second's keys set in it, over the test's connection settings.
+    let mut readme_config: toml::Table = toml::from_str(&layout).expect("the README's configuration");
+    let overrides: toml::Table = toml::from_str(&columns).expect("the README's columns");
+    let target = readme_config["outbox"].as_table_mut().unwrap()["columns"].as_table_mut().unwrap();
+    for (key, value) in overrides["outbox"]["columns"].as_table().unwrap() {
+        target.insert(key.clone(), value.clone());
+    }
+    let mut config: toml::Table = toml::from_str(&toml::to_string(&env.owner_config()).unwrap()).unwrap();
+    config.insert("outbox".into(), readme_config["outbox"].clone());
+    let path = env.path("readme.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let (code, report, stderr) = run_command(&["--config", path.to_str().unwrap(), "check"], &[("RUST_LOG", "off")]);
+    assert_eq!(code, 0, "{report}{stderr}");
+    assert!(report.contains("nothing lacking"), "{report}");
+    for guarantee in ["per-key order", "commit-order safety", "poison rows", "index for claims", "index for retries"] {
+        assert_eq!(verdict(&report, guarantee), "ok", "{guarantee}: {report}");
+    }
+}
+
+/// The standard table lacks nothing; a lost index, a lost default and a NOTIFY trigger are each
+/// named, and what `check` prints puts the first two back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_nothing_lacking_on_the_standard_table_and_names_what_goes_missing() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    let config = env.config();
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert!(report.contains("nothing lacking"), "{report}");
+
+    db.batch_execute(
+        "DROP INDEX outbox_unpublished_idx; DROP INDEX outbox_retrying_idx; \
+         ALTER TABLE outbox ALTER COLUMN xact_id DROP DEFAULT; \
+         CREATE TRIGGER outbox_relay_notify AFTER INSERT ON outbox FOR EACH STATEMENT EXECUTE FUNCTION outbox_relay_notify()",
+    )
+    .await
+    .unwrap();
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 1, "{report}");
+    for lacking in ["index for claims", "index for retries", "commit-order safety"] {
+        assert_eq!(verdict(&report, lacking), "lacking", "{lacking}:\n{report}");
+    }
+    assert!(report.contains("outbox_pkey also holds published rows"), "the primary key is not enough: {report}");
+    assert_eq!(verdict(&report, "two-phase commit"), "note", "a note, not a gap: {report}");
+    assert!(report.contains("DROP TRIGGER \"outbox_relay_notify\" ON \"outbox\";"), "{report}");
+
+    let (statements, settings) = fixes(&report);
+    assert!(settings.is_empty(), "the columns are all there: {settings:?}");
+    for statement in statements.iter().filter(|s| !s.starts_with("DROP TRIGGER")) {
+        db.batch_execute(statement).await.unwrap_or_else(|e| panic!("{statement}: {e:?}"));
+    }
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(verdict(&report, "two-phase commit"), "note", "{report}");
+}

@@ -1,0 +1,606 @@
+//! `outbox-relay check`: what a table lacks for each guarantee the relay gives, and the SQL and
+//! configuration that add it.
+//!
+//! `run` refuses a table it cannot relay correctly at all (a missing column, an order column
+//! that cannot order); a table it can relay with a weaker guarantee, or only slowly, it accepts
+//! with a warning at most. A team bringing its own table (Debezium's layout, a home-grown
+//! poller's) wants the whole gap at once, before the relay runs on it: this command lists each
+//! guarantee with what holds, what is lacking and the statements that close the gap. It only
+//! reads; it never changes the table.
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::outbox::{Outbox, OutboxError};
+use crate::table::{CatalogColumn, Identifier, Layout, Mapping, OrderColumn, Privilege, TableCatalog, TableIndex};
+
+/// What the table gives and lacks, one item per guarantee.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckReport {
+    /// The table, as configured.
+    pub table: String,
+    /// One item per guarantee, in the order the README's guarantees come.
+    pub items: Vec<CheckItem>,
+}
+
+/// One guarantee: whether the table gives it, and if not, how to add it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckItem {
+    /// The guarantee, as the README names it.
+    pub guarantee: &'static str,
+    /// Whether the table gives it.
+    pub verdict: Verdict,
+    /// What holds, or what is lacking and what that costs.
+    pub detail: String,
+    /// Statements that add what is lacking, in order; run them as the table's owner.
+    pub sql: Vec<String>,
+    /// Configuration keys to set once the statements have run, as `key = value`.
+    pub config: Vec<String>,
+}
+
+/// Whether a guarantee holds on the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The table and configuration give it.
+    Ok,
+    /// The table lacks something for it; the item says what and how to add it.
+    Lacking,
+    /// The configuration turns it off on purpose (`outbox.per_key_order = false`, no key).
+    Off,
+    /// Not a gap, but something to know (a trigger that rules out two-phase commit).
+    Note,
+}
+
+impl CheckReport {
+    /// Whether nothing is lacking.
+    pub fn is_complete(&self) -> bool {
+        self.items.iter().all(|item| item.verdict != Verdict::Lacking)
+    }
+
+    /// The report as an operator reads it: one line per guarantee, then what to run and set.
+    pub fn render_text(&self) -> String {
+        let lacking = self.items.iter().filter(|item| item.verdict == Verdict::Lacking).count();
+        let mut out = format!("table {}: ", self.table);
+        if lacking == 0 {
+            out.push_str("nothing lacking\n");
+        } else {
+            out.push_str(&format!("{lacking} of {} checks lacking\n", self.items.len()));
+        }
+        let width = self.items.iter().map(|item| item.guarantee.len()).max().unwrap_or(0);
+        for item in &self.items {
+            let verdict = match item.verdict {
+                Verdict::Ok => "ok",
+                Verdict::Lacking => "lacking",
+                Verdict::Off => "off",
+                Verdict::Note => "note",
+            };
+            out.push_str(&format!("\n{verdict:<8} {:<width$}  {}\n", item.guarantee, item.detail));
+            if !item.sql.is_empty() {
+                out.push_str("         run:\n");
+                for statement in &item.sql {
+                    out.push_str(&format!("           {statement}\n"));
+                }
+            }
+            if !item.config.is_empty() {
+                out.push_str("         then set:\n");
+                for setting in &item.config {
+                    out.push_str(&format!("           {setting}\n"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Checks the configured table: connects as `run` would (so a missing column or table is the
+/// same error), then reads its catalog.
+pub async fn check(config: &Config) -> Result<CheckReport, OutboxError> {
+    let mapping = Mapping::from_config(config)
+        .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
+    let outbox = Outbox::connect(config, &mapping).await?;
+    let catalog = outbox.catalog().await?;
+    let retention = config.retention.delete_published_after.is_some();
+    let missing_privileges = match outbox.check_privileges(&mapping.privileges_needed(retention)).await {
+        Ok(()) => Vec::new(),
+        Err(OutboxError::MissingPrivileges { missing, .. }) => missing,
+        Err(e) => return Err(e),
+    };
+    Ok(assess(outbox.layout(), outbox.order_column(), &catalog, &missing_privileges))
+}
+
+/// The report for a table whose catalog has been read: every judgement is made here, from
+/// the catalog alone, so it can be tested without a database.
+pub fn assess(
+    layout: &Layout,
+    order_column: &OrderColumn,
+    catalog: &TableCatalog,
+    missing_privileges: &[Privilege],
+) -> CheckReport {
+    let table = Table { layout, catalog };
+    CheckReport {
+        table: layout.mapping.table_name(),
+        items: vec![
+            table.per_key_order(order_column),
+            table.commit_order_safety(),
+            table.poison_rows(),
+            table.claim_index(),
+            table.retry_index(),
+            table.event_ids(),
+            table.two_phase_commit(),
+            table.privileges(missing_privileges),
+        ],
+    }
+}
+
+/// The layout and catalog of one table, with the judgements as methods.
+struct Table<'a> {
+    layout: &'a Layout,
+    catalog: &'a TableCatalog,
+}
+
+/// A bookkeeping column the relay can use, with the standard table's name and type.
+struct StandardColumn {
+    /// The `[outbox.columns]` key.
+    key: &'static str,
+    /// The name and definition the standard table uses.
+    name: &'static str,
+    definition: &'static str,
+    /// `format_type` of that definition, to tell whether an unmapped column of that name fits.
+    data_type: &'static str,
+    /// What the relay does with it (and cannot do without it).
+    gives: &'static str,
+}
+
+const XACT_ID: StandardColumn =
+    StandardColumn { key: "xact_id", name: "xact_id", definition: "xid8", data_type: "xid8", gives: "" };
+
+const POISON_COLUMNS: [StandardColumn; 4] = [
+    StandardColumn {
+        key: "attempts",
+        name: "attempts",
+        definition: "int NOT NULL DEFAULT 0",
+        data_type: "integer",
+        gives: "counts a row's failed attempts; without it no row is given up on and `status` sees no failing row",
+    },
+    StandardColumn {
+        key: "last_error",
+        name: "last_error",
+        definition: "text",
+        data_type: "text",
+        gives: "keeps the last failure's text for `status` and `audit`",
+    },
+    StandardColumn {
+        key: "last_attempt_at",
+        name: "last_attempt_at",
+        definition: "timestamptz",
+        data_type: "timestamp with time zone",
+        gives: "spaces a failing row's attempts out; without it the row is tried again at every claim",
+    },
+    StandardColumn {
+        key: "failed_at",
+        name: "failed_at",
+        definition: "timestamptz",
+        data_type: "timestamp with time zone",
+        gives: "marks a row given up on after relay.max_attempts, for `retry`; without it the relay never gives up",
+    },
+];
+
+impl Table<'_> {
+    fn mapping(&self) -> &Mapping {
+        &self.layout.mapping
+    }
+
+    fn column(&self, name: &str) -> Option<&CatalogColumn> {
+        self.catalog.columns.iter().find(|c| c.name == name)
+    }
+
+    /// The name of a column as PostgreSQL prints it in an index predicate.
+    fn quoted(&self, column: &Identifier) -> String {
+        self.column(column.as_str()).map_or_else(|| column.to_string(), |c| c.quoted.clone())
+    }
+
+    /// An index name for this table: `<table>_<suffix>`, within PostgreSQL's 63 bytes.
+    fn index_name(&self, suffix: &str) -> String {
+        let table = self.mapping().table.last().map_or("outbox", |t| t.as_str());
+        let mut name = format!("{table}_{suffix}");
+        while name.len() > 63 {
+            name.pop();
+        }
+        Identifier::parse(&name).map_or(name.clone(), |i| i.to_string())
+    }
+
+    /// A column to add for `standard`: its configured name is missing from the mapping, so
+    /// either an unmapped column of the standard name and type exists (only the config is
+    /// lacking) or one must be added.
+    /// Returns the column's name.
+    fn add_column(&self, standard: &StandardColumn, sql: &mut Vec<String>, config: &mut Vec<String>) -> String {
+        let name = match self.column(standard.name) {
+            Some(existing) if existing.data_type == standard.data_type => standard.name.to_owned(),
+            Some(_) => format!("relay_{}", standard.name),
+            None => standard.name.to_owned(),
+        };
+        if self.column(&name).is_none() {
+            let quoted = Identifier::parse(&name).map_or(name.clone(), |i| i.to_string());
+            sql.push(format!(
+                "ALTER TABLE {} ADD COLUMN {quoted} {};",
+                self.mapping().table_sql(),
+                standard.definition
+            ));
+        }
+        config.push(format!("outbox.columns.{} = \"{name}\"", standard.key));
+        name
+    }
+
+    fn per_key_order(&self, order_column: &OrderColumn) -> CheckItem {
+        let m = self.mapping();
+        let item = |verdict, detail: String, sql: Vec<String>, config: Vec<String>| CheckItem {
+            guarantee: "per-key order",
+            verdict,
+            detail,
+            sql,
+            config,
+        };
+        if m.key.is_none() {
+            return item(
+                Verdict::Off,
+                "no key column: records have no key, so there is no key order to keep".into(),
+                vec![],
+                vec![],
+            );
+        }
+        if !m.per_key_order {
+            return item(
+                Verdict::Off,
+                format!(
+                    "outbox.per_key_order = false: a key's rows go out in the order of column \"{}\", whatever that is",
+                    m.order_by.as_str()
+                ),
+                vec![],
+                vec![],
+            );
+        }
+        match self.layout.check_per_key_order(order_column) {
+            Ok(()) => {
+                let source = match &order_column.sequence {
+                    Some(sequence) => format!("fed by sequence {} without a cache", sequence.name),
+                    None => "unique, assigned by the application".to_owned(),
+                };
+                item(
+                    Verdict::Ok,
+                    format!(
+                        "a key's rows go out in the order of column \"{}\" ({}, NOT NULL, {source})",
+                        m.order_by.as_str(),
+                        self.layout.order_type
+                    ),
+                    vec![],
+                    vec![],
+                )
+            }
+            Err(refused) if !self.layout.orders_by_integer() => {
+                let seq = self.column("seq").map_or("seq", |_| "relay_seq");
+                item(
+                    Verdict::Lacking,
+                    format!("`run` refuses the table: {}", refused.problem),
+                    vec![format!(
+                        "ALTER TABLE {} ADD COLUMN {seq} bigint GENERATED ALWAYS AS IDENTITY UNIQUE;",
+                        m.table_sql()
+                    )],
+                    vec![format!("outbox.columns.order_by = \"{seq}\"")],
+                )
+            }
+            Err(refused) => {
+                item(Verdict::Lacking, format!("`run` refuses the table: {}", refused.problem), vec![], vec![])
+            }
+        }
+    }
+
+    fn commit_order_safety(&self) -> CheckItem {
+        let m = self.mapping();
+        let mut item = CheckItem {
+            guarantee: "commit-order safety",
+            verdict: Verdict::Ok,
+            detail: String::new(),
+            sql: vec![],
+            config: vec![],
+        };
+        let table = m.table_sql();
+        match &m.xact_id {
+            None => {
+                item.verdict = Verdict::Lacking;
+                item.detail = "no transaction-id column: a row whose transaction commits after a later row's \
+                               can be overtaken by it within its key (`run` warns)"
+                    .into();
+                let name = self.add_column(&XACT_ID, &mut item.sql, &mut item.config);
+                let quoted = Identifier::parse(&name).map_or(name.clone(), |i| i.to_string());
+                item.sql.push(format!("ALTER TABLE {table} ALTER COLUMN {quoted} SET DEFAULT pg_current_xact_id();"));
+            }
+            Some(xact_id) => {
+                let default = self.column(xact_id.as_str()).and_then(|c| c.default.as_deref());
+                if default.is_some_and(|d| d.contains("pg_current_xact_id()")) {
+                    item.detail = format!(
+                        "column \"{}\" records each row's transaction; a row goes out only once every transaction \
+                         that wrote before it has finished",
+                        xact_id.as_str()
+                    );
+                } else {
+                    item.verdict = Verdict::Lacking;
+                    item.detail = format!(
+                        "column \"{}\" has no DEFAULT pg_current_xact_id(): rows inserted without a value count as \
+                         committed long ago and can be overtaken within their key",
+                        xact_id.as_str()
+                    );
+                    item.sql
+                        .push(format!("ALTER TABLE {table} ALTER COLUMN {xact_id} SET DEFAULT pg_current_xact_id();"));
+                }
+            }
+        }
+        item
+    }
+
+    fn poison_rows(&self) -> CheckItem {
+        let m = self.mapping();
+        let mapped = [&m.attempts, &m.last_error, &m.last_attempt_at, &m.failed_at];
+        let mut item = CheckItem {
+            guarantee: "poison rows",
+            verdict: Verdict::Ok,
+            detail: "a failing row is retried with backoff, given up on after relay.max_attempts, its error kept; \
+                     `status`, `audit` and `retry` see it"
+                .into(),
+            sql: vec![],
+            config: vec![],
+        };
+        let mut lacking = Vec::new();
+        for (standard, column) in POISON_COLUMNS.iter().zip(mapped) {
+            if column.is_none() {
+                lacking.push(format!("{} ({})", standard.key, standard.gives));
+                self.add_column(standard, &mut item.sql, &mut item.config);
+            }
+        }
+        if !lacking.is_empty() {
+            item.verdict = Verdict::Lacking;
+            item.detail = format!("no column for {}", lacking.join("; "));
+        }
+        item
+    }
+
+    /// The index the claim walks: the order column first; with `mark = "update"`, partial on
+    /// unpublished rows, since the claims that start at the table's beginning (every
+    /// `relay.full_scan_interval`, and the first) would otherwise walk every published row.
+    fn claim_index(&self) -> CheckItem {
+        let m = self.mapping();
+        let order = m.order_by.as_str();
+        let unpublished = m.published_at.as_ref().map(|p| format!("{} IS NULL", self.quoted(p)));
+        let leads_with_order =
+            |index: &&TableIndex| index.valid && index.columns.first().and_then(|c| c.as_deref()) == Some(order);
+        let partial = self.catalog.indexes.iter().filter(leads_with_order).find(|index| match &unpublished {
+            Some(condition) => {
+                predicate_within(index.predicate.as_deref(), &[condition.as_str()]) && index.predicate.is_some()
+            }
+            None => index.predicate.is_none(),
+        });
+        let full = self.catalog.indexes.iter().filter(leads_with_order).find(|index| index.predicate.is_none());
+        let mut item = CheckItem {
+            guarantee: "index for claims",
+            verdict: Verdict::Ok,
+            detail: String::new(),
+            sql: vec![],
+            config: vec![],
+        };
+        if let Some(index) = partial.or(if unpublished.is_none() { full } else { None }) {
+            item.detail = format!("claims walk index {} in the order of column \"{order}\"", index.name);
+            return item;
+        }
+        item.verdict = Verdict::Lacking;
+        let (name, columns) = (self.index_name("unpublished_idx"), m.order_by.to_string());
+        match (&unpublished, full) {
+            (Some(condition), Some(index)) => {
+                item.detail = format!(
+                    "index {} also holds published rows, which every claim that starts at the table's beginning \
+                     (the first, then every relay.full_scan_interval) and `status` walk through",
+                    index.name
+                );
+                item.sql.push(format!(
+                    "CREATE INDEX CONCURRENTLY {name} ON {} ({columns}) WHERE {condition};",
+                    m.table_sql()
+                ));
+            }
+            (Some(condition), None) => {
+                item.detail =
+                    format!("no index on column \"{order}\" for unpublished rows: every claim sorts the whole table");
+                item.sql.push(format!(
+                    "CREATE INDEX CONCURRENTLY {name} ON {} ({columns}) WHERE {condition};",
+                    m.table_sql()
+                ));
+            }
+            (None, _) => {
+                item.detail = format!("no index on column \"{order}\": every claim sorts the whole table");
+                item.sql.push(format!("CREATE INDEX CONCURRENTLY {name} ON {} ({columns});", m.table_sql()));
+            }
+        }
+        item
+    }
+
+    /// The index the claim looks up, for each row it takes, an earlier row of the row's key
+    /// that failed and holds the key back: (key, order), partial on rows with failed attempts.
+    fn retry_index(&self) -> CheckItem {
+        let m = self.mapping();
+        let mut item = CheckItem {
+            guarantee: "index for retries",
+            verdict: Verdict::Ok,
+            detail: String::new(),
+            sql: vec![],
+            config: vec![],
+        };
+        let (Some(key), Some(attempts)) = (&m.key, &m.attempts) else {
+            item.verdict = Verdict::Off;
+            item.detail = "no key or no attempts column: no earlier failing row of a key is looked for".into();
+            return item;
+        };
+        if !self.layout.looks_for_rows_holding_keys_back() {
+            item.verdict = Verdict::Off;
+            item.detail = "no failed_at or last_attempt_at column: no earlier row holds a key back in the table".into();
+            return item;
+        }
+        let failing = format!("{} > 0", self.quoted(attempts));
+        let unpublished = m.published_at.as_ref().map(|p| format!("{} IS NULL", self.quoted(p)));
+        let mut allowed = vec![failing.as_str()];
+        allowed.extend(unpublished.as_deref());
+        let found = self.catalog.indexes.iter().find(|index| {
+            index.valid
+                && index.columns.first().and_then(|c| c.as_deref()) == Some(key.as_str())
+                && index.columns.get(1).and_then(|c| c.as_deref()) == Some(m.order_by.as_str())
+                && predicate_within(index.predicate.as_deref(), &allowed)
+        });
+        if let Some(index) = found {
+            item.detail = format!("claims look up a key's earlier failing rows in index {}", index.name);
+            return item;
+        }
+        item.verdict = Verdict::Lacking;
+        item.detail = format!(
+            "no index on (\"{}\", \"{}\"): for every row it takes, a claim looks for an earlier failing row of \
+             the row's key by reading the table",
+            key.as_str(),
+            m.order_by.as_str()
+        );
+        let condition = match &unpublished {
+            Some(unpublished) => format!("{unpublished} AND {failing}"),
+            None => failing.clone(),
+        };
+        item.sql.push(format!(
+            "CREATE INDEX CONCURRENTLY {} ON {} ({key}, {}) WHERE {condition};",
+            self.index_name("retrying_idx"),
+            m.table_sql(),
+            m.order_by
+        ));
+        item
+    }
+
+    /// Consumers drop a record whose `event_id` they have seen: two rows sharing one would
+    /// lose the second.
+    fn event_ids(&self) -> CheckItem {
+        let m = self.mapping();
+        let event_id = m.event_id.as_str();
+        let mut item = CheckItem {
+            guarantee: "event ids",
+            verdict: Verdict::Ok,
+            detail: String::new(),
+            sql: vec![],
+            config: vec![],
+        };
+        let unique = self.catalog.indexes.iter().find(|index| {
+            index.valid && index.unique && index.predicate.is_none() && index.columns == [Some(event_id.to_owned())]
+        });
+        match unique {
+            Some(index) => item.detail = format!("column \"{event_id}\" is unique (index {})", index.name),
+            None => {
+                item.verdict = Verdict::Lacking;
+                item.detail = format!(
+                    "column \"{event_id}\" is not unique: two rows with one event id reach consumers as one event, \
+                     and a consumer that skips ids it has seen drops the second"
+                );
+                item.sql.push(format!(
+                    "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({});",
+                    self.index_name("event_id_key"),
+                    m.table_sql(),
+                    m.event_id
+                ));
+            }
+        }
+        item
+    }
+
+    fn two_phase_commit(&self) -> CheckItem {
+        let triggers = &self.catalog.notify_triggers;
+        if triggers.is_empty() {
+            return CheckItem {
+                guarantee: "two-phase commit",
+                verdict: Verdict::Ok,
+                detail: "no trigger sends NOTIFY: transactions that write the table can PREPARE".into(),
+                sql: vec![],
+                config: vec![],
+            };
+        }
+        let table = self.mapping().table_sql();
+        CheckItem {
+            guarantee: "two-phase commit",
+            verdict: Verdict::Note,
+            detail: format!(
+                "trigger {} sends NOTIFY, so PostgreSQL refuses to PREPARE a transaction that writes the table; \
+                 the relay needs no trigger (it watches commits), so drop it if any writer uses XA or 2PC",
+                triggers.join(", ")
+            ),
+            sql: triggers
+                .iter()
+                .map(|t| {
+                    format!("DROP TRIGGER {} ON {table};", Identifier::parse(t).map_or(t.clone(), |i| i.to_string()))
+                })
+                .collect(),
+            config: vec![],
+        }
+    }
+
+    fn privileges(&self, missing: &[Privilege]) -> CheckItem {
+        let role = Identifier::parse(&self.catalog.role).map_or(self.catalog.role.clone(), |r| r.to_string());
+        if missing.is_empty() {
+            return CheckItem {
+                guarantee: "privileges",
+                verdict: Verdict::Ok,
+                detail: format!("role {} may do everything `run` does on the table", self.catalog.role),
+                sql: vec![],
+                config: vec![],
+            };
+        }
+        let table = self.mapping().table_sql();
+        let mut sql = Vec::new();
+        for privilege in ["SELECT", "UPDATE", "DELETE"] {
+            let wanted: Vec<&Privilege> = missing.iter().filter(|p| p.privilege == privilege).collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            if wanted.iter().any(|p| p.column.is_none()) {
+                sql.push(format!("GRANT {privilege} ON {table} TO {role};"));
+            } else {
+                let columns: Vec<String> =
+                    wanted.iter().filter_map(|p| p.column.as_ref()).map(|c| c.to_string()).collect();
+                sql.push(format!("GRANT {privilege} ({}) ON {table} TO {role};", columns.join(", ")));
+            }
+        }
+        CheckItem {
+            guarantee: "privileges",
+            verdict: Verdict::Lacking,
+            detail: format!(
+                "role {} lacks {}; `run` refuses to start without them",
+                self.catalog.role,
+                missing.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            sql,
+            config: vec![],
+        }
+    }
+}
+
+/// Whether a partial index's predicate, as PostgreSQL prints it, is a conjunction of only the
+/// `allowed` conditions (so every row the query wants is in the index). No predicate: yes.
+fn predicate_within(predicate: Option<&str>, allowed: &[&str]) -> bool {
+    let Some(predicate) = predicate else { return true };
+    // PostgreSQL prints `((published_at IS NULL) AND (attempts > 0))`: drop the parentheses
+    // and compare the conjuncts.
+    let flat: String = predicate.chars().filter(|c| *c != '(' && *c != ')').collect();
+    flat.split(" AND ").all(|conjunct| allowed.contains(&conjunct.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_predicate_is_accepted_only_when_every_condition_is_one_the_query_also_has() {
+        let allowed = ["published_at IS NULL", "attempts > 0"];
+        assert!(predicate_within(None, &allowed));
+        assert!(predicate_within(Some("(published_at IS NULL)"), &allowed));
+        assert!(predicate_within(Some("((published_at IS NULL) AND (attempts > 0))"), &allowed));
+        assert!(!predicate_within(Some("(topic = 'orders'::text)"), &allowed), "a subset of rows");
+        assert!(!predicate_within(Some("((published_at IS NULL) AND (key IS NOT NULL))"), &allowed));
+    }
+}
