@@ -117,6 +117,9 @@ pub struct Publisher {
     /// Topics the cluster confirmed to exist, and when. A record for a topic that does not
     /// exist would otherwise hold its whole batch for librdkafka's metadata propagation wait.
     known_topics: Mutex<HashMap<String, Instant>>,
+    /// The producer context's record of the last refusal (the context itself is wrapped by
+    /// the producer and out of reach).
+    last_refusal: Arc<Mutex<Option<BrokerRefusal>>>,
 }
 
 /// How long a topic check may wait for the cluster's answer; without one the records are
@@ -183,14 +186,18 @@ impl Publisher {
     /// Creates the producer. It connects lazily, so an unreachable broker is not an error here;
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
     pub fn new(config: &Config, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Publisher, PublisherError> {
-        let context = RelayContext { last_logged: Mutex::default(), metrics, health };
+        let last_refusal = Arc::new(Mutex::new(None));
+        let context =
+            RelayContext { last_logged: Mutex::default(), last_refusal: last_refusal.clone(), metrics, health };
         let producer = producer_config(config).create_with_context(context).map_err(PublisherError::Create)?;
-        Ok(Publisher { producer, known_topics: Mutex::new(HashMap::new()) })
+        Ok(Publisher { producer, known_topics: Mutex::new(HashMap::new()), last_refusal })
     }
 
     /// Waits until a broker of the cluster answers a metadata request, for at most `within`.
-    /// The error is librdkafka's last answer.
-    pub async fn wait_for_cluster(&self, within: Duration) -> Result<(), KafkaError> {
+    /// A broker that refuses the relay's credentials or certificates ends the wait at the end
+    /// of that attempt: at startup that is a mistake in the configuration, which waiting does
+    /// not fix.
+    pub async fn wait_for_cluster(&self, within: Duration) -> Result<(), ClusterUnavailable> {
         let deadline = Instant::now() + within;
         loop {
             let producer = self.producer.clone();
@@ -198,11 +205,13 @@ impl Publisher {
             let answer = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, wait).map(|_| ()))
                 .await
                 .unwrap_or(Err(KafkaError::MetadataFetch(RDKafkaErrorCode::Fail)));
-            match answer {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() >= deadline => return Err(e),
+            let refusal = self.last_refusal.lock().ok().and_then(|r| r.clone());
+            match (answer, refusal) {
+                (Ok(()), _) => return Ok(()),
+                (Err(_), Some(refusal)) => return Err(ClusterUnavailable::Refused(refusal)),
+                (Err(e), None) if Instant::now() >= deadline => return Err(ClusterUnavailable::Unreachable(e)),
                 // An address that fails at once (refused, not resolvable) is asked again shortly.
-                Err(_) => {
+                (Err(_), None) => {
                     let left = deadline.saturating_duration_since(Instant::now());
                     tokio::time::sleep(Duration::from_millis(200).min(left)).await
                 }
@@ -411,6 +420,10 @@ const REPEATED_ERROR_QUIET: Duration = Duration::from_secs(30);
 pub struct RelayContext {
     /// When each kind of client error was last logged.
     last_logged: Mutex<HashMap<String, Instant>>,
+    /// The last time a broker refused the relay's credentials or certificates: what to check,
+    /// and librdkafka's reason. Read while the relay waits for the cluster at startup, where a
+    /// refusal is a configuration mistake rather than an outage.
+    last_refusal: Arc<Mutex<Option<BrokerRefusal>>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
 }
@@ -468,6 +481,9 @@ impl ClientContext for RelayContext {
             Err(_) => false,
         };
         let hint = security_hint(&error, reason);
+        if let (Some(hint), Ok(mut last)) = (hint, self.last_refusal.lock()) {
+            *last = Some(BrokerRefusal { hint, reason: reason.to_owned() });
+        }
         match (quiet, hint) {
             (true, _) => tracing::debug!(target: "librdkafka", error = %error, "Kafka client error: {reason}"),
             // A refused credential or certificate does not fix itself: say what to change.
@@ -477,6 +493,27 @@ impl ClientContext for RelayContext {
             (false, None) => tracing::warn!(target: "librdkafka", error = %error, "Kafka client error: {reason}"),
         }
     }
+}
+
+/// Why no broker could be used at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterUnavailable {
+    /// No broker answered; librdkafka's last answer.
+    #[error("{0}")]
+    Unreachable(KafkaError),
+    /// A broker answered but refused the relay's credentials or certificates.
+    #[error("{0}")]
+    Refused(BrokerRefusal),
+}
+
+/// A broker refusing the relay's credentials or certificates.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{hint} ({reason})")]
+pub struct BrokerRefusal {
+    /// What the operator should check, naming the configuration keys.
+    pub hint: &'static str,
+    /// librdkafka's reason.
+    pub reason: String,
 }
 
 /// What the operator should check when librdkafka reports an authentication or TLS failure.

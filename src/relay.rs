@@ -33,7 +33,7 @@ use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
-use crate::publisher::{Outcome, Publisher, PublisherError};
+use crate::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, Publisher, PublisherError};
 use crate::record::{OutboxRow, Record, RowKey, UnreadableRow};
 use crate::shards::{self, Shards};
 use crate::shutdown::Shutdown;
@@ -81,6 +81,17 @@ pub enum RelayError {
         /// librdkafka's last answer.
         error: String,
     },
+    /// A broker refused the relay's credentials or certificates at startup.
+    #[error(
+        "kafka.brokers = \"{brokers}\": the broker refused the relay at startup: {refusal}; the relay does not retry a \
+         refusal at startup (once a broker has accepted it, refusals are waited out like outages)"
+    )]
+    BrokersRefused {
+        /// The configured bootstrap servers.
+        brokers: String,
+        /// What was refused, and what to check.
+        refusal: BrokerRefusal,
+    },
 }
 
 impl RelayError {
@@ -97,7 +108,10 @@ impl RelayError {
                     | OutboxError::ShardCountMismatch { .. }
                     | OutboxError::EarlierVersionRunning { .. }
             )
-        ) || matches!(self, RelayError::Publisher(_) | RelayError::BrokersUnreachable { .. })
+        ) || matches!(
+            self,
+            RelayError::Publisher(_) | RelayError::BrokersUnreachable { .. } | RelayError::BrokersRefused { .. }
+        )
     }
 }
 
@@ -239,10 +253,14 @@ impl Relay {
         // otherwise hold its shards' rows back from the relays that can publish them.
         let waited = self.config.kafka.startup_timeout;
         tokio::select! {
-            answer = publisher.wait_for_cluster(waited) => answer.map_err(|e| RelayError::BrokersUnreachable {
-                brokers: self.config.kafka.brokers.clone(),
-                waited,
-                error: e.to_string(),
+            answer = publisher.wait_for_cluster(waited) => answer.map_err(|e| {
+                let brokers = self.config.kafka.brokers.clone();
+                match e {
+                    ClusterUnavailable::Unreachable(e) => {
+                        RelayError::BrokersUnreachable { brokers, waited, error: e.to_string() }
+                    }
+                    ClusterUnavailable::Refused(refusal) => RelayError::BrokersRefused { brokers, refusal },
+                }
             })?,
             _ = self.shutdown.requested() => return Ok(()),
         }

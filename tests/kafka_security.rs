@@ -1,6 +1,6 @@
 //! TLS and SASL to the broker: the relay publishes with the right certificates and credentials,
-//! and with wrong ones fails clearly (an error naming the cause, rows left unpublished, the
-//! process still running) rather than crash-looping or stalling silently. The broker is Apache
+//! and with wrong ones exits at startup with code 2 and one line naming the cause, every row left
+//! unpublished, rather than retrying a mistake forever or stalling silently. The broker is Apache
 //! Kafka on its own SSL, SASL_SSL and SASL_PLAINTEXT listeners, with SCRAM users made through
 //! its admin API (`support::secured_kafka`).
 
@@ -93,10 +93,14 @@ async fn wait_all_marked(env: &TestEnv, relay: &mut RelayProcess, n: usize) {
     assert!(relay.is_running());
 }
 
-/// The relay keeps running, logs `cause` and leaves every row unpublished.
-async fn assert_fails_clearly(env: &TestEnv, relay: &mut RelayProcess, cause: &str) {
-    relay.wait_for_log(cause).await;
-    assert!(relay.is_running(), "a bad credential must not crash the relay; log:\n{}", relay.log());
+/// A relay the broker refuses at startup exits with code 2 and one line naming the cause
+/// (a credential or certificate does not fix itself), having marked no row.
+async fn assert_refused_at_startup(env: &TestEnv, relay: &mut RelayProcess, cause: &str) {
+    let code = tokio::time::timeout(PATIENCE, relay.wait()).await.expect("the relay exits at startup");
+    let log = relay.log();
+    assert_eq!(code, Some(2), "a refusal at startup is a configuration problem; log:\n{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(last.contains("refused the relay at startup") && last.contains(cause), "one line naming the cause:\n{log}");
     assert!(marked_event_ids(&env.client().await).await.is_empty(), "no row may be marked");
 }
 
@@ -135,7 +139,7 @@ async fn publishes_over_sasl_ssl_with_scram_sha_512_and_a_verified_broker_certif
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publishes_with_scram_sha_256_from_the_environment_and_fails_clearly_with_a_wrong_password() {
+async fn publishes_with_scram_sha_256_from_the_environment_and_exits_2_at_startup_with_a_wrong_password() {
     let env = TestEnv::start().await;
     env.migrate().await;
     // The node has TLS listeners too, so it needs a certificate even here.
@@ -155,9 +159,7 @@ async fn publishes_with_scram_sha_256_from_the_environment_and_fails_clearly_wit
     config.kafka.sasl.mechanism = Some("scram-sha-256".into());
     config.kafka.sasl.username = Some(BOB.0.into());
     let mut wrong = spawn_relay_process_with_env(&env, &config, &[("OUTBOX_RELAY_KAFKA__SASL__PASSWORD", "not-it")]);
-    assert_fails_clearly(&env, &mut wrong, "the brokers refused the relay's credentials").await;
-    wrong.signal(libc::SIGTERM);
-    wrong.wait().await;
+    assert_refused_at_startup(&env, &mut wrong, "the brokers refused the relay's credentials").await;
 
     let mut relay = spawn_relay_process_with_env(&env, &config, &[("OUTBOX_RELAY_KAFKA__SASL__PASSWORD", BOB.1)]);
     wait_all_marked(&env, &mut relay, 3).await;
@@ -179,7 +181,7 @@ async fn a_broker_certificate_from_another_authority_is_refused() {
     let mut config = relay_config(&env, &advertised, SecurityProtocol::Ssl);
     config.kafka.tls.ca_file = Some(stranger.ca_file());
     let mut relay = spawn_relay_process_with_env(&env, &config, &[]);
-    assert_fails_clearly(&env, &mut relay, "the broker's certificate is not trusted").await;
+    assert_refused_at_startup(&env, &mut relay, "the broker's certificate is not trusted").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,9 +205,7 @@ async fn a_broker_that_requires_client_certificates_gets_the_relays() {
     config.kafka.tls.ca_file = Some(ca.ca_file());
     let mut without = spawn_relay_process_with_env(&env, &config, &[]);
     // The broker ends the handshake of a client without a certificate.
-    assert_fails_clearly(&env, &mut without, "the broker asks for a client certificate").await;
-    without.signal(libc::SIGTERM);
-    without.wait().await;
+    assert_refused_at_startup(&env, &mut without, "the broker asks for a client certificate").await;
 
     config.kafka.tls.cert_file = Some(client_cert);
     config.kafka.tls.key_file = Some(client_key);
