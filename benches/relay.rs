@@ -7,8 +7,13 @@
 //! binary in its own process, so its CPU time and peak RSS are its own.
 //!
 //! Arguments: `--quick` (smaller sizes, for a smoke run), `--out DIR` (default `docs/bench`),
-//! `--only SECTION,...` (some of ceilings, drain, large, depth, latency, naive), `--depths N,...`
-//! (the backlogs of the depth series).
+//! `--only SECTION,...` (some of ceilings, drain, large, depth, latency, naive, cluster),
+//! `--depths N,...` (the backlogs of the depth series).
+//!
+//! The `cluster` section, run last, stops the single node and starts three (replication factor
+//! 3, `min.insync.replicas=2`, as production clusters run): the broker ceiling and the headline
+//! drain again, with every record acknowledged by all in-sync replicas (`acks=all`, which the
+//! idempotent producer requires).
 //! Writes `DIR/latest.json` and `DIR/latest.md` and prints the table.
 
 #[path = "../tests/support/mod.rs"]
@@ -122,11 +127,11 @@ async fn main() {
         "shared_buffers=1GB",
         "max_wal_size=4GB",
     ]);
-    let broker = Kafka::start();
+    let mut broker = Some(Kafka::start());
     // SAFETY: set before any other thread reads the environment.
     unsafe {
         std::env::set_var("OUTBOX_TEST_DATABASE_URL", postgres.url("postgres"));
-        std::env::set_var("OUTBOX_TEST_KAFKA_BROKERS", broker.address());
+        std::env::set_var("OUTBOX_TEST_KAFKA_BROKERS", broker.as_ref().map(Kafka::address).unwrap_or_default());
     }
 
     let mut report = serde_json::Map::new();
@@ -141,7 +146,7 @@ async fn main() {
         eprintln!("ceiling: the database alone with mark = \"delete\", {} rows", plan.backlog);
         db_delete_ceiling = database_ceiling(plan.backlog, MarkMode::Delete).await;
         eprintln!("ceiling: the broker alone, {} rows", plan.backlog);
-        broker_ceiling = broker_ceiling_rate(plan.backlog).await;
+        broker_ceiling = broker_ceiling_rate(plan.backlog, None).await;
     }
     let lower_ceiling = db_ceiling.min(broker_ceiling);
     report.insert(
@@ -154,7 +159,7 @@ async fn main() {
     let drain_cases = if runs("drain") { DRAIN_CASES.as_slice() } else { &[] };
     for &(label, pad, mark) in drain_cases {
         eprintln!("drain: {} rows at {label}, mark = {mark:?}", plan.backlog);
-        let drain = drain(plan.backlog, pad, mark).await;
+        let drain = drain(plan.backlog, pad, mark, None).await;
         let ceiling = if mark == MarkMode::Delete { db_delete_ceiling.min(broker_ceiling) } else { lower_ceiling };
         drains.push(json!({ "payload": label, "mark": format!("{mark:?}").to_lowercase(), "rows": plan.backlog,
             "rows_per_s": drain.rate, "fraction_of_lower_ceiling": drain.rate / ceiling,
@@ -165,7 +170,7 @@ async fn main() {
     let mut large = Vec::new();
     if runs("large") {
         eprintln!("large rows: {HUGE_ROWS} rows at ~900 KiB");
-        let drain = drain(HUGE_ROWS, HUGE_PAD, MarkMode::Update).await;
+        let drain = drain(HUGE_ROWS, HUGE_PAD, MarkMode::Update, None).await;
         large.push(json!({ "payload": "~900 KiB", "rows": HUGE_ROWS, "rows_per_s": drain.rate,
             "mib_per_s": drain.rate * f64::from(HUGE_PAD) / (1024.0 * 1024.0),
             "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k, "peak_rss_mb": drain.peak_rss_mb }));
@@ -181,7 +186,7 @@ async fn main() {
         let mut databases = Vec::new();
         for run in 1..=runs {
             eprintln!("depth: {rows} rows at ~200 B (run {run} of {runs})");
-            drains.push(drain(rows, SMALL_PAD, MarkMode::Update).await);
+            drains.push(drain(rows, SMALL_PAD, MarkMode::Update, None).await);
             // The database's own rate at this depth separates what the relay loses from what
             // the table's size costs PostgreSQL (caches, checkpoints).
             eprintln!("depth: the database alone, {rows} rows (run {run} of {runs})");
@@ -210,6 +215,24 @@ async fn main() {
     }
     report.insert("naive_rows_per_s".into(), json!(naive_rate));
 
+    let mut cluster = Value::Null;
+    if runs("cluster") {
+        // The single node would only take CPU from the three.
+        drop(broker.take());
+        eprintln!("cluster: three Apache Kafka nodes, replication factor 3, min.insync.replicas 2");
+        let nodes = Kafka::start_cluster(3, &[]);
+        let brokers = nodes.address();
+        eprintln!("cluster: the broker alone, {} rows", plan.backlog);
+        let ceiling = broker_ceiling_rate(plan.backlog, Some(&brokers)).await;
+        eprintln!("cluster: drain {} rows at ~200 B", plan.backlog);
+        let drain = drain(plan.backlog, SMALL_PAD, MarkMode::Update, Some(&brokers)).await;
+        cluster = json!({ "nodes": 3, "replication_factor": 3, "min_insync_replicas": 2, "rows": plan.backlog,
+            "broker_rows_per_s": ceiling, "rows_per_s": drain.rate,
+            "fraction_of_lower_ceiling": drain.rate / db_ceiling.min(ceiling),
+            "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k, "peak_rss_mb": drain.peak_rss_mb });
+    }
+    report.insert("cluster".into(), cluster);
+
     let report = Value::Object(report);
     let table = markdown(&report);
     println!("{table}");
@@ -235,7 +258,15 @@ struct Scenario {
 
 impl Scenario {
     async fn new() -> Scenario {
-        let env = TestEnv::start().await;
+        Scenario::on(None).await
+    }
+
+    /// A scenario whose topic and relay are on `brokers` (the benchmark's node by default).
+    async fn on(brokers: Option<&str>) -> Scenario {
+        let mut env = TestEnv::start().await;
+        if let Some(brokers) = brokers {
+            env.brokers = brokers.to_owned();
+        }
         env.migrate().await;
         let topic = env.create_topic(PARTITIONS).await;
         let db = env.client().await;
@@ -329,8 +360,8 @@ async fn database_ceiling(rows: i64, mark: MarkMode) -> f64 {
 
 /// The relay's producer (its settings and its send path) streaming the same records, no
 /// database: the rate the broker allows.
-async fn broker_ceiling_rate(rows: i64) -> f64 {
-    let scenario = Scenario::new().await;
+async fn broker_ceiling_rate(rows: i64, brokers: Option<&str>) -> f64 {
+    let scenario = Scenario::on(brokers).await;
     let config = scenario.config(MarkMode::Update);
     let publisher = Publisher::new(&config, Metrics::new(), Arc::new(Health::new())).expect("producer");
     let records: Vec<Record> = (1..=rows)
@@ -361,8 +392,8 @@ struct Drain {
 /// the last one's (database timestamps; with `mark = "delete"` the rows are gone, and the
 /// relay's metrics sampled every 20 ms stand in), so process start-up does not count; CPU and
 /// RSS are the whole process's.
-async fn drain(rows: i64, pad: i32, mark: MarkMode) -> Drain {
-    let scenario = Scenario::new().await;
+async fn drain(rows: i64, pad: i32, mark: MarkMode, brokers: Option<&str>) -> Drain {
+    let scenario = Scenario::on(brokers).await;
     scenario.insert_backlog(rows, pad).await;
     let config = scenario.config(mark);
     let metrics = config.metrics.listen.clone();
@@ -621,6 +652,21 @@ fn markdown(report: &Value) -> String {
             number(&d["rows_per_s"]) / db.min(broker),
             number(&d["cpu_ms_per_1k_rows"]),
             number(&d["peak_rss_mb"]),
+        );
+    }
+    let cluster = &report["cluster"];
+    if !cluster.is_null() {
+        out += &format!(
+            "| ceiling: broker alone, 3 nodes, RF 3, `acks=all` | {:.0} | | | |\n",
+            number(&cluster["broker_rows_per_s"])
+        );
+        out += &format!(
+            "| relay drains {} rows at ~200 B on 3 nodes, RF 3, `acks=all` | {:.0} | {:.2} | {:.1} | {:.0} |\n",
+            cluster["rows"],
+            number(&cluster["rows_per_s"]),
+            number(&cluster["fraction_of_lower_ceiling"]),
+            number(&cluster["cpu_ms_per_1k_rows"]),
+            number(&cluster["peak_rss_mb"]),
         );
     }
     out += &format!(
