@@ -3,7 +3,7 @@
 # database and broker ceilings, the relay's drain rate at several backlogs, its latency at fixed
 # insert rates, its CPU and memory, and a naive relay; prints a Markdown table and writes
 # docs/bench/latest.json, docs/bench/latest.md and docs/bench/latency.png; last, the broker ceiling and
-# the headline drain again on three Kafka nodes (RF 3, min.insync.replicas 2, acks=all). About 20
+# the headline drain again on three Kafka nodes (RF 3, min.insync.replicas 2, acks=all). About 8
 # minutes on 2 cores. `scripts/bench.sh --quick` runs small sizes (under a minute) as a smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
