@@ -351,8 +351,9 @@ async fn database_ceiling(rows: i64, mark: MarkMode) -> f64 {
         if claimed.is_empty() {
             break;
         }
-        let ids: Vec<String> = claimed.into_iter().map(|row| row.map(|r| r.id).expect("decodable row")).collect();
-        done += outbox.mark_published(&ids).await.expect("mark");
+        let rows: Vec<_> =
+            claimed.iter().map(|row| row.as_ref().map(|r| r.row_ref()).expect("decodable row")).collect();
+        done += outbox.mark_published(&rows).await.expect("mark");
     }
     assert_eq!(done as i64, rows, "every row claimed and marked once");
     rows as f64 / started.elapsed().as_secs_f64()

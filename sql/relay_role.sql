@@ -90,6 +90,12 @@ GRANT SELECT (id, event_id, topic, key, payload, headers, created_at, published_
 GRANT UPDATE (published_at, attempts, last_error, last_attempt_at, failed_at)
     ON TABLE :"schema".outbox TO :"relay_role";
 
+-- Reading the id sequence's position lets the relay notice it being set back (setval,
+-- ALTER SEQUENCE ... RESTART) and start its claims over; SELECT does not let it take ids.
+SELECT format('GRANT SELECT ON SEQUENCE %s TO %I', pg_get_serial_sequence(format('%I.outbox', :'schema'), 'id'),
+              :'relay_role')
+WHERE pg_get_serial_sequence(format('%I.outbox', :'schema'), 'id') IS NOT NULL \gexec
+
 \if :allow_delete
     GRANT DELETE ON TABLE :"schema".outbox TO :"relay_role";
 \endif

@@ -35,6 +35,14 @@
 //!   beginning every `relay.full_scan_interval` picks those up and lowers the floor to them.
 //! - **A change of shards**: rows of a newly held shard may lie anywhere, so the floor is
 //!   forgotten and built again from the beginning.
+//! - **Ids handed out again**: `TRUNCATE ... RESTART IDENTITY`, `ALTER SEQUENCE ... RESTART`
+//!   or a `setval` backwards make new rows take ids below the floor. Every claim reads the
+//!   table's storage file (a `TRUNCATE` gives it a new one) and the sequence's last value (where
+//!   the relay may read it: `GRANT SELECT ON SEQUENCE`); when the file changed or the value went
+//!   back, the floor is forgotten and a claim that started at it is thrown away unpublished
+//!   ([`Observation::IdsReused`]), since its rows may be later rows of keys whose earlier rows
+//!   lie below it. A table replaced under its name (a new OID) is the connection's business:
+//!   [`crate::outbox::OutboxError::TableReplaced`].
 //!
 //! The floor is only ever an optimisation: forgetting it costs speed, never rows.
 
@@ -56,6 +64,52 @@ pub struct ClaimView {
     /// Whether the order column is fed by a sequence whose ids grow with time, as the claim read
     /// the catalog.
     pub ids_grow_with_time: bool,
+    /// The table and its sequence as the claim saw them.
+    pub table: TableIdentity,
+}
+
+/// What identifies the table a claim read, and how far its order column's sequence has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TableIdentity {
+    /// The OID the table's name resolved to; `None` if it resolved to no table.
+    pub oid: Option<u32>,
+    /// The table's storage file; a `TRUNCATE` (or `VACUUM FULL`, `CLUSTER`) gives it a new one.
+    /// `None` for a partitioned table, which has no storage of its own.
+    pub filenode: Option<i64>,
+    /// The OID of the order column's sequence, if it has one.
+    pub sequence: Option<i64>,
+    /// The sequence's last value; `None` when it handed out no id since it was created or
+    /// restarted, or when the relay's role may not read it.
+    pub sequence_last_value: Option<i64>,
+}
+
+impl TableIdentity {
+    /// Why ids below a floor built on `earlier` may have been handed out again by the time of
+    /// `self`, or `None` if they cannot have been (as far as the relay can see).
+    fn ids_reused_since(&self, earlier: &TableIdentity) -> Option<&'static str> {
+        if self.filenode != earlier.filenode {
+            return Some("the table was truncated or rewritten (it has new storage)");
+        }
+        if self.sequence != earlier.sequence {
+            return Some("the order column's sequence was replaced");
+        }
+        match (earlier.sequence_last_value, self.sequence_last_value) {
+            (Some(before), Some(now)) if now < before => Some("the order column's sequence was set back"),
+            (Some(_), None) => Some("the order column's sequence was restarted"),
+            _ => None,
+        }
+    }
+}
+
+/// What the relay must do with a claim the floor has just learnt from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// The claim's rows may be published.
+    Valid,
+    /// The claim started at a floor below which ids have been handed out again: its rows may
+    /// overtake earlier rows of their keys. They must not be published; the next claim starts
+    /// at the beginning.
+    IdsReused,
 }
 
 /// How many later claims' horizons must pass a candidate's snapshot before it becomes the floor.
@@ -86,6 +140,8 @@ pub struct ClaimFloor {
     full_scan_interval: Duration,
     /// When the last claim from the beginning ran; `None` forces one.
     last_full_scan: Option<Instant>,
+    /// The table as the last claim saw it.
+    last_seen: Option<TableIdentity>,
 }
 
 impl ClaimFloor {
@@ -100,6 +156,7 @@ impl ClaimFloor {
             shards: Vec::new(),
             full_scan_interval,
             last_full_scan: None,
+            last_seen: None,
         }
     }
 
@@ -120,9 +177,30 @@ impl ClaimFloor {
     }
 
     /// Learns from a claim that started at `started_at` (as returned by [`ClaimFloor::start`])
-    /// and saw `view` (`None` if that could not be read, which teaches nothing).
-    pub fn observe(&mut self, started_at: Option<i64>, view: Option<&ClaimView>, now: Instant) {
-        let Some(view) = view else { return };
+    /// and saw `view` (`None` if that could not be read, which teaches nothing), and says
+    /// whether the claim's rows may be published.
+    pub fn observe(&mut self, started_at: Option<i64>, view: Option<&ClaimView>, now: Instant) -> Observation {
+        let Some(view) = view else { return Observation::Valid };
+        let earlier = self.last_seen.replace(view.table);
+        if let Some(why) = earlier.and_then(|earlier| view.table.ids_reused_since(&earlier)) {
+            self.forget();
+            if started_at.is_some() {
+                error!(
+                    cause = why,
+                    "ids below the claim floor may have been handed out again: the claim that started at the floor is \
+                     dropped unpublished, and claims start at the beginning again"
+                );
+                return Observation::IdsReused;
+            }
+            info!(cause = why, "the claim floor starts over");
+            return Observation::Valid;
+        }
+        self.observe_rows(started_at, view, now);
+        Observation::Valid
+    }
+
+    /// [`ClaimFloor::observe`] for a claim of a table whose ids were not reused.
+    fn observe_rows(&mut self, started_at: Option<i64>, view: &ClaimView, now: Instant) {
         if view.ids_grow_with_time != self.ids_grow_with_time {
             self.ids_grow_with_time = view.ids_grow_with_time;
             self.forget();
@@ -202,7 +280,7 @@ mod tests {
     const LONG: Duration = Duration::from_secs(3600);
 
     fn view(first_unpublished: Option<i64>, xmin: u64, xmax: u64) -> ClaimView {
-        ClaimView { first_unpublished, xmin, xmax, ids_grow_with_time: true }
+        ClaimView { first_unpublished, xmin, xmax, ids_grow_with_time: true, table: TableIdentity::default() }
     }
 
     /// Runs one claim: where it starts, then what it saw.
@@ -291,6 +369,40 @@ mod tests {
     }
 
     /// A claim's view of a sequence that no longer hands out ids in order.
+    #[test]
+    fn new_storage_or_a_sequence_set_back_drops_the_floor_and_the_claim_that_started_at_it() {
+        let t0 = Instant::now();
+        let mut floor = ClaimFloor::new(Duration::from_secs(3600), true);
+        let table =
+            TableIdentity { oid: Some(1), filenode: Some(10), sequence: Some(2), sequence_last_value: Some(500) };
+        let seen = |first, xmin, xmax, table| ClaimView { table, ..view(first, xmin, xmax) };
+        let start = floor.start(&[0], t0);
+        floor.observe(start, Some(&seen(Some(400), 10, 20, table)), t0);
+        for (xmin, xmax) in [(20, 30), (30, 40)] {
+            let start = floor.start(&[0], t0);
+            assert_eq!(floor.observe(start, Some(&seen(Some(450), xmin, xmax, table)), t0), Observation::Valid);
+        }
+        assert!(floor.start(&[0], t0).is_some(), "a floor once the horizons passed");
+
+        let truncated = TableIdentity { filenode: Some(11), ..table };
+        let start = floor.start(&[0], t0);
+        assert_eq!(floor.observe(start, Some(&seen(Some(450), 40, 50, truncated)), t0), Observation::IdsReused);
+        assert_eq!(floor.start(&[0], t0), None, "claims start at the beginning again");
+        assert_eq!(floor.observe(None, Some(&seen(Some(1), 50, 60, truncated)), t0), Observation::Valid);
+
+        let set_back = TableIdentity { sequence_last_value: Some(3), ..truncated };
+        assert_eq!(
+            floor.observe(None, Some(&seen(Some(1), 60, 70, set_back)), t0),
+            Observation::Valid,
+            "a claim from the beginning is valid whatever happened"
+        );
+        let restarted = TableIdentity { sequence_last_value: None, ..set_back };
+        assert_eq!(set_back.ids_reused_since(&truncated), Some("the order column's sequence was set back"));
+        assert_eq!(restarted.ids_reused_since(&set_back), Some("the order column's sequence was restarted"));
+        let advanced = TableIdentity { sequence_last_value: Some(900), ..truncated };
+        assert_eq!(advanced.ids_reused_since(&truncated), None, "ids going on is no change");
+    }
+
     fn out_of_order(first_unpublished: Option<i64>, xmin: u64, xmax: u64) -> ClaimView {
         ClaimView { ids_grow_with_time: false, ..view(first_unpublished, xmin, xmax) }
     }

@@ -61,6 +61,11 @@ pub struct Metrics {
     /// their key in the same batch failed at the broker (the one case per-key order does not
     /// cover; see the README).
     pub key_order_breaks: IntCounter,
+    /// `outbox_relay_table_changes_total{change}`: operator changes to the table the relay
+    /// noticed and recovered from: `replaced` (its name resolved to another table: renamed and
+    /// recreated, restored from a dump), `ids_reused` (truncated, or its sequence set back,
+    /// under the claim floor).
+    pub table_changes: IntCounterVec,
     /// `outbox_relay_retention_deleted_total`: published rows deleted by retention.
     pub retention_deleted: IntCounter,
     /// `outbox_relay_kafka_queue_messages`: records in librdkafka's queue (sent or waiting).
@@ -156,6 +161,17 @@ impl Metrics {
             "Records acknowledged after an earlier record of their key in the same batch failed at the broker.",
         )
         .expect("static metric definition");
+        let table_changes = IntCounterVec::new(
+            Opts::new(
+                "outbox_relay_table_changes_total",
+                "Changes to the outbox table the relay noticed and recovered from (replaced, ids_reused).",
+            ),
+            &["change"],
+        )
+        .expect("static metric definition");
+        for change in ["replaced", "ids_reused"] {
+            table_changes.with_label_values(&[change]);
+        }
         let retention_deleted =
             IntCounter::new("outbox_relay_retention_deleted_total", "Published rows deleted by retention.")
                 .expect("static metric definition");
@@ -203,6 +219,7 @@ impl Metrics {
             Box::new(delivery_latency.clone()),
             Box::new(producer_restarts.clone()),
             Box::new(key_order_breaks.clone()),
+            Box::new(table_changes.clone()),
             Box::new(retention_deleted.clone()),
             Box::new(kafka_queue_messages.clone()),
             Box::new(kafka_brokers_up.clone()),
@@ -231,6 +248,7 @@ impl Metrics {
             delivery_latency,
             producer_restarts,
             key_order_breaks,
+            table_changes,
             retention_deleted,
             kafka_queue_messages,
             kafka_brokers_up,

@@ -12,10 +12,10 @@ use futures::TryStreamExt;
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{Client, Statement};
 
-use crate::claim_floor::ClaimView;
+use crate::claim_floor::{ClaimView, TableIdentity};
 use crate::config::{Config, redact_connection_string};
 use crate::pg_tls::ConnectOptions;
-use crate::record::{OutboxRow, RowKey, UnreadableRow};
+use crate::record::{OutboxRow, RowFailure, RowKey, RowRef, UnreadableRow};
 use crate::table::{
     AUDIT_TOPIC_COLUMN, CATALOG_COLUMNS_SQL, CATALOG_INDEXES_SQL, CATALOG_NOTIFY_TRIGGERS_SQL, CatalogColumn,
     LOCK_KEYS_SQL, LOCK_SHARD_COUNT_SQL, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, OLD_VERSION_HOLDERS_SQL,
@@ -60,6 +60,25 @@ pub enum OutboxError {
     /// its password was refused. A configuration problem, not an outage.
     #[error("{0}; check database.url (and database.password), the relay does not retry a login refused at startup")]
     Refused(Box<OutboxError>),
+    /// The table's name now resolves to another table than the one this connection's locks
+    /// and claims were for: renamed and replaced, or dropped and restored from a dump. The
+    /// relay drops the connection, which frees its shards, and connects again to the table
+    /// the name resolves to now.
+    #[error(
+        "outbox.table: table {table} was replaced under the relay: its name resolved to the table of OID {was} \
+         and now resolves to {now}; the rows left unpublished in the old table (now {old_name}) are not published \
+         by this relay. Reconnecting to the table the name resolves to now, with that table's shard locks"
+    )]
+    TableReplaced {
+        /// The table, schema-qualified, as the relay connected to it.
+        table: String,
+        /// The OID the relay connected to.
+        was: u32,
+        /// What the name resolves to now: an OID, or "no table".
+        now: String,
+        /// What the old OID is called now (`outbox_old`), or "dropped".
+        old_name: String,
+    },
     /// The configured table does not exist.
     #[error(
         "outbox.table: table {0} does not exist; create it with `outbox-relay migrate` or point outbox.table at your table"
@@ -141,7 +160,7 @@ impl OutboxError {
     /// Whether waiting and retrying can help. A layout that does not match the table will not
     /// fix itself; a dropped connection will.
     pub fn is_transient(&self) -> bool {
-        matches!(self, OutboxError::Connect { .. } | OutboxError::Query { .. })
+        matches!(self, OutboxError::Connect { .. } | OutboxError::Query { .. } | OutboxError::TableReplaced { .. })
     }
 
     /// Whether the server refused the login itself: no such database, no such role, a wrong
@@ -199,6 +218,9 @@ struct LockKeys {
     shard_count: i32,
     /// The table, schema-qualified, for messages.
     table: String,
+    /// The table's OID when the keys were derived: every claim checks that the name still
+    /// resolves to it.
+    table_oid: u32,
 }
 
 /// When a session last proved that it exists: the moment a statement was *sent* that then
@@ -721,7 +743,34 @@ impl Outbox {
         }
         self.proof.proved(sent);
         claim.full |= claim.rows.len() >= limit;
+        if let Some(view) = &claim.view
+            && view.table.oid != Some(self.locks.table_oid)
+        {
+            // The rows came from the table the name resolves to now, whose shards this
+            // session's locks do not cover: none of them may be published through it.
+            return Err(self.table_replaced(view.table.oid).await);
+        }
         Ok(claim)
+    }
+
+    /// The error for a table whose name resolves to `now` instead of this connection's table.
+    async fn table_replaced(&self, now: Option<u32>) -> OutboxError {
+        let was = self.locks.table_oid;
+        let old_name = match self.client.query_one(OID_NAME_SQL, &[&was]).await {
+            Ok(row) => row.get::<_, Option<String>>(0).unwrap_or_else(|| "dropped".to_owned()),
+            Err(_) => "unknown".to_owned(),
+        };
+        OutboxError::TableReplaced {
+            table: self.locks.table.clone(),
+            was,
+            now: now.map_or_else(|| "no table".to_owned(), |oid| format!("the table of OID {oid}")),
+            old_name,
+        }
+    }
+
+    /// The OID of the table this connection claims from, and whose shard locks it takes.
+    pub fn table_oid(&self) -> u32 {
+        self.locks.table_oid
     }
 
     /// The value of a run-time setting on this connection (`SHOW name`); `name` is a setting
@@ -733,14 +782,19 @@ impl Outbox {
     }
 
     /// Marks rows the broker acknowledged; returns how many changed. Marking a row twice is a
-    /// no-op, so a retry after a lost connection is safe.
-    pub async fn mark_published(&self, ids: &[String]) -> Result<u64, OutboxError> {
-        if ids.is_empty() {
+    /// no-op, so a retry after a lost connection is safe; a row that is no longer there under
+    /// its id and event id (its table was replaced) is not marked.
+    pub async fn mark_published(&self, rows: &[RowRef]) -> Result<u64, OutboxError> {
+        if rows.is_empty() {
             return Ok(0);
         }
+        let (ids, event_ids) = split_refs(rows);
         let sent = Instant::now();
-        let marked =
-            self.client.execute(&self.mark_published, &[&ids]).await.map_err(OutboxError::query("mark published"))?;
+        let marked = self
+            .client
+            .execute(&self.mark_published, &[&ids, &event_ids])
+            .await
+            .map_err(OutboxError::query("mark published"))?;
         self.proof.proved(sent);
         Ok(marked)
     }
@@ -750,25 +804,29 @@ impl Outbox {
     /// `outage_failures` (the broker down) only keep the error. Returns the ids given up on.
     pub async fn record_failures(
         &self,
-        row_failures: &[(String, String)],
-        outage_failures: &[(String, String)],
+        row_failures: &[RowFailure],
+        outage_failures: &[RowFailure],
     ) -> Result<Vec<String>, OutboxError> {
-        let split = |failures: &[(String, String)]| -> (Vec<String>, Vec<String>) {
-            failures.iter().map(|(id, error)| (id.clone(), error.clone())).unzip()
+        let split = |failures: &[RowFailure]| -> (Vec<String>, Vec<String>, Vec<Option<String>>) {
+            let (ids, event_ids) = split_refs(failures.iter().map(|f| &f.row));
+            (ids, failures.iter().map(|f| f.error.clone()).collect(), event_ids)
         };
         let mut given_up = Vec::new();
         if let (Some(statement), false) = (&self.record_row_failures, row_failures.is_empty()) {
-            let (ids, errors) = split(row_failures);
+            let (ids, errors, event_ids) = split(row_failures);
             let rows = self
                 .client
-                .query(statement, &[&ids, &errors, &self.max_attempts])
+                .query(statement, &[&ids, &errors, &self.max_attempts, &event_ids])
                 .await
                 .map_err(OutboxError::query("record failures"))?;
             given_up.extend(rows.iter().filter(|r| r.get::<_, bool>(1)).map(|r| r.get::<_, String>(0)));
         }
         if let (Some(statement), false) = (&self.record_outage_failures, outage_failures.is_empty()) {
-            let (ids, errors) = split(outage_failures);
-            self.client.execute(statement, &[&ids, &errors]).await.map_err(OutboxError::query("record failures"))?;
+            let (ids, errors, event_ids) = split(outage_failures);
+            self.client
+                .execute(statement, &[&ids, &errors, &event_ids])
+                .await
+                .map_err(OutboxError::query("record failures"))?;
         }
         Ok(given_up)
     }
@@ -1084,6 +1142,7 @@ async fn resolve_lock_keys(client: &Client, mapping: &Mapping) -> Result<LockKey
             shard: row.try_get("shard")?,
             shard_count: row.try_get("shard_count")?,
             table: row.try_get("qualified_name")?,
+            table_oid: row.try_get("table_oid")?,
         })
     };
     keys().map_err(OutboxError::query(what))
@@ -1128,8 +1187,22 @@ fn decode_view(row: &tokio_postgres::Row) -> Option<ClaimView> {
         ids_grow_with_time: row.try_get(claim_columns::IDS_GROW_WITH_TIME).ok()?,
         xmin: xid(claim_columns::SNAPSHOT_XMIN)?,
         xmax: xid(claim_columns::SNAPSHOT_XMAX)?,
+        table: TableIdentity {
+            oid: row.try_get::<_, Option<i64>>(claim_columns::TABLE_OID).ok()?.and_then(|oid| u32::try_from(oid).ok()),
+            filenode: row.try_get(claim_columns::TABLE_FILENODE).ok()?,
+            sequence: row.try_get(claim_columns::SEQUENCE_OID).ok()?,
+            sequence_last_value: row.try_get(claim_columns::SEQUENCE_LAST_VALUE).ok()?,
+        },
     })
 }
+
+/// The ids and event ids of `rows`, as the statements that write outcomes take them.
+fn split_refs<'a>(rows: impl IntoIterator<Item = &'a RowRef>) -> (Vec<String>, Vec<Option<String>>) {
+    rows.into_iter().map(|row| (row.id.clone(), row.event_id.clone())).unzip()
+}
+
+/// The name of the table of OID `$1` now, or NULL when no table has it.
+const OID_NAME_SQL: &str = "SELECT (SELECT c.oid::regclass::text FROM pg_class AS c WHERE c.oid = $1)";
 
 /// The bytes a claimed row holds in the relay's memory, near enough: its variable-length values.
 fn decoded_size(row: &Result<OutboxRow, UnreadableRow>) -> usize {
@@ -1155,7 +1228,12 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, UnreadableRow> {
     let id: String = match row.try_get(claim_columns::ID) {
         Ok(id) => id,
         Err(e) => {
-            return Err(UnreadableRow { id: String::new(), key: RowKey::Unreadable, problem: format!("id: {e}") });
+            return Err(UnreadableRow {
+                id: String::new(),
+                event_id: None,
+                key: RowKey::Unreadable,
+                problem: format!("id: {e}"),
+            });
         }
     };
     // The driver's own message says only "error deserializing column 2"; its cause says what is
@@ -1163,14 +1241,22 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, UnreadableRow> {
     let problem = |name: &str, e: tokio_postgres::Error| format!("cannot read {name}: {}", describe_pg_error(&e));
     let key: Option<String> = match row.try_get(claim_columns::KEY) {
         Ok(key) => key,
-        Err(e) => return Err(UnreadableRow { id, key: RowKey::Unreadable, problem: problem("key", e) }),
+        Err(e) => {
+            return Err(UnreadableRow { id, event_id: None, key: RowKey::Unreadable, problem: problem("key", e) });
+        }
     };
+    let event_id: String = row.try_get(claim_columns::EVENT_ID).map_err(|e| UnreadableRow {
+        id: id.clone(),
+        event_id: None,
+        key: RowKey::Known(key.clone()),
+        problem: problem("event_id", e),
+    })?;
     let field = |name: &str, e: tokio_postgres::Error| UnreadableRow {
         id: id.clone(),
+        event_id: Some(event_id.clone()),
         key: RowKey::Known(key.clone()),
         problem: problem(name, e),
     };
-    let event_id: String = row.try_get(claim_columns::EVENT_ID).map_err(|e| field("event_id", e))?;
     let payload: Option<RawPayload> = row.try_get(claim_columns::PAYLOAD).map_err(|e| field("payload", e))?;
     let headers: Option<String> = row.try_get(claim_columns::HEADERS).map_err(|e| field("headers", e))?;
     let created_at: Option<f64> = row.try_get(claim_columns::CREATED_AT).map_err(|e| field("created_at", e))?;

@@ -37,11 +37,49 @@ pub struct OutboxRow {
     pub topic_values: Vec<Option<String>>,
 }
 
+impl OutboxRow {
+    /// How the statements that write this row's outcome find it again.
+    pub fn row_ref(&self) -> RowRef {
+        RowRef { id: self.id.clone(), event_id: Some(self.event_id.clone()) }
+    }
+}
+
+/// A claimed row, as the statements that write its outcome (mark, failure) find it again: by
+/// its id and its event id. The id alone could name another row by then: the table may have
+/// been replaced under the relay (renamed, restored from a dump) or its identity restarted
+/// (`TRUNCATE ... RESTART IDENTITY`), and a mark landing on a new row of the same id would
+/// lose that row. The event id is the same only for the same event.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RowRef {
+    /// The row's id as text.
+    pub id: String,
+    /// The row's event id as text; `None` when the claim could not read it (such a row can
+    /// only fail, and its failure is then recorded by id alone).
+    pub event_id: Option<String>,
+}
+
+impl std::fmt::Display for RowRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+/// A row whose attempt failed, and the error its last-error column keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFailure {
+    /// The row.
+    pub row: RowRef,
+    /// What went wrong, as stored in the row.
+    pub error: String,
+}
+
 /// A claimed row that cannot be read whole: a column the driver could not decode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnreadableRow {
     /// The row's id as text; empty when even the id could not be read.
     pub id: String,
+    /// The row's event id, when it could be read.
+    pub event_id: Option<String>,
     /// The row's key, when it could be read: later rows of that key must wait for this one.
     pub key: RowKey,
     /// What could not be read, and why.

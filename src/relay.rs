@@ -28,13 +28,13 @@ use tracing::field::Empty;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
-use crate::claim_floor::ClaimFloor;
+use crate::claim_floor::{ClaimFloor, Observation};
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
 use crate::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, Publisher, PublisherError};
-use crate::record::{OutboxRow, Record, RowKey, UnreadableRow};
+use crate::record::{OutboxRow, Record, RowFailure, RowKey, RowRef, UnreadableRow};
 use crate::shards::{self, Shards};
 use crate::shutdown::Shutdown;
 use crate::table::Mapping;
@@ -127,15 +127,22 @@ pub struct Relay {
     claim_limit: AtomicUsize,
 }
 
+/// A row the broker acknowledged, and its topic (for the per-topic counter).
+#[derive(Debug)]
+struct AckedRow {
+    row: RowRef,
+    topic: String,
+}
+
 /// Rows of a batch whose outcome must still be written to the table.
 #[derive(Debug, Default)]
 struct Settlement {
-    /// Acknowledged rows: id and topic (for the per-topic counter).
-    acked: Vec<(String, String)>,
-    /// Rows that failed because of themselves (bad row, unknown topic, too large): id, error.
-    row_failures: Vec<(String, String)>,
-    /// Rows that failed because of an outage: id, error.
-    outage_failures: Vec<(String, String)>,
+    /// Acknowledged rows.
+    acked: Vec<AckedRow>,
+    /// Rows that failed because of themselves (bad row, unknown topic, too large).
+    row_failures: Vec<RowFailure>,
+    /// Rows that failed because of an outage.
+    outage_failures: Vec<RowFailure>,
     /// Set once the acknowledged rows are marked, so a retry does not count them twice.
     acked_marked: bool,
 }
@@ -465,6 +472,12 @@ impl Relay {
                     );
                     break;
                 }
+                Err(e @ OutboxError::TableReplaced { .. }) => {
+                    // Nothing was published from the other table; the connection is dropped
+                    // with its locks, and the next turn connects to the table there is now.
+                    error!(error = %e, "the outbox table was replaced; reconnecting");
+                    self.metrics.table_changes.with_label_values(&["replaced"]).inc();
+                }
                 Err(e) => {
                     let delay = backoff.next_delay();
                     warn!(error = %e, retry_in = ?delay, "database error; reconnecting");
@@ -626,8 +639,13 @@ impl Relay {
                     continue;
                 }
                 Ok(row) => match Record::from_row(&row, &self.mapping.topic) {
-                    Ok(record) => Ok((row.id, row.created_at, record)),
-                    Err(problem) => Err(UnreadableRow { id: row.id, key: RowKey::Known(row.key), problem }),
+                    Ok(record) => Ok((row.row_ref(), row.created_at, record)),
+                    Err(problem) => Err(UnreadableRow {
+                        id: row.id,
+                        event_id: Some(row.event_id),
+                        key: RowKey::Known(row.key),
+                        problem,
+                    }),
                 },
                 Err(unreadable) => Err(unreadable),
             };
@@ -646,12 +664,12 @@ impl Relay {
                     created.push(created_at);
                     records.push(record);
                 }
-                Err(UnreadableRow { id, key, problem }) => {
+                Err(UnreadableRow { id, event_id, key, problem }) => {
                     report_row_failure(&id, "invalid_row", &problem);
                     self.metrics.publish_errors.with_label_values(&["invalid_row"]).inc();
                     held.hold(key);
                     if !id.is_empty() {
-                        settlement.row_failures.push((id, problem));
+                        settlement.row_failures.push(RowFailure { row: RowRef { id, event_id }, error: problem });
                     }
                 }
             }
@@ -716,17 +734,17 @@ impl Relay {
                         // Clocks of the database and the relay host; a negative skew counts as 0.
                         self.metrics.delivery_latency.observe((acked_at.as_secs_f64() - created_at).max(0.0));
                     }
-                    settlement.acked.push((id, record.topic));
+                    settlement.acked.push(AckedRow { row: id, topic: record.topic });
                 }
                 Outcome::Failed(failure) => {
                     self.metrics.publish_errors.with_label_values(&[failure.reason]).inc();
                     producer_unusable |= failure.producer_unusable;
                     first_failure.get_or_insert_with(|| format!("row {id}: {}", failure.message));
                     if failure.transient {
-                        settlement.outage_failures.push((id, failure.message));
+                        settlement.outage_failures.push(RowFailure { row: id, error: failure.message });
                     } else {
-                        report_row_failure(&id, failure.reason, &failure.message);
-                        settlement.row_failures.push((id, failure.message));
+                        report_row_failure(&id.id, failure.reason, &failure.message);
+                        settlement.row_failures.push(RowFailure { row: id, error: failure.message });
                     }
                 }
                 Outcome::Deferred => {}
@@ -801,8 +819,15 @@ impl Relay {
     ) -> Result<Claimed, OutboxError> {
         let start = floor.start(shards, Instant::now());
         let limit = self.claim_limit.load(Ordering::Relaxed);
-        let claim = outbox.claim(limit, self.config.relay.batch_bytes, shards, in_flight, start).await?;
-        floor.observe(start, claim.view.as_ref(), Instant::now());
+        let mut claim = outbox.claim(limit, self.config.relay.batch_bytes, shards, in_flight, start).await?;
+        if floor.observe(start, claim.view.as_ref(), Instant::now()) == Observation::IdsReused {
+            self.metrics.table_changes.with_label_values(&["ids_reused"]).inc();
+            // The floor is gone: claim again from the beginning, where the rows that took the
+            // reused ids are.
+            let start = floor.start(shards, Instant::now());
+            claim = outbox.claim(limit, self.config.relay.batch_bytes, shards, in_flight, start).await?;
+            floor.observe(start, claim.view.as_ref(), Instant::now());
+        }
         // Rows too large for a whole window of them: ask for no more rows than fitted, so the
         // database does not read and send rows the relay would only read past; grow back as
         // the rows get smaller.
@@ -826,11 +851,11 @@ impl Relay {
     /// Writes a batch's outcome: marks the acknowledged rows, records the failed ones.
     async fn settle(&self, outbox: &Outbox, settlement: &mut Settlement) -> Result<(), OutboxError> {
         if !settlement.acked_marked {
-            let ids: Vec<String> = settlement.acked.iter().map(|(id, _)| id.clone()).collect();
-            outbox.mark_published(&ids).await?;
+            let rows: Vec<RowRef> = settlement.acked.iter().map(|acked| acked.row.clone()).collect();
+            outbox.mark_published(&rows).await?;
             settlement.acked_marked = true;
-            for (_, topic) in &settlement.acked {
-                self.metrics.published.with_label_values(&[topic]).inc();
+            for acked in &settlement.acked {
+                self.metrics.published.with_label_values(&[&acked.topic]).inc();
             }
         }
         let given_up = outbox.record_failures(&settlement.row_failures, &settlement.outage_failures).await?;
@@ -838,7 +863,7 @@ impl Relay {
         self.metrics.retries.with_label_values(&["row"]).inc_by(row_retries as u64);
         self.metrics.retries.with_label_values(&["outage"]).inc_by(settlement.outage_failures.len() as u64);
         for id in given_up {
-            let error = settlement.row_failures.iter().find(|(i, _)| *i == id).map(|(_, e)| e.as_str()).unwrap_or("");
+            let error = settlement.row_failures.iter().find(|f| f.row.id == id).map(|f| f.error.as_str()).unwrap_or("");
             warn!(
                 row = %id,
                 error,

@@ -522,8 +522,19 @@ pub mod claim_columns {
     /// Whether the order column is still fed by a sequence whose ids grow with time (`bool`,
     /// see [`super::OrderSequence::grows_with_time`]); the same on every row.
     pub const IDS_GROW_WITH_TIME: usize = 10;
+    /// The OID the table's name resolves to while the claim runs (`int8`, NULL if none); the
+    /// same on every row. See [`crate::claim_floor::TableIdentity`].
+    pub const TABLE_OID: usize = 11;
+    /// The table's storage file (`int8`; NULL for a partitioned table): a `TRUNCATE` gives it
+    /// a new one. The same on every row.
+    pub const TABLE_FILENODE: usize = 12;
+    /// The OID of the order column's sequence (`int8`), or NULL.
+    pub const SEQUENCE_OID: usize = 13;
+    /// The sequence's last value (`int8`), NULL when it has handed out none since it was
+    /// created or restarted, or when the relay may not read it.
+    pub const SEQUENCE_LAST_VALUE: usize = 14;
     /// First topic column; template columns follow.
-    pub const TOPIC: usize = 11;
+    pub const TOPIC: usize = 15;
 }
 
 /// What the catalog says about the claim order column: whether it can give a key's rows their
@@ -804,7 +815,7 @@ impl Layout {
                SELECT 1 FROM window_rows AS b WHERE (NOT b.r_ready OR b.r_retrying) AND b.r_key = c.r_key \
                  AND b.r_order < c.r_order)) \
              SELECT c.r_id, c.r_event_id, c.r_key, c.r_payload, c.r_headers, c.r_created_at, c.r_traceparent, \
-                    v.first_unpublished, v.xmin, v.xmax, v.ids_grow, {topic_out} \
+                    v.first_unpublished, v.xmin, v.xmax, v.ids_grow, {identity}, {topic_out} \
              FROM (SELECT {first_unpublished} AS first_unpublished, \
                           pg_snapshot_xmin(pg_current_snapshot())::text AS xmin, \
                           pg_snapshot_xmax(pg_current_snapshot())::text AS xmax, {ids_grow} AS ids_grow) AS v \
@@ -826,6 +837,45 @@ impl Layout {
             filters = filters.join(" AND "),
             topic_out = topic_out.join(", "),
             ids_grow = self.ids_grow_with_time_sql(),
+            identity = self.table_identity_sql(),
+        )
+    }
+
+    /// What identifies the table and its order column's sequence as the claim sees them:
+    /// the OID its name resolves to, its storage file, the sequence's OID and last value
+    /// (only where the relay may read it, as the `pg_sequences` view does). The statement
+    /// holds a lock on the table it reads, so the name cannot move to another table while it
+    /// runs: the OID read here is the table whose rows it claimed.
+    fn table_identity_sql(&self) -> String {
+        let m = &self.mapping;
+        let table = sql_literal(&m.table_sql());
+        let sequence = format!("pg_get_serial_sequence({table}, {})::regclass", sql_literal(m.order_by.as_str()));
+        let (sequence_oid, last_value) = if self.orders_by_integer() {
+            (
+                format!("{sequence}::oid::int8"),
+                format!(
+                    "(SELECT CASE WHEN has_sequence_privilege(s.seq::oid, 'SELECT,USAGE') \
+                     THEN pg_sequence_last_value(s.seq) END FROM (SELECT {sequence} AS seq) AS s)"
+                ),
+            )
+        } else {
+            ("NULL::int8".to_owned(), "NULL::int8".to_owned())
+        };
+        format!(
+            "to_regclass({table})::oid::int8 AS table_oid, pg_relation_filenode(to_regclass({table}))::int8 AS filenode, \
+             {sequence_oid} AS sequence_oid, {last_value} AS sequence_last_value"
+        )
+    }
+
+    /// The condition that row `t` is the one claimed as `f.id`, `f.event_id` (see
+    /// [`crate::record::RowRef`]); a NULL event id matches by id alone.
+    fn is_the_claimed_row(&self, t: &str, f: &str) -> String {
+        let m = &self.mapping;
+        format!(
+            "{t}.{id} = {f}.id::{ty} AND ({f}.event_id IS NULL OR {t}.{event_id}::text = {f}.event_id)",
+            id = m.id,
+            ty = self.id_type,
+            event_id = m.event_id,
         )
     }
 
@@ -883,10 +933,11 @@ impl Layout {
         filters
     }
 
-    /// Marks the rows whose ids (as text, `$1`) the broker acknowledged.
+    /// Marks the rows the broker acknowledged: `$1` their ids, `$2` their event ids, as text.
     pub fn mark_published_sql(&self) -> String {
         let m = &self.mapping;
-        let ids = format!("{id} = ANY($1::text[]::{ty}[])", id = m.id, ty = self.id_type);
+        let claimed = "unnest($1::text[], $2::text[]) AS m(id, event_id)";
+        let is_claimed = self.is_the_claimed_row("t", "m");
         // A published row keeps no error from an earlier attempt: the update writes a whole new
         // row version anyway, so clearing it costs nothing.
         let clear_error = match &m.last_error {
@@ -895,16 +946,18 @@ impl Layout {
         };
         match &m.published_at {
             Some(published_at) => format!(
-                "UPDATE {table} SET {published_at} = now(){clear_error} WHERE {ids} AND {published_at} IS NULL",
+                "UPDATE {table} AS t SET {published_at} = now(){clear_error} FROM {claimed} \
+                 WHERE {is_claimed} AND t.{published_at} IS NULL",
                 table = m.table_sql()
             ),
-            None => format!("DELETE FROM {table} WHERE {ids}", table = m.table_sql()),
+            None => format!("DELETE FROM {table} AS t USING {claimed} WHERE {is_claimed}", table = m.table_sql()),
         }
     }
 
     /// Records attempts that failed because of the row itself: `$1` ids as text, `$2` the error
-    /// of each, `$3` the attempt limit. Counts the attempt, starts the backoff, and gives up
-    /// (sets the failed-at column) at the limit. Returns the ids of the rows given up on.
+    /// of each, `$3` the attempt limit, `$4` their event ids (see [`crate::record::RowRef`]).
+    /// Counts the attempt, starts the backoff, and gives up (sets the failed-at column) at the
+    /// limit. Returns the ids of the rows given up on.
     /// `None` when the table has no attempts or last-error column.
     pub fn record_row_failures_sql(&self) -> Option<String> {
         let m = &self.mapping;
@@ -929,26 +982,26 @@ impl Layout {
             _ => "$3::int4 IS NULL".to_owned(),
         };
         Some(format!(
-            "UPDATE {table} AS t SET {sets} FROM unnest($1::text[], $2::text[]) AS f(id, error) \
-             WHERE t.{id} = f.id::{ty} RETURNING t.{id}::text, {given_up}",
+            "UPDATE {table} AS t SET {sets} FROM unnest($1::text[], $2::text[], $4::text[]) AS f(id, error, event_id) \
+             WHERE {is_claimed} RETURNING t.{id}::text, {given_up}",
             table = m.table_sql(),
             sets = sets.join(", "),
             id = m.id,
-            ty = self.id_type,
+            is_claimed = self.is_the_claimed_row("t", "f"),
         ))
     }
 
     /// Records attempts that failed for reasons outside the row (an outage): `$1` ids, `$2`
-    /// errors. Only the error is kept; the attempt does not count toward giving up.
+    /// errors, `$3` event ids. Only the error is kept; the attempt does not count toward giving
+    /// up.
     pub fn record_outage_failures_sql(&self) -> Option<String> {
         let m = &self.mapping;
         let last_error = m.last_error.as_ref()?;
         Some(format!(
-            "UPDATE {table} AS t SET {last_error} = f.error FROM unnest($1::text[], $2::text[]) AS f(id, error) \
-             WHERE t.{id} = f.id::{ty}",
+            "UPDATE {table} AS t SET {last_error} = f.error \
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS f(id, error, event_id) WHERE {is_claimed}",
             table = m.table_sql(),
-            id = m.id,
-            ty = self.id_type,
+            is_claimed = self.is_the_claimed_row("t", "f"),
         ))
     }
 
@@ -1244,7 +1297,7 @@ pub const MISSING_PRIVILEGES_SQL: &str = "SELECT current_user::text, coalesce(ar
 pub const LOCK_KEYS_SQL: &str = "SELECT (hashtext('outbox-relay-member:' || c.oid::text) & 2147483647)::int4 AS member, \
      (hashtext('outbox-relay-shard:' || c.oid::text) & 2147483647)::int4 AS shard, \
      (hashtext('outbox-relay-shard-count:' || c.oid::text) & 2147483647)::int4 AS shard_count, \
-     n.nspname || '.' || c.relname AS qualified_name \
+     n.nspname || '.' || c.relname AS qualified_name, c.oid AS table_oid \
      FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)";
 
 /// Takes the exclusive advisory lock (`$1` classid, `$2` number) of a membership or a shard;
@@ -1435,7 +1488,9 @@ mod tests {
         );
         assert!(sql.contains("o.\"xact_id\" < pg_snapshot_xmin(pg_current_snapshot())"), "{sql}");
         assert!(sql.contains("% 16) = ANY($2::int4[])"), "only this relay's shards: {sql}");
-        assert!(layout.mark_published_sql().contains("::bigint[]"));
+        let mark = layout.mark_published_sql();
+        assert!(mark.contains("t.\"id\" = m.id::bigint"), "the mark finds rows by the key's own type: {mark}");
+        assert!(mark.contains("t.\"event_id\"::text = m.event_id"), "and only the row it claimed: {mark}");
     }
 
     fn identity(cache: i64) -> OrderColumn {

@@ -32,9 +32,9 @@ async fn claim_and_mark_all(outbox: &Outbox, floor: &mut ClaimFloor, shards: &[i
         if claim.rows.is_empty() {
             return marked;
         }
-        let ids: Vec<String> = claim.rows.into_iter().map(|row| row.expect("decodable row").id).collect();
-        outbox.mark_published(&ids).await.expect("mark");
-        marked.extend(ids.iter().map(|id| id.parse::<i64>().expect("bigint id")));
+        let rows: Vec<_> = claim.rows.into_iter().map(|row| row.expect("decodable row").row_ref()).collect();
+        outbox.mark_published(&rows).await.expect("mark");
+        marked.extend(rows.iter().map(|row| row.id.parse::<i64>().expect("bigint id")));
     }
 }
 
