@@ -15,6 +15,8 @@
 //! - [`outbox`]: the database side: claim, mark published, record failures, stats.
 //! - [`record`]: what Kafka record a row becomes (key, value, headers, `event_id`).
 //! - [`publisher`]: the Kafka side: producer settings, sending, delivery outcomes.
+//! - [`topic_limits`]: what a topic's configuration lets the broker refuse for a whole batch,
+//!   checked before sending.
 //! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
 //! - [`claim_floor`]: where each claim starts, so it skips the rows already published.
 //! - [`shards`]: which shards of the table this relay publishes, when several relays run; the
@@ -56,6 +58,7 @@ pub mod stats;
 pub mod status;
 pub mod table;
 pub mod telemetry;
+pub mod topic_limits;
 pub mod wakeup;
 
 pub use config::Config;

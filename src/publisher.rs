@@ -18,10 +18,14 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::record::Record;
+use crate::topic_limits::{ProducerBatching, TopicLimits};
 
 /// Producer settings the relay chooses. Users may override the tunable ones through
 /// `kafka.properties`; the guarantee-bearing ones are refused by config validation.
@@ -114,9 +118,15 @@ pub enum Outcome {
 /// The Kafka producer with the relay's settings.
 pub struct Publisher {
     producer: FutureProducer<RelayContext>,
-    /// Topics the cluster confirmed to exist, and when. A record for a topic that does not
-    /// exist would otherwise hold its whole batch for librdkafka's metadata propagation wait.
-    known_topics: Mutex<HashMap<String, Instant>>,
+    /// Reads topics' configurations ([`TopicLimits`]).
+    admin: AdminClient<DefaultClientContext>,
+    /// How the producer batches records, for the limits' checks.
+    batching: ProducerBatching,
+    /// Topics the cluster confirmed to exist, when, and their limits. A record for a topic that
+    /// does not exist would otherwise hold its whole batch for librdkafka's metadata
+    /// propagation wait.
+    known_topics: Mutex<HashMap<String, (Instant, TopicLimits)>>,
+    metrics: Arc<Metrics>,
     /// The producer context's record of the last refusal (the context itself is wrapped by
     /// the producer and out of reach).
     last_refusal: Arc<Mutex<Option<BrokerRefusal>>>,
@@ -187,10 +197,22 @@ impl Publisher {
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
     pub fn new(config: &Config, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Publisher, PublisherError> {
         let last_refusal = Arc::new(Mutex::new(None));
-        let context =
-            RelayContext { last_logged: Mutex::default(), last_refusal: last_refusal.clone(), metrics, health };
+        let context = RelayContext {
+            last_logged: Mutex::default(),
+            last_refusal: last_refusal.clone(),
+            metrics: metrics.clone(),
+            health,
+        };
         let producer = producer_config(config).create_with_context(context).map_err(PublisherError::Create)?;
-        Ok(Publisher { producer, known_topics: Mutex::new(HashMap::new()), last_refusal })
+        let admin = reader_config(config).create().map_err(PublisherError::Create)?;
+        Ok(Publisher {
+            producer,
+            admin,
+            batching: ProducerBatching::of(config),
+            known_topics: Mutex::new(HashMap::new()),
+            metrics,
+            last_refusal,
+        })
     }
 
     /// Waits until a broker of the cluster answers a metadata request, for at most `within`.
@@ -221,6 +243,13 @@ impl Publisher {
 
     /// Sends every record and waits for every delivery report. Records of one topic and key
     /// are enqueued in the given order; the idempotent producer keeps that order per partition.
+    ///
+    /// A record the broker would refuse whatever it is batched with (over its topic's size
+    /// limit, keyless on a compacted topic) fails before it is sent, and a topic whose limit is
+    /// below librdkafka's batch size has no more of its records in flight than fit in one
+    /// batch: the broker refuses whole batches, and a refused batch must not charge the rows of
+    /// other keys. Should a batch be refused anyway (limits that could not be read), its
+    /// records are sent again one at a time before any is charged.
     pub async fn publish(&self, records: &[Record]) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Deferred; records.len()];
         let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(records.len());
@@ -229,17 +258,46 @@ impl Publisher {
         // order to keep.
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut next_to_await = 0;
-        let missing = self.missing_topics(records).await;
+        let topics = self.check_topics(records).await;
+        // Bytes of each size-bounded topic's records enqueued since the last full drain.
+        let mut bounded_bytes: HashMap<&str, usize> = HashMap::new();
 
         for (index, record) in records.iter().enumerate() {
             let key = record.key.as_deref();
             if key.is_some_and(|k| blocked.contains(k)) {
                 continue;
             }
-            if let Some(error) = missing.get(&record.topic) {
-                outcomes[index] = Outcome::Failed(error.clone());
+            let limits = match topics.get(&record.topic) {
+                Some(Err(error)) => {
+                    outcomes[index] = Outcome::Failed(error.clone());
+                    blocked.extend(key);
+                    continue;
+                }
+                Some(Ok(limits)) => *limits,
+                None => TopicLimits::default(),
+            };
+            if let Some(refusal) = self.batching.refusal(record, &limits) {
+                outcomes[index] = Outcome::Failed(refusal);
                 blocked.extend(key);
                 continue;
+            }
+            if let Some(limit) = self.batching.in_flight_limit(&limits) {
+                let size = crate::topic_limits::record_size(record);
+                let enqueued = bounded_bytes
+                    .entry(record.topic.as_str())
+                    .or_insert(crate::topic_limits::batch_size_alone(record) - size);
+                if *enqueued + size > limit {
+                    // Let everything in flight be acknowledged first, so that librdkafka
+                    // never has more of this topic to batch than its limit.
+                    for (done, delivery) in in_flight.iter_mut().skip(next_to_await) {
+                        outcomes[*done] = outcome_of(delivery.await);
+                    }
+                    next_to_await = in_flight.len();
+                    bounded_bytes.clear();
+                    bounded_bytes.insert(record.topic.as_str(), crate::topic_limits::batch_size_alone(record));
+                } else {
+                    *enqueued += size;
+                }
             }
             loop {
                 match self.producer.send_result(future_record(record)) {
@@ -264,25 +322,86 @@ impl Publisher {
                 }
             }
         }
+        let sent: HashSet<usize> = in_flight.iter().map(|(index, _)| *index).collect();
         for (index, delivery) in in_flight.into_iter().skip(next_to_await) {
             outcomes[index] = outcome_of(delivery.await);
         }
+        self.resend_refused_batch(records, &sent, &mut outcomes).await;
         outcomes
     }
 
-    /// The topics of `records` the cluster says do not exist (or may not be written), with the
-    /// error for their records. Topics it confirms are remembered for a minute; when it does
-    /// not answer, the records are produced and librdkafka reports what happens.
-    async fn missing_topics(&self, records: &[Record]) -> HashMap<String, DeliveryError> {
-        let unchecked: HashSet<&str> = match self.known_topics.lock() {
-            Ok(known) => records
-                .iter()
-                .map(|r| r.topic.as_str())
-                .filter(|t| known.get(*t).is_none_or(|at| at.elapsed() > TOPIC_RECHECK_AFTER))
-                .collect(),
-            Err(_) => HashSet::new(),
+    /// Sends the records a broker refused as a batch (several refused for a batch-level
+    /// reason) again, one at a time and in order, so that only a record refused on its own is
+    /// charged to its row; a later record of the same key then waits, as before sending.
+    /// `sent` are the records that reached the producer (the others failed before sending).
+    async fn resend_refused_batch(&self, records: &[Record], sent: &HashSet<usize>, outcomes: &mut [Outcome]) {
+        let refused_as_batch = |outcome: &Outcome| {
+            matches!(outcome, Outcome::Failed(f) if !f.transient
+                && matches!(f.reason, "message_too_large" | "invalid_record"))
         };
-        let mut missing = HashMap::new();
+        let refused: Vec<usize> =
+            (0..records.len()).filter(|i| sent.contains(i) && refused_as_batch(&outcomes[*i])).collect();
+        if refused.len() < 2 {
+            return;
+        }
+        tracing::warn!(
+            records = refused.len(),
+            "the broker refused a whole batch; sending its records again one at a time, so that only a record refused \
+             on its own fails its row"
+        );
+        let mut blocked: HashSet<&str> = HashSet::new();
+        for index in refused {
+            let record = &records[index];
+            let key = record.key.as_deref();
+            if key.is_some_and(|k| blocked.contains(k)) {
+                outcomes[index] = Outcome::Deferred;
+                continue;
+            }
+            let outcome = match self.producer.send_result(future_record(record)) {
+                Ok(delivery) => outcome_of(delivery.await),
+                Err((error, _)) => Outcome::Failed(classify(&error)),
+            };
+            if let Outcome::Failed(_) = &outcome {
+                blocked.extend(key);
+            } else if let Some(key) = key {
+                let overtaken =
+                    records[index + 1..].iter().zip(&outcomes[index + 1..]).any(|(later, later_outcome)| {
+                        later.key.as_deref() == Some(key) && matches!(later_outcome, Outcome::Acked { .. })
+                    });
+                if overtaken {
+                    self.metrics.key_order_breaks.inc();
+                    tracing::error!(
+                        key,
+                        topic = %record.topic,
+                        "a record of this key refused with its batch was sent again after the broker had acknowledged a \
+                         later record of the key: the key's order is broken on the topic (see \
+                         outbox_relay_key_order_breaks_total in the README)"
+                    );
+                }
+            }
+            outcomes[index] = outcome;
+        }
+    }
+
+    /// What the cluster says of each topic of `records`: the error for its records if it does
+    /// not exist (or may not be written), else its limits ([`TopicLimits`]). Topics it confirms
+    /// are remembered for a minute; a topic it does not answer for is left out, and its records
+    /// are produced for librdkafka to decide.
+    async fn check_topics(&self, records: &[Record]) -> HashMap<String, Result<TopicLimits, DeliveryError>> {
+        let mut checked: HashMap<String, Result<TopicLimits, DeliveryError>> = HashMap::new();
+        let mut unchecked: HashSet<&str> = HashSet::new();
+        if let Ok(known) = self.known_topics.lock() {
+            for topic in records.iter().map(|r| r.topic.as_str()) {
+                match known.get(topic) {
+                    Some((at, limits)) if at.elapsed() <= TOPIC_RECHECK_AFTER => {
+                        checked.insert(topic.to_owned(), Ok(*limits));
+                    }
+                    _ => {
+                        unchecked.insert(topic);
+                    }
+                }
+            }
+        }
         for topic in unchecked {
             let producer = self.producer.clone();
             let name = topic.to_owned();
@@ -307,24 +426,45 @@ impl Publisher {
             };
             match verdict {
                 None => {
+                    let limits = self.topic_limits(topic).await;
+                    tracing::debug!(topic, ?limits, "topic confirmed");
                     if let Ok(mut known) = self.known_topics.lock() {
-                        known.insert(topic.to_owned(), Instant::now());
+                        known.insert(topic.to_owned(), (Instant::now(), limits));
                     }
+                    checked.insert(topic.to_owned(), Ok(limits));
                 }
                 Some(code @ (RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)) => {
                     let message = format!(
                         "topic {topic} does not exist on the cluster ({code}); create it: the relay never creates topics"
                     );
-                    missing.insert(topic.to_owned(), failure("unknown_topic", message));
+                    checked.insert(topic.to_owned(), Err(failure("unknown_topic", message)));
                 }
                 Some(code @ RDKafkaErrorCode::TopicAuthorizationFailed) => {
                     let message = format!("not authorized to write to topic {topic} ({code})");
-                    missing.insert(topic.to_owned(), failure("not_authorized", message));
+                    checked.insert(topic.to_owned(), Err(failure("not_authorized", message)));
                 }
                 Some(_) => {}
             }
         }
-        missing
+        checked
+    }
+
+    /// The topic's size limit and cleanup policy, or no limits if the cluster does not say
+    /// (a principal without `DescribeConfigs`, say): records are then sent, and a batch the
+    /// broker refuses is sent again record by record.
+    async fn topic_limits(&self, topic: &str) -> TopicLimits {
+        let options = AdminOptions::new().request_timeout(Some(TOPIC_CHECK_TIMEOUT));
+        let described = self.admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options).await;
+        match described.as_deref() {
+            Ok([Ok(resource)]) => {
+                let entries = resource.entries.iter().map(|e| (e.name.as_str(), e.value.as_deref())).collect();
+                TopicLimits::from_entries(&entries)
+            }
+            other => {
+                tracing::debug!(topic, answer = ?other.err(), "could not read the topic's configuration");
+                TopicLimits::default()
+            }
+        }
     }
 
     /// Waits up to `timeout` for queued records to be delivered (at shutdown).

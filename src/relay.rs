@@ -946,7 +946,8 @@ fn row_failure_fix(reason: &str) -> &'static str {
     match reason {
         "unknown_topic" => "create its topic (the relay never creates topics) or correct the row's topic",
         "message_too_large" => {
-            "make the payload smaller, or raise the topic's max.message.bytes and kafka.properties.message.max.bytes"
+            "the record alone is over a size limit (the error names it): make the row smaller, or raise the topic's \
+             max.message.bytes and kafka.properties.message.max.bytes past it"
         }
         "not_authorized" => "grant the relay's Kafka principal WRITE on the topic",
         "invalid_record" => "correct the row: the broker refused the record as invalid",

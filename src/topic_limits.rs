@@ -1,0 +1,206 @@
+//! What a topic's own configuration lets the broker refuse, read before the relay sends to it.
+//!
+//! Kafka validates a whole record batch at once: one record over the topic's
+//! `max.message.bytes`, a batch that librdkafka filled past that limit (its `batch.size` is its
+//! own, 1,000,000 bytes by default, whatever the topic allows), or a keyless record on a
+//! compacted topic fails every record of the batch, and librdkafka does not split it. Charging
+//! each of those rows as if it were its own fault would fail and park innocent keys. So the
+//! relay reads each topic's limits once a minute with its existence check, refuses before
+//! sending the one record that the broker would refuse (a clear row error naming the limit),
+//! and keeps the records of a topic in flight below its limit, so that no batch librdkafka
+//! builds for it can exceed it. This module computes; it sends nothing.
+
+use std::collections::HashMap;
+
+use crate::config::Config;
+use crate::publisher::DeliveryError;
+use crate::record::Record;
+
+/// librdkafka's `batch.size` when `kafka.properties` does not set it.
+const LIBRDKAFKA_BATCH_SIZE: usize = 1_000_000;
+
+/// A record batch's header in Kafka's format (v2), which the broker's size check includes.
+const RECORD_BATCH_OVERHEAD: usize = 61;
+
+/// The limits of one topic that the broker enforces per record batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TopicLimits {
+    /// The topic's `max.message.bytes`: the largest record batch it accepts. `None` when the
+    /// relay could not read it (no `DescribeConfigs` permission, say).
+    pub max_message_bytes: Option<usize>,
+    /// Whether the topic is compacted (`cleanup.policy` includes `compact`), which refuses a
+    /// record without a key.
+    pub compacted: bool,
+}
+
+impl TopicLimits {
+    /// Reads the limits out of a topic's configuration entries.
+    pub fn from_entries(entries: &HashMap<&str, Option<&str>>) -> TopicLimits {
+        let value = |name: &str| entries.get(name).copied().flatten();
+        TopicLimits {
+            max_message_bytes: value("max.message.bytes").and_then(|v| v.trim().parse().ok()),
+            compacted: value("cleanup.policy").is_some_and(|v| v.split(',').any(|p| p.trim() == "compact")),
+        }
+    }
+}
+
+/// How the relay's producer batches records, as far as the broker's size check is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerBatching {
+    /// The most bytes librdkafka puts in one record batch.
+    pub batch_size: usize,
+    /// Whether records go uncompressed, so that their size on the wire is known here.
+    pub uncompressed: bool,
+}
+
+impl ProducerBatching {
+    /// The batching the relay's producer will use with `config`'s `kafka.properties`.
+    pub fn of(config: &Config) -> ProducerBatching {
+        let property = |name: &str| config.kafka.properties.get(name).map(|v| v.trim().to_ascii_lowercase());
+        let batch_size = property("batch.size").and_then(|v| v.parse().ok()).unwrap_or(LIBRDKAFKA_BATCH_SIZE);
+        let compression = property("compression.type").or_else(|| property("compression.codec"));
+        ProducerBatching { batch_size, uncompressed: compression.is_none_or(|c| c == "none") }
+    }
+
+    /// Why the broker would refuse `record` on a topic with `limits` whatever else is in its
+    /// batch, or `None`.
+    pub fn refusal(&self, record: &Record, limits: &TopicLimits) -> Option<DeliveryError> {
+        if limits.compacted && record.key.is_none() {
+            return Some(refused(
+                "invalid_record",
+                format!(
+                    "topic {} is compacted (cleanup.policy=compact) and the row has no key: Kafka refuses a record \
+                     without a key on a compacted topic; give the row a key, or route it to a topic that is not compacted",
+                    record.topic
+                ),
+            ));
+        }
+        let limit = limits.max_message_bytes?;
+        let size = batch_size_alone(record);
+        (self.uncompressed && size > limit).then(|| {
+            refused(
+                "message_too_large",
+                format!(
+                    "the record is {size} bytes in a batch of its own, over topic {}'s max.message.bytes = {limit}: \
+                     make the row smaller, or raise the topic's max.message.bytes (and kafka.properties.message.max.bytes \
+                     past it)",
+                    record.topic
+                ),
+            )
+        })
+    }
+
+    /// The bytes of a topic's records that may be in flight at once so that no batch
+    /// librdkafka builds for it exceeds its limit; `None` when any batch fits anyway (or the
+    /// size on the wire is not known here: compressed records).
+    pub fn in_flight_limit(&self, limits: &TopicLimits) -> Option<usize> {
+        let limit = limits.max_message_bytes?;
+        (self.uncompressed && limit < self.batch_size + RECORD_BATCH_OVERHEAD).then_some(limit)
+    }
+}
+
+fn refused(reason: &'static str, message: String) -> DeliveryError {
+    DeliveryError { reason, message, transient: false, producer_unusable: false }
+}
+
+/// The size of a record batch holding `record` alone, in Kafka's format (v2) without
+/// compression: the batch header, and the record with its length, attributes, timestamp and
+/// offset deltas, key, value and headers. The deltas are counted at their largest plausible
+/// size, so that a sum over several records stays an upper bound.
+pub fn batch_size_alone(record: &Record) -> usize {
+    RECORD_BATCH_OVERHEAD + record_size(record)
+}
+
+/// A record's bytes inside a batch (see [`batch_size_alone`]).
+pub fn record_size(record: &Record) -> usize {
+    let bytes = |value: Option<usize>| match value {
+        Some(len) => varint_size(len as i64) + len,
+        None => varint_size(-1),
+    };
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|(name, value)| bytes(Some(name.len())) + bytes(value.as_ref().map(String::len)))
+        .sum();
+    // attributes (1), timestamp delta and offset delta (at most 5 bytes each here).
+    let body = 1
+        + 5
+        + 5
+        + bytes(record.key.as_ref().map(String::len))
+        + bytes(record.payload.as_ref().map(Vec::len))
+        + varint_size(record.headers.len() as i64)
+        + headers;
+    varint_size(body as i64) + body
+}
+
+/// Bytes of `value` as a zigzag varint, as Kafka's record format writes lengths.
+fn varint_size(value: i64) -> usize {
+    let mut zigzag = ((value << 1) ^ (value >> 63)) as u64;
+    let mut size = 1;
+    while zigzag >= 0x80 {
+        zigzag >>= 7;
+        size += 1;
+    }
+    size
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: Option<&str>, payload_len: usize) -> Record {
+        Record {
+            topic: "t".into(),
+            key: key.map(str::to_owned),
+            payload: Some(vec![b'x'; payload_len]),
+            headers: vec![("event_id".into(), Some("0190e8a4-0000-7000-8000-000000000000".into()))],
+        }
+    }
+
+    const PLAIN: ProducerBatching = ProducerBatching { batch_size: LIBRDKAFKA_BATCH_SIZE, uncompressed: true };
+
+    #[test]
+    fn varints_are_sized_as_kafka_writes_them() {
+        assert_eq!(varint_size(-1), 1);
+        assert_eq!(varint_size(63), 1);
+        assert_eq!(varint_size(64), 2);
+        assert_eq!(varint_size(8191), 2);
+        assert_eq!(varint_size(8192), 3);
+    }
+
+    #[test]
+    fn a_record_over_the_topics_limit_is_refused_naming_both_sizes() {
+        let limits = TopicLimits { max_message_bytes: Some(1000), compacted: false };
+        assert_eq!(PLAIN.refusal(&record(Some("k"), 500), &limits), None);
+        let refusal = PLAIN.refusal(&record(Some("k"), 2000), &limits).expect("too large");
+        assert_eq!(refusal.reason, "message_too_large");
+        assert!(refusal.message.contains("max.message.bytes = 1000") && !refusal.transient, "{refusal:?}");
+        let compressed = ProducerBatching { uncompressed: false, ..PLAIN };
+        assert_eq!(compressed.refusal(&record(Some("k"), 2000), &limits), None, "its size on the wire is unknown");
+    }
+
+    #[test]
+    fn a_keyless_record_on_a_compacted_topic_is_refused() {
+        let entries =
+            HashMap::from([("cleanup.policy", Some("compact,delete")), ("max.message.bytes", Some("200000"))]);
+        let limits = TopicLimits::from_entries(&entries);
+        assert_eq!(limits, TopicLimits { max_message_bytes: Some(200_000), compacted: true });
+        assert_eq!(PLAIN.refusal(&record(None, 10), &limits).map(|r| r.reason), Some("invalid_record"));
+        assert_eq!(PLAIN.refusal(&record(Some("k"), 10), &limits), None);
+    }
+
+    #[test]
+    fn only_a_topic_whose_limit_is_below_the_producers_batches_needs_its_records_in_flight_bounded() {
+        let small = TopicLimits { max_message_bytes: Some(200_000), compacted: false };
+        let default = TopicLimits { max_message_bytes: Some(1_048_588), compacted: false };
+        assert_eq!(PLAIN.in_flight_limit(&small), Some(200_000));
+        assert_eq!(PLAIN.in_flight_limit(&default), None);
+        assert_eq!(PLAIN.in_flight_limit(&TopicLimits::default()), None);
+    }
+
+    #[test]
+    fn the_estimate_is_never_below_the_record_bytes() {
+        let r = record(Some("key"), 300);
+        assert!(batch_size_alone(&r) >= RECORD_BATCH_OVERHEAD + 3 + 300 + 8 + 36);
+    }
+}
