@@ -23,6 +23,7 @@
 //!   heartbeat that shows it alive, and the takeover of relays that look frozen.
 //! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
 //! - [`health`]: what `/healthz` and `/readyz` answer.
+//! - [`row_failures`]: says once per row and failure, not per attempt, that a row failed.
 //! - [`retention`]: deletes published rows after a configured age, in small batches.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint; [`stats`] refreshes the table's
 //!   gauges and warns about transactions that hold rows back.
@@ -51,6 +52,7 @@ pub mod publisher;
 pub mod record;
 pub mod relay;
 pub mod retention;
+pub mod row_failures;
 pub mod schema;
 pub mod shards;
 pub mod shutdown;

@@ -69,6 +69,8 @@ impl std::fmt::Display for RowRef {
 pub struct RowFailure {
     /// The row.
     pub row: RowRef,
+    /// Its key, when it could be read.
+    pub key: Option<String>,
     /// What went wrong, as stored in the row.
     pub error: String,
 }

@@ -29,12 +29,13 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::Backoff;
 use crate::claim_floor::{ClaimFloor, Observation};
-use crate::config::Config;
+use crate::config::{Config, OnPoison};
 use crate::health::Health;
 use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
 use crate::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, Publisher, PublisherError};
 use crate::record::{OutboxRow, Record, RowFailure, RowKey, RowRef, UnreadableRow};
+use crate::row_failures::RowFailureReports;
 use crate::shards::{self, Shards};
 use crate::shutdown::Shutdown;
 use crate::table::Mapping;
@@ -125,6 +126,8 @@ pub struct Relay {
     /// Rows the next claim may return: `relay.batch_size`, or fewer while rows are so large
     /// that `relay.batch_bytes` cuts claims short.
     claim_limit: AtomicUsize,
+    /// Which row failures were already reported.
+    failure_reports: RowFailureReports,
 }
 
 /// A row the broker acknowledged, and its topic (for the per-topic counter).
@@ -216,7 +219,15 @@ impl Relay {
         let mapping = Mapping::from_config(&config)
             .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
         let claim_limit = AtomicUsize::new(config.relay.batch_size);
-        Ok(Relay { config, mapping, metrics: Metrics::new(), health: Arc::new(Health::new()), shutdown, claim_limit })
+        Ok(Relay {
+            config,
+            mapping,
+            metrics: Metrics::new(),
+            health: Arc::new(Health::new()),
+            shutdown,
+            claim_limit,
+            failure_reports: RowFailureReports::default(),
+        })
     }
 
     /// The relay's metrics, also served at `/metrics`.
@@ -665,11 +676,16 @@ impl Relay {
                     records.push(record);
                 }
                 Err(UnreadableRow { id, event_id, key, problem }) => {
-                    report_row_failure(&id, "invalid_row", &problem);
+                    self.failure_reports.report(&id, "invalid_row", &problem);
                     self.metrics.publish_errors.with_label_values(&["invalid_row"]).inc();
+                    let key_of_held = key.clone();
                     held.hold(key);
                     if !id.is_empty() {
-                        settlement.row_failures.push(RowFailure { row: RowRef { id, event_id }, error: problem });
+                        let key = match key_of_held {
+                            RowKey::Known(key) => key,
+                            RowKey::Unreadable => None,
+                        };
+                        settlement.row_failures.push(RowFailure { row: RowRef { id, event_id }, key, error: problem });
                     }
                 }
             }
@@ -740,11 +756,12 @@ impl Relay {
                     self.metrics.publish_errors.with_label_values(&[failure.reason]).inc();
                     producer_unusable |= failure.producer_unusable;
                     first_failure.get_or_insert_with(|| format!("row {id}: {}", failure.message));
+                    let key = record.key;
                     if failure.transient {
-                        settlement.outage_failures.push(RowFailure { row: id, error: failure.message });
+                        settlement.outage_failures.push(RowFailure { row: id, key, error: failure.message });
                     } else {
-                        report_row_failure(&id.id, failure.reason, &failure.message);
-                        settlement.row_failures.push(RowFailure { row: id, error: failure.message });
+                        self.failure_reports.report(&id.id, failure.reason, &failure.message);
+                        settlement.row_failures.push(RowFailure { row: id, key, error: failure.message });
                     }
                 }
                 Outcome::Deferred => {}
@@ -857,20 +874,34 @@ impl Relay {
             for acked in &settlement.acked {
                 self.metrics.published.with_label_values(&[&acked.topic]).inc();
             }
+            self.failure_reports.forget(settlement.acked.iter().map(|acked| acked.row.id.as_str()));
         }
         let given_up = outbox.record_failures(&settlement.row_failures, &settlement.outage_failures).await?;
         let row_retries = settlement.row_failures.len().saturating_sub(given_up.len());
         self.metrics.retries.with_label_values(&["row"]).inc_by(row_retries as u64);
         self.metrics.retries.with_label_values(&["outage"]).inc_by(settlement.outage_failures.len() as u64);
-        for id in given_up {
-            let error = settlement.row_failures.iter().find(|f| f.row.id == id).map(|f| f.error.as_str()).unwrap_or("");
+        for id in &given_up {
+            let failure = settlement.row_failures.iter().find(|f| f.row.id == *id);
+            let error = failure.map(|f| f.error.as_str()).unwrap_or("");
             warn!(
                 row = %id,
                 error,
                 attempts = self.config.relay.max_attempts,
                 "giving up on a row: marked failed; `outbox-relay retry` re-queues it"
             );
+            if let (OnPoison::Skip, Some(key)) = (self.config.relay.on_poison, failure.and_then(|f| f.key.as_ref())) {
+                // Its key's later rows go ahead without it now: should it ever be published, it
+                // comes after them.
+                self.metrics.key_order_breaks.inc();
+                error!(
+                    row = %id,
+                    key = %key,
+                    "relay.on_poison = \"skip\": the key's later rows are published without this row, so the key's order \
+                     on the topic is broken (see outbox_relay_key_order_breaks_total in the README)"
+                );
+            }
         }
+        self.failure_reports.forget(given_up.iter().map(String::as_str));
         debug!(
             published = settlement.acked.len(),
             failed = settlement.row_failures.len() + settlement.outage_failures.len(),
@@ -926,35 +957,6 @@ fn millis(elapsed: Duration) -> f64 {
 /// How long a batch waits for its acknowledgements before the relay says so, and how often it
 /// says so again: long enough that a leader election passes unremarked.
 const ACKNOWLEDGEMENT_WAIT_WARNING: Duration = Duration::from_secs(15);
-
-/// Says at once, at error level, that a row failed for a reason of its own (which waiting does
-/// not fix), and what fixes it: the relay keeps retrying it with a growing backoff, and an
-/// operator should not learn of it only when it is given up on minutes later.
-fn report_row_failure(id: &str, reason: &str, error: &str) {
-    error!(
-        row = %id,
-        reason,
-        error,
-        "a row failed with an error of its own: {}; it is retried after a backoff until relay.max_attempts, and once \
-         the cause is fixed `outbox-relay retry --id {id}` tries it again at once",
-        row_failure_fix(reason)
-    );
-}
-
-/// What fixes a row failure of kind `reason` (a label of `publisher::ERROR_REASONS`).
-fn row_failure_fix(reason: &str) -> &'static str {
-    match reason {
-        "unknown_topic" => "create its topic (the relay never creates topics) or correct the row's topic",
-        "message_too_large" => {
-            "the record alone is over a size limit (the error names it): make the row smaller, or raise the topic's \
-             max.message.bytes and kafka.properties.message.max.bytes past it"
-        }
-        "not_authorized" => "grant the relay's Kafka principal WRITE on the topic",
-        "invalid_record" => "correct the row: the broker refused the record as invalid",
-        "invalid_row" => "correct the row: it cannot become a Kafka record (the error says which column)",
-        _ => "see the error",
-    }
-}
 
 /// Warnings about a table layout that weakens a guarantee.
 fn warn_about_layout(outbox: &Outbox) {

@@ -63,7 +63,7 @@ async fn a_row_too_large_and_a_row_for_a_missing_topic_fail_and_park_only_their_
     let errors: Vec<(String, i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     assert_eq!(errors[0].0, "A");
     assert_eq!(errors[0].1, 3, "retried up to relay.max_attempts");
-    assert!(errors[0].2.contains("MessageSizeTooLarge"), "{}", errors[0].2);
+    assert!(errors[0].2.contains("over topic") && errors[0].2.contains("max.message.bytes"), "{}", errors[0].2);
     assert_eq!(errors[1].0, "B");
     assert!(errors[1].2.contains("does not exist"), "{}", errors[1].2);
     assert!(relay.metrics.publish_errors.with_label_values(&["message_too_large"]).get() >= 3);
@@ -336,4 +336,46 @@ async fn a_row_that_cannot_succeed_is_reported_at_its_first_failure_and_retry_pu
     .await;
     consume(&env.brokers, &missing, 1).await;
     drop(relay);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_row_is_reported_once_and_giving_up_on_it_under_skip_counts_an_order_break() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    insert_events(
+        &db,
+        &[NewEvent::keyed(&missing, "K", 1), NewEvent::keyed(&topic, "K", 2), NewEvent::keyed(&topic, "L", 1)],
+    )
+    .await;
+    let mut config = env.poison_config(4);
+    config.relay.on_poison = OnPoison::Skip;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    config.metrics.listen = metrics.clone();
+    let relay = spawn_relay_process(&env, &config);
+
+    wait_until(PATIENCE, "K's later row published once its failed row is given up on", || async {
+        failed_count(&db).await == 1 && published_keys(&db).await.contains(&"K:2".to_owned())
+    })
+    .await;
+    let attempts: i32 = db
+        .query_one("SELECT attempts FROM outbox WHERE key = 'K' AND failed_at IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 4);
+    let log = relay.log();
+    assert_eq!(
+        log.matches("a row failed with an error of its own").count(),
+        1,
+        "one error line for one failure, not one per attempt:\n{log}"
+    );
+    let breaks = sample(&scrape(&metrics).await, "outbox_relay_key_order_breaks_total");
+    assert_eq!(breaks, Some(1.0), "K's row 2 went out without row 1: counted");
+    assert!(
+        log.contains("relay.on_poison = \"skip\": the key's later rows are published without this row"),
+        "{log}"
+    );
 }
