@@ -8,12 +8,12 @@
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -31,8 +31,18 @@ const CLOCK_SKEW_ALLOWANCE_MS: i64 = 5 * 60 * 1000;
 const POLL_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How long the topic may stay silent before a partition that never reported its end counts
-/// as unreadable.
+/// as unreadable. Transient errors (a broker down, a leader moving) do not count as progress:
+/// they are retried until this limit.
 const READ_STALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long offsets_for_times may take, retries of transient errors included.
+const OFFSET_LOOKUP_LIMIT: Duration = Duration::from_secs(30);
+
+/// The pause between two attempts of a request that failed with a transient error.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// The shortest wait given to one attempt of a request, however little of its time is left.
+const MIN_ATTEMPT: Duration = Duration::from_millis(200);
 
 /// A failure that kept `audit` from producing a report.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +78,16 @@ pub enum AuditError {
     #[error("{0}")]
     InvalidRange(String),
     /// The topic stopped answering before its end was reached.
-    #[error("reading topic {0}: no progress for {READ_STALL_LIMIT:?} before the end of every partition was reached")]
-    Stalled(String),
+    #[error(
+        "reading topic {topic}: no progress for {READ_STALL_LIMIT:?} before the end of every partition was reached{}",
+        last_error.as_ref().map(|e| format!(" (last error: {e})")).unwrap_or_default()
+    )]
+    Stalled {
+        /// The topic.
+        topic: String,
+        /// The last transient error retried, if any.
+        last_error: Option<KafkaError>,
+    },
 }
 
 /// Ids of one kind of finding: how many, and the first few.
@@ -403,11 +421,8 @@ fn read_topic(
         .create_with_context(QuietContext)
         .map_err(kafka)?;
     let waited = config.kafka.startup_timeout;
-    let metadata = consumer.fetch_metadata(Some(topic), waited).map_err(|source| AuditError::Unreachable {
-        brokers: config.kafka.brokers.clone(),
-        waited,
-        source,
-    })?;
+    let metadata = retrying(waited, |left| consumer.fetch_metadata(Some(topic), left))
+        .map_err(|source| AuditError::Unreachable { brokers: config.kafka.brokers.clone(), waited, source })?;
     let partitions = match metadata.topics().iter().find(|t| t.name() == topic) {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len() as i32,
         _ => return Err(AuditError::UnknownTopic(topic.to_owned())),
@@ -421,7 +436,8 @@ fn read_topic(
         assignment.add_partition_offset(topic, partition, offset).map_err(kafka)?;
     }
     if start_ms.is_some() {
-        assignment = consumer.offsets_for_times(assignment, Duration::from_secs(30)).map_err(kafka)?;
+        assignment = retrying(OFFSET_LOOKUP_LIMIT, |left| consumer.offsets_for_times(assignment.clone(), left))
+            .map_err(kafka)?;
     }
     consumer.assign(&assignment).map_err(kafka)?;
 
@@ -429,11 +445,12 @@ fn read_topic(
         (0..partitions).map(|partition| PartitionSpan { partition, ..PartitionSpan::default() }).collect();
     let mut ended = vec![false; partitions as usize];
     let mut records = 0u64;
-    let mut last_progress = std::time::Instant::now();
+    let mut last_progress = Instant::now();
+    let mut last_error = None;
     while ended.iter().any(|e| !e) {
         match consumer.poll(POLL_TIMEOUT) {
             Some(Ok(message)) => {
-                last_progress = std::time::Instant::now();
+                last_progress = Instant::now();
                 records += 1;
                 let span = &mut spans[message.partition() as usize];
                 span.first_offset.get_or_insert(message.offset());
@@ -455,19 +472,72 @@ fn read_topic(
                 }
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => {
-                last_progress = std::time::Instant::now();
+                last_progress = Instant::now();
                 if let Some(ended) = ended.get_mut(partition as usize) {
                     *ended = true;
                 }
             }
-            Some(Err(e)) => return Err(kafka(e)),
-            None if last_progress.elapsed() > READ_STALL_LIMIT => {
-                return Err(AuditError::Stalled(topic.to_owned()));
+            // librdkafka reconnects and finds the new leaders itself; the stall limit bounds
+            // how long that may take.
+            Some(Err(e)) if is_transient(&e) => {
+                tracing::debug!(topic, error = %e, "transient error while reading the topic; retrying");
+                last_error = Some(e);
             }
+            Some(Err(e)) => return Err(kafka(e)),
             None => {}
+        }
+        if last_progress.elapsed() > READ_STALL_LIMIT {
+            return Err(AuditError::Stalled { topic: topic.to_owned(), last_error });
         }
     }
     Ok(TopicRead { records, partitions: spans, seen })
+}
+
+/// Whether a Kafka error may go away by itself while a request is repeated: a broker down or
+/// unreachable for a while, a leader moving, a request timing out. Any other error (a missing
+/// topic, an authorization failure, a fatal error) ends the audit at once.
+fn is_transient(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    if matches!(error, KafkaError::MessageConsumptionFatal(_)) {
+        return false;
+    }
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            BrokerTransportFailure
+                | AllBrokersDown
+                | NotLeaderForPartition
+                | LeaderNotAvailable
+                | PreferredLeaderNotAvailable
+                | RequestTimedOut
+                | OperationTimedOut
+                | TimedOutQueue
+                | NetworkException
+                | BrokerNotAvailable
+                | ReplicaNotAvailable
+                | NotController
+                | KafkaStorageError
+                | FencedLeaderEpoch
+                | UnknownLeaderEpoch
+                | OffsetNotAvailable
+        )
+    )
+}
+
+/// Runs `attempt` (given the time left) until it succeeds, fails with an error that is not
+/// transient, or `within` has passed; then returns its last result.
+fn retrying<T>(within: Duration, mut attempt: impl FnMut(Duration) -> KafkaResult<T>) -> KafkaResult<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match attempt(left.max(MIN_ATTEMPT)) {
+            Err(e) if is_transient(&e) && Instant::now() + RETRY_PAUSE < deadline => {
+                tracing::debug!(error = %e, "transient Kafka error; retrying");
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            result => return result,
+        }
+    }
 }
 
 /// librdkafka's own log lines and errors at debug level only: `audit` reports what went wrong
@@ -509,4 +579,41 @@ fn identity_of<M: Message>(message: &M) -> u64 {
         }
     }
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_errors_are_the_ones_a_retry_may_cure() {
+        assert!(is_transient(&KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure)));
+        assert!(is_transient(&KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown)));
+        assert!(is_transient(&KafkaError::MessageConsumption(RDKafkaErrorCode::NotLeaderForPartition)));
+        assert!(is_transient(&KafkaError::MetadataFetch(RDKafkaErrorCode::RequestTimedOut)));
+        assert!(!is_transient(&KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::AllBrokersDown)));
+        assert!(!is_transient(&KafkaError::MessageConsumption(RDKafkaErrorCode::TopicAuthorizationFailed)));
+        assert!(!is_transient(&KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition)));
+    }
+
+    #[test]
+    fn a_transient_error_is_retried_within_the_time_given_and_a_lasting_one_is_not() {
+        let mut attempts = 0;
+        let result = retrying(Duration::from_secs(5), |_| {
+            attempts += 1;
+            if attempts < 3 {
+                Err(KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure))
+            } else {
+                Ok(attempts)
+            }
+        });
+        assert_eq!(result.ok(), Some(3));
+        let mut attempts = 0;
+        let result: KafkaResult<()> = retrying(Duration::from_secs(5), |_| {
+            attempts += 1;
+            Err(KafkaError::MetadataFetch(RDKafkaErrorCode::TopicAuthorizationFailed))
+        });
+        assert!(result.is_err());
+        assert_eq!(attempts, 1);
+    }
 }

@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use support::*;
 
@@ -248,4 +249,29 @@ async fn with_mark_delete_the_audit_says_what_it_cannot_see() {
     assert!(stdout.contains("among the rows still in the table"), "{stdout}");
     assert!(stdout.contains("neither lost nor duplicated ones can be seen"), "{stdout}");
     assert!(!stdout.contains("result: nothing lost"), "{stdout}");
+}
+
+/// Issue 21: a broker unreachable for a moment made the audit exit 3 at librdkafka's first
+/// transport error. Here the only broker restarts while the audit starts: it refuses
+/// connections until it serves again, and the audit waits for it within its timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_waits_out_a_broker_restarting_under_it() {
+    let mut env = TestEnv::start_with_own_broker().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    relayed(&env, &topic, 10).await;
+    env.broker.as_mut().expect("own broker").stop(1);
+    let mut config = env.config();
+    config.kafka.startup_timeout = Duration::from_secs(90);
+    let path = write_config(&env, &config).to_str().unwrap().to_owned();
+    let audit_topic = topic.clone();
+    let audit = std::thread::spawn(move || {
+        run_command(&["--config", &path, "audit", "--topic", &audit_topic, "--json"], &[("RUST_LOG", "off")])
+    });
+    // The node takes seconds to serve again: the audit meets refused connections meanwhile.
+    env.broker.as_mut().expect("own broker").restart(1);
+    let (code, stdout, stderr) = audit.join().expect("the audit's thread");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(report["published"], 10, "{report:#}");
 }
