@@ -346,6 +346,12 @@ async fn rows_whose_records_retention_removed_are_expired_not_lost() {
     let log_starts: Vec<i64> =
         report["partitions"].as_array().unwrap().iter().map(|p| p["log_start_offset"].as_i64().unwrap()).collect();
     assert_eq!(log_starts.iter().sum::<i64>(), 20, "every record was deleted: {report:#}");
+    // Read from a time on, the audit begins where that time's records would be: gone too.
+    let db = env.client().await;
+    let since = db.query_one("SELECT (now() - interval '1 day')::text", &[]).await.unwrap().get::<_, String>(0);
+    let (code, report) = audit_json(&env, &["--topic", &topic, "--since", &since]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["expired"]["count"], 20, "{report:#}");
 
     let (code, stdout, _) = audit(&env, &["--topic", &topic]);
     assert_eq!(code, 0, "{stdout}");
