@@ -30,7 +30,7 @@
 //! - [`status`]: what a running relay is doing: pending, failed, parked and held-back rows,
 //!   and which relay holds which shard.
 //! - [`check`]: what a table lacks for each guarantee, and the SQL that adds it.
-//! - [`audit`]: reconciles the table with a topic (lost, duplicated, pending, failed rows).
+//! - [`audit`]: reconciles the table with a topic (lost, expired, duplicated, pending, failed rows).
 //! - [`inbox`]: for consumers: apply each event once, by recording its `event_id` in the same
 //!   transaction as the effect.
 //! - [`telemetry`]: logs (text or JSON) and optional OTLP export of the relay's spans.
