@@ -337,3 +337,47 @@ async fn a_row_that_cannot_succeed_is_reported_at_its_first_failure_and_retry_pu
     consume(&env.brokers, &missing, 1).await;
     drop(relay);
 }
+
+/// A btree entry holds at most 2,704 bytes: with 0002's btree index on (key, id), recording the
+/// failure of a row with a 3,200-character key failed ("index row size 3224 exceeds btree
+/// version 4 maximum 2704"), the relay retried recording it forever and no other row went out.
+/// Migration 0005's hash index stores only the key's hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_row_with_a_very_long_key_is_recorded_and_other_keys_flow() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    // 3,200 characters that do not compress (PostgreSQL compresses a long index entry first,
+    // and "kkk..." would fit): hex digits of a pseudo-random sequence.
+    let long_key: String = (1..=200u64)
+        .map(|i| {
+            let mut z = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            format!("{:016x}", z ^ (z >> 27))
+        })
+        .collect();
+    assert_eq!(long_key.len(), 3200);
+    let mut events = vec![NewEvent::keyed(&missing, &long_key, 0)];
+    events.extend((1..=50).map(|n| NewEvent::keyed(&topic, &format!("other-{n}"), n)));
+    insert_events(&db, &events).await;
+
+    let relay = env.spawn_relay(env.poison_config(100));
+    wait_until(PATIENCE, "the long key's failure to be recorded and the 50 other rows published", || async {
+        let row = db
+            .query_one("SELECT attempts, last_error FROM outbox WHERE key = $1 AND published_at IS NULL", &[&long_key])
+            .await
+            .unwrap();
+        let recorded = row.get::<_, i32>(0) > 0 && row.get::<_, Option<String>>(1).is_some();
+        recorded && unpublished_count(&db).await == 1
+    })
+    .await;
+    let error: String =
+        db.query_one("SELECT last_error FROM outbox WHERE key = $1", &[&long_key]).await.unwrap().get(0);
+    assert!(error.contains(&missing) || error.to_lowercase().contains("topic"), "the row's own error: {error}");
+    let records = read_topic(&env.brokers, &topic).await;
+    assert_eq!(records.len(), 50, "every other row published once");
+    assert!(!relay.is_finished());
+    relay.stop().await.expect("clean stop");
+}
