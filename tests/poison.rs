@@ -90,7 +90,7 @@ async fn a_row_too_large_and_a_row_for_a_missing_topic_fail_and_park_only_their_
     create_topic(&env.brokers, &missing, 1).await;
     let (code, stdout, stderr) = command(&env, &config, &["retry", "--key", "B"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("re-queued 1 failed rows"), "{stdout}");
+    assert!(stdout.contains("re-queued 1 row with failed attempts"), "{stdout}");
     wait_until(PATIENCE, "key B to flow after the retry", || async {
         published_keys(&db).await == ["B:1", "B:2", "C:1", "C:2"]
     })
@@ -169,9 +169,17 @@ async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     .unwrap();
     let config = env.config();
     let (code, stdout, _) = command(&env, &config, &["retry", "--id", "1,2"]);
-    assert_eq!((code, stdout.trim()), (0, "re-queued 2 failed rows"));
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "re-queued 2 rows with failed attempts",
+            "row 1: given up on after 3 failed attempts; re-queued",
+            "row 2: given up on after 3 failed attempts; re-queued"
+        ]
+    );
     let (_, stdout, _) = command(&env, &config, &["retry", "--all"]);
-    assert_eq!(stdout.trim(), "re-queued 2 failed rows");
+    assert_eq!(stdout.trim(), "re-queued 2 rows with failed attempts");
     let row = db.query_one("SELECT count(*), max(attempts) FROM outbox WHERE failed_at IS NULL", &[]).await.unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i32>(1)), (5, 0), "attempts reset, failed_at cleared");
     let (code, _, stderr) = command(&env, &config, &["retry"]);
@@ -182,7 +190,7 @@ async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("not ids of table outbox") && stderr.contains("bigint"), "{stderr}");
     let (code, stdout, stderr) = command(&env, &config, &["retry", "--id", "5,999"]);
-    assert_eq!((code, stdout.trim()), (1, "re-queued 0 failed rows"), "{stderr}");
+    assert_eq!((code, stdout.trim()), (1, "re-queued 0 rows with failed attempts"), "{stderr}");
     assert!(stderr.contains("row 5: pending, never failed") && stderr.contains("row 999: no such row"), "{stderr}");
 
     // A row waiting out its retry backoff is re-queued too, so it is tried at once.
@@ -192,7 +200,7 @@ async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     .await
     .unwrap();
     let (code, stdout, _) = command(&env, &config, &["retry", "--key", "pending"]);
-    assert_eq!((code, stdout.trim()), (0, "re-queued 1 failed rows"));
+    assert_eq!((code, stdout.trim()), (0, "re-queued 1 row with failed attempts"), "not called failed: it was failing");
     let backoff: Option<std::time::SystemTime> =
         db.query_one("SELECT last_attempt_at FROM outbox WHERE key = 'pending'", &[]).await.unwrap().get(0);
     assert_eq!(backoff, None, "its backoff is over");
@@ -336,6 +344,44 @@ async fn a_row_that_cannot_succeed_is_reported_at_its_first_failure_and_retry_pu
     .await;
     consume(&env.brokers, &missing, 1).await;
     drop(relay);
+}
+
+/// A row the relay is still retrying (failing, not given up on) is named as such, and asking to
+/// retry a row that is already published (the relay's own retry came first) is success with a
+/// note: the operator's goal, the row published, is met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_by_id_of_a_published_row_is_success_and_a_failing_row_is_not_called_failed() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "INSERT INTO outbox (topic, key, payload, published_at) VALUES ('t', 'done', '{}', now()); \
+         INSERT INTO outbox (topic, key, payload, attempts, last_error, last_attempt_at) \
+         VALUES ('t', 'failing', '{}', 2, 'boom', now())",
+    )
+    .await
+    .unwrap();
+    let config = env.config();
+
+    let (code, stdout, stderr) = command(&env, &config, &["retry", "--id", "1"]);
+    assert_eq!(code, 0, "already published is the goal met: {stdout}{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["re-queued 0 rows with failed attempts", "row 1: already published; nothing to do"]
+    );
+    assert!(stderr.is_empty(), "{stderr}");
+
+    let (code, stdout, stderr) = command(&env, &config, &["retry", "--id", "2,1"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "re-queued 1 row with failed attempts",
+            "row 2: failing (2 failed attempts, waiting out a backoff); re-queued",
+            "row 1: already published; nothing to do"
+        ]
+    );
+    assert!(!stdout.contains("failed rows") && !stdout.contains("given up"), "it was not given up on: {stdout}");
 }
 
 /// A btree entry holds at most 2,704 bytes: with 0002's btree index on (key, id), recording the
