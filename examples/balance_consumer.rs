@@ -10,6 +10,11 @@
 //! ```
 //! `--stop-at-end` exits once every partition assigned to it has been read to its end. Several
 //! instances may run at once in one group; each applies the events of its own partitions.
+//!
+//! An event whose payload is not a deposit (bad JSON, a missing field, a tombstone) cannot be
+//! applied however often it is read again: exiting on it would crash-loop the consumer on that
+//! one record. It is parked instead, in table `parked_events` with its event id, position and
+//! why, in the same transaction that records it as handled, and logged; the consumer goes on.
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -24,16 +29,45 @@ struct Deposit {
     amount: i64,
 }
 
-/// The effect: add the deposit to the account. Not idempotent on purpose.
-async fn apply(tx: &Transaction<'_>, event: &Event<'_>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let deposit: Deposit = serde_json::from_slice(event.payload.unwrap_or(b"null"))?;
+/// What became of one new event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Its deposit was added.
+    Applied,
+    /// Its payload is not a deposit; it was parked.
+    Parked,
+}
+
+/// The effect: add the deposit to the account. Not idempotent on purpose. A payload that is not
+/// a deposit is parked, not an error: an error rolls back and the same record comes again.
+async fn apply(tx: &Transaction<'_>, event: &Event<'_>) -> Result<Outcome, Box<dyn std::error::Error + Send + Sync>> {
+    let deposit = match event.payload {
+        None => Err("no payload (a tombstone)".to_owned()),
+        Some(payload) => serde_json::from_slice::<Deposit>(payload).map_err(|e| format!("not a deposit: {e}")),
+    };
+    let deposit = match deposit {
+        Ok(deposit) => deposit,
+        Err(why) => {
+            tx.execute(
+                "INSERT INTO parked_events (event_id, topic, partition, \"offset\", error, payload) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&event.event_id, &event.topic, &event.partition, &event.offset, &why, &event.payload],
+            )
+            .await?;
+            eprintln!(
+                "parked event {} ({}[{}]@{}): {why}; see table parked_events",
+                event.event_id, event.topic, event.partition, event.offset
+            );
+            return Ok(Outcome::Parked);
+        }
+    };
     tx.execute(
         "INSERT INTO accounts (account, balance) VALUES ($1, $2) \
          ON CONFLICT (account) DO UPDATE SET balance = accounts.balance + EXCLUDED.balance",
         &[&deposit.account, &deposit.amount],
     )
     .await?;
-    Ok(())
+    Ok(Outcome::Applied)
 }
 
 #[tokio::main]
@@ -53,7 +87,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Inbox::create_table(&mut db).await?;
     let tx = db.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext('balance-consumer-ddl'))", &[]).await?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS accounts (account text PRIMARY KEY, balance bigint NOT NULL)").await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS accounts (account text PRIMARY KEY, balance bigint NOT NULL); \
+         CREATE TABLE IF NOT EXISTS parked_events (event_id text PRIMARY KEY, topic text NOT NULL, \
+             partition int NOT NULL, \"offset\" bigint NOT NULL, error text NOT NULL, payload bytea, \
+             parked_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
     tx.commit().await?;
 
     // What the inbox needs (offsets committed only after their effect), plus end-of-partition
@@ -65,7 +105,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     consumer.subscribe(&[topic.as_str()])?;
     let inbox = Inbox::new(group);
 
-    let (mut applied, mut duplicates) = (0u64, 0u64);
+    let (mut applied, mut duplicates, mut parked) = (0u64, 0u64, 0u64);
     // Partitions read to their end since their last message. A rebalance can take some away
     // and hand over others, so the end is reached only when every partition assigned now is here.
     let mut ended = std::collections::HashSet::new();
@@ -83,7 +123,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Err(e) => return Err(e.into()),
         };
         ended.remove(&message.partition());
-        match inbox.handle(&mut db, &consumer, &message, apply).await {
+        let mut outcome = Outcome::Applied;
+        let handled = inbox
+            .handle(&mut db, &consumer, &message, async |tx, event| {
+                outcome = apply(tx, event).await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+            .await;
+        match handled {
+            Ok(Handled::Applied) if outcome == Outcome::Parked => parked += 1,
             Ok(Handled::Applied) => applied += 1,
             Ok(Handled::Duplicate) => duplicates += 1,
             // Not from the relay: nothing to deduplicate on. This consumer skips such records;
@@ -100,6 +148,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) | Ok(()) => {}
         Err(e) => return Err(e.into()),
     }
-    println!("applied {applied} events, skipped {duplicates} duplicates");
+    println!("applied {applied} events, skipped {duplicates} duplicates, parked {parked} bad payloads");
     Ok(())
 }

@@ -3,15 +3,20 @@
 # node (scripts/kafka.sh) on free loopback ports, migrates the outbox table, inserts sample
 # events, relays them to Kafka, shows them consumed, then an operator's loop (a poison row,
 # `status`, the fix, `retry`, `audit`), and stops everything again. The relay's log
-# is kept at the path printed at the end.
+# is kept at the path printed at the end. Each step waits for the condition it shows (a row
+# published, a failure reported) and fails, saying which, if it does not come in time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/install-deps.sh
-cargo build --quiet --bin outbox-relay --example tail --example create_topic
-relay_bin=target/debug/outbox-relay
-tail_bin=target/debug/examples/tail
-create_topic_bin=target/debug/examples/create_topic
+# Only what the demo runs: no JDK, no test runner.
+scripts/install-deps.sh demo
+# The first build compiles the relay and librdkafka: minutes, with cargo's progress shown.
+printf '==> %s\n' "compiling the relay and two small examples (the first time takes a few minutes)"
+cargo build --bin outbox-relay --example tail --example create_topic
+target_dir=${CARGO_TARGET_DIR:-target}
+relay_bin=$target_dir/debug/outbox-relay
+tail_bin=$target_dir/debug/examples/tail
+create_topic_bin=$target_dir/debug/examples/create_topic
 pg_bindir=$(pg_config --bindir 2>/dev/null || true)
 if [ ! -x "$pg_bindir/postgres" ]; then
     pg_bindir=$(dirname "$(ls -d /usr/lib/postgresql/*/bin/postgres | sort -V | tail -1)")
@@ -55,12 +60,24 @@ export OUTBOX_RELAY_KAFKA__BROKERS="$brokers"
 export OUTBOX_RELAY_METRICS__LISTEN="127.0.0.1:$metrics_port"
 export OUTBOX_RELAY_RELAY__STATS_INTERVAL=1s
 psql_demo() { psql -X -q -v ON_ERROR_STOP=1 "$OUTBOX_RELAY_DATABASE__URL" "$@"; }
-# Waits up to 30 s for every row to be published.
-wait_until_published() {
-    for _ in $(seq 300); do
-        [ "$(psql_demo -At -c "SELECT count(*) FROM outbox WHERE published_at IS NULL")" -eq 0 ] && return
+# wait_for WHAT SECONDS COMMAND...: runs COMMAND every 0.1 s until it succeeds; after SECONDS,
+# stops the demo saying what did not happen.
+wait_for() {
+    local what=$1 seconds=$2
+    shift 2
+    for _ in $(seq $((seconds * 10))); do
+        "$@" >/dev/null 2>&1 && return
         sleep 0.1
     done
+    echo "demo: gave up after ${seconds}s waiting for $what (the relay's log: $work/relay.log)" >&2
+    exit 1
+}
+all_published() { [ "$(psql_demo -At -c "SELECT count(*) FROM outbox WHERE published_at IS NULL")" -eq 0 ]; }
+metric_is() { curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -q "^$1 $2\$"; }
+failing_reported() {
+    local failing
+    failing=$(curl -s "http://127.0.0.1:$metrics_port/metrics" | sed -n 's/^outbox_relay_failing_rows //p')
+    [ "${failing:-0}" != "0" ] && grep -q "a row failed with an error of its own" "$work/relay.log"
 }
 
 say "outbox-relay migrate"
@@ -87,26 +104,19 @@ SQL
 say "outbox-relay run"
 "$relay_bin" run >"$work/relay.log" 2>&1 &
 relay_pid=$!
-wait_until_published
+wait_for "every row to be published" 60 all_published
 psql_demo -c "SELECT id, key, event_id, published_at FROM outbox ORDER BY id"
 
 say "consumed from Kafka (topic orders): one partition per key, in order, with the event_id header"
 timeout 60 "$tail_bin" "$brokers" orders 6
 
 say "a few of the relay's metrics (http://127.0.0.1:$metrics_port/metrics)"
-for _ in $(seq 50); do
-    curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -q '^outbox_relay_pending_rows 0$' && break
-    sleep 0.1
-done
+wait_for "the pending-rows gauge to reach 0" 30 metric_is outbox_relay_pending_rows 0
 curl -s "http://127.0.0.1:$metrics_port/metrics" | grep -E '^outbox_relay_(published_total|pending_rows|oldest_pending_age_seconds|batch_duration_seconds_count)'
 
 say "the operator's loop: an event for a topic nobody created (a poison row)"
 poison_id=$(psql_demo -At -c "INSERT INTO outbox (topic, key, payload) VALUES ('payments', 'order-1', '{\"type\": \"PaymentCaptured\"}') RETURNING id")
-for _ in $(seq 300); do
-    failing=$(curl -s "http://127.0.0.1:$metrics_port/metrics" | sed -n 's/^outbox_relay_failing_rows //p')
-    [ "${failing:-0}" != "0" ] && break
-    sleep 0.1
-done
+wait_for "the relay to report the poison row" 60 failing_reported
 echo "the relay reported it at its first failure (its log):"
 grep "a row failed with an error of its own" "$work/relay.log" | tail -n 1 | cut -c1-400
 echo "/readyz: $(curl -s "http://127.0.0.1:$metrics_port/readyz")"
@@ -116,8 +126,9 @@ say "outbox-relay status"
 
 say "the fix: create the topic, then outbox-relay retry --id $poison_id (no need to wait out the backoff)"
 "$create_topic_bin" "$brokers" payments 1
+# The relay may have retried the row on its own by now: retry then says it is already published.
 "$relay_bin" retry --id "$poison_id"
-wait_until_published
+wait_for "row $poison_id to be published" 60 all_published
 psql_demo -c "SELECT id, topic, key, attempts, published_at FROM outbox WHERE id = $poison_id"
 
 say "outbox-relay audit --topic orders: the table against what the topic holds"

@@ -3,6 +3,8 @@
 #
 #   scripts/kafka.sh fetch                  resolve the pinned Kafka and its runtime jars into the
 #                                           cache once (Maven); prints the directory of jars
+#   scripts/kafka.sh cached                 exit 0 (printing the directory) if they are cached,
+#                                           1 if fetch still has work to do
 #   scripts/kafka.sh prepare DIR [opts]     write each node's configuration and format its storage
 #   scripts/kafka.sh run DIR I              run node I in the foreground (exec: the caller's
 #                                           process becomes the JVM, so signals reach it)
@@ -274,11 +276,12 @@ command=${1:-}
 [ $# -gt 0 ] && shift
 case "$command" in
     fetch) fetch ;;
+    cached) [ -f "$LIB/.complete" ] && printf '%s\n' "$LIB" ;;
     prepare) [ $# -ge 1 ] || die "usage: kafka.sh prepare DIR [--nodes N] [--ports P,C,...] [--set K=V]"; prepare "$@" ;;
     run) [ $# -eq 2 ] || die "usage: kafka.sh run DIR NODE"; run "$@" ;;
     start) [ $# -ge 1 ] || die "usage: kafka.sh start DIR [--nodes N] [--ports P,C,...] [--set K=V]"; start "$@" ;;
     stop) [ $# -ge 1 ] || die "usage: kafka.sh stop DIR [NODE]"; stop "$@" ;;
     kill) [ $# -eq 2 ] || die "usage: kafka.sh kill DIR NODE"; signal_node KILL "$1" "$2" ;;
     restart) [ $# -eq 2 ] || die "usage: kafka.sh restart DIR NODE"; start_node "$(cd "$1" && pwd)" "$2"; wait_serving "$(cd "$1" && pwd)" "$2" ;;
-    *) sed -n '2,27s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,29s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
 esac

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite against a real PostgreSQL and Apache Kafka on free loopback ports.
-# It first installs what this machine lacks (scripts/install-deps.sh), then starts one Kafka
+# It first installs what this machine lacks (scripts/install-deps.sh test), then starts one Kafka
 # node that the tests share (tests that stop or freeze a broker, or need a three-node cluster,
 # start their own) and stops it at the end.
 # Extra arguments go to cargo nextest (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh test
 # The inbox test runs the example consumer binary, which `nextest --all-targets` does not link.
 cargo build --examples
 

@@ -100,13 +100,61 @@ pub async fn check(config: &Config) -> Result<CheckReport, OutboxError> {
         .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
     let outbox = Outbox::connect(config, &mapping).await?;
     let catalog = outbox.catalog().await?;
+    let storage = Storage::read(config, &mapping).await?;
     let retention = config.retention.delete_published_after.is_some();
     let missing_privileges = match outbox.check_privileges(&mapping.privileges_needed(retention)).await {
         Ok(()) => Vec::new(),
         Err(OutboxError::MissingPrivileges { missing, .. }) => missing,
         Err(e) => return Err(e),
     };
-    Ok(assess(outbox.layout(), outbox.order_column(), &catalog, &missing_privileges))
+    Ok(assess(outbox.layout(), outbox.order_column(), &catalog, &storage, &missing_privileges))
+}
+
+/// How the table is stored, beyond its columns and indexes: what decides which statements
+/// PostgreSQL accepts on it (`CONCURRENTLY` and `UNIQUE` are refused on a partitioned table
+/// in the forms a plain table takes) and which indexes cannot overflow on a long key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Storage {
+    /// The table is partitioned (`PARTITION BY`): indexes are created on the parent without
+    /// `CONCURRENTLY`, and a unique index must include every partition key column.
+    pub partitioned: bool,
+    /// The columns of the partition key, in order (expressions left out).
+    pub partition_columns: Vec<String>,
+    /// The names of the table's hash indexes: they store a key's hash, so no key is too long
+    /// for them.
+    pub hash_indexes: Vec<String>,
+}
+
+/// `$1` the table (quoted name): partitioned?, its partition key's columns, its hash indexes.
+const STORAGE_SQL: &str = "SELECT c.relkind = 'p', \
+     array(SELECT a.attname::text FROM pg_partitioned_table AS p \
+           CROSS JOIN LATERAL unnest(p.partattrs::int2[]) WITH ORDINALITY AS k(attnum, n) \
+           JOIN pg_attribute AS a ON a.attrelid = p.partrelid AND a.attnum = k.attnum \
+           WHERE p.partrelid = c.oid ORDER BY k.n), \
+     array(SELECT ic.relname::text FROM pg_index AS i JOIN pg_class AS ic ON ic.oid = i.indexrelid \
+           JOIN pg_am AS am ON am.oid = ic.relam WHERE i.indrelid = c.oid AND am.amname = 'hash' ORDER BY 1) \
+     FROM pg_class AS c WHERE c.oid = to_regclass($1)";
+
+impl Storage {
+    /// Reads how the mapped table is stored; a table that is not there is a plain one with no
+    /// hash index (connecting has already refused a missing table).
+    pub async fn read(config: &Config, mapping: &Mapping) -> Result<Storage, OutboxError> {
+        let what = "read how the table is stored";
+        let client = crate::outbox::connect_client(config).await?;
+        let row = client
+            .query_opt(STORAGE_SQL, &[&mapping.table_sql()])
+            .await
+            .map_err(|source| OutboxError::Query { what, source })?;
+        let Some(row) = row else { return Ok(Storage::default()) };
+        let decode = || -> Result<Storage, tokio_postgres::Error> {
+            Ok(Storage {
+                partitioned: row.try_get(0)?,
+                partition_columns: row.try_get(1)?,
+                hash_indexes: row.try_get(2)?,
+            })
+        };
+        decode().map_err(|source| OutboxError::Query { what, source })
+    }
 }
 
 /// The report for a table whose catalog has been read: every judgement is made here, from
@@ -115,9 +163,10 @@ pub fn assess(
     layout: &Layout,
     order_column: &OrderColumn,
     catalog: &TableCatalog,
+    storage: &Storage,
     missing_privileges: &[Privilege],
 ) -> CheckReport {
-    let table = Table { layout, catalog };
+    let table = Table { layout, catalog, storage };
     CheckReport {
         table: layout.mapping.table_name(),
         items: vec![
@@ -137,6 +186,7 @@ pub fn assess(
 struct Table<'a> {
     layout: &'a Layout,
     catalog: &'a TableCatalog,
+    storage: &'a Storage,
 }
 
 /// A bookkeeping column the relay can use, with the standard table's name and type.
@@ -200,14 +250,54 @@ impl Table<'_> {
         self.column(column.as_str()).map_or_else(|| column.to_string(), |c| c.quoted.clone())
     }
 
-    /// An index name for this table: `<table>_<suffix>`, within PostgreSQL's 63 bytes.
+    /// `CREATE [UNIQUE] INDEX [CONCURRENTLY] name ON table`: concurrently (writers go on while
+    /// it is built) where PostgreSQL allows it, which is not on a partitioned table.
+    fn create_index(&self, unique: bool, name: &str) -> String {
+        format!(
+            "CREATE {}INDEX {}{} ON {}",
+            if unique { "UNIQUE " } else { "" },
+            if self.storage.partitioned { "" } else { "CONCURRENTLY " },
+            quote(name),
+            self.mapping().table_sql()
+        )
+    }
+
+    /// Whether an index holds every row a query with the conditions `wanted` reads: its
+    /// predicate, if any, says nothing the query does not say too.
+    fn covers(&self, index: &TableIndex, wanted: &[&str]) -> bool {
+        predicate_within(index.predicate.as_deref(), wanted)
+    }
+
+    /// What to say about building indexes on a partitioned table, whose statements cannot run
+    /// `CONCURRENTLY`.
+    fn partitioned_note(&self) -> &'static str {
+        if self.storage.partitioned {
+            "; the table is partitioned, so PostgreSQL builds the index on every partition and \
+             refuses CONCURRENTLY: on a busy table, create it ON ONLY the table, then CONCURRENTLY on \
+             each partition, and ALTER INDEX ... ATTACH PARTITION each one"
+        } else {
+            ""
+        }
+    }
+
+    /// An index of this table by name (as stored), quoted and in the table's schema.
+    fn qualified_index(&self, name: &str) -> String {
+        let quoted = quote(name);
+        match self.mapping().table.as_slice() {
+            [schema, _] => format!("{schema}.{quoted}"),
+            _ => quoted,
+        }
+    }
+
+    /// An index name for this table: `<table>_<suffix>`, within PostgreSQL's 63 bytes, as
+    /// stored (unquoted).
     fn index_name(&self, suffix: &str) -> String {
         let table = self.mapping().table.last().map_or("outbox", |t| t.as_str());
         let mut name = format!("{table}_{suffix}");
         while name.len() > 63 {
             name.pop();
         }
-        Identifier::parse(&name).map_or(name.clone(), |i| i.to_string())
+        name
     }
 
     /// A column to add for `standard`: its configured name is missing from the mapping, so
@@ -374,9 +464,7 @@ impl Table<'_> {
         let leads_with_order =
             |index: &&TableIndex| index.valid && index.columns.first().and_then(|c| c.as_deref()) == Some(order);
         let partial = self.catalog.indexes.iter().filter(leads_with_order).find(|index| match &unpublished {
-            Some(condition) => {
-                predicate_within(index.predicate.as_deref(), &[condition.as_str()]) && index.predicate.is_some()
-            }
+            Some(condition) => self.covers(index, &[condition.as_str()]) && index.predicate.is_some(),
             None => index.predicate.is_none(),
         });
         let full = self.catalog.indexes.iter().filter(leads_with_order).find(|index| index.predicate.is_none());
@@ -392,7 +480,8 @@ impl Table<'_> {
             return item;
         }
         item.verdict = Verdict::Lacking;
-        let (name, columns) = (self.index_name("unpublished_idx"), m.order_by.to_string());
+        let create = self.create_index(false, &self.index_name("unpublished_idx"));
+        let columns = m.order_by.to_string();
         match (&unpublished, full) {
             (Some(condition), Some(index)) => {
                 item.detail = format!(
@@ -400,29 +489,27 @@ impl Table<'_> {
                      (the first, then every relay.full_scan_interval) and `status` walk through",
                     index.name
                 );
-                item.sql.push(format!(
-                    "CREATE INDEX CONCURRENTLY {name} ON {} ({columns}) WHERE {condition};",
-                    m.table_sql()
-                ));
+                item.sql.push(format!("{create} ({columns}) WHERE {condition};"));
             }
             (Some(condition), None) => {
                 item.detail =
                     format!("no index on column \"{order}\" for unpublished rows: every claim sorts the whole table");
-                item.sql.push(format!(
-                    "CREATE INDEX CONCURRENTLY {name} ON {} ({columns}) WHERE {condition};",
-                    m.table_sql()
-                ));
+                item.sql.push(format!("{create} ({columns}) WHERE {condition};"));
             }
             (None, _) => {
                 item.detail = format!("no index on column \"{order}\": every claim sorts the whole table");
-                item.sql.push(format!("CREATE INDEX CONCURRENTLY {name} ON {} ({columns});", m.table_sql()));
+                item.sql.push(format!("{create} ({columns});"));
             }
         }
+        item.detail.push_str(self.partitioned_note());
         item
     }
 
     /// The index the claim looks up, for each row it takes, an earlier row of the row's key
-    /// that failed and holds the key back: (key, order), partial on rows with failed attempts.
+    /// that failed and holds the key back: a hash index on the key, partial on rows with failed
+    /// attempts. A btree on (key, order) answers the lookup too, but a key longer than a btree
+    /// entry may be (2,704 bytes) makes recording that row's failure an error, and the relay
+    /// cannot record it.
     fn retry_index(&self) -> CheckItem {
         let m = self.mapping();
         let mut item = CheckItem {
@@ -446,33 +533,64 @@ impl Table<'_> {
         let unpublished = m.published_at.as_ref().map(|p| format!("{} IS NULL", self.quoted(p)));
         let mut allowed = vec![failing.as_str()];
         allowed.extend(unpublished.as_deref());
-        let found = self.catalog.indexes.iter().find(|index| {
+        let leads_with_key = |index: &&TableIndex| {
             index.valid
                 && index.columns.first().and_then(|c| c.as_deref()) == Some(key.as_str())
-                && index.columns.get(1).and_then(|c| c.as_deref()) == Some(m.order_by.as_str())
-                && predicate_within(index.predicate.as_deref(), &allowed)
-        });
-        if let Some(index) = found {
-            item.detail = format!("claims look up a key's earlier failing rows in index {}", index.name);
+                && self.covers(index, &allowed)
+        };
+        let is_hash = |index: &&TableIndex| self.storage.hash_indexes.contains(&index.name);
+        let hash = self.catalog.indexes.iter().filter(leads_with_key).find(is_hash);
+        if let Some(index) = hash {
+            item.detail = format!(
+                "claims look up a key's earlier failing rows in hash index {}, which no key is too long for",
+                index.name
+            );
             return item;
         }
+        let btree = self.catalog.indexes.iter().filter(leads_with_key).find(|index| {
+            !is_hash(index) && index.columns.get(1).and_then(|c| c.as_deref()) == Some(m.order_by.as_str())
+        });
         item.verdict = Verdict::Lacking;
-        item.detail = format!(
-            "no index on (\"{}\", \"{}\"): for every row it takes, a claim looks for an earlier failing row of \
-             the row's key by reading the table",
-            key.as_str(),
-            m.order_by.as_str()
-        );
+        let name = self.index_name("retrying_idx");
+        match btree {
+            Some(index) => {
+                item.detail = format!(
+                    "index {} is a btree on (\"{}\", \"{}\"): a failing row whose key is longer than a btree entry \
+                     may be (2,704 bytes) cannot be recorded as failing, and the relay retries recording it while \
+                     other keys wait; a hash index on the key has no such limit",
+                    index.name,
+                    key.as_str(),
+                    m.order_by.as_str()
+                );
+            }
+            None => {
+                item.detail = format!(
+                    "no index on column \"{}\" for failing rows: for every row it takes, a claim looks for an \
+                     earlier failing row of the row's key by reading the table",
+                    key.as_str()
+                );
+            }
+        }
         let condition = match &unpublished {
             Some(unpublished) => format!("{unpublished} AND {failing}"),
             None => failing.clone(),
         };
-        item.sql.push(format!(
-            "CREATE INDEX CONCURRENTLY {} ON {} ({key}, {}) WHERE {condition};",
-            self.index_name("retrying_idx"),
-            m.table_sql(),
-            m.order_by
-        ));
+        let new_name = if btree.is_some_and(|index| index.name == name) {
+            self.index_name("retrying_hash_idx")
+        } else {
+            name.clone()
+        };
+        item.sql.push(format!("{} USING hash ({key}) WHERE {condition};", self.create_index(false, &new_name)));
+        if let Some(index) = btree {
+            let concurrently = if self.storage.partitioned { "" } else { "CONCURRENTLY " };
+            item.sql.push(format!("DROP INDEX {concurrently}{};", self.qualified_index(&index.name)));
+            if new_name != name {
+                // Built beside the old index under another name, it then takes the name
+                // migration 0005 gives it.
+                item.sql.push(format!("ALTER INDEX {} RENAME TO {};", self.qualified_index(&new_name), quote(&name)));
+            }
+        }
+        item.detail.push_str(self.partitioned_note());
         item
     }
 
@@ -488,25 +606,50 @@ impl Table<'_> {
             sql: vec![],
             config: vec![],
         };
-        let unique = self.catalog.indexes.iter().find(|index| {
-            index.valid && index.unique && index.predicate.is_none() && index.columns == [Some(event_id.to_owned())]
-        });
-        match unique {
-            Some(index) => item.detail = format!("column \"{event_id}\" is unique (index {})", index.name),
-            None => {
-                item.verdict = Verdict::Lacking;
-                item.detail = format!(
-                    "column \"{event_id}\" is not unique: two rows with one event id reach consumers as one event, \
-                     and a consumer that skips ids it has seen drops the second"
-                );
-                item.sql.push(format!(
-                    "CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({});",
-                    self.index_name("event_id_key"),
-                    m.table_sql(),
-                    m.event_id
-                ));
-            }
+        let unique = |columns: &[String]| {
+            self.catalog.indexes.iter().find(|index| {
+                index.valid
+                    && index.unique
+                    && index.predicate.is_none()
+                    && index.columns.iter().map(|c| c.as_deref()).eq(columns.iter().map(|c| Some(c.as_str())))
+            })
+        };
+        if let Some(index) = unique(&[event_id.to_owned()]) {
+            item.detail = format!("column \"{event_id}\" is unique (index {})", index.name);
+            return item;
         }
+        // On a partitioned table PostgreSQL accepts a unique index only with every partition
+        // key column in it: the best it can enforce is one event id per partition key value.
+        let with_partition_key: Vec<String> = std::iter::once(event_id.to_owned())
+            .chain(self.storage.partition_columns.iter().filter(|c| c.as_str() != event_id).cloned())
+            .collect();
+        if let Some(index) = unique(&with_partition_key).filter(|_| self.storage.partitioned) {
+            item.verdict = Verdict::Note;
+            item.detail = format!(
+                "column \"{event_id}\" is unique together with the partition key (index {}), the most \
+                 PostgreSQL enforces on a partitioned table: keep event ids to the default (time-ordered \
+                 UUIDs) or to ids your application makes unique",
+                index.name
+            );
+            return item;
+        }
+        item.verdict = Verdict::Lacking;
+        item.detail = format!(
+            "column \"{event_id}\" is not unique: two rows with one event id reach consumers as one event, \
+             and a consumer that skips ids it has seen drops the second"
+        );
+        let columns: Vec<String> = with_partition_key
+            .iter()
+            .map(|c| Identifier::parse(c).map_or_else(|_| c.clone(), |i| i.to_string()))
+            .collect();
+        if self.storage.partitioned {
+            item.detail.push_str(
+                "; the table is partitioned, and PostgreSQL accepts a unique index on it only with the \
+                 partition key's columns",
+            );
+        }
+        let columns = if self.storage.partitioned { columns.join(", ") } else { m.event_id.to_string() };
+        item.sql.push(format!("{} ({columns});", self.create_index(true, &self.index_name("event_id_key"))));
         item
     }
 
@@ -580,14 +723,111 @@ impl Table<'_> {
     }
 }
 
+/// `name` as an SQL identifier, quoted.
+fn quote(name: &str) -> String {
+    Identifier::parse(name).map_or_else(|_| name.to_owned(), |i| i.to_string())
+}
+
 /// Whether a partial index's predicate, as PostgreSQL prints it, is a conjunction of only the
 /// `allowed` conditions (so every row the query wants is in the index). No predicate: yes.
+///
+/// Conditions are compared by meaning for the forms a predicate on these columns takes:
+/// `NOT (x IS NOT NULL)` is `x IS NULL`, `attempts >= 1`, `0 < attempts` and `NOT (attempts <= 0)`
+/// are `attempts > 0`, and parentheses do not matter. A condition of any other form makes the
+/// index count as not covering the query: `check` may then report an index as lacking that
+/// the planner could use, never the reverse.
 fn predicate_within(predicate: Option<&str>, allowed: &[&str]) -> bool {
     let Some(predicate) = predicate else { return true };
-    // PostgreSQL prints `((published_at IS NULL) AND (attempts > 0))`: drop the parentheses
-    // and compare the conjuncts.
-    let flat: String = predicate.chars().filter(|c| *c != '(' && *c != ')').collect();
-    flat.split(" AND ").all(|conjunct| allowed.contains(&conjunct.trim()))
+    let allowed: Vec<String> = allowed.iter().map(|condition| normalize_condition(condition)).collect();
+    conjuncts(predicate).iter().all(|conjunct| allowed.contains(&normalize_condition(conjunct)))
+}
+
+/// The conditions of a conjunction, split at its top-level `AND`s (not inside parentheses or
+/// quotes).
+fn conjuncts(expression: &str) -> Vec<&str> {
+    let expression = strip_parentheses(expression);
+    let (mut depth, mut quoted, mut start, mut parts) = (0i32, false, 0, Vec::new());
+    let bytes = expression.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\'' => quoted = !quoted,
+            b'(' if !quoted => depth += 1,
+            b')' if !quoted => depth -= 1,
+            b' ' if !quoted && depth == 0 && expression[i..].starts_with(" AND ") => {
+                parts.push(&expression[start..i]);
+                i += " AND ".len();
+                start = i;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    parts.push(&expression[start..]);
+    let nested: Vec<&str> = parts.iter().map(|part| strip_parentheses(part)).collect();
+    if nested.len() == 1 {
+        return nested;
+    }
+    // `(a AND b) AND c`: a part may itself be a conjunction.
+    nested.into_iter().flat_map(conjuncts).collect()
+}
+
+/// `expression` without parentheses that enclose all of it.
+fn strip_parentheses(expression: &str) -> &str {
+    let mut expression = expression.trim();
+    while expression.starts_with('(') && expression.ends_with(')') && encloses_all(expression) {
+        expression = expression[1..expression.len() - 1].trim();
+    }
+    expression
+}
+
+/// Whether the parenthesis opening `expression` is the one closing it.
+fn encloses_all(expression: &str) -> bool {
+    let (mut depth, mut quoted) = (0i32, false);
+    for (i, c) in expression.char_indices() {
+        match c {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => depth += 1,
+            ')' if !quoted => {
+                depth -= 1;
+                if depth == 0 {
+                    return i == expression.len() - 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// One condition in a canonical form, so that conditions that mean the same compare equal.
+fn normalize_condition(condition: &str) -> String {
+    let condition = strip_parentheses(condition);
+    if let Some(negated) = condition.strip_prefix("NOT ") {
+        let inner = strip_parentheses(negated);
+        if let Some(operand) = inner.strip_suffix(" IS NOT NULL") {
+            return format!("{} IS NULL", strip_parentheses(operand));
+        }
+        if let Some(operand) = inner.strip_suffix(" IS NULL") {
+            return format!("{} IS NOT NULL", strip_parentheses(operand));
+        }
+        if let Some(operand) = inner.strip_suffix(" <= 0") {
+            return format!("{} > 0", strip_parentheses(operand));
+        }
+        if let Some(operand) = inner.strip_prefix("0 >= ") {
+            return format!("{} > 0", strip_parentheses(operand));
+        }
+        return format!("NOT {inner}");
+    }
+    // An integer column (the attempts column is one) is above 0 exactly when at least 1.
+    if let Some(operand) = condition.strip_suffix(" >= 1") {
+        return format!("{} > 0", strip_parentheses(operand));
+    }
+    if let Some(operand) = condition.strip_prefix("0 < ").or_else(|| condition.strip_prefix("1 <= ")) {
+        return format!("{} > 0", strip_parentheses(operand));
+    }
+    condition.to_owned()
 }
 
 #[cfg(test)]
@@ -602,5 +842,30 @@ mod tests {
         assert!(predicate_within(Some("((published_at IS NULL) AND (attempts > 0))"), &allowed));
         assert!(!predicate_within(Some("(topic = 'orders'::text)"), &allowed), "a subset of rows");
         assert!(!predicate_within(Some("((published_at IS NULL) AND (key IS NOT NULL))"), &allowed));
+        assert!(!predicate_within(Some("((published_at IS NULL) OR (attempts > 0))"), &allowed), "a disjunction");
+    }
+
+    /// The predicates as PostgreSQL 15 prints them for `WHERE NOT (published_at IS NOT NULL)`,
+    /// `WHERE attempts >= 1` and the like: each means a condition the query has.
+    #[test]
+    fn a_predicate_is_read_for_its_meaning_not_its_spelling() {
+        let allowed = ["published_at IS NULL", "attempts > 0"];
+        for predicate in [
+            "(NOT (published_at IS NOT NULL))",
+            "((published_at IS NULL) AND (attempts >= 1))",
+            "((NOT (published_at IS NOT NULL)) AND (0 < attempts))",
+            "((NOT (attempts <= 0)) AND (published_at IS NULL))",
+            "(((published_at IS NULL) AND (attempts > 0)))",
+        ] {
+            assert!(predicate_within(Some(predicate), &allowed), "{predicate}");
+        }
+        for predicate in [
+            "(NOT (published_at IS NULL))",
+            "(attempts >= 2)",
+            "(NOT ((published_at IS NULL) AND (attempts > 0)))",
+            "(note = 'a AND b'::text)",
+        ] {
+            assert!(!predicate_within(Some(predicate), &allowed), "{predicate}");
+        }
     }
 }

@@ -719,6 +719,48 @@ impl Default for MetricsConfig {
     }
 }
 
+impl MetricsConfig {
+    /// The address to serve on, `None` when `listen` is empty. `listen` is `IP:PORT`
+    /// (`[::1]:9187` for IPv6) or `HOST:PORT`: a host name such as `localhost` is resolved, and
+    /// its first IPv4 address is taken if it has one (a container may have no IPv6 at all).
+    pub fn address(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let listen = self.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        if let Ok(addr) = listen.parse::<SocketAddr>() {
+            return Ok(Some(addr));
+        }
+        let refuse = |problem: String| {
+            ConfigError::new(
+                "metrics.listen",
+                format!(
+                    "{problem}; use IP:PORT or HOST:PORT such as 0.0.0.0:9187 or localhost:9187, or \"\" to disable"
+                ),
+            )
+        };
+        let Some((host, port)) = listen.rsplit_once(':') else {
+            return Err(refuse(format!("\"{listen}\" has no port")));
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            return Err(refuse(format!("\"{listen}\": invalid port \"{port}\"")));
+        };
+        if host.is_empty() {
+            return Err(refuse(format!("\"{listen}\" has no host")));
+        }
+        let resolved: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+            .map_err(|e| refuse(format!("cannot resolve host \"{host}\": {e}")))?
+            .collect();
+        resolved
+            .iter()
+            .find(|addr| addr.is_ipv4())
+            .or(resolved.first())
+            .copied()
+            .map(Some)
+            .ok_or_else(|| refuse(format!("host \"{host}\" resolves to no address")))
+    }
+}
+
 /// `[log]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -806,6 +848,11 @@ impl Config {
         let mut config: Config = figment.merge(env).extract().map_err(|error| describe_figment_error(&error))?;
         config.read_secret_files()?;
         config.validate()?;
+        // The endpoint binds the address, not the name: resolved once, here, so that what is
+        // served is what `config` shows.
+        if let Some(addr) = config.metrics.address()? {
+            config.metrics.listen = addr.to_string();
+        }
         Ok(config)
     }
 
@@ -909,15 +956,7 @@ impl Config {
             return Err(ConfigError::new("relay.backoff_max", "must not be less than relay.backoff_initial"));
         }
 
-        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            return Err(ConfigError::new(
-                "metrics.listen",
-                format!(
-                    "\"{}\" is not an address; use IP:PORT such as 0.0.0.0:9187, or \"\" to disable",
-                    self.metrics.listen
-                ),
-            ));
-        }
+        self.metrics.address()?;
         for (key, value) in [
             ("kafka.startup_timeout", self.kafka.startup_timeout),
             ("health.liveness_timeout", self.health.liveness_timeout),

@@ -286,6 +286,19 @@ async fn retry(config: Config, args: RetryArgs) -> ExitCode {
     }
     let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
     let key = if args.all { None } else { args.key.as_deref() };
+    // What the ids asked for were before the retry, to say what became of each.
+    let before = if args.id.is_empty() {
+        Vec::new()
+    } else {
+        match outbox.row_states(&args.id).await {
+            Ok(states) => states,
+            Err(e) if e.is_invalid_value() => Vec::new(), // reported by the retry below
+            Err(e) => {
+                eprintln!("outbox-relay: retry: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    };
     let requeued = match outbox.retry(ids, key).await {
         Ok(requeued) => requeued,
         Err(e) if e.is_invalid_value() => {
@@ -302,8 +315,19 @@ async fn retry(config: Config, args: RetryArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
-    println!("re-queued {} failed rows", requeued.len());
-    // Say what became of each id asked for that was not re-queued.
+    // Rows given up on and rows still being retried (waiting out a backoff) are both
+    // re-queued; "failed rows" would misname the second kind.
+    let rows = if requeued.len() == 1 { "row" } else { "rows" };
+    println!("re-queued {} {rows} with failed attempts", requeued.len());
+    let attempts = |n: i64| if n == 1 { "1 failed attempt".to_owned() } else { format!("{n} failed attempts") };
+    for id in args.id.iter().filter(|id| requeued.contains(id)) {
+        match before.iter().find(|s| &s.id == id) {
+            Some(s) if s.failed => println!("row {id}: given up on after {}; re-queued", attempts(s.attempts)),
+            Some(s) => println!("row {id}: failing ({}, waiting out a backoff); re-queued", attempts(s.attempts)),
+            None => println!("row {id}: re-queued"),
+        }
+    }
+    // Say what became of each id asked for that was not re-queued, as it is now.
     let not_requeued: Vec<String> = args.id.iter().filter(|id| !requeued.contains(id)).cloned().collect();
     if not_requeued.is_empty() {
         return ExitCode::SUCCESS;
@@ -315,13 +339,21 @@ async fn retry(config: Config, args: RetryArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILED);
         }
     };
+    let mut exit = ExitCode::SUCCESS;
     for id in &not_requeued {
-        let why = match states.iter().find(|s| &s.id == id) {
-            None => "no such row".to_owned(),
-            Some(s) if s.published => "already published".to_owned(),
-            Some(_) => "pending, never failed: nothing to re-queue".to_owned(),
-        };
-        eprintln!("outbox-relay: retry: row {id}: {why}");
+        match states.iter().find(|s| &s.id == id) {
+            // The goal of a retry is the row published: already met, whoever met it (the
+            // relay's own retry often comes first).
+            Some(s) if s.published => println!("row {id}: already published; nothing to do"),
+            Some(_) => {
+                eprintln!("outbox-relay: retry: row {id}: pending, never failed: nothing to re-queue");
+                exit = ExitCode::from(EXIT_FAILED);
+            }
+            None => {
+                eprintln!("outbox-relay: retry: row {id}: no such row");
+                exit = ExitCode::from(EXIT_FAILED);
+            }
+        }
     }
-    ExitCode::from(EXIT_FAILED)
+    exit
 }

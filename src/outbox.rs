@@ -1269,7 +1269,9 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, UnreadableRow> {
 }
 
 /// The payload column's bytes as the record value: JSON text for json and jsonb, UTF-8 for
-/// text, the stored bytes for bytea.
+/// text, the stored bytes for bytea. Text and JSON must be UTF-8, as every other text column
+/// of the row must (a SQL_ASCII database stores any bytes): bytes that are not are refused, so
+/// the row fails with its own error instead of reaching consumers as garbage.
 struct RawPayload(Vec<u8>);
 
 /// jsonb's binary wire format starts with this version byte, followed by the JSON text.
@@ -1279,11 +1281,14 @@ impl<'a> FromSql<'a> for RawPayload {
     fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         if *ty == Type::JSONB {
             return match raw.split_first() {
-                Some((&JSONB_FORMAT_VERSION, json)) => Ok(RawPayload(json.to_vec())),
+                Some((&JSONB_FORMAT_VERSION, json)) => {
+                    std::str::from_utf8(json)?;
+                    Ok(RawPayload(json.to_vec()))
+                }
                 _ => Err("unsupported jsonb wire format version".into()),
             };
         }
-        if matches!(*ty, Type::TEXT | Type::VARCHAR | Type::BPCHAR) {
+        if matches!(*ty, Type::JSON | Type::TEXT | Type::VARCHAR | Type::BPCHAR) {
             std::str::from_utf8(raw)?;
         }
         Ok(RawPayload(raw.to_vec()))
@@ -1324,15 +1329,18 @@ mod tests {
             let decoded = RawPayload::from_sql(&ty, &raw).map(|p| p.0);
             if ty == Type::JSONB {
                 match raw.split_first() {
-                    Some((&JSONB_FORMAT_VERSION, json)) => prop_assert_eq!(decoded.ok(), Some(json.to_vec())),
+                    Some((&JSONB_FORMAT_VERSION, json)) if std::str::from_utf8(json).is_ok() => {
+                        prop_assert_eq!(decoded.ok(), Some(json.to_vec()))
+                    }
+                    Some((&JSONB_FORMAT_VERSION, _)) => prop_assert!(decoded.is_err(), "JSON that is not UTF-8 is refused"),
                     _ => prop_assert!(decoded.is_err(), "jsonb without its version byte is refused"),
                 }
-            } else if ty == Type::JSON || ty == Type::BYTEA {
+            } else if ty == Type::BYTEA {
                 prop_assert_eq!(decoded.ok(), Some(raw), "stored bytes are sent as they are");
             } else if std::str::from_utf8(&raw).is_ok() {
                 prop_assert_eq!(decoded.ok(), Some(raw));
             } else {
-                prop_assert!(decoded.is_err(), "text that is not UTF-8 is refused");
+                prop_assert!(decoded.is_err(), "text and JSON that are not UTF-8 are refused");
             }
         }
     }

@@ -262,7 +262,9 @@ impl Relay {
     /// Runs until shutdown is requested, or until the configuration turns out not to fit the
     /// table. Database and broker outages are waited out.
     pub async fn run(self) -> Result<(), RelayError> {
-        if let Ok(addr) = self.config.metrics.listen.parse() {
+        // Validation resolved `metrics.listen` already; a configuration built in code is resolved
+        // here the same way.
+        if let Ok(Some(addr)) = self.config.metrics.address() {
             let health = (self.health.clone(), self.config.health.clone());
             metrics::serve(addr, self.metrics.clone(), health.0, health.1, self.shutdown.clone()).await?;
         }

@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_wakeups_without_notify",
         sql: include_str!("../sql/migrations/0004_wakeups_without_notify.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_retrying_index_by_key_hash",
+        sql: include_str!("../sql/migrations/0005_retrying_index_by_key_hash.sql"),
+    },
 ];
 
 const LOCK_KEY: &str = "outbox-relay:migrate";

@@ -191,7 +191,7 @@ async fn retry_of_a_parked_key_keeps_its_order(listen: bool) {
     let (code, stdout, stderr) =
         run_command(&["--config", path.to_str().unwrap(), "retry", "--key", "K"], &[("RUST_LOG", "off")]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("re-queued 1 failed rows"), "{stdout}");
+    assert!(stdout.contains("re-queued 1 row with failed attempts"), "{stdout}");
     // Writers go on: rows of K right after the retry, while the relay may not have looked yet.
     for _ in 0..5 {
         insert_events(&db, &[NewEvent::keyed(&topic, "K", n), NewEvent::keyed(&topic, "o1", n)]).await;

@@ -214,3 +214,39 @@ async fn a_database_or_role_that_does_not_exist_fails_the_start_with_exit_2() {
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "{what}: no retrying");
     }
 }
+
+/// `metrics.listen` takes a host name as well as an address: `localhost:PORT` is resolved when
+/// the configuration loads (it used to be refused as "not an address"), and the relay serves
+/// its probes there. A name that does not resolve is a configuration error naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_listen_takes_a_host_name_and_refuses_one_that_does_not_resolve() {
+    let (code, stdout, stderr) = run_command(&["config"], &[("OUTBOX_RELAY_METRICS__LISTEN", "localhost:9187")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("listen = \"127.0.0.1:9187\""), "resolved, IPv4 first: {stdout}");
+
+    let err = assert_config_error(
+        &["config"],
+        &[("OUTBOX_RELAY_METRICS__LISTEN", "no-such-host.invalid:9187")],
+        "metrics.listen",
+    );
+    assert!(err.contains("cannot resolve host \"no-such-host.invalid\""), "{err}");
+    let err = assert_config_error(&["config"], &[("OUTBOX_RELAY_METRICS__LISTEN", "localhost")], "metrics.listen");
+    assert!(err.contains("no port"), "{err}");
+    let err = assert_config_error(&["config"], &[("OUTBOX_RELAY_METRICS__LISTEN", "localhost:http")], "metrics.listen");
+    assert!(err.contains("invalid port \"http\""), "{err}");
+
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let port = free_port();
+    let config = env.config();
+    let path = write_config(&env, &config);
+    let listen = format!("localhost:{port}");
+    let relay = spawn_relay_process_from(&path, &[("OUTBOX_RELAY_METRICS__LISTEN", listen.as_str())], &env.path(""));
+    let addr = format!("127.0.0.1:{port}");
+    wait_until(PATIENCE, "the probes to answer on localhost", || async {
+        let (status, _) = http_get(&addr, "/healthz").await;
+        status == 200
+    })
+    .await;
+    drop(relay);
+}

@@ -168,9 +168,9 @@ async fn rows_that_cannot_be_encoded_are_poison_rows_and_nothing_of_them_is_publ
 // UTF-8. Under client_encoding UTF8 the server would fail every claim that selects such a row
 // ("invalid byte sequence for encoding "UTF8""), stalling the table; the relay asks for the bytes
 // as stored instead, and the one row fails when it is decoded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_utf8_in_a_text_column_is_a_poison_row() {
-    let env = TestEnv::start().await;
+
+/// A migrated outbox in a new SQL_ASCII database: a relay configuration for it and a connection.
+async fn sql_ascii_outbox(env: &TestEnv) -> (outbox_relay::Config, Client) {
     let database = unique_name("ascii");
     env.client()
         .await
@@ -185,6 +185,13 @@ async fn invalid_utf8_in_a_text_column_is_a_poison_row() {
     config.database.url = url.to_string();
     outbox_relay::schema::migrate(&config).await.expect("migrate a SQL_ASCII database");
     let db = connect(&config.database.url).await;
+    (config, db)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_a_text_column_is_a_poison_row() {
+    let env = TestEnv::start().await;
+    let (config, db) = sql_ascii_outbox(&env).await;
     let topic = env.create_topic(1).await;
 
     let insert = |key_sql: &'static str| {
@@ -207,6 +214,53 @@ async fn invalid_utf8_in_a_text_column_is_a_poison_row() {
     wait_for_fates(&db, &[&before, &after], &[&bad]).await;
     let error = row_state(&db, &bad).await.last_error.unwrap_or_default();
     assert!(error.contains("cannot read key") && error.contains("invalid utf-8"), "names the column: {error}");
+    assert_topic_holds_exactly(&env.brokers, &topic, &[&before, &after]).await;
+    relay.stop().await.expect("clean stop");
+}
+
+/// One rule for every column a record is built from: bytes that are not UTF-8 in a column that
+/// holds text (text, json, jsonb) make the row a poison row naming the column, never a record
+/// of garbage. jsonb used to be sent as stored: the same byte that made a key a poison row went
+/// out to consumers inside a payload. (bytea is bytes, sent as stored.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_a_jsonb_payload_or_headers_is_a_poison_row_as_in_a_key() {
+    let env = TestEnv::start().await;
+    let (config, db) = sql_ascii_outbox(&env).await;
+    let topic = env.create_topic(1).await;
+    // '{"a": "<0xff>"}': PostgreSQL's JSON parser takes the byte as it is in a SQL_ASCII database.
+    let bad_json = r"convert_from('\x7b2261223a2022ff227d'::bytea, 'SQL_ASCII')::jsonb";
+    // Each row on a key of its own, so that the good rows are not parked behind the bad ones.
+    let insert = |payload_sql: &str, headers_sql: &str| {
+        let sql = format!(
+            "INSERT INTO outbox (topic, key, payload, headers) \
+             VALUES ($1, gen_random_uuid()::text, {payload_sql}, {headers_sql}) RETURNING event_id::text"
+        );
+        let (db, topic) = (&db, topic.clone());
+        async move { db.query_one(&sql, &[&topic]).await.unwrap().get::<_, String>(0) }
+    };
+    let before = insert("'{}'", "NULL").await;
+    let bad_payload = insert(bad_json, "NULL").await;
+    let bad_headers = insert("'{}'", bad_json).await;
+    let after = insert("'{}'", "NULL").await;
+    let stored: Vec<u8> = db
+        .query_one(
+            "SELECT convert_to(payload::text, 'SQL_ASCII') FROM outbox WHERE event_id = $1::text::uuid",
+            &[&bad_payload],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored.contains(&0xff), "the payload holds the byte 0xff: {stored:?}");
+
+    let relay = env.spawn_relay(config);
+    wait_for_fates(&db, &[&before, &after], &[&bad_payload, &bad_headers]).await;
+    for (id, column) in [(&bad_payload, "payload"), (&bad_headers, "headers")] {
+        let error = row_state(&db, id).await.last_error.unwrap_or_default();
+        assert!(
+            error.contains(&format!("cannot read {column}")) && error.contains("invalid utf-8"),
+            "names the column: {error}"
+        );
+    }
     assert_topic_holds_exactly(&env.brokers, &topic, &[&before, &after]).await;
     relay.stop().await.expect("clean stop");
 }

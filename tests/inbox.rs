@@ -292,3 +292,73 @@ async fn two_example_consumers_started_at_once_on_a_fresh_database_apply_each_ev
     assert_eq!(applied, ROWS, "the two consumers split the events");
     assert_eq!(balances(&db).await, expected_balances(&db).await, "each event applied exactly once");
 }
+
+/// A payload the example consumer cannot apply (not JSON, a deposit without its amount, a
+/// tombstone) would fail again however often it is read: the consumer parks it, with its event
+/// id, position and why, logs that, and goes on. It used to exit on the first one and, restarted,
+/// exit on it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_consumer_parks_a_bad_payload_and_goes_on() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let db = env.client().await;
+    let mut events: Vec<NewEvent> = (0..10).map(|n| deposit(&topic, n)).collect();
+    let bad = |payload: Option<&str>| NewEvent {
+        topic: topic.clone(),
+        key: Some("acct-0".to_owned()),
+        payload: payload.map(str::to_owned),
+        headers: None,
+    };
+    events.insert(3, bad(Some(r#"{"account": "acct-0"}"#)));
+    events.insert(7, bad(Some(r#""not a deposit""#)));
+    events.push(bad(None));
+    insert_events(&db, &events).await;
+    let relay = env.spawn_relay(env.config());
+    wait_until(PATIENCE, "every row published", || async { unpublished_count(&db).await == 0 }).await;
+    relay.stop().await.unwrap();
+
+    let group = unique_name("parking");
+    let out = Command::new(balance_consumer())
+        .args([env.database_url.as_str(), env.brokers.as_str(), topic.as_str(), group.as_str(), "--stop-at-end"])
+        .output()
+        .expect("run balance_consumer");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "applied 10 events, skipped 0 duplicates, parked 3 bad payloads");
+
+    let parked: Vec<(String, i64, String)> = db
+        .query("SELECT event_id, \"offset\", error FROM parked_events ORDER BY \"offset\"", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let offsets: Vec<i64> = parked.iter().map(|p| p.1).collect();
+    assert_eq!(offsets, [3, 7, 12], "one partition: offsets follow the rows");
+    assert!(parked[0].2.contains("missing field `amount`"), "{parked:?}");
+    assert!(parked[2].2.contains("tombstone"), "{parked:?}");
+    for (event_id, offset, _) in &parked {
+        assert!(stderr.contains(&format!("parked event {event_id} ({topic}[0]@{offset})")), "logged: {stderr}");
+    }
+    let expected: HashMap<String, i64> = db
+        .query(
+            "SELECT payload->>'account', sum((payload->>'amount')::bigint)::int8 FROM outbox \
+             WHERE jsonb_typeof(payload->'amount') = 'number' GROUP BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(balances(&db).await, expected, "the good events applied once each");
+
+    // The parked records' offsets were committed: the next run starts past them.
+    insert_events(&db, &[deposit(&topic, 10)]).await;
+    let relay = env.spawn_relay(env.config());
+    wait_until(PATIENCE, "the new row published", || async { unpublished_count(&db).await == 0 }).await;
+    relay.stop().await.unwrap();
+    let again = run_balance_consumer(&env, &topic, &group);
+    assert_eq!(again.trim(), "applied 1 events, skipped 0 duplicates, parked 0 bad payloads");
+}

@@ -448,3 +448,94 @@ async fn check_finds_nothing_lacking_on_the_standard_table_and_names_what_goes_m
     assert_eq!(code, 0, "{report}");
     assert_eq!(verdict(&report, "two-phase commit"), "note", "{report}");
 }
+
+/// The README's partitioned outbox without its indexes: everything `check` prints is accepted
+/// by PostgreSQL (which refuses `CONCURRENTLY` on a partitioned table, and a unique index
+/// without the partition key), and once it has run nothing is lacking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_on_a_partitioned_table_prints_statements_postgresql_accepts_there() {
+    let env = TestEnv::start().await;
+    let readme = include_str!("../README.md");
+    let section = &readme[readme.find("For very high volume, partition the outbox").expect("the README's section")..];
+    let sql = &section[section.find("```sql\n").expect("its SQL block") + 7..];
+    let sql = &sql[..sql.find("```").expect("the end of the block")];
+    let without_indexes: String =
+        sql.lines().filter(|line| !line.starts_with("CREATE INDEX")).collect::<Vec<_>>().join("\n");
+    let migration = include_str!("../sql/migrations/0003_time_ordered_event_ids.sql");
+    let function =
+        &migration[migration.find("CREATE OR REPLACE FUNCTION").unwrap()..migration.find("$$;").unwrap() + 3];
+    let db = env.client().await;
+    db.batch_execute(function).await.unwrap();
+    db.batch_execute(&without_indexes).await.unwrap_or_else(|e| panic!("the README's SQL: {e:?}"));
+    db.batch_execute("CREATE TABLE outbox_today PARTITION OF outbox DEFAULT").await.unwrap();
+    let config = env.owner_config();
+
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 1, "{report}");
+    for lacking in ["index for claims", "index for retries", "event ids"] {
+        assert_eq!(verdict(&report, lacking), "lacking", "{lacking}:\n{report}");
+    }
+    let (statements, settings) = fixes(&report);
+    assert!(settings.is_empty(), "{settings:?}");
+    assert!(statements.iter().all(|s| !s.contains("CONCURRENTLY")), "refused on a partitioned table: {statements:?}");
+    for statement in &statements {
+        db.batch_execute(statement).await.unwrap_or_else(|e| panic!("PostgreSQL refuses {statement}: {e:?}"));
+    }
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(verdict(&report, "index for claims"), "ok", "{report}");
+    assert_eq!(verdict(&report, "index for retries"), "ok", "{report}");
+    assert_eq!(verdict(&report, "event ids"), "note", "unique with the partition key, the most it can be: {report}");
+}
+
+/// Index predicates are read for what they mean: `NOT (published_at IS NOT NULL)` is
+/// `published_at IS NULL` and `attempts >= 1` is `attempts > 0`, indexes the planner uses. A
+/// btree on (key, id) for failing rows is lacking (a long key overflows it); what `check` prints
+/// puts migration 0005's hash index, under its name, in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reads_index_predicates_for_their_meaning_and_replaces_a_btree_retry_index() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    let config = env.config();
+    db.batch_execute(
+        "DROP INDEX outbox_unpublished_idx; DROP INDEX outbox_retrying_idx; \
+         CREATE INDEX outbox_unpublished_idx ON outbox (id) WHERE NOT (published_at IS NOT NULL); \
+         CREATE INDEX outbox_retrying_idx ON outbox USING hash (key) \
+             WHERE NOT (published_at IS NOT NULL) AND attempts >= 1",
+    )
+    .await
+    .unwrap();
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(verdict(&report, "index for claims"), "ok", "{report}");
+    assert_eq!(verdict(&report, "index for retries"), "ok", "{report}");
+
+    // 0002's btree, as a table migrated before 0005 has it.
+    db.batch_execute(
+        "DROP INDEX outbox_retrying_idx; \
+         CREATE INDEX outbox_retrying_idx ON outbox (key, id) WHERE published_at IS NULL AND attempts > 0",
+    )
+    .await
+    .unwrap();
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 1, "{report}");
+    assert_eq!(verdict(&report, "index for retries"), "lacking", "{report}");
+    assert!(report.contains("2,704 bytes"), "says why a btree is not enough: {report}");
+    let (statements, _) = fixes(&report);
+    for statement in &statements {
+        db.batch_execute(statement).await.unwrap_or_else(|e| panic!("{statement}: {e:?}"));
+    }
+    let (code, report) = run_check(&env, &config, &[]);
+    assert_eq!(code, 0, "{report}");
+    let method: String = db
+        .query_one(
+            "SELECT am.amname::text FROM pg_class AS c JOIN pg_am AS am ON am.oid = c.relam \
+             WHERE c.relname = 'outbox_retrying_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(method, "hash");
+}

@@ -316,3 +316,17 @@ async fn a_draining_relay_logs_a_periodic_summary_at_info_level() {
         log.lines().find(|l| l.contains("summary") && l.contains("published=")).unwrap_or_else(|| panic!("{log}"));
     assert!(line.contains("pending=") && line.contains("failed="), "{line}");
 }
+
+/// The container healthcheck is what platforms restart on, so it asks `/healthz`: `/readyz`
+/// fails for a poison row or a broker outage, which a restart does not cure (it would only
+/// publish the batch in flight again).
+#[test]
+fn the_compose_files_container_healthcheck_asks_liveness_not_readiness() {
+    let compose = include_str!("../docker-compose.yml");
+    let relay = &compose[compose.find("\n  relay:\n").expect("the relay service")..];
+    let relay = &relay[..relay[1..].find("\n  writer:").expect("the service after it")];
+    let healthcheck = &relay[relay.find("healthcheck:").expect("a healthcheck")..];
+    let test = healthcheck.lines().find(|line| line.trim_start().starts_with("test:")).expect("its test");
+    assert!(test.contains("GET /healthz"), "{test}");
+    assert!(!test.contains("/readyz"), "{test}");
+}

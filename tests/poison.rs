@@ -90,7 +90,7 @@ async fn a_row_too_large_and_a_row_for_a_missing_topic_fail_and_park_only_their_
     create_topic(&env.brokers, &missing, 1).await;
     let (code, stdout, stderr) = command(&env, &config, &["retry", "--key", "B"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("re-queued 1 failed rows"), "{stdout}");
+    assert!(stdout.contains("re-queued 1 row with failed attempts"), "{stdout}");
     wait_until(PATIENCE, "key B to flow after the retry", || async {
         published_keys(&db).await == ["B:1", "B:2", "C:1", "C:2"]
     })
@@ -169,9 +169,17 @@ async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     .unwrap();
     let config = env.config();
     let (code, stdout, _) = command(&env, &config, &["retry", "--id", "1,2"]);
-    assert_eq!((code, stdout.trim()), (0, "re-queued 2 failed rows"));
+    assert_eq!(code, 0, "{stdout}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "re-queued 2 rows with failed attempts",
+            "row 1: given up on after 3 failed attempts; re-queued",
+            "row 2: given up on after 3 failed attempts; re-queued"
+        ]
+    );
     let (_, stdout, _) = command(&env, &config, &["retry", "--all"]);
-    assert_eq!(stdout.trim(), "re-queued 2 failed rows");
+    assert_eq!(stdout.trim(), "re-queued 2 rows with failed attempts");
     let row = db.query_one("SELECT count(*), max(attempts) FROM outbox WHERE failed_at IS NULL", &[]).await.unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i32>(1)), (5, 0), "attempts reset, failed_at cleared");
     let (code, _, stderr) = command(&env, &config, &["retry"]);
@@ -182,7 +190,7 @@ async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("not ids of table outbox") && stderr.contains("bigint"), "{stderr}");
     let (code, stdout, stderr) = command(&env, &config, &["retry", "--id", "5,999"]);
-    assert_eq!((code, stdout.trim()), (1, "re-queued 0 failed rows"), "{stderr}");
+    assert_eq!((code, stdout.trim()), (1, "re-queued 0 rows with failed attempts"), "{stderr}");
     assert!(stderr.contains("row 5: pending, never failed") && stderr.contains("row 999: no such row"), "{stderr}");
 
     // A row waiting out its retry backoff is re-queued too, so it is tried at once.
@@ -192,7 +200,7 @@ async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     .await
     .unwrap();
     let (code, stdout, _) = command(&env, &config, &["retry", "--key", "pending"]);
-    assert_eq!((code, stdout.trim()), (0, "re-queued 1 failed rows"));
+    assert_eq!((code, stdout.trim()), (0, "re-queued 1 row with failed attempts"), "not called failed: it was failing");
     let backoff: Option<std::time::SystemTime> =
         db.query_one("SELECT last_attempt_at FROM outbox WHERE key = 'pending'", &[]).await.unwrap().get(0);
     assert_eq!(backoff, None, "its backoff is over");
@@ -374,8 +382,87 @@ async fn a_failing_row_is_reported_once_and_giving_up_on_it_under_skip_counts_an
     );
     let breaks = sample(&scrape(&metrics).await, "outbox_relay_key_order_breaks_total");
     assert_eq!(breaks, Some(1.0), "K's row 2 went out without row 1: counted");
-    assert!(
-        log.contains("relay.on_poison = \"skip\": the key's later rows are published without this row"),
-        "{log}"
+    assert!(log.contains("relay.on_poison = \"skip\": the key's later rows are published without this row"), "{log}");
+}
+
+/// A row the relay is still retrying (failing, not given up on) is named as such, and asking to
+/// retry a row that is already published (the relay's own retry came first) is success with a
+/// note: the operator's goal, the row published, is met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_by_id_of_a_published_row_is_success_and_a_failing_row_is_not_called_failed() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "INSERT INTO outbox (topic, key, payload, published_at) VALUES ('t', 'done', '{}', now()); \
+         INSERT INTO outbox (topic, key, payload, attempts, last_error, last_attempt_at) \
+         VALUES ('t', 'failing', '{}', 2, 'boom', now())",
+    )
+    .await
+    .unwrap();
+    let config = env.config();
+
+    let (code, stdout, stderr) = command(&env, &config, &["retry", "--id", "1"]);
+    assert_eq!(code, 0, "already published is the goal met: {stdout}{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["re-queued 0 rows with failed attempts", "row 1: already published; nothing to do"]
     );
+    assert!(stderr.is_empty(), "{stderr}");
+
+    let (code, stdout, stderr) = command(&env, &config, &["retry", "--id", "2,1"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "re-queued 1 row with failed attempts",
+            "row 2: failing (2 failed attempts, waiting out a backoff); re-queued",
+            "row 1: already published; nothing to do"
+        ]
+    );
+    assert!(!stdout.contains("failed rows") && !stdout.contains("given up"), "it was not given up on: {stdout}");
+}
+
+/// A btree entry holds at most 2,704 bytes: with 0002's btree index on (key, id), recording the
+/// failure of a row with a 3,200-character key failed ("index row size 3224 exceeds btree
+/// version 4 maximum 2704"), the relay retried recording it forever and no other row went out.
+/// Migration 0005's hash index stores only the key's hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_row_with_a_very_long_key_is_recorded_and_other_keys_flow() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    // 3,200 characters that do not compress (PostgreSQL compresses a long index entry first,
+    // and "kkk..." would fit): hex digits of a pseudo-random sequence.
+    let long_key: String = (1..=200u64)
+        .map(|i| {
+            let mut z = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            format!("{:016x}", z ^ (z >> 27))
+        })
+        .collect();
+    assert_eq!(long_key.len(), 3200);
+    let mut events = vec![NewEvent::keyed(&missing, &long_key, 0)];
+    events.extend((1..=50).map(|n| NewEvent::keyed(&topic, &format!("other-{n}"), n)));
+    insert_events(&db, &events).await;
+
+    let relay = env.spawn_relay(env.poison_config(100));
+    wait_until(PATIENCE, "the long key's failure to be recorded and the 50 other rows published", || async {
+        let row = db
+            .query_one("SELECT attempts, last_error FROM outbox WHERE key = $1 AND published_at IS NULL", &[&long_key])
+            .await
+            .unwrap();
+        let recorded = row.get::<_, i32>(0) > 0 && row.get::<_, Option<String>>(1).is_some();
+        recorded && unpublished_count(&db).await == 1
+    })
+    .await;
+    let error: String =
+        db.query_one("SELECT last_error FROM outbox WHERE key = $1", &[&long_key]).await.unwrap().get(0);
+    assert!(error.contains(&missing) || error.to_lowercase().contains("topic"), "the row's own error: {error}");
+    let records = read_topic(&env.brokers, &topic).await;
+    assert_eq!(records.len(), 50, "every other row published once");
+    assert!(!relay.is_finished());
+    relay.stop().await.expect("clean stop");
 }
