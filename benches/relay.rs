@@ -344,8 +344,10 @@ async fn database_ceiling(rows: i64, mark: MarkMode) -> f64 {
     let mut done = 0;
     loop {
         let start = floor.start(&shards, Instant::now());
-        let claim =
-            outbox.claim(config.relay.batch_size, config.relay.batch_bytes, &shards, &[], start).await.expect("claim");
+        let claim = outbox
+            .claim(config.relay.batch_size, config.relay.batch_bytes, &shards, &[], start, &[])
+            .await
+            .expect("claim");
         floor.observe(start, claim.view.as_ref(), Instant::now());
         let claimed = claim.rows;
         if claimed.is_empty() {
@@ -374,9 +376,11 @@ async fn broker_ceiling_rate(rows: i64, brokers: Option<&str>) -> f64 {
         })
         .collect();
     // Warm up: metadata, connections, the producer id.
-    publisher.publish(&records[..1]).await;
+    // The broker ceiling waits for every report, however long.
+    let never = Duration::from_secs(3600);
+    publisher.publish(&records[..1], never).await;
     let started = Instant::now();
-    let outcomes = publisher.publish(&records).await;
+    let outcomes = publisher.publish(&records, never).await.outcomes;
     let elapsed = started.elapsed().as_secs_f64();
     assert!(outcomes.iter().all(|o| matches!(o, Outcome::Acked { .. })), "every record acknowledged");
     rows as f64 / elapsed

@@ -668,6 +668,13 @@ pub struct RelayConfig {
     /// for longer than this.
     #[serde(with = "humantime_serde")]
     pub holdback_warning: Duration,
+    /// How long a batch waits for its last acknowledgements while the brokers are up before
+    /// its unacknowledged records are set aside: they stay in flight (never abandoned), their
+    /// rows and the later rows of their keys wait, and every other row flows. One partition
+    /// the broker cannot write (too few in-sync replicas, an offline log directory, a deleted
+    /// topic) so holds back only the rows routed to it.
+    #[serde(with = "humantime_serde")]
+    pub stalled_partition_after: Duration,
 }
 
 /// What a row that has failed for good does to the later rows of its key.
@@ -701,6 +708,7 @@ impl Default for RelayConfig {
             commit_watch_interval: Duration::from_millis(20),
             full_scan_interval: Duration::from_secs(10),
             holdback_warning: Duration::from_secs(30),
+            stalled_partition_after: Duration::from_secs(5),
         }
     }
 }
@@ -922,6 +930,7 @@ impl Config {
             ("relay.backoff_initial", relay.backoff_initial),
             ("relay.backoff_max", relay.backoff_max),
             ("relay.stats_interval", relay.stats_interval),
+            ("relay.stalled_partition_after", relay.stalled_partition_after),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(key, "must be greater than zero"));

@@ -11,6 +11,7 @@
 //!   `health.stuck_rows_fail_readiness` is off) do rows failing with errors of their own or
 //!   given up on, which only an operator can unstick.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,6 +43,8 @@ pub struct Health {
     failing_rows: AtomicU64,
     /// Rows given up on (waiting for `outbox-relay retry`), as last counted.
     failed_rows: AtomicU64,
+    /// Partitions keeping records unacknowledged, described ([`crate::stalled`]).
+    stalled_partitions: Mutex<Vec<String>>,
 }
 
 /// A probe's answer, also its JSON body.
@@ -82,6 +85,13 @@ impl Health {
     pub fn set_stuck_rows(&self, failing: i64, failed: i64) {
         self.failing_rows.store(failing.max(0) as u64, Ordering::Relaxed);
         self.failed_rows.store(failed.max(0) as u64, Ordering::Relaxed);
+    }
+
+    /// The partitions that keep records unacknowledged, each described for `/readyz`.
+    pub fn set_stalled_partitions(&self, reasons: Vec<String>) {
+        if let Ok(mut stalled) = self.stalled_partitions.lock() {
+            *stalled = reasons;
+        }
     }
 
     /// The claim connection came up or went away.
@@ -135,6 +145,9 @@ impl Health {
             if waiting_for >= readiness_window.as_millis() as u64 {
                 reasons.push(format!("rows to publish, none acknowledged for {} s", waiting_for / 1000));
             }
+        }
+        if let Ok(stalled) = self.stalled_partitions.lock() {
+            reasons.extend(stalled.iter().cloned());
         }
         if config.stuck_rows_fail_readiness {
             let failing = self.failing_rows.load(Ordering::Relaxed);

@@ -19,6 +19,8 @@
 //!   checked before sending.
 //! - [`relay`]: the loop that joins them, with backoff and graceful shutdown.
 //! - [`claim_floor`]: where each claim starts, so it skips the rows already published.
+//! - [`stalled`]: records set aside while their partition stalls, so that it holds back only
+//!   the rows routed to it.
 //! - [`shards`]: which shards of the table this relay publishes, when several relays run; the
 //!   heartbeat that shows it alive, and the takeover of relays that look frozen.
 //! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
@@ -56,6 +58,7 @@ pub mod row_failures;
 pub mod schema;
 pub mod shards;
 pub mod shutdown;
+pub mod stalled;
 pub mod stats;
 pub mod status;
 pub mod table;

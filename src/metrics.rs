@@ -66,6 +66,9 @@ pub struct Metrics {
     /// recreated, restored from a dump), `ids_reused` (truncated, or its sequence set back,
     /// under the claim floor).
     pub table_changes: IntCounterVec,
+    /// `outbox_relay_stalled_records{topic,partition}`: records set aside unacknowledged
+    /// because their partition stalled (`?` for a partition the relay cannot tell).
+    pub stalled_records: IntGaugeVec,
     /// `outbox_relay_retention_deleted_total`: published rows deleted by retention.
     pub retention_deleted: IntCounter,
     /// `outbox_relay_kafka_queue_messages`: records in librdkafka's queue (sent or waiting).
@@ -172,6 +175,14 @@ impl Metrics {
         for change in ["replaced", "ids_reused"] {
             table_changes.with_label_values(&[change]);
         }
+        let stalled_records = IntGaugeVec::new(
+            Opts::new(
+                "outbox_relay_stalled_records",
+                "Records set aside unacknowledged because their partition stalled, by topic and partition.",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("static metric definition");
         let retention_deleted =
             IntCounter::new("outbox_relay_retention_deleted_total", "Published rows deleted by retention.")
                 .expect("static metric definition");
@@ -220,6 +231,7 @@ impl Metrics {
             Box::new(producer_restarts.clone()),
             Box::new(key_order_breaks.clone()),
             Box::new(table_changes.clone()),
+            Box::new(stalled_records.clone()),
             Box::new(retention_deleted.clone()),
             Box::new(kafka_queue_messages.clone()),
             Box::new(kafka_brokers_up.clone()),
@@ -249,6 +261,7 @@ impl Metrics {
             producer_restarts,
             key_order_breaks,
             table_changes,
+            stalled_records,
             retention_deleted,
             kafka_queue_messages,
             kafka_brokers_up,

@@ -699,7 +699,8 @@ impl Outbox {
     /// The next unpublished rows in claim order, at most `limit` rows and, past the first row,
     /// at most `max_bytes` of row data, leaving out the rows `in_flight` (ids as text), starting
     /// at claim-order value `start` (`None`: at the beginning; it is up to
-    /// [`crate::claim_floor::ClaimFloor`] to decide). A row larger than `max_bytes` comes alone.
+    /// [`crate::claim_floor::ClaimFloor`] to decide), and leaving out every row of the
+    /// `held_keys`. A row larger than `max_bytes` comes alone.
     /// A row whose columns cannot be decoded comes back as an [`UnreadableRow`] so that the
     /// rest of the batch still flows.
     ///
@@ -713,12 +714,13 @@ impl Outbox {
         shards: &[i32],
         in_flight: &[String],
         start: Option<i64>,
+        held_keys: &[String],
     ) -> Result<Claim, OutboxError> {
         let limit_param = i64::try_from(limit).unwrap_or(i64::MAX);
         let (initial, max) = self.retry_backoff;
         let sent = Instant::now();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-            [&limit_param, &shards, &initial, &max, &in_flight, &start];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+            [&limit_param, &shards, &initial, &max, &in_flight, &start, &held_keys];
         let stream = self.client.query_raw(&self.claim, params).await.map_err(OutboxError::query("claim"))?;
         futures::pin_mut!(stream);
         let mut claim = Claim::default();

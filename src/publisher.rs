@@ -7,8 +7,11 @@
 //! Java producer would put it. This module reports outcomes; it never touches the table.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::client::ClientContext;
@@ -18,6 +21,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 
@@ -113,6 +118,35 @@ pub enum Outcome {
     /// It was not sent because an earlier record of the same key failed before it could be
     /// sent; sending it would have overtaken that record. The row stays unpublished, untouched.
     Deferred,
+    /// It was sent and its report had not come when the batch stopped waiting (its partition
+    /// stalled while the brokers answered): the record stays in flight, and its report comes
+    /// through [`Published::unacknowledged`].
+    StillInFlight,
+}
+
+/// What [`Publisher::publish`] knows of a batch when it returns.
+pub struct Published {
+    /// Each record's outcome, in the batch's order.
+    pub outcomes: Vec<Outcome>,
+    /// The reports still to come, for the records whose outcome is [`Outcome::StillInFlight`].
+    pub unacknowledged: Vec<PendingReport>,
+}
+
+/// The delivery report of a record still in flight; resolves to the record's index in its
+/// batch and its outcome.
+pub struct PendingReport {
+    /// The record's index in its batch.
+    pub index: usize,
+    report: DeliveryFuture,
+}
+
+impl Future for PendingReport {
+    type Output = (usize, Outcome);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let index = self.index;
+        Pin::new(&mut self.report).poll(cx).map(|report| (index, outcome_of(report)))
+    }
 }
 
 /// The Kafka producer with the relay's settings.
@@ -125,11 +159,21 @@ pub struct Publisher {
     /// Topics the cluster confirmed to exist, when, and their limits. A record for a topic that
     /// does not exist would otherwise hold its whole batch for librdkafka's metadata
     /// propagation wait.
-    known_topics: Mutex<HashMap<String, (Instant, TopicLimits)>>,
+    known_topics: Mutex<HashMap<String, KnownTopic>>,
     metrics: Arc<Metrics>,
     /// The producer context's record of the last refusal (the context itself is wrapped by
     /// the producer and out of reach).
     last_refusal: Arc<Mutex<Option<BrokerRefusal>>>,
+}
+
+/// A topic the cluster confirmed.
+#[derive(Debug, Clone, Copy)]
+struct KnownTopic {
+    /// When the cluster confirmed it.
+    checked_at: Instant,
+    limits: TopicLimits,
+    /// Its partition count then.
+    partitions: usize,
 }
 
 /// How long a topic check may wait for the cluster's answer; without one the records are
@@ -250,7 +294,12 @@ impl Publisher {
     /// batch: the broker refuses whole batches, and a refused batch must not charge the rows of
     /// other keys. Should a batch be refused anyway (limits that could not be read), its
     /// records are sent again one at a time before any is charged.
-    pub async fn publish(&self, records: &[Record]) -> Vec<Outcome> {
+    ///
+    /// The wait for the reports ends early when none has come for `stalled_after` while a
+    /// broker answers: a partition that cannot be written (too few in-sync replicas, an offline
+    /// log directory, a deleted topic) must not hold back the rest. Its records stay in flight
+    /// ([`Outcome::StillInFlight`]); while no broker answers, the wait goes on.
+    pub async fn publish(&self, records: &[Record], stalled_after: Duration) -> Published {
         let mut outcomes = vec![Outcome::Deferred; records.len()];
         let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(records.len());
         // Keys whose earlier record failed before it could be sent: their later records wait, so
@@ -323,11 +372,36 @@ impl Publisher {
             }
         }
         let sent: HashSet<usize> = in_flight.iter().map(|(index, _)| *index).collect();
-        for (index, delivery) in in_flight.into_iter().skip(next_to_await) {
-            outcomes[index] = outcome_of(delivery.await);
+        let mut pending: FuturesUnordered<PendingReport> =
+            in_flight.into_iter().skip(next_to_await).map(|(index, report)| PendingReport { index, report }).collect();
+        loop {
+            tokio::select! {
+                report = pending.next() => match report {
+                    Some((index, outcome)) => outcomes[index] = outcome,
+                    None => break,
+                },
+                _ = tokio::time::sleep(stalled_after) => {
+                    if self.metrics.kafka_brokers_up.get() > 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        let unacknowledged: Vec<PendingReport> = pending.into_iter().collect();
+        for report in &unacknowledged {
+            outcomes[report.index] = Outcome::StillInFlight;
         }
         self.resend_refused_batch(records, &sent, &mut outcomes).await;
-        outcomes
+        Published { outcomes, unacknowledged }
+    }
+
+    /// The partition a keyed record goes to, as the producer's murmur2 partitioner picks it,
+    /// from the partition count the last topic check saw; `None` for a keyless record (its
+    /// partition is picked at random) or a topic not checked.
+    pub fn partition_of(&self, record: &Record) -> Option<i32> {
+        let key = record.key.as_deref()?;
+        let partitions = self.known_topics.lock().ok()?.get(&record.topic)?.partitions;
+        Some(java_partition(key.as_bytes(), partitions))
     }
 
     /// Sends the records a broker refused as a batch (several refused for a batch-level
@@ -393,8 +467,8 @@ impl Publisher {
         if let Ok(known) = self.known_topics.lock() {
             for topic in records.iter().map(|r| r.topic.as_str()) {
                 match known.get(topic) {
-                    Some((at, limits)) if at.elapsed() <= TOPIC_RECHECK_AFTER => {
-                        checked.insert(topic.to_owned(), Ok(*limits));
+                    Some(known) if known.checked_at.elapsed() <= TOPIC_RECHECK_AFTER => {
+                        checked.insert(topic.to_owned(), Ok(known.limits));
                     }
                     _ => {
                         unchecked.insert(topic);
@@ -407,14 +481,14 @@ impl Publisher {
             let name = topic.to_owned();
             let answer = tokio::task::spawn_blocking(move || {
                 producer.client().fetch_metadata(Some(&name), TOPIC_CHECK_TIMEOUT).map(|metadata| {
-                    metadata.topics().iter().find(|t| t.name() == name).map(|t| (t.error(), t.partitions().is_empty()))
+                    metadata.topics().iter().find(|t| t.name() == name).map(|t| (t.error(), t.partitions().len()))
                 })
             })
             .await;
-            let verdict = match answer {
-                Ok(Ok(Some((None, false)))) => None,
-                Ok(Ok(Some((Some(error), _)))) => Some(RDKafkaErrorCode::from(error)),
-                Ok(Ok(_)) => Some(RDKafkaErrorCode::UnknownTopicOrPartition),
+            let (verdict, partitions) = match answer {
+                Ok(Ok(Some((None, partitions)))) if partitions > 0 => (None, partitions),
+                Ok(Ok(Some((Some(error), _)))) => (Some(RDKafkaErrorCode::from(error)), 0),
+                Ok(Ok(_)) => (Some(RDKafkaErrorCode::UnknownTopicOrPartition), 0),
                 // No answer (broker unreachable): no verdict, produce and let librdkafka decide.
                 _ => continue,
             };
@@ -429,7 +503,8 @@ impl Publisher {
                     let limits = self.topic_limits(topic).await;
                     tracing::debug!(topic, ?limits, "topic confirmed");
                     if let Ok(mut known) = self.known_topics.lock() {
-                        known.insert(topic.to_owned(), (Instant::now(), limits));
+                        let checked_at = Instant::now();
+                        known.insert(topic.to_owned(), KnownTopic { checked_at, limits, partitions });
                     }
                     checked.insert(topic.to_owned(), Ok(limits));
                 }
@@ -477,6 +552,45 @@ impl Publisher {
     pub fn fatal_error(&self) -> Option<String> {
         self.producer.client().fatal_error().map(|(code, reason)| format!("{code:?}: {reason}"))
     }
+}
+
+/// The partition Java's default partitioner (and librdkafka's `murmur2_random`) gives a key.
+fn java_partition(key: &[u8], partitions: usize) -> i32 {
+    let positive = murmur2(key) & 0x7fff_ffff;
+    (positive as i64 % partitions.max(1) as i64) as i32
+}
+
+/// Kafka's murmur2 hash of a key, as its Java client computes it.
+fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let length = data.len();
+    let mut h = SEED ^ length as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= (rest[2] as u32) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= (rest[1] as u32) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= rest[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
 }
 
 fn future_record(record: &Record) -> FutureRecord<'_, str, [u8]> {
@@ -684,6 +798,18 @@ fn security_hint(error: &KafkaError, reason: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_go_to_the_partitions_javas_partitioner_picks() {
+        // Values from Kafka's own Utils.murmur2 tests and DefaultPartitioner.
+        assert_eq!(murmur2(b"21"), -973932308);
+        assert_eq!(murmur2(b"foobar"), -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1486304829);
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58897971);
+        assert_eq!(murmur2(b"abc"), 479470107);
+        assert_eq!(java_partition(b"foobar", 3), ((-790332482i32 & 0x7fff_ffff) % 3));
+    }
 
     #[test]
     fn every_classified_reason_is_a_declared_metric_label() {

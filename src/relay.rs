@@ -18,7 +18,7 @@
 //! - after a shutdown request no new batch is claimed; the batch in flight is finished
 //!   (reports and mark) within the grace period, or left unmarked to be sent again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,11 +33,12 @@ use crate::config::{Config, OnPoison};
 use crate::health::Health;
 use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
-use crate::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, Publisher, PublisherError};
+use crate::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, PendingReport, Publisher, PublisherError};
 use crate::record::{OutboxRow, Record, RowFailure, RowKey, RowRef, UnreadableRow};
 use crate::row_failures::RowFailureReports;
 use crate::shards::{self, Shards};
 use crate::shutdown::Shutdown;
+use crate::stalled::{SetAside, StalledRecords};
 use crate::table::Mapping;
 use crate::wakeup::{CommitSignal, Wakeup};
 
@@ -54,6 +55,21 @@ struct Claimed {
     /// limit), so the relay claims again at once instead of idling.
     full: bool,
 }
+
+/// Where and how the next claims of a turn look: the shards held, the claim floor, and what
+/// they must leave out because it is still in flight after its batch ([`crate::stalled`]).
+struct Claiming<'a> {
+    shards: &'a [i32],
+    floor: &'a mut ClaimFloor,
+    /// Rows set aside in flight: never claimed again while their records may still be written.
+    set_aside: Vec<String>,
+    /// Keys held behind a row set aside: none of their rows is claimed.
+    held_keys: Vec<String>,
+}
+
+/// Most records set aside at once (in batches): past it no new batch is claimed until some
+/// are acknowledged, so a stalled partition cannot fill librdkafka's queue.
+const SET_ASIDE_BATCHES: usize = 10;
 
 /// Why the relay stopped other than by a shutdown request. Outages are not in this list: the
 /// relay waits them out.
@@ -206,6 +222,8 @@ enum Turn {
         /// This batch's outcome when the next batch is claimed: it is written while the next
         /// batch is produced, and before anything else is claimed.
         to_mark: Option<Settlement>,
+        /// Records whose partition stalled: still in flight, their reports to come.
+        set_aside: Vec<SetAside>,
     },
     /// The outcome could not be recorded; it must be before the next claim.
     Unsettled(Settlement, OutboxError),
@@ -328,6 +346,8 @@ impl Relay {
         let mut deadline: Option<Instant> = None;
         // Consecutive batches of which the broker took nothing.
         let mut refused_batches = 0u32;
+        // Records still in flight after their batch stopped waiting (a stalled partition).
+        let mut stalled = StalledRecords::default();
 
         loop {
             // Only the next batch's publish may run alongside a pending mark: before a shutdown,
@@ -340,7 +360,14 @@ impl Relay {
             }
             if self.shutdown.is_requested() {
                 let deadline = *deadline.get_or_insert_with(|| Instant::now() + relay.shutdown_timeout);
-                if unsettled.is_none() {
+                if unsettled.is_none() && !stalled.is_empty() && Instant::now() < deadline {
+                    // Records set aside are finished like a batch in flight: their reports are
+                    // awaited within the grace period, then written.
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let _ = tokio::time::timeout(remaining, stalled.any_reported()).await;
+                    unsettled = self.take_reported(&mut stalled);
+                }
+                if unsettled.is_none() && stalled.is_empty() {
                     break;
                 }
                 if Instant::now() >= deadline {
@@ -349,6 +376,13 @@ impl Relay {
                             rows = s.acked.len(),
                             "shutdown grace period over before acknowledged rows could be marked; \
                              they stay unpublished and will be published again (consumers deduplicate by event_id)"
+                        );
+                    }
+                    if !stalled.is_empty() {
+                        warn!(
+                            rows = stalled.len(),
+                            "shutdown grace period over with records of stalled partitions unacknowledged; their rows \
+                             stay unpublished and will be published again"
                         );
                     }
                     break;
@@ -389,6 +423,13 @@ impl Relay {
                 }
             };
 
+            if let Some(reported) = self.take_reported(&mut stalled) {
+                match &mut unsettled {
+                    Some(settlement) => settlement.absorb(reported),
+                    None => unsettled = Some(reported),
+                }
+            }
+            stalled.report(&self.metrics, &self.health, Instant::now());
             if let Some(mut settlement) = unsettled.take()
                 && let Err(e) = self.settle_step(&outbox, &mut settlement).await
             {
@@ -402,8 +443,11 @@ impl Relay {
                 break;
             }
 
-            // Between batches: nothing of any shard is in flight, so shards may change hands.
-            if let Err(e) = shards.rebalance(&outbox).await {
+            // Between batches: nothing of any shard is in flight, so shards may change hands;
+            // not while records are set aside in flight, whose rows another relay would send again.
+            if stalled.is_empty()
+                && let Err(e) = shards.rebalance(&outbox).await
+            {
                 if !e.is_transient() {
                     return Err(e.into());
                 }
@@ -426,8 +470,27 @@ impl Relay {
             if wakeup.take_rescan_request() {
                 floor.rescan();
             }
+            if stalled.len() >= SET_ASIDE_BATCHES * relay.batch_size && to_mark.is_none() {
+                // Enough in flight already: wait for a report before claiming more.
+                let wait = async {
+                    tokio::select! {
+                        _ = stalled.any_reported() => {}
+                        _ = tokio::time::sleep(relay.poll_interval) => {}
+                        _ = self.shutdown.requested() => {}
+                    }
+                };
+                self.with_heartbeat(&outbox, wait).await;
+                connection = Some(outbox);
+                continue;
+            }
             self.health.step_started();
-            let batch = self.relay_batch(&outbox, &publisher, &owned, ahead, to_mark.take(), &mut floor);
+            let claiming = Claiming {
+                shards: &owned,
+                floor: &mut floor,
+                set_aside: stalled.row_ids().map(str::to_owned).collect(),
+                held_keys: stalled.held_keys(),
+            };
+            let batch = self.relay_batch(&outbox, &publisher, ahead, to_mark.take(), claiming);
             let turn = self.with_heartbeat(&outbox, batch).await;
             self.health.step_finished();
             match turn {
@@ -436,12 +499,23 @@ impl Relay {
                     self.idle(&wakeup, &outbox).await;
                     connection = Some(outbox);
                 }
-                Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: marking }) => {
+                Ok(Turn::Relayed {
+                    full,
+                    broker_unavailable,
+                    producer_unusable,
+                    ahead,
+                    to_mark: marking,
+                    set_aside,
+                }) => {
                     to_mark = marking;
+                    stalled.set_aside(set_aside);
                     let has_next = ahead.is_some();
                     claimed_ahead = ahead.map(|rows| (owned, rows));
                     refused_batches = if broker_unavailable { refused_batches + 1 } else { 0 };
-                    if producer_unusable {
+                    if !stalled.is_empty() {
+                        // A new producer would abandon the records set aside in flight; they
+                        // settle first (a broken session fails them, and they go out again).
+                    } else if producer_unusable {
                         warn!("the broker refused this producer session; starting a new producer");
                         publisher = self.new_publisher()?;
                         self.metrics.producer_restarts.inc();
@@ -542,10 +616,9 @@ impl Relay {
         &self,
         outbox: &Outbox,
         publisher: &Publisher,
-        shards: &[i32],
         ahead: Option<Claimed>,
         mut previous: Option<Settlement>,
-        floor: &mut ClaimFloor,
+        mut claiming: Claiming<'_>,
     ) -> Result<Turn, OutboxError> {
         let started = Instant::now();
         let claimed = match ahead {
@@ -557,7 +630,7 @@ impl Relay {
                 {
                     return Ok(Turn::Unsettled(earlier, e));
                 }
-                self.claim(outbox, shards, &[], floor).await?
+                self.claim(outbox, &mut claiming, &[]).await?
             }
         };
         if claimed.rows.is_empty() {
@@ -596,7 +669,7 @@ impl Relay {
             duration_ms = Empty
         );
         let outcome = self
-            .publish_and_settle(outbox, publisher, shards, claimed, previous, started, floor)
+            .publish_and_settle(outbox, publisher, claimed, previous, started, claiming)
             .instrument(span.clone())
             .await;
         if let Ok(Turn::Relayed { .. }) = &outcome {
@@ -611,16 +684,14 @@ impl Relay {
     /// while that one is produced: the database's work overlaps the broker's, and still no row
     /// is marked before its own report, nothing is claimed before the rows before it are
     /// marked, and the next batch goes out only after every row of this one was acknowledged.
-    #[allow(clippy::too_many_arguments)]
     async fn publish_and_settle(
         &self,
         outbox: &Outbox,
         publisher: &Publisher,
-        shards: &[i32],
         claimed: Claimed,
         previous: Option<Settlement>,
         started: Instant,
-        floor: &mut ClaimFloor,
+        mut claiming: Claiming<'_>,
     ) -> Result<Turn, OutboxError> {
         let Claimed { rows: claimed, full } = claimed;
         let claimed_count = claimed.len();
@@ -708,11 +779,13 @@ impl Relay {
                 // Nothing is claimed ahead over rows that may still look unpublished.
                 return (Some((earlier, e)), None);
             }
-            (None, self.claim_ahead(outbox, shards, &in_flight, floor).await)
+            (None, self.claim_ahead(outbox, &mut claiming, &in_flight).await)
         };
-        let deliver = self.awaiting_acknowledgements(publisher.publish(&records), records.len());
+        let stalled_after = self.config.relay.stalled_partition_after;
+        let deliver = self.awaiting_acknowledgements(publisher.publish(&records, stalled_after), records.len());
+        let sent_at = Instant::now();
         let deliver_and_claim_next = async { tokio::join!(deliver, mark_previous_and_claim_next) };
-        let (outcomes, (previous_unsettled, ahead)) = tokio::select! {
+        let (published, (previous_unsettled, ahead)) = tokio::select! {
             both = deliver_and_claim_next => both,
             _ = self.shutdown.grace_expired(self.config.relay.shutdown_timeout) => {
                 return Ok(Turn::Abandoned { rows: records.len() });
@@ -729,7 +802,11 @@ impl Relay {
         // went out ahead of its predecessor. Only a rejection after sending can do that (failures
         // found before sending hold the key back); it is reported, since it cannot be undone.
         let mut refused_keys: HashSet<String> = HashSet::new();
-        for (((id, record), outcome), created_at) in ids.into_iter().zip(records).zip(outcomes).zip(created) {
+        let mut pending: HashMap<usize, PendingReport> =
+            published.unacknowledged.into_iter().map(|report| (report.index, report)).collect();
+        let mut set_aside = Vec::new();
+        let rows = ids.into_iter().zip(records).zip(published.outcomes).zip(created).enumerate();
+        for (index, (((id, record), outcome), created_at)) in rows {
             if let (Outcome::Acked { .. }, Some(key)) = (&outcome, &record.key)
                 && refused_keys.contains(key)
             {
@@ -767,6 +844,20 @@ impl Relay {
                     }
                 }
                 Outcome::Deferred => {}
+                Outcome::StillInFlight => {
+                    if let Some(report) = pending.remove(&index) {
+                        let partition = publisher.partition_of(&record);
+                        set_aside.push(SetAside::new(
+                            id,
+                            record.key,
+                            record.topic,
+                            partition,
+                            created_at,
+                            sent_at,
+                            report,
+                        ));
+                    }
+                }
             }
         }
         if let Some(first) = first_failure {
@@ -789,34 +880,67 @@ impl Relay {
         span.record("failed", settlement.row_failures.len() + settlement.outage_failures.len());
         span.record("deliver_ms", millis(delivery_started.elapsed()));
 
+        if !set_aside.is_empty() {
+            warn!(
+                records = set_aside.len(),
+                acknowledged = settlement.acked.len(),
+                "records of this batch still wait for the broker after relay.stalled_partition_after: set aside in flight, \
+                 so that the rest goes on (their rows and the later rows of their keys wait)"
+            );
+        }
         if let Some((earlier, e)) = previous_unsettled {
             settlement.absorb(earlier);
+            // The records set aside are not lost with the batch: their reports settle them.
+            if !set_aside.is_empty() {
+                warn!(error = %e, "could not mark the previous batch; it is written again before the next claim");
+                return Ok(Turn::Relayed {
+                    full,
+                    broker_unavailable,
+                    producer_unusable,
+                    ahead: None,
+                    to_mark: Some(settlement),
+                    set_aside,
+                });
+            }
             return Ok(Turn::Unsettled(settlement, e));
         }
         if ahead.is_some() {
             self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-            return Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: Some(settlement) });
+            return Ok(Turn::Relayed {
+                full,
+                broker_unavailable,
+                producer_unusable,
+                ahead,
+                to_mark: Some(settlement),
+                set_aside,
+            });
         }
         let mark_started = Instant::now();
         if let Err(e) = self.settle(outbox, &mut settlement).await {
+            if !set_aside.is_empty() {
+                // Written before the next claim, as an unsettled batch would be.
+                warn!(error = %e, "could not mark the batch; it is written again before the next claim");
+                return Ok(Turn::Relayed {
+                    full,
+                    broker_unavailable,
+                    producer_unusable,
+                    ahead,
+                    to_mark: Some(settlement),
+                    set_aside,
+                });
+            }
             return Ok(Turn::Unsettled(settlement, e));
         }
         span.record("mark_ms", millis(mark_started.elapsed()));
         self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-        Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: None })
+        Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: None, set_aside })
     }
 
     /// Claims the batch after `in_flight` while that one awaits its delivery reports, so that
     /// the database's work overlaps the broker's. The rows in flight are left out (they are not
     /// marked yet); everything else follows the claim's usual rules, as if they were published.
-    async fn claim_ahead(
-        &self,
-        outbox: &Outbox,
-        shards: &[i32],
-        in_flight: &[String],
-        floor: &mut ClaimFloor,
-    ) -> Option<Claimed> {
-        match self.claim(outbox, shards, in_flight, floor).await {
+    async fn claim_ahead(&self, outbox: &Outbox, claiming: &mut Claiming<'_>, in_flight: &[String]) -> Option<Claimed> {
+        match self.claim(outbox, claiming, in_flight).await {
             Ok(claimed) if !claimed.rows.is_empty() => Some(claimed),
             Ok(_) => None,
             Err(e) => {
@@ -832,19 +956,22 @@ impl Relay {
     async fn claim(
         &self,
         outbox: &Outbox,
-        shards: &[i32],
+        claiming: &mut Claiming<'_>,
         in_flight: &[String],
-        floor: &mut ClaimFloor,
     ) -> Result<Claimed, OutboxError> {
+        let Claiming { shards, floor, set_aside, held_keys } = claiming;
+        let left_out: Vec<String> = in_flight.iter().chain(set_aside.iter()).cloned().collect();
+        let in_flight = left_out.as_slice();
         let start = floor.start(shards, Instant::now());
         let limit = self.claim_limit.load(Ordering::Relaxed);
-        let mut claim = outbox.claim(limit, self.config.relay.batch_bytes, shards, in_flight, start).await?;
+        let batch_bytes = self.config.relay.batch_bytes;
+        let mut claim = outbox.claim(limit, batch_bytes, shards, in_flight, start, held_keys).await?;
         if floor.observe(start, claim.view.as_ref(), Instant::now()) == Observation::IdsReused {
             self.metrics.table_changes.with_label_values(&["ids_reused"]).inc();
             // The floor is gone: claim again from the beginning, where the rows that took the
             // reused ids are.
             let start = floor.start(shards, Instant::now());
-            claim = outbox.claim(limit, self.config.relay.batch_bytes, shards, in_flight, start).await?;
+            claim = outbox.claim(limit, batch_bytes, shards, in_flight, start, held_keys).await?;
             floor.observe(start, claim.view.as_ref(), Instant::now());
         }
         // Rows too large for a whole window of them: ask for no more rows than fitted, so the
@@ -857,6 +984,47 @@ impl Relay {
         };
         self.claim_limit.store(next, Ordering::Relaxed);
         Ok(Claimed { rows: claim.rows, full: claim.full })
+    }
+
+    /// The outcome of the records set aside whose reports have come, to be written as a
+    /// batch's is; `None` when none has come.
+    fn take_reported(&self, stalled: &mut StalledRecords) -> Option<Settlement> {
+        let reported = stalled.take_reported();
+        if reported.is_empty() {
+            return None;
+        }
+        let mut settlement = Settlement::default();
+        for (record, outcome) in reported {
+            match outcome {
+                Outcome::Acked { at } => {
+                    if let (Some(created_at), Ok(acked_at)) = (record.created_at, at.duration_since(UNIX_EPOCH)) {
+                        self.metrics.delivery_latency.observe((acked_at.as_secs_f64() - created_at).max(0.0));
+                    }
+                    settlement.acked.push(AckedRow { row: record.row, topic: record.topic });
+                }
+                Outcome::Failed(failure) => {
+                    self.metrics.publish_errors.with_label_values(&[failure.reason]).inc();
+                    let failed = RowFailure { row: record.row, key: record.key, error: failure.message };
+                    if failure.transient {
+                        settlement.outage_failures.push(failed);
+                    } else {
+                        self.failure_reports.report(&failed.row.id, failure.reason, &failed.error);
+                        settlement.row_failures.push(failed);
+                    }
+                }
+                // A report resolves to an acknowledgement or a failure only.
+                Outcome::Deferred | Outcome::StillInFlight => {}
+            }
+        }
+        if !settlement.acked.is_empty() {
+            self.health.progress();
+        }
+        info!(
+            acknowledged = settlement.acked.len(),
+            failed = settlement.row_failures.len() + settlement.outage_failures.len(),
+            "reports came for records set aside while their partition stalled"
+        );
+        Some(settlement)
     }
 
     /// [`Relay::settle`] as a step the liveness probe watches.

@@ -753,9 +753,10 @@ impl Layout {
 
     /// The next rows to publish, in claim order. Parameters: `$1` the batch size, `$2` the
     /// shards this relay owns (`int4[]`), `$3`/`$4` the retry backoff bounds in seconds, `$5`
-    /// ids (as text) to leave out: the batch in flight, when the next one is claimed ahead;
-    /// `$6` where to start in claim order (`int8`, NULL for the beginning; see
-    /// [`crate::claim_floor`]).
+    /// ids (as text) to leave out: the batch in flight, when the next one is claimed ahead,
+    /// and records set aside while their partition stalls; `$6` where to start in claim order
+    /// (`int8`, NULL for the beginning; see [`crate::claim_floor`]); `$7` keys (as text) none of
+    /// whose rows may be claimed: those held behind a record set aside.
     ///
     /// It looks at a window of the next `$1` unpublished rows of the shards (skipping rows that
     /// failed for good, rows waiting out a retry backoff and rows held back by such an earlier
@@ -778,6 +779,11 @@ impl Layout {
             filters.push(due);
         }
         filters.push(format!("NOT (o.{id} = ANY($5::text[]::{ty}[]))", id = m.id, ty = self.id_type));
+        // Keys held behind a record whose partition stalled (see `crate::stalled`).
+        match &m.key {
+            Some(key) => filters.push(format!("(o.{key} IS NULL OR NOT (o.{key}::text = ANY($7::text[])))")),
+            None => filters.push("$7::text[] IS NOT NULL".to_owned()),
+        }
         if m.last_attempt_at.is_none() {
             // Keep $3 and $4 typed when no clause uses them.
             filters.push("$3::float8 IS NOT NULL AND $4::float8 IS NOT NULL".to_owned());

@@ -27,7 +27,7 @@ async fn claim_and_mark_all(outbox: &Outbox, floor: &mut ClaimFloor, shards: &[i
     let mut marked = Vec::new();
     loop {
         let start = floor.start(shards, Instant::now());
-        let claim = outbox.claim(100, usize::MAX, shards, &[], start).await.expect("claim");
+        let claim = outbox.claim(100, usize::MAX, shards, &[], start, &[]).await.expect("claim");
         floor.observe(start, claim.view.as_ref(), Instant::now());
         if claim.rows.is_empty() {
             return marked;
@@ -225,7 +225,7 @@ async fn a_row_being_retried_is_claimed_without_the_later_rows_of_its_key() {
     db.execute("UPDATE outbox SET attempts = 1, last_error = 'rejected by the broker' WHERE id = $1", &[&ids[0]])
         .await
         .unwrap();
-    let claim = outbox.claim(100, usize::MAX, &shards, &[], None).await.unwrap();
+    let claim = outbox.claim(100, usize::MAX, &shards, &[], None, &[]).await.unwrap();
     let claimed: Vec<i64> = claim.rows.into_iter().map(|r| r.unwrap().id.parse().unwrap()).collect();
     assert_eq!(claimed, [ids[0], ids[2]], "if K's first row fails again, its second must not have gone out");
 }
@@ -277,12 +277,12 @@ async fn a_claim_stops_at_its_byte_limit_and_a_row_larger_than_it_comes_alone() 
     .await
     .unwrap();
 
-    let claim = outbox.claim(100, 250_000, &shards, &[], None).await.unwrap();
+    let claim = outbox.claim(100, 250_000, &shards, &[], None, &[]).await.unwrap();
     assert_eq!(claim.rows.len(), 2, "two rows of about 100 kB fit in 250 kB, three do not");
     assert!(claim.full, "rows were left behind");
-    let claim = outbox.claim(100, 1_024, &shards, &[], None).await.unwrap();
+    let claim = outbox.claim(100, 1_024, &shards, &[], None, &[]).await.unwrap();
     assert_eq!(claim.rows.len(), 1, "a row larger than the limit comes alone");
-    let claim = outbox.claim(100, usize::MAX, &shards, &[], None).await.unwrap();
+    let claim = outbox.claim(100, usize::MAX, &shards, &[], None, &[]).await.unwrap();
     assert_eq!(claim.rows.len(), 5);
     assert!(!claim.full, "everything claimable was claimed");
 }

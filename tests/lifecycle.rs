@@ -144,6 +144,12 @@ async fn a_broker_hung_for_fifteen_seconds_while_a_writer_inserts_duplicates_not
 
     broker.freeze(1);
     wait_until(PATIENCE, "/readyz to fail", || async { http_get(&addr, "/readyz").await.0 == 503 }).await;
+    // Rows the broker acknowledged just before it froze may be marked once the batch's other
+    // records are set aside (relay.stalled_partition_after); from then on nothing is.
+    wait_until(PATIENCE, "the unacknowledged records to be set aside", || async {
+        scrape(&addr).await.lines().any(|l| l.starts_with("outbox_relay_stalled_records{") && !l.ends_with(" 0"))
+    })
+    .await;
     let marked_when_hung = marked_event_ids(&db).await;
     // The hang itself: its length is the scenario, not a wait for a condition.
     tokio::time::sleep(std::time::Duration::from_secs(15)).await;
