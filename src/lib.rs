@@ -25,6 +25,8 @@
 //!   heartbeat that shows it alive, and the takeover of relays that look frozen.
 //! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
 //! - [`health`]: what `/healthz` and `/readyz` answer.
+//! - [`quarantine`]: rows whose outcome the database refuses to record, kept apart so that the
+//!   rest flows.
 //! - [`row_failures`]: says once per row and failure, not per attempt, that a row failed.
 //! - [`retention`]: deletes published rows after a configured age, in small batches.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint; [`stats`] refreshes the table's
@@ -51,6 +53,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod pg_tls;
 pub mod publisher;
+pub mod quarantine;
 pub mod record;
 pub mod relay;
 pub mod retention;

@@ -163,6 +163,18 @@ impl OutboxError {
         matches!(self, OutboxError::Connect { .. } | OutboxError::Query { .. } | OutboxError::TableReplaced { .. })
     }
 
+    /// Whether the server refused a statement because of the values of some row it touched:
+    /// a data exception (a value too long, say), an integrity constraint, a program limit (an
+    /// index entry too large) or an exception a trigger raised. Writing the same rows again
+    /// fails the same way; writing them one by one finds the row.
+    pub fn is_refused_for_a_row(&self) -> bool {
+        let OutboxError::Query { source, .. } = self else { return false };
+        source.code().is_some_and(|code| {
+            let code = code.code();
+            code.starts_with("22") || code.starts_with("23") || code.starts_with("54") || code == "P0001"
+        })
+    }
+
     /// Whether the server refused the login itself: no such database, no such role, a wrong
     /// password, or no `pg_hba.conf` entry for it.
     pub fn is_refused_login(&self) -> bool {

@@ -34,6 +34,7 @@ use crate::health::Health;
 use crate::metrics::{self, Metrics, ServeError};
 use crate::outbox::{Outbox, OutboxError};
 use crate::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, PendingReport, Publisher, PublisherError};
+use crate::quarantine::{Quarantine, QuarantinedRow, Unwritten};
 use crate::record::{OutboxRow, Record, RowFailure, RowKey, RowRef, UnreadableRow};
 use crate::row_failures::RowFailureReports;
 use crate::shards::{self, Shards};
@@ -144,6 +145,8 @@ pub struct Relay {
     claim_limit: AtomicUsize,
     /// Which row failures were already reported.
     failure_reports: RowFailureReports,
+    /// Rows whose outcome the database refused to record (never held across an await).
+    quarantine: std::sync::Mutex<Quarantine>,
 }
 
 /// A row the broker acknowledged, and its topic (for the per-topic counter).
@@ -245,6 +248,7 @@ impl Relay {
             shutdown,
             claim_limit,
             failure_reports: RowFailureReports::default(),
+            quarantine: std::sync::Mutex::new(Quarantine::default()),
         })
     }
 
@@ -430,6 +434,7 @@ impl Relay {
                 }
             }
             stalled.report(&self.metrics, &self.health, Instant::now());
+            self.write_quarantined(&outbox).await;
             if let Some(mut settlement) = unsettled.take()
                 && let Err(e) = self.settle_step(&outbox, &mut settlement).await
             {
@@ -960,8 +965,16 @@ impl Relay {
         in_flight: &[String],
     ) -> Result<Claimed, OutboxError> {
         let Claiming { shards, floor, set_aside, held_keys } = claiming;
-        let left_out: Vec<String> = in_flight.iter().chain(set_aside.iter()).cloned().collect();
-        let in_flight = left_out.as_slice();
+        let mut left_out: Vec<String> = in_flight.iter().chain(set_aside.iter()).cloned().collect();
+        // Read at each claim: the mark written just before it may have kept rows apart.
+        let mut held: Vec<String> = held_keys.clone();
+        if let Ok(quarantine) = self.quarantine.lock()
+            && !quarantine.is_empty()
+        {
+            left_out.extend(quarantine.row_ids().map(str::to_owned));
+            held.extend(quarantine.held_keys());
+        }
+        let (in_flight, held_keys) = (left_out.as_slice(), held.as_slice());
         let start = floor.start(shards, Instant::now());
         let limit = self.claim_limit.load(Ordering::Relaxed);
         let batch_bytes = self.config.relay.batch_bytes;
@@ -1039,14 +1052,22 @@ impl Relay {
     async fn settle(&self, outbox: &Outbox, settlement: &mut Settlement) -> Result<(), OutboxError> {
         if !settlement.acked_marked {
             let rows: Vec<RowRef> = settlement.acked.iter().map(|acked| acked.row.clone()).collect();
-            outbox.mark_published(&rows).await?;
+            match outbox.mark_published(&rows).await {
+                Ok(_) => {}
+                Err(e) if e.is_refused_for_a_row() => self.mark_row_by_row(outbox, settlement, &e).await?,
+                Err(e) => return Err(e),
+            }
             settlement.acked_marked = true;
             for acked in &settlement.acked {
                 self.metrics.published.with_label_values(&[&acked.topic]).inc();
             }
             self.failure_reports.forget(settlement.acked.iter().map(|acked| acked.row.id.as_str()));
         }
-        let given_up = outbox.record_failures(&settlement.row_failures, &settlement.outage_failures).await?;
+        let given_up = match outbox.record_failures(&settlement.row_failures, &settlement.outage_failures).await {
+            Ok(given_up) => given_up,
+            Err(e) if e.is_refused_for_a_row() => self.record_failures_row_by_row(outbox, settlement, &e).await?,
+            Err(e) => return Err(e),
+        };
         let row_retries = settlement.row_failures.len().saturating_sub(given_up.len());
         self.metrics.retries.with_label_values(&["row"]).inc_by(row_retries as u64);
         self.metrics.retries.with_label_values(&["outage"]).inc_by(settlement.outage_failures.len() as u64);
@@ -1078,6 +1099,110 @@ impl Relay {
             "batch settled"
         );
         Ok(())
+    }
+
+    /// Marks a batch's acknowledged rows one by one after the database refused the batch's mark
+    /// (`refused`) because of some row: each row it refuses again is kept apart and named.
+    async fn mark_row_by_row(
+        &self,
+        outbox: &Outbox,
+        settlement: &Settlement,
+        refused: &OutboxError,
+    ) -> Result<(), OutboxError> {
+        warn!(rows = settlement.acked.len(), error = %refused, "the database refused a batch's mark; marking row by row");
+        for acked in &settlement.acked {
+            match outbox.mark_published(std::slice::from_ref(&acked.row)).await {
+                Ok(_) => {}
+                Err(e) if e.is_refused_for_a_row() => {
+                    error!(
+                        row = %acked.row,
+                        error = %e,
+                        "the broker acknowledged this row but the database refuses to mark it published; it is not \
+                         published again while the relay runs, and marked once the database takes it (a restart before \
+                         that publishes it once more)"
+                    );
+                    let unwritten = Unwritten::Mark { topic: acked.topic.clone() };
+                    if let Ok(mut quarantine) = self.quarantine.lock() {
+                        quarantine.add(acked.row.clone(), None, unwritten, Instant::now());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a batch's failures one by one after the database refused the batch's record
+    /// (`refused`): each row it refuses again is kept apart, its key held, and named. Returns
+    /// the rows given up on.
+    async fn record_failures_row_by_row(
+        &self,
+        outbox: &Outbox,
+        settlement: &Settlement,
+        refused: &OutboxError,
+    ) -> Result<Vec<String>, OutboxError> {
+        warn!(error = %refused, "the database refused to record a batch's failures; recording them row by row");
+        let mut given_up = Vec::new();
+        let failures = settlement.row_failures.iter().map(|f| (f, false));
+        for (failure, outage) in failures.chain(settlement.outage_failures.iter().map(|f| (f, true))) {
+            let (rows, outages) = if outage {
+                (&[][..], std::slice::from_ref(failure))
+            } else {
+                (std::slice::from_ref(failure), &[][..])
+            };
+            match outbox.record_failures(rows, outages).await {
+                Ok(ids) => given_up.extend(ids),
+                Err(e) if e.is_refused_for_a_row() => {
+                    error!(
+                        row = %failure.row,
+                        error = %e,
+                        "the database refuses to record this row's failed attempt; the row and the later rows of its key \
+                         wait until it does"
+                    );
+                    let unwritten = Unwritten::Failure { failure: failure.clone(), outage };
+                    if let Ok(mut quarantine) = self.quarantine.lock() {
+                        quarantine.add(failure.row.clone(), failure.key.clone(), unwritten, Instant::now());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(given_up)
+    }
+
+    /// Tries again to write what the database refused for rows kept apart, for those due.
+    async fn write_quarantined(&self, outbox: &Outbox) {
+        let due = match self.quarantine.lock() {
+            Ok(mut quarantine) => quarantine.take_due(Instant::now()),
+            Err(_) => return,
+        };
+        for kept in due {
+            let written = match &kept.unwritten {
+                Unwritten::Mark { .. } => outbox.mark_published(std::slice::from_ref(&kept.row)).await.map(|_| ()),
+                Unwritten::Failure { failure, outage: false } => {
+                    outbox.record_failures(std::slice::from_ref(failure), &[]).await.map(|_| ())
+                }
+                Unwritten::Failure { failure, outage: true } => {
+                    outbox.record_failures(&[], std::slice::from_ref(failure)).await.map(|_| ())
+                }
+            };
+            self.after_quarantined_write(kept, written);
+        }
+    }
+
+    /// Releases a row kept apart once written, or keeps it for another try.
+    fn after_quarantined_write(&self, kept: QuarantinedRow, written: Result<(), OutboxError>) {
+        match written {
+            Ok(()) => {
+                info!(row = %kept.row, "the database took what it had refused for this row; it is released");
+            }
+            Err(e) => {
+                debug!(row = %kept.row, error = %e, "the database still refuses this row's outcome");
+                if let Ok(mut quarantine) = self.quarantine.lock() {
+                    quarantine.refused_again(kept, Instant::now());
+                }
+            }
+        }
     }
 
     /// Waits for a wake-up (rows committed), the poll interval, or shutdown, keeping the claim

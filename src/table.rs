@@ -448,7 +448,11 @@ impl Mapping {
         }
         let id_type = type_of("outbox.columns.id", &self.id)?;
         let order_type = type_of("outbox.columns.order_by", &self.order_by)?;
-        Ok(Layout { mapping: self.clone(), payload, id_type, order_type })
+        let last_error_type = match &self.last_error {
+            Some(last_error) => Some(type_of("outbox.columns.last_error", last_error)?),
+            None => None,
+        };
+        Ok(Layout { mapping: self.clone(), payload, id_type, order_type, last_error_type })
     }
 }
 
@@ -494,6 +498,10 @@ pub struct Layout {
     pub id_type: String,
     /// `format_type` of the order column, to warn when it cannot order anything.
     pub order_type: String,
+    /// `format_type` of the last-error column (`text`, `character varying(255)`): errors are
+    /// cast to it explicitly, which cuts a long error to the column's length instead of
+    /// failing the statement that records it.
+    pub last_error_type: Option<String>,
 }
 
 /// Position of each selected column in the claim statement's result.
@@ -873,6 +881,14 @@ impl Layout {
         )
     }
 
+    /// The error of failure `f`, cut to the last-error column's length if it has one.
+    fn error_value(&self, f: &str) -> String {
+        match &self.last_error_type {
+            Some(ty) => format!("{f}.error::{ty}"),
+            None => format!("{f}.error"),
+        }
+    }
+
     /// The condition that row `t` is the one claimed as `f.id`, `f.event_id` (see
     /// [`crate::record::RowRef`]); a NULL event id matches by id alone.
     fn is_the_claimed_row(&self, t: &str, f: &str) -> String {
@@ -972,7 +988,7 @@ impl Layout {
             sets.push(format!("{attempts} = t.{attempts} + 1"));
         }
         if let Some(last_error) = &m.last_error {
-            sets.push(format!("{last_error} = f.error"));
+            sets.push(format!("{last_error} = {}", self.error_value("f")));
         }
         if sets.is_empty() {
             return None;
@@ -1004,8 +1020,9 @@ impl Layout {
         let m = &self.mapping;
         let last_error = m.last_error.as_ref()?;
         Some(format!(
-            "UPDATE {table} AS t SET {last_error} = f.error \
+            "UPDATE {table} AS t SET {last_error} = {error} \
              FROM unnest($1::text[], $2::text[], $3::text[]) AS f(id, error, event_id) WHERE {is_claimed}",
+            error = self.error_value("f"),
             table = m.table_sql(),
             is_claimed = self.is_the_claimed_row("t", "f"),
         ))

@@ -156,6 +156,45 @@ async fn a_null_topic_in_a_custom_table_is_a_poison_row_not_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_longer_than_a_varchar_last_error_column_is_cut_to_fit_and_recorded() {
+    let env = TestEnv::start().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE events (
+            id bigserial PRIMARY KEY, event_id uuid NOT NULL DEFAULT gen_random_uuid(),
+            topic text, key text, payload jsonb, created_at timestamptz NOT NULL DEFAULT now(),
+            published_at timestamptz, attempts int NOT NULL DEFAULT 0, last_error varchar(40),
+            last_attempt_at timestamptz, failed_at timestamptz)",
+    )
+    .await
+    .unwrap();
+    let topic = env.create_topic(1).await;
+    let missing = unique_name("missing");
+    db.execute("INSERT INTO events (topic, key, payload) VALUES ($1, 'X', '{}'), ($2, 'Y', '{}')", &[&missing, &topic])
+        .await
+        .unwrap();
+    let mut config = env.poison_config(3);
+    config.outbox.table = "events".into();
+    config.outbox.columns.headers = None;
+    config.outbox.columns.xact_id = None;
+    let relay = env.spawn_relay(config);
+    consume(&env.brokers, &topic, 1).await;
+    wait_until(PATIENCE, "the row for a missing topic to be given up on", || async {
+        db.query_one("SELECT failed_at IS NOT NULL FROM events WHERE key = 'X'", &[]).await.unwrap().get::<_, bool>(0)
+    })
+    .await;
+    let (attempts, error): (i32, String) = db
+        .query_one("SELECT attempts, last_error FROM events WHERE key = 'X'", &[])
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(attempts, 3, "every attempt recorded, though the error is longer than the column");
+    assert_eq!(error.chars().count(), 40, "cut to varchar(40): {error}");
+    assert!(error.starts_with("topic missing_"), "{error}");
+    relay.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_by_id_and_all_requeue_failed_rows_and_nothing_else() {
     let env = TestEnv::start().await;
     env.migrate().await;
@@ -465,4 +504,61 @@ async fn a_failing_row_with_a_very_long_key_is_recorded_and_other_keys_flow() {
     assert_eq!(records.len(), 50, "every other row published once");
     assert!(!relay.is_finished());
     relay.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_database_refuses_to_record_are_kept_apart_named_and_written_once_it_takes_them() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    // A trigger that refuses to mark one row, and to record another's failed attempt.
+    db.batch_execute(
+        "CREATE FUNCTION refuse_some() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.key = 'cursed' AND NEW.published_at IS NOT NULL THEN RAISE EXCEPTION 'cursed rows stay'; END IF; \
+           IF NEW.key = 'doomed' AND NEW.attempts > OLD.attempts THEN RAISE EXCEPTION 'doomed rows stay'; END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_some BEFORE UPDATE ON outbox FOR EACH ROW EXECUTE FUNCTION refuse_some();",
+    )
+    .await
+    .unwrap();
+    let mut events: Vec<NewEvent> = (0..20).map(|n| NewEvent::keyed(&topic, &format!("k{}", n % 4), n)).collect();
+    events.insert(5, NewEvent::keyed(&topic, "cursed", 0));
+    events.insert(10, NewEvent::keyed(&missing, "doomed", 0));
+    events.push(NewEvent::keyed(&topic, "doomed", 1));
+    insert_events(&db, &events).await;
+    let cursed_id: i64 = db.query_one("SELECT id FROM outbox WHERE key = 'cursed'", &[]).await.unwrap().get(0);
+    let relay = spawn_relay_process(&env, &env.poison_config(5));
+
+    wait_until(PATIENCE, "every other row published", || async { unpublished_count(&db).await == 3 }).await;
+    relay.wait_for_log(&format!("row={cursed_id} ")).await;
+    relay.wait_for_log("refuses to mark it published").await;
+    relay.wait_for_log("refuses to record this row's failed attempt").await;
+    // Tried again (at debug level) while the trigger stands; never published again meanwhile.
+    wait_until(PATIENCE, "two more tries of both rows", || async {
+        relay.log().matches("the database still refuses this row's outcome").count() >= 4
+    })
+    .await;
+    let records = read_topic(&env.brokers, &topic).await;
+    assert_eq!(records.iter().filter(|r| r.key.as_deref() == Some("cursed")).count(), 1, "published once");
+    assert!(identical_duplicates(&records).is_empty(), "nothing published twice");
+    assert!(!records.iter().any(|r| r.key.as_deref() == Some("doomed")), "the key waits behind its failing row");
+
+    db.batch_execute("DROP TRIGGER refuse_some ON outbox").await.unwrap();
+    wait_until(PATIENCE, "the cursed row marked once the database takes it", || async {
+        db.query_one("SELECT published_at IS NOT NULL FROM outbox WHERE key = 'cursed'", &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    wait_until(PATIENCE, "the doomed row's failure recorded", || async {
+        db.query_one("SELECT attempts > 0 FROM outbox WHERE key = 'doomed' AND topic <> $1", &[&topic])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    relay.wait_for_log("is released").await;
 }
