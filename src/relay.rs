@@ -893,52 +893,39 @@ impl Relay {
                  so that the rest goes on (their rows and the later rows of their keys wait)"
             );
         }
+        // The records set aside are never dropped with their batch: a batch whose outcome could
+        // not be written goes back as one to write before the next claim, with them.
+        let relayed = |ahead, to_mark, set_aside| Turn::Relayed {
+            full,
+            broker_unavailable,
+            producer_unusable,
+            ahead,
+            to_mark,
+            set_aside,
+        };
         if let Some((earlier, e)) = previous_unsettled {
             settlement.absorb(earlier);
-            // The records set aside are not lost with the batch: their reports settle them.
-            if !set_aside.is_empty() {
-                warn!(error = %e, "could not mark the previous batch; it is written again before the next claim");
-                return Ok(Turn::Relayed {
-                    full,
-                    broker_unavailable,
-                    producer_unusable,
-                    ahead: None,
-                    to_mark: Some(settlement),
-                    set_aside,
-                });
+            if set_aside.is_empty() {
+                return Ok(Turn::Unsettled(settlement, e));
             }
-            return Ok(Turn::Unsettled(settlement, e));
+            warn!(error = %e, "could not mark the previous batch; it is written again before the next claim");
+            return Ok(relayed(None, Some(settlement), set_aside));
         }
         if ahead.is_some() {
             self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-            return Ok(Turn::Relayed {
-                full,
-                broker_unavailable,
-                producer_unusable,
-                ahead,
-                to_mark: Some(settlement),
-                set_aside,
-            });
+            return Ok(relayed(ahead, Some(settlement), set_aside));
         }
         let mark_started = Instant::now();
         if let Err(e) = self.settle(outbox, &mut settlement).await {
-            if !set_aside.is_empty() {
-                // Written before the next claim, as an unsettled batch would be.
-                warn!(error = %e, "could not mark the batch; it is written again before the next claim");
-                return Ok(Turn::Relayed {
-                    full,
-                    broker_unavailable,
-                    producer_unusable,
-                    ahead,
-                    to_mark: Some(settlement),
-                    set_aside,
-                });
+            if set_aside.is_empty() {
+                return Ok(Turn::Unsettled(settlement, e));
             }
-            return Ok(Turn::Unsettled(settlement, e));
+            warn!(error = %e, "could not mark the batch; it is written again before the next claim");
+            return Ok(relayed(ahead, Some(settlement), set_aside));
         }
         span.record("mark_ms", millis(mark_started.elapsed()));
         self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-        Ok(Turn::Relayed { full, broker_unavailable, producer_unusable, ahead, to_mark: None, set_aside })
+        Ok(relayed(ahead, None, set_aside))
     }
 
     /// Claims the batch after `in_flight` while that one awaits its delivery reports, so that
@@ -1121,10 +1108,7 @@ impl Relay {
                          published again while the relay runs, and marked once the database takes it (a restart before \
                          that publishes it once more)"
                     );
-                    let unwritten = Unwritten::Mark { topic: acked.topic.clone() };
-                    if let Ok(mut quarantine) = self.quarantine.lock() {
-                        quarantine.add(acked.row.clone(), None, unwritten, Instant::now());
-                    }
+                    self.keep_apart(acked.row.clone(), None, Unwritten::Mark { topic: acked.topic.clone() });
                 }
                 Err(e) => return Err(e),
             }
@@ -1160,14 +1144,19 @@ impl Relay {
                          wait until it does"
                     );
                     let unwritten = Unwritten::Failure { failure: failure.clone(), outage };
-                    if let Ok(mut quarantine) = self.quarantine.lock() {
-                        quarantine.add(failure.row.clone(), failure.key.clone(), unwritten, Instant::now());
-                    }
+                    self.keep_apart(failure.row.clone(), failure.key.clone(), unwritten);
                 }
                 Err(e) => return Err(e),
             }
         }
         Ok(given_up)
+    }
+
+    /// Keeps `row` apart until `unwritten` can be written ([`crate::quarantine`]).
+    fn keep_apart(&self, row: RowRef, key: Option<String>, unwritten: Unwritten) {
+        if let Ok(mut quarantine) = self.quarantine.lock() {
+            quarantine.add(row, key, unwritten, Instant::now());
+        }
     }
 
     /// Tries again to write what the database refused for rows kept apart, for those due.

@@ -175,7 +175,10 @@ async fn the_claim_looks_up_a_keys_failing_rows_in_the_hash_index() {
     let claim = outbox.layout().claim_sql();
     db.batch_execute(&format!("PREPARE claim AS {claim}")).await.unwrap_or_else(|e| panic!("{e:?}\n{claim}"));
     let plan: Vec<String> = db
-        .query("EXPLAIN EXECUTE claim(500, ARRAY[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15], 1, 300, '{}', NULL, '{}')", &[])
+        .query(
+            "EXPLAIN EXECUTE claim(500, ARRAY[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15], 1, 300, '{}', NULL, '{}')",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
