@@ -22,7 +22,8 @@
 //! - [`shards`]: which shards of the table this relay publishes, when several relays run; the
 //!   heartbeat that shows it alive, and the takeover of relays that look frozen.
 //! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
-//! - [`health`]: what `/healthz` and `/readyz` answer.
+//! - [`health`]: what `/healthz` and `/readyz` answer; [`lock_watch`] tells it when a statement
+//!   of the loop waits on a lock another session holds (reported, not taken for a stuck loop).
 //! - [`row_failures`]: says once per row and failure, not per attempt, that a row failed.
 //! - [`retention`]: deletes published rows after a configured age, in small batches.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint; [`stats`] refreshes the table's
@@ -45,6 +46,7 @@ pub mod claim_floor;
 pub mod config;
 pub mod health;
 pub mod inbox;
+pub mod lock_watch;
 pub mod metrics;
 pub mod outbox;
 pub mod pg_tls;

@@ -207,6 +207,8 @@ pub struct Outbox {
     locks: LockKeys,
     /// When this session last showed that it exists (and so still holds its locks).
     proof: SessionProof,
+    /// This session's backend process id, as `pg_stat_activity` and `pg_locks` show it.
+    backend_pid: i32,
 }
 
 /// The advisory lock keys of one table ([`LOCK_KEYS_SQL`]): classids derived from the table's
@@ -550,6 +552,11 @@ impl Outbox {
     pub async fn connect(config: &Config, mapping: &Mapping) -> Result<Outbox, OutboxError> {
         let connecting = Instant::now();
         let client = connect_client(config).await?;
+        let backend_pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(OutboxError::query("read the backend pid"))?
+            .get(0);
         let layout = Arc::new(resolve_layout(&client, mapping).await?);
         let locks = resolve_lock_keys(&client, mapping).await?;
         let claim = client.prepare(&layout.claim_sql()).await.map_err(OutboxError::query("prepare claim"))?;
@@ -603,7 +610,13 @@ impl Outbox {
             order_column,
             locks,
             proof: SessionProof::new(connecting),
+            backend_pid,
         })
+    }
+
+    /// This session's backend process id.
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
     }
 
     /// Whether claims may start at a floor ([`crate::claim_floor`]): the order column is an

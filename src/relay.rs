@@ -292,6 +292,7 @@ impl Relay {
                 self.shutdown.clone(),
             ));
         }
+        tokio::spawn(crate::lock_watch::watch(self.config.clone(), self.health.clone(), self.shutdown.clone()));
         tokio::spawn(crate::stats::report(
             self.config.clone(),
             self.mapping.clone(),
@@ -362,10 +363,12 @@ impl Relay {
                     shards.forget();
                     self.metrics.shards_owned.set(0);
                     self.health.set_database_connected(false);
+                    self.health.set_claim_session(None);
                     match self.connect().await {
                         Ok(outbox) => {
                             ever_connected = true;
                             self.health.set_database_connected(true);
+                            self.health.set_claim_session(Some(outbox.backend_pid()));
                             floor = ClaimFloor::new(relay.full_scan_interval, outbox.ids_grow_with_time());
                             info!(table = %self.mapping.table_name(), "connected to PostgreSQL");
                             warn_about_layout(&outbox);

@@ -1,5 +1,6 @@
 //! Stopping and surviving: SIGTERM finishes the batch in flight and exits 0; PostgreSQL or the
-//! broker being down at start or mid-run is waited out without losing or falsely marking a row.
+//! broker being down at start or mid-run is waited out without losing or falsely marking a row,
+//! and a statement waiting on another session's lock is reported, not taken for a stuck relay.
 
 mod support;
 
@@ -267,4 +268,82 @@ async fn a_relay_killed_while_its_statement_waits_leaves_nothing_running_in_post
     })
     .await;
     lock.rollback().await.unwrap();
+}
+
+/// Starts a transaction on a connection of its own that locks the outbox rows matching `filter`
+/// (`SELECT ... FOR UPDATE`, as an application or an operator's session might) and keeps them
+/// locked until the connection rolls back; returns the connection and its backend pid.
+async fn lock_rows(env: &TestEnv, filter: &str) -> (tokio_postgres::Client, i32) {
+    let locker = env.client().await;
+    locker.batch_execute(&format!("BEGIN; SELECT * FROM outbox WHERE {filter} FOR UPDATE")).await.unwrap();
+    let pid = locker.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    (locker, pid)
+}
+
+/// Backend pids of the relay's sessions whose statement waits on a lock.
+async fn relay_sessions_waiting_on_a_lock(db: &tokio_postgres::Client) -> Vec<i32> {
+    let waiting = "SELECT pid FROM pg_stat_activity \
+                   WHERE application_name LIKE 'outbox-relay%' AND wait_event_type = 'Lock'";
+    db.query(waiting, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// Ten rows of ten keys, two of them locked by another session before the relay starts: the
+/// claim (a plain read) is not held up by row locks, so the relay publishes all ten, and then
+/// its mark waits for the two locked rows.
+async fn relay_whose_mark_waits_on_a_row_lock(
+    env: &TestEnv,
+    config: &outbox_relay::Config,
+    topic: &str,
+) -> (RelayProcess, tokio_postgres::Client, i32) {
+    let db = env.client().await;
+    let events: Vec<NewEvent> = (0..10).map(|n| NewEvent::keyed(topic, &format!("k{n}"), n)).collect();
+    insert_events(&db, &events).await;
+    let (locker, locker_pid) = lock_rows(env, "key IN ('k3', 'k7')").await;
+    let relay = spawn_relay_process(env, config);
+    consume(&env.brokers, topic, 10).await;
+    wait_until(PATIENCE, "the relay's mark to wait on the locked rows", || async {
+        !relay_sessions_waiting_on_a_lock(&db).await.is_empty()
+    })
+    .await;
+    (relay, locker, locker_pid)
+}
+
+/// Issue 21: with a 20 s liveness timeout, `/healthz` failed while the relay's mark waited on
+/// another session's row lock, so an orchestrator restarts the relay into the same lock. The
+/// wait is now reported instead: `/readyz` and a warning name the blocking session, and the
+/// relay stays alive for as long as the lock is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_waiting_on_another_sessions_lock_stays_alive_and_names_the_blocking_session() {
+    const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let topic = env.create_topic(1).await;
+    let mut config = env.config();
+    config.metrics.listen = addr.clone();
+    config.health.liveness_timeout = LIVENESS_TIMEOUT;
+    let db = env.client().await;
+    let (mut relay, locker, locker_pid) = relay_whose_mark_waits_on_a_row_lock(&env, &config, &topic).await;
+    let waiting_since = std::time::Instant::now();
+
+    // The wait itself, three liveness timeouts long, is the scenario: alive throughout.
+    while waiting_since.elapsed() < 3 * LIVENESS_TIMEOUT {
+        let (status, body) = http_get(&addr, "/healthz").await;
+        assert_eq!(status, 200, "{body} after {:?} of waiting; log:\n{}", waiting_since.elapsed(), relay.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!relay_sessions_waiting_on_a_lock(&db).await.is_empty(), "still waiting on the lock");
+    let blocker = format!("held by backend pid {locker_pid}");
+    let (status, reasons) = http_get(&addr, "/readyz").await;
+    assert!(status == 503 && reasons.contains(&blocker), "/readyz names the blocking session: {reasons}");
+    let log = relay.log();
+    assert!(log.contains("WARN") && log.contains(&blocker), "so does a warning:\n{log}");
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    wait_until(PATIENCE, "the rows marked and /readyz passing once the lock is released", || async {
+        unpublished_count(&db).await == 0 && http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
 }
