@@ -27,17 +27,19 @@ pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// A lock-wait warning is repeated this often while the wait lasts.
 const WARNING_REPEAT: Duration = Duration::from_secs(30);
 
-/// Looks at the claim session every [`WATCH_INTERVAL`] until shutdown, telling `health` what it
-/// waits for and warning about a wait of [`LOCK_WAIT_REPORTED_AFTER`] or more (again every
-/// 30 s). Without a connection it reports nothing: a wait it cannot see is timed by liveness
-/// as any step is.
+/// Looks at the claim session every [`WATCH_INTERVAL`] until the shutdown grace period is over
+/// (a wait that outlasts it is named in the relay's last line), telling `health` what it waits
+/// for and warning about a wait of [`LOCK_WAIT_REPORTED_AFTER`] or more (again every 30 s).
+/// Without a connection it reports nothing: a wait it cannot see is timed by liveness as any
+/// step is.
 pub async fn watch(config: Config, health: Arc<Health>, shutdown: Shutdown) {
     let mut client: Option<Client> = None;
     let mut warned: Option<Instant> = None;
     loop {
         tokio::select! {
+            biased;
+            _ = shutdown.grace_expired(config.relay.shutdown_timeout) => return,
             _ = tokio::time::sleep(WATCH_INTERVAL) => {}
-            _ = shutdown.requested() => return,
         }
         let Some(pid) = health.claim_session() else {
             health.lock_wait_seen(None);

@@ -1,6 +1,8 @@
-//! Stopping and surviving: SIGTERM finishes the batch in flight and exits 0; PostgreSQL or the
-//! broker being down at start or mid-run is waited out without losing or falsely marking a row,
-//! and a statement waiting on another session's lock is reported, not taken for a stuck relay.
+//! Stopping and surviving: SIGTERM finishes the batch in flight and exits 0, or, when the grace
+//! period ends first (whatever the broker or PostgreSQL does), exits 4 leaving it unpublished;
+//! PostgreSQL or the broker being down at start or mid-run is waited out without losing or
+//! falsely marking a row, and a statement waiting on another session's lock is reported, not
+//! taken for a stuck relay.
 
 mod support;
 
@@ -224,8 +226,13 @@ async fn when_the_grace_period_ends_the_relay_exits_and_leaves_the_batch_unpubli
         return;
     };
     relay.signal(libc::SIGTERM);
-    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
-    assert!(relay.log().contains("shutdown grace period over"), "log:\n{}", relay.log());
+    assert_eq!(relay.wait().await, Some(4), "a batch abandoned is not a clean stop; log:\n{}", relay.log());
+    let log = relay.log();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("shutdown grace period over") && last.contains("delivery reports of 1 records outstanding"),
+        "the last line says what was abandoned:\n{log}"
+    );
     assert_eq!(unpublished_count(&env.client().await).await, 1, "an unacknowledged row is never marked");
 }
 
@@ -306,6 +313,50 @@ async fn relay_whose_mark_waits_on_a_row_lock(
     })
     .await;
     (relay, locker, locker_pid)
+}
+
+/// Issue 21: another session's `SELECT ... FOR UPDATE` on rows the relay had published kept
+/// its mark waiting, and SIGTERM took as long as the lock was held (76 s against a 10 s grace
+/// period), then exited 0. The grace period now bounds every wait, the relay's statement is
+/// cancelled in PostgreSQL, and the exit status and last line say the batch was abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_mark_waits_on_another_sessions_row_lock_exits_within_the_grace_period_with_status_4() {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+    // Sending the cancel request and exiting.
+    const MARGIN: std::time::Duration = std::time::Duration::from_secs(3);
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let mut config = env.config();
+    config.relay.shutdown_timeout = GRACE;
+    let db = env.client().await;
+    let (mut relay, locker, locker_pid) = relay_whose_mark_waits_on_a_row_lock(&env, &config, &topic).await;
+
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_within(GRACE + MARGIN).await, Some(4), "log:\n{}", relay.log());
+    let log = relay.log();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(last.contains("shutdown grace period over"), "the last line says the batch was abandoned:\n{log}");
+    assert!(last.contains(&format!("held by backend pid {locker_pid}")), "and names the blocking session:\n{log}");
+    wait_until(std::time::Duration::from_secs(2), "the relay's statement to be cancelled", || async {
+        relay_sessions_waiting_on_a_lock(&db).await.is_empty()
+    })
+    .await;
+    let locked_published: i64 = db
+        .query_one("SELECT count(*) FROM outbox WHERE key IN ('k3', 'k7') AND published_at IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(locked_published, 0, "the locked rows stay unpublished");
+
+    // At least once: once the lock is gone, the next run publishes every row (some again).
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let mut rerun = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
+    rerun.signal(libc::SIGTERM);
+    assert_eq!(rerun.wait().await, Some(0), "a clean stop exits 0; log:\n{}", rerun.log());
+    let on_topic: HashSet<String> = read_topic(&env.brokers, &topic).await.iter().map(|r| r.event_id()).collect();
+    assert_eq!(on_topic, all_event_ids(&db).await, "every row is on the topic");
 }
 
 /// Issue 21: with a 20 s liveness timeout, `/healthz` failed while the relay's mark waited on

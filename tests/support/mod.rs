@@ -738,12 +738,17 @@ impl RelayProcess {
 
     /// Waits for the process to exit and returns its exit code (None if killed by a signal).
     pub async fn wait(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + PATIENCE;
+        self.wait_within(PATIENCE).await
+    }
+
+    /// As [`RelayProcess::wait`], panicking if the process has not exited within `within`.
+    pub async fn wait_within(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "relay did not exit; log:\n{}", self.log());
+            assert!(Instant::now() < deadline, "relay did not exit within {within:?}; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
