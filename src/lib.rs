@@ -24,7 +24,8 @@
 //! - [`shards`]: which shards of the table this relay publishes, when several relays run; the
 //!   heartbeat that shows it alive, and the takeover of relays that look frozen.
 //! - [`wakeup`]: LISTEN for the outbox trigger's NOTIFY, so idle relays react at commit.
-//! - [`health`]: what `/healthz` and `/readyz` answer.
+//! - [`health`]: what `/healthz` and `/readyz` answer; [`lock_watch`] tells it when a statement
+//!   of the loop waits on a lock another session holds (reported, not taken for a stuck loop).
 //! - [`quarantine`]: rows whose outcome the database refuses to record, kept apart so that the
 //!   rest flows.
 //! - [`row_failures`]: says once per row and failure, not per attempt, that a row failed.
@@ -49,6 +50,7 @@ pub mod claim_floor;
 pub mod config;
 pub mod health;
 pub mod inbox;
+pub mod lock_watch;
 pub mod metrics;
 pub mod outbox;
 pub mod pg_tls;

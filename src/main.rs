@@ -1,11 +1,13 @@
 //! The `outbox-relay` command: parse arguments, load the configuration, call into the library,
-//! and turn the result into an exit code (0 done, 1 failed, 2 configuration problem).
+//! and turn the result into an exit code (0 done, 1 failed, 2 configuration problem, 3 `audit`
+//! could not finish, 4 `run` stopped with its batch in flight unfinished).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outbox_relay::config::{CONFIG_FILE_ENV, Config};
+use outbox_relay::relay::RelayError;
 use outbox_relay::telemetry::Telemetry;
 use outbox_relay::{Relay, Shutdown, schema};
 
@@ -95,6 +97,9 @@ const EXIT_FAILED: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 /// `audit` could not finish (database, topic or range problem), as distinct from a finding.
 const EXIT_AUDIT_ERROR: u8 = 3;
+/// `run` stopped on request, but the grace period ended before the batch in flight was
+/// finished: its rows will be published again.
+const EXIT_ABANDONED: u8 = 4;
 
 fn main() -> ExitCode {
     // Only test builds read FAILPOINTS; a release build must not panic on a stray variable.
@@ -165,7 +170,11 @@ async fn run(config: Config) -> ExitCode {
             } else {
                 eprintln!("outbox-relay: {e}");
             }
-            ExitCode::from(if e.is_config_problem() { EXIT_CONFIG } else { EXIT_FAILED })
+            ExitCode::from(match e {
+                RelayError::Abandoned { .. } => EXIT_ABANDONED,
+                e if e.is_config_problem() => EXIT_CONFIG,
+                _ => EXIT_FAILED,
+            })
         }
     }
 }

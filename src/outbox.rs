@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
+use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::types::{FromSql, Type};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{CancelToken, Client, Statement};
 
 use crate::claim_floor::{ClaimView, TableIdentity};
 use crate::config::{Config, redact_connection_string};
@@ -219,6 +220,39 @@ pub struct Outbox {
     locks: LockKeys,
     /// When this session last showed that it exists (and so still holds its locks).
     proof: SessionProof,
+    /// This session's backend process id, as `pg_stat_activity` and `pg_locks` show it.
+    backend_pid: i32,
+    /// Cancels the statement this session is running.
+    canceller: StatementCanceller,
+}
+
+/// Asks PostgreSQL to cancel the statement a session is running, as `pg_cancel_backend` would,
+/// over a connection of its own: the session itself may be busy waiting on a lock.
+#[derive(Clone)]
+pub struct StatementCanceller {
+    token: CancelToken,
+    tls: MakeTlsConnector,
+}
+
+impl StatementCanceller {
+    /// The longest wait for the cancel request to reach the server.
+    const WAIT: Duration = Duration::from_secs(1);
+
+    /// Sends the cancel request; a session running nothing ignores it. Returns whether it was
+    /// sent (the server does not say whether it cancelled anything).
+    pub async fn cancel(&self) -> bool {
+        match tokio::time::timeout(Self::WAIT, self.token.cancel_query(self.tls.clone())).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %describe_pg_error(&e), "could not send a cancel request");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("the cancel request did not reach the server in time");
+                false
+            }
+        }
+    }
 }
 
 /// The advisory lock keys of one table ([`LOCK_KEYS_SQL`]): classids derived from the table's
@@ -451,7 +485,13 @@ pub type PgConnection =
 
 /// Opens a plain connection (no statements prepared), for migrations and checks.
 pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
-    let (client, connection) = connect_raw(config).await?;
+    Ok(connect_session(config).await?.0)
+}
+
+/// [`connect_client`], with the TLS connector the connection was opened with (a cancel request
+/// opens a connection of its own, as the session's did).
+async fn connect_session(config: &Config) -> Result<(Client, MakeTlsConnector), OutboxError> {
+    let (client, connection, tls) = open(config).await?;
     let target = describe_target(&config.database.url);
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -478,7 +518,7 @@ pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
             .await
             .map_err(OutboxError::query("set client_connection_check_interval"))?;
     }
-    Ok(client)
+    Ok((client, tls))
 }
 
 /// How often PostgreSQL checks, during a statement, that the relay is still connected.
@@ -492,6 +532,11 @@ fn readable_text(row: &tokio_postgres::Row, index: usize) -> Option<String> {
 
 /// A connection whose `Connection` half the caller drives (to receive notifications).
 pub async fn connect_raw(config: &Config) -> Result<(Client, PgConnection), OutboxError> {
+    let (client, connection, _) = open(config).await?;
+    Ok((client, connection))
+}
+
+async fn open(config: &Config) -> Result<(Client, PgConnection, MakeTlsConnector), OutboxError> {
     let target = describe_target(&config.database.url);
     let settings = |problem: String| OutboxError::Settings { target: target.clone(), problem };
     let options = ConnectOptions::from_config(&config.database).map_err(|e| settings(e.to_string()))?;
@@ -503,7 +548,9 @@ pub async fn connect_raw(config: &Config) -> Result<(Client, PgConnection), Outb
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     }
-    pg.connect(connector).await.map_err(|source| OutboxError::Connect { target, source })
+    let (client, connection) =
+        pg.connect(connector.clone()).await.map_err(|source| OutboxError::Connect { target, source })?;
+    Ok((client, connection, connector))
 }
 
 /// The useful part of a tokio-postgres error. Its own `Display` says only "db error" for
@@ -561,7 +608,13 @@ impl Outbox {
     /// Connects, checks the configured mapping against the table and prepares the statements.
     pub async fn connect(config: &Config, mapping: &Mapping) -> Result<Outbox, OutboxError> {
         let connecting = Instant::now();
-        let client = connect_client(config).await?;
+        let (client, tls) = connect_session(config).await?;
+        let backend_pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(OutboxError::query("read the backend pid"))?
+            .get(0);
+        let canceller = StatementCanceller { token: client.cancel_token(), tls };
         let layout = Arc::new(resolve_layout(&client, mapping).await?);
         let locks = resolve_lock_keys(&client, mapping).await?;
         let claim = client.prepare(&layout.claim_sql()).await.map_err(OutboxError::query("prepare claim"))?;
@@ -615,7 +668,19 @@ impl Outbox {
             order_column,
             locks,
             proof: SessionProof::new(connecting),
+            backend_pid,
+            canceller,
         })
+    }
+
+    /// This session's backend process id.
+    pub fn backend_pid(&self) -> i32 {
+        self.backend_pid
+    }
+
+    /// What cancels the statement this session is running, usable while it runs.
+    pub fn canceller(&self) -> StatementCanceller {
+        self.canceller.clone()
     }
 
     /// Whether claims may start at a floor ([`crate::claim_floor`]): the order column is an

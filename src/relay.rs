@@ -16,7 +16,10 @@
 //!   marked while the next one is produced, and always before anything else is claimed;
 //! - a database or broker outage pauses the loop with capped backoff; it never ends it;
 //! - after a shutdown request no new batch is claimed; the batch in flight is finished
-//!   (reports and mark) within the grace period, or left unmarked to be sent again.
+//!   (reports and mark) within the grace period, or left unmarked to be sent again: every wait
+//!   of the loop, on the broker or on PostgreSQL, ends with the grace period, the relay's
+//!   statement still running is cancelled, and the relay says what it abandoned
+//!   ([`RelayError::Abandoned`]).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -30,15 +33,15 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::backoff::Backoff;
 use crate::claim_floor::{ClaimFloor, Observation};
 use crate::config::{Config, OnPoison};
-use crate::health::Health;
+use crate::health::{Health, LockWait};
 use crate::metrics::{self, Metrics, ServeError};
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Outbox, OutboxError, StatementCanceller};
 use crate::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, PendingReport, Publisher, PublisherError};
 use crate::quarantine::{Quarantine, QuarantinedRow, Unwritten};
 use crate::record::{OutboxRow, Record, RowFailure, RowKey, RowRef, UnreadableRow};
 use crate::row_failures::RowFailureReports;
 use crate::shards::{self, Shards};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Abandoned, Shutdown};
 use crate::stalled::{SetAside, StalledRecords};
 use crate::table::Mapping;
 use crate::wakeup::{CommitSignal, Wakeup};
@@ -72,7 +75,7 @@ struct Claiming<'a> {
 /// are acknowledged, so a stalled partition cannot fill librdkafka's queue.
 const SET_ASIDE_BATCHES: usize = 10;
 
-/// Why the relay stopped other than by a shutdown request. Outages are not in this list: the
+/// Why the relay stopped other than by a clean shutdown. Outages are not in this list: the
 /// relay waits them out.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -109,6 +112,26 @@ pub enum RelayError {
         brokers: String,
         /// What was refused, and what to check.
         refusal: BrokerRefusal,
+    },
+    /// Shutdown was requested and its grace period ended before the batch in flight was
+    /// finished: its rows stay unpublished and are published again by the next run.
+    #[error(
+        "shutdown grace period over (relay.shutdown_timeout = {grace:?}) {what}{}: the batch in flight is abandoned, \
+         its rows stay unpublished and the next run publishes them (those the broker has already, a second time; \
+         consumers deduplicate by event_id)",
+        lock_wait.as_ref().map(|wait| format!(
+            "; its statement was waiting for {} held by {}",
+            wait.waiting_for,
+            wait.holders()
+        )).unwrap_or_default()
+    )]
+    Abandoned {
+        /// The grace period.
+        grace: Duration,
+        /// What was left unfinished.
+        what: Abandoned,
+        /// The lock another session held that the relay's statement was waiting on, when one was.
+        lock_wait: Option<Box<LockWait>>,
     },
 }
 
@@ -314,6 +337,7 @@ impl Relay {
                 self.shutdown.clone(),
             ));
         }
+        tokio::spawn(crate::lock_watch::watch(self.config.clone(), self.health.clone(), self.shutdown.clone()));
         tokio::spawn(crate::stats::report(
             self.config.clone(),
             self.mapping.clone(),
@@ -352,6 +376,10 @@ impl Relay {
         let mut refused_batches = 0u32;
         // Records still in flight after their batch stopped waiting (a stalled partition).
         let mut stalled = StalledRecords::default();
+        // Cancels what the claim session runs when the grace period cuts a statement short.
+        let mut canceller: Option<StatementCanceller> = None;
+        // What the grace period ended before, if it did.
+        let mut abandoned: Option<Abandoned> = None;
 
         loop {
             // Only the next batch's publish may run alongside a pending mark: before a shutdown,
@@ -363,7 +391,7 @@ impl Relay {
                 unsettled = to_mark.take();
             }
             if self.shutdown.is_requested() {
-                let deadline = *deadline.get_or_insert_with(|| Instant::now() + relay.shutdown_timeout);
+                let deadline = *deadline.get_or_insert_with(|| self.grace_deadline());
                 if unsettled.is_none() && !stalled.is_empty() && Instant::now() < deadline {
                     // Records set aside are finished like a batch in flight: their reports are
                     // awaited within the grace period, then written.
@@ -375,19 +403,9 @@ impl Relay {
                     break;
                 }
                 if Instant::now() >= deadline {
-                    if let Some(s) = &unsettled {
-                        warn!(
-                            rows = s.acked.len(),
-                            "shutdown grace period over before acknowledged rows could be marked; \
-                             they stay unpublished and will be published again (consumers deduplicate by event_id)"
-                        );
-                    }
-                    if !stalled.is_empty() {
-                        warn!(
-                            rows = stalled.len(),
-                            "shutdown grace period over with records of stalled partitions unacknowledged; their rows \
-                             stay unpublished and will be published again"
-                        );
+                    abandoned = unmarked(unsettled.iter());
+                    if abandoned.is_none() && !stalled.is_empty() {
+                        abandoned = Some(Abandoned::Unacknowledged { rows: stalled.len() });
                     }
                     break;
                 }
@@ -400,10 +418,17 @@ impl Relay {
                     shards.forget();
                     self.metrics.shards_owned.set(0);
                     self.health.set_database_connected(false);
-                    match self.connect().await {
+                    self.health.set_claim_session(None);
+                    let Some(connected) = self.within_grace(self.connect()).await else {
+                        abandoned = unmarked(unsettled.iter().chain(&to_mark));
+                        break;
+                    };
+                    match connected {
                         Ok(outbox) => {
                             ever_connected = true;
                             self.health.set_database_connected(true);
+                            self.health.set_claim_session(Some(outbox.backend_pid()));
+                            canceller = Some(outbox.canceller());
                             floor = ClaimFloor::new(relay.full_scan_interval, outbox.ids_grow_with_time());
                             info!(table = %self.mapping.table_name(), "connected to PostgreSQL");
                             warn_about_layout(&outbox);
@@ -434,15 +459,25 @@ impl Relay {
                 }
             }
             stalled.report(&self.metrics, &self.health, Instant::now());
-            self.write_quarantined(&outbox).await;
-            if let Some(mut settlement) = unsettled.take()
-                && let Err(e) = self.settle_step(&outbox, &mut settlement).await
-            {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "could not mark the last batch; retrying");
-                unsettled = Some(settlement);
-                self.pause(delay, deadline).await;
-                continue;
+            if self.within_grace(self.write_quarantined(&outbox)).await.is_none() {
+                abandoned = unmarked(unsettled.iter().chain(&to_mark));
+                break;
+            }
+            if let Some(mut settlement) = unsettled.take() {
+                match self.within_grace(self.settle_step(&outbox, &mut settlement)).await {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        let delay = backoff.next_delay();
+                        warn!(error = %e, retry_in = ?delay, "could not mark the last batch; retrying");
+                        unsettled = Some(settlement);
+                        self.pause(delay, deadline).await;
+                        continue;
+                    }
+                    None => {
+                        abandoned = unmarked([&settlement].into_iter());
+                        break;
+                    }
+                }
             }
             if self.shutdown.is_requested() {
                 break;
@@ -450,9 +485,16 @@ impl Relay {
 
             // Between batches: nothing of any shard is in flight, so shards may change hands;
             // not while records are set aside in flight, whose rows another relay would send again.
-            if stalled.is_empty()
-                && let Err(e) = shards.rebalance(&outbox).await
-            {
+            let rebalanced = if stalled.is_empty() {
+                let Some(rebalanced) = self.within_grace(shards.rebalance(&outbox)).await else {
+                    abandoned = unmarked(to_mark.iter());
+                    break;
+                };
+                rebalanced
+            } else {
+                Ok(())
+            };
+            if let Err(e) = rebalanced {
                 if !e.is_transient() {
                     return Err(e.into());
                 }
@@ -496,8 +538,12 @@ impl Relay {
                 held_keys: stalled.held_keys(),
             };
             let batch = self.relay_batch(&outbox, &publisher, ahead, to_mark.take(), claiming);
-            let turn = self.with_heartbeat(&outbox, batch).await;
+            let turn = self.within_grace(self.with_heartbeat(&outbox, batch)).await;
             self.health.step_finished();
+            let Some(turn) = turn else {
+                abandoned = Some(Abandoned::StatementRunning);
+                break;
+            };
             match turn {
                 Ok(Turn::Idle) => {
                     backoff.reset();
@@ -558,10 +604,7 @@ impl Relay {
                     self.pause(delay, deadline).await;
                 }
                 Ok(Turn::Abandoned { rows }) => {
-                    warn!(
-                        rows,
-                        "shutdown grace period over with delivery reports outstanding; the batch stays unpublished and will be published again"
-                    );
+                    abandoned = Some(Abandoned::Unacknowledged { rows });
                     break;
                 }
                 Err(e @ OutboxError::TableReplaced { .. }) => {
@@ -584,12 +627,38 @@ impl Relay {
             }
         }
 
+        if abandoned.is_some()
+            && let Some(canceller) = &canceller
+        {
+            // The statement cut short may still run in PostgreSQL (waiting on a lock, say),
+            // holding the session, and with it the shards' locks, until it ends.
+            canceller.cancel().await;
+        }
         let flush_time = deadline.map(|d| d.saturating_duration_since(Instant::now())).unwrap_or_default();
         if let Err(e) = publisher.flush(flush_time) {
             debug!(error = %e, "flush at shutdown incomplete");
         }
+        if let Some(what) = abandoned {
+            return Err(RelayError::Abandoned {
+                grace: relay.shutdown_timeout,
+                what,
+                lock_wait: self.health.lock_wait().map(Box::new),
+            });
+        }
         info!("relay stopped");
         Ok(())
+    }
+
+    /// When the shutdown grace period ends, once shutdown is requested.
+    fn grace_deadline(&self) -> Instant {
+        let grace = self.config.relay.shutdown_timeout;
+        self.shutdown.deadline(grace).unwrap_or_else(|| Instant::now() + grace)
+    }
+
+    /// Runs `work`, a step that may wait on PostgreSQL or the broker, unless the shutdown grace
+    /// period ends first (`None`).
+    async fn within_grace<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        self.shutdown.within_grace(self.config.relay.shutdown_timeout, work).await
     }
 
     /// Awaits `delivery`, the reports of a batch of `records` records, for as long as it takes
@@ -1230,6 +1299,13 @@ impl Relay {
             }
         }
     }
+}
+
+/// What abandoning these settlements leaves unpublished: their acknowledged rows not yet
+/// marked, if any (failures not recorded leave nothing that was published).
+fn unmarked<'a>(settlements: impl Iterator<Item = &'a Settlement>) -> Option<Abandoned> {
+    let rows: usize = settlements.filter(|s| !s.acked_marked).map(|s| s.acked.len()).sum();
+    (rows > 0).then_some(Abandoned::Unmarked { rows })
 }
 
 /// A duration in milliseconds to a hundredth, for the batch span's fields (a float's full

@@ -811,10 +811,15 @@ impl Layout {
             "NULL::int8".to_owned()
         };
         // A row being retried goes out alone for its key: if it fails again, nothing of its key
-        // claimed with it may have gone out ahead of it.
-        let retrying = match &m.attempts {
-            Some(attempts) => format!("o.{attempts} > 0"),
-            None => "false".to_owned(),
+        // claimed with it may have gone out ahead of it. A row whose last attempt failed keeps
+        // its error until it is published, also once `outbox-relay retry` has set its attempts
+        // back to zero: re-queued, it still goes out alone, so the rows of its key re-queued
+        // with it wait for it.
+        let retrying = match (&m.attempts, &m.last_error) {
+            (Some(attempts), Some(last_error)) => format!("(o.{attempts} > 0 OR o.{last_error} IS NOT NULL)"),
+            (Some(attempts), None) => format!("o.{attempts} > 0"),
+            (None, Some(last_error)) => format!("o.{last_error} IS NOT NULL"),
+            (None, None) => "false".to_owned(),
         };
         let topic: Vec<String> =
             m.topic.columns().iter().enumerate().map(|(i, c)| format!("o.{c}::text AS t{i}")).collect();
@@ -1508,6 +1513,10 @@ mod tests {
         assert!(
             sql.contains("(NOT b.r_ready OR b.r_retrying)"),
             "a row being retried goes out alone for its key: {sql}"
+        );
+        assert!(
+            sql.contains("(o.\"attempts\" > 0 OR o.\"last_error\" IS NOT NULL) AS r_retrying"),
+            "and so does a row `retry` re-queued, whose attempts start again from zero: {sql}"
         );
         assert!(sql.contains("o.\"xact_id\" < pg_snapshot_xmin(pg_current_snapshot())"), "{sql}");
         assert!(sql.contains("% 16) = ANY($2::int4[])"), "only this relay's shards: {sql}");

@@ -5,36 +5,8 @@
 
 mod support;
 
-use std::time::Duration;
-
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use support::*;
 use tokio_postgres::Client;
-
-/// Creates a topic of `partitions` partitions with the topic `configs` given.
-async fn create_topic_with(brokers: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
-    let name = unique_name("topic");
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
-    let mut topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(-1));
-    for (key, value) in configs {
-        topic = topic.set(key, value);
-    }
-    for result in admin.create_topics(&[topic], &AdminOptions::new()).await.expect("create topic") {
-        result.unwrap_or_else(|(topic, e)| panic!("create topic {topic}: {e}"));
-    }
-    wait_until(PATIENCE, "the new topic's metadata", || async {
-        admin
-            .inner()
-            .fetch_metadata(Some(&name), Duration::from_secs(5))
-            .map(|m| m.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()))
-            .unwrap_or(false)
-    })
-    .await;
-    name
-}
 
 /// Inserts `rows` rows of `topic`, row `n` keyed `k-{n % keys}` (or keyless where `keyless(n)`),
 /// with a payload of about `size` bytes carrying `n`.

@@ -1,5 +1,8 @@
-//! Stopping and surviving: SIGTERM finishes the batch in flight and exits 0; PostgreSQL or the
-//! broker being down at start or mid-run is waited out without losing or falsely marking a row.
+//! Stopping and surviving: SIGTERM finishes the batch in flight and exits 0, or, when the grace
+//! period ends first (whatever the broker or PostgreSQL does), exits 4 leaving it unpublished;
+//! PostgreSQL or the broker being down at start or mid-run is waited out without losing or
+//! falsely marking a row, and a statement waiting on another session's lock is reported, not
+//! taken for a stuck relay.
 
 mod support;
 
@@ -229,8 +232,13 @@ async fn when_the_grace_period_ends_the_relay_exits_and_leaves_the_batch_unpubli
         return;
     };
     relay.signal(libc::SIGTERM);
-    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
-    assert!(relay.log().contains("shutdown grace period over"), "log:\n{}", relay.log());
+    assert_eq!(relay.wait().await, Some(4), "a batch abandoned is not a clean stop; log:\n{}", relay.log());
+    let log = relay.log();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("shutdown grace period over") && last.contains("delivery reports of 1 records outstanding"),
+        "the last line says what was abandoned:\n{log}"
+    );
     assert_eq!(unpublished_count(&env.client().await).await, 1, "an unacknowledged row is never marked");
 }
 
@@ -273,4 +281,126 @@ async fn a_relay_killed_while_its_statement_waits_leaves_nothing_running_in_post
     })
     .await;
     lock.rollback().await.unwrap();
+}
+
+/// Starts a transaction on a connection of its own that locks the outbox rows matching `filter`
+/// (`SELECT ... FOR UPDATE`, as an application or an operator's session might) and keeps them
+/// locked until the connection rolls back; returns the connection and its backend pid.
+async fn lock_rows(env: &TestEnv, filter: &str) -> (tokio_postgres::Client, i32) {
+    let locker = env.client().await;
+    locker.batch_execute(&format!("BEGIN; SELECT * FROM outbox WHERE {filter} FOR UPDATE")).await.unwrap();
+    let pid = locker.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    (locker, pid)
+}
+
+/// Backend pids of the relay's sessions whose statement waits on a lock.
+async fn relay_sessions_waiting_on_a_lock(db: &tokio_postgres::Client) -> Vec<i32> {
+    let waiting = "SELECT pid FROM pg_stat_activity \
+                   WHERE application_name LIKE 'outbox-relay%' AND wait_event_type = 'Lock'";
+    db.query(waiting, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// Ten rows of ten keys, two of them locked by another session before the relay starts: the
+/// claim (a plain read) is not held up by row locks, so the relay publishes all ten, and then
+/// its mark waits for the two locked rows.
+async fn relay_whose_mark_waits_on_a_row_lock(
+    env: &TestEnv,
+    config: &outbox_relay::Config,
+    topic: &str,
+) -> (RelayProcess, tokio_postgres::Client, i32) {
+    let db = env.client().await;
+    let events: Vec<NewEvent> = (0..10).map(|n| NewEvent::keyed(topic, &format!("k{n}"), n)).collect();
+    insert_events(&db, &events).await;
+    let (locker, locker_pid) = lock_rows(env, "key IN ('k3', 'k7')").await;
+    let relay = spawn_relay_process(env, config);
+    consume(&env.brokers, topic, 10).await;
+    wait_until(PATIENCE, "the relay's mark to wait on the locked rows", || async {
+        !relay_sessions_waiting_on_a_lock(&db).await.is_empty()
+    })
+    .await;
+    (relay, locker, locker_pid)
+}
+
+/// Issue 21: another session's `SELECT ... FOR UPDATE` on rows the relay had published kept
+/// its mark waiting, and SIGTERM took as long as the lock was held (76 s against a 10 s grace
+/// period), then exited 0. The grace period now bounds every wait, the relay's statement is
+/// cancelled in PostgreSQL, and the exit status and last line say the batch was abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_mark_waits_on_another_sessions_row_lock_exits_within_the_grace_period_with_status_4() {
+    const GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+    // Sending the cancel request and exiting.
+    const MARGIN: std::time::Duration = std::time::Duration::from_secs(3);
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let mut config = env.config();
+    config.relay.shutdown_timeout = GRACE;
+    let db = env.client().await;
+    let (mut relay, locker, locker_pid) = relay_whose_mark_waits_on_a_row_lock(&env, &config, &topic).await;
+
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_within(GRACE + MARGIN).await, Some(4), "log:\n{}", relay.log());
+    let log = relay.log();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(last.contains("shutdown grace period over"), "the last line says the batch was abandoned:\n{log}");
+    assert!(last.contains(&format!("held by backend pid {locker_pid}")), "and names the blocking session:\n{log}");
+    wait_until(std::time::Duration::from_secs(2), "the relay's statement to be cancelled", || async {
+        relay_sessions_waiting_on_a_lock(&db).await.is_empty()
+    })
+    .await;
+    let locked_published: i64 = db
+        .query_one("SELECT count(*) FROM outbox WHERE key IN ('k3', 'k7') AND published_at IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(locked_published, 0, "the locked rows stay unpublished");
+
+    // At least once: once the lock is gone, the next run publishes every row (some again).
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let mut rerun = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
+    rerun.signal(libc::SIGTERM);
+    assert_eq!(rerun.wait().await, Some(0), "a clean stop exits 0; log:\n{}", rerun.log());
+    let on_topic: HashSet<String> = read_topic(&env.brokers, &topic).await.iter().map(|r| r.event_id()).collect();
+    assert_eq!(on_topic, all_event_ids(&db).await, "every row is on the topic");
+}
+
+/// Issue 21: with a 20 s liveness timeout, `/healthz` failed while the relay's mark waited on
+/// another session's row lock, so an orchestrator restarts the relay into the same lock. The
+/// wait is now reported instead: `/readyz` and a warning name the blocking session, and the
+/// relay stays alive for as long as the lock is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_waiting_on_another_sessions_lock_stays_alive_and_names_the_blocking_session() {
+    const LIVENESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let topic = env.create_topic(1).await;
+    let mut config = env.config();
+    config.metrics.listen = addr.clone();
+    config.health.liveness_timeout = LIVENESS_TIMEOUT;
+    let db = env.client().await;
+    let (mut relay, locker, locker_pid) = relay_whose_mark_waits_on_a_row_lock(&env, &config, &topic).await;
+    let waiting_since = std::time::Instant::now();
+
+    // The wait itself, three liveness timeouts long, is the scenario: alive throughout.
+    while waiting_since.elapsed() < 3 * LIVENESS_TIMEOUT {
+        let (status, body) = http_get(&addr, "/healthz").await;
+        assert_eq!(status, 200, "{body} after {:?} of waiting; log:\n{}", waiting_since.elapsed(), relay.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!relay_sessions_waiting_on_a_lock(&db).await.is_empty(), "still waiting on the lock");
+    let blocker = format!("held by backend pid {locker_pid}");
+    let (status, reasons) = http_get(&addr, "/readyz").await;
+    assert!(status == 503 && reasons.contains(&blocker), "/readyz names the blocking session: {reasons}");
+    let log = relay.log();
+    assert!(log.contains("WARN") && log.contains(&blocker), "so does a warning:\n{log}");
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    wait_until(PATIENCE, "the rows marked and /readyz passing once the lock is released", || async {
+        unpublished_count(&db).await == 0 && http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
 }

@@ -424,6 +424,60 @@ async fn a_failing_row_is_reported_once_and_giving_up_on_it_under_skip_counts_an
     assert!(log.contains("relay.on_poison = \"skip\": the key's later rows are published without this row"), "{log}");
 }
 
+/// Issue 21: `retry --all` re-queued a key's failed row together with the key's failed
+/// follower, both with their attempts back at zero, so both went out in one batch; when the
+/// first was refused again after sending, the follower was already on its topic, ahead of it.
+/// A row re-queued by `retry` still goes out alone for its key, as a row being retried does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_all_publishes_a_keys_failed_rows_in_order_even_when_the_first_fails_again() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    // K's first row goes to a topic that refuses it (over its max.message.bytes once compressed,
+    // which the relay cannot tell before sending), its later rows to another topic.
+    let strict = create_topic_with(&env.brokers, 1, &[("max.message.bytes", "100000")]).await;
+    let topic = env.create_topic(1).await;
+    let db = env.client().await;
+    // K's first two rows were given up on (as the rows of a batch the broker refused are), and
+    // its third waits behind them. 384 KB of hex digits: no repeats for lz4 to shrink.
+    db.execute(
+        "INSERT INTO outbox (topic, key, payload, attempts, last_error, last_attempt_at, failed_at) VALUES \
+           ($1, 'K', json_build_object('n', 1, 'pad', \
+              (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 12000) AS i)), 3, 'refused', now(), now()), \
+           ($2, 'K', '{\"n\": 2}', 3, 'refused', now(), now())",
+        &[&strict, &topic],
+    )
+    .await
+    .unwrap();
+    insert_events(&db, &[NewEvent::keyed(&topic, "K", 3)]).await;
+    let mut config = env.poison_config(100);
+    config.kafka.properties.insert("compression.type".into(), "lz4".into());
+    let relay = env.spawn_relay(config.clone());
+
+    let (code, stdout, stderr) = command(&env, &config, &["retry", "--all"]);
+    assert_eq!((code, stdout.trim()), (0, "re-queued 2 rows with failed attempts"), "{stderr}");
+    wait_until(PATIENCE, "K's first row to be refused again", || async {
+        db.query_one("SELECT attempts > 0 FROM outbox WHERE payload->>'n' = '1'", &[]).await.unwrap().get(0)
+    })
+    .await;
+    assert_eq!(published_keys(&db).await, Vec::<String>::new(), "nothing of K went out ahead of its first row");
+
+    // The operator raises the topic's limit: K goes out whole, in order.
+    alter_topic(&env.brokers, &strict, &[("max.message.bytes", "1000000")]).await;
+    wait_until(PATIENCE, "every row of K published", || async { unpublished_count(&db).await == 0 }).await;
+    let marked: Vec<i64> = db
+        .query("SELECT (payload->>'n')::int8 FROM outbox ORDER BY published_at, id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(marked, [1, 2, 3], "each row of K published only after the one before it");
+    assert_eq!(key_sequence(&read_topic(&env.brokers, &strict).await, "K"), [1]);
+    assert_eq!(key_sequence(&read_topic(&env.brokers, &topic).await, "K"), [2, 3]);
+    assert_eq!(relay.metrics.key_order_breaks.get(), 0, "no record of K was acknowledged after a refused one");
+    relay.stop().await.expect("clean stop");
+}
+
 /// A row the relay is still retrying (failing, not given up on) is named as such, and asking to
 /// retry a row that is already published (the relay's own retry came first) is success with a
 /// note: the operator's goal, the row published, is met.

@@ -441,6 +441,44 @@ pub async fn create_topic(brokers: &str, name: &str, partitions: i32) {
     .await;
 }
 
+/// Creates a topic with a unique name, `partitions` partitions and the topic `configs` given
+/// (`max.message.bytes`, say), waits until the broker reports it, and returns the name.
+pub async fn create_topic_with(brokers: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
+    let name = unique_name("topic");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let mut topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(-1));
+    for (key, value) in configs {
+        topic = topic.set(key, value);
+    }
+    for result in admin.create_topics(&[topic], &AdminOptions::new()).await.expect("create topic") {
+        result.unwrap_or_else(|(topic, e)| panic!("create topic {topic}: {e}"));
+    }
+    wait_until(PATIENCE, "the new topic's metadata", || async {
+        admin
+            .inner()
+            .fetch_metadata(Some(&name), Duration::from_secs(5))
+            .map(|m| m.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty()))
+            .unwrap_or(false)
+    })
+    .await;
+    name
+}
+
+/// Sets topic `configs` on `topic` (replacing those set before).
+pub async fn alter_topic(brokers: &str, topic: &str, configs: &[(&str, &str)]) {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let mut change = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (key, value) in configs {
+        change = change.set(key, value);
+    }
+    for result in admin.alter_configs(&[change], &AdminOptions::new()).await.expect("alter topic") {
+        result.unwrap_or_else(|(resource, e)| panic!("alter {resource:?}: {e}"));
+    }
+}
+
 /// One record read back from a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Received {
@@ -738,12 +776,17 @@ impl RelayProcess {
 
     /// Waits for the process to exit and returns its exit code (None if killed by a signal).
     pub async fn wait(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + PATIENCE;
+        self.wait_within(PATIENCE).await
+    }
+
+    /// As [`RelayProcess::wait`], panicking if the process has not exited within `within`.
+    pub async fn wait_within(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "relay did not exit; log:\n{}", self.log());
+            assert!(Instant::now() < deadline, "relay did not exit within {within:?}; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
