@@ -134,7 +134,7 @@ pub struct Health {
 }
 
 /// A probe's answer, also its JSON body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Verdict {
     /// Whether the probe passes.
     pub ok: bool,

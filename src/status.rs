@@ -5,9 +5,13 @@
 
 use std::collections::BTreeSet;
 
+use std::time::Duration;
+
 use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Config;
+use crate::health::Verdict;
 use crate::outbox::{FailedGroup, OldestTransaction, Outbox, OutboxError, Ownership, ParkedKey, RelaySession};
 use crate::table::Mapping;
 
@@ -44,6 +48,41 @@ pub struct StatusReport {
     pub ownership: Ownership,
     /// Shards no relay holds: their rows wait until a relay takes them.
     pub unheld_shards: Vec<i32>,
+    /// What the relay at this configuration's `metrics.listen` says it waits on, when one
+    /// answers there: what the table cannot show (partitions whose records wait for the broker,
+    /// a lock another session holds).
+    pub local_relay: Option<LocalRelay>,
+}
+
+/// A relay's own account of itself, from its `/readyz`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LocalRelay {
+    /// Where it was asked (`metrics.listen`).
+    pub address: String,
+    /// Whether it is ready.
+    pub ready: bool,
+    /// Why not: which partitions keep records waiting and since when, a lock it waits on, an
+    /// outage.
+    pub reasons: Vec<String>,
+}
+
+/// How long `status` waits for the local relay's answer.
+const LOCAL_RELAY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the relay serving `config`'s `metrics.listen` for its readiness and reasons; `None`
+/// when nothing answers there (no relay on this host, or metrics off).
+async fn ask_local_relay(config: &Config) -> Option<LocalRelay> {
+    let addr = config.metrics.address().ok()??;
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"GET /readyz HTTP/1.0\r\nHost: outbox-relay\r\n\r\n").await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let body = response.windows(4).position(|w| w == b"\r\n\r\n").map(|at| &response[at + 4..])?;
+        serde_json::from_slice::<Verdict>(body).ok()
+    };
+    let verdict = tokio::time::timeout(LOCAL_RELAY_TIMEOUT, exchange).await.ok()??;
+    Some(LocalRelay { address: addr.to_string(), ready: verdict.ok, reasons: verdict.reasons })
 }
 
 /// Reads the status of the configured table.
@@ -71,6 +110,7 @@ pub async fn status(config: &Config) -> Result<StatusReport, OutboxError> {
         takeover_after_seconds: config.relay.takeover_after.as_secs_f64(),
         unheld_shards: (0..shards as i32).filter(|s| !held.contains(s)).collect(),
         ownership,
+        local_relay: ask_local_relay(config).await,
     })
 }
 
@@ -165,6 +205,13 @@ impl StatusReport {
                 "    RELAYS DISAGREE on relay.shards ({}): stop every relay of the table, then start them with one value\n",
                 counts.join(", ")
             ));
+        }
+        if let Some(local) = &self.local_relay {
+            let verdict = if local.ready { "ready" } else { "NOT READY" };
+            out.push_str(&format!("  this host  the relay at {} (metrics.listen) is {verdict}\n", local.address));
+            for reason in &local.reasons {
+                out.push_str(&format!("    {reason}\n"));
+            }
         }
         if !self.unheld_shards.is_empty() {
             let unheld: Vec<String> = self.unheld_shards.iter().map(|s| s.to_string()).collect();

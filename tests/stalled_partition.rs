@@ -33,7 +33,7 @@ async fn a_deleted_topic_holds_back_only_its_own_rows_and_is_named() {
     config.relay.shutdown_timeout = Duration::from_secs(2);
     let metrics = format!("127.0.0.1:{}", free_port());
     config.metrics.listen = metrics.clone();
-    let relay = env.spawn_relay(config);
+    let relay = env.spawn_relay(config.clone());
 
     // Both topics known to the relay (its topic check remembers them for a minute).
     insert_events(&db, &[NewEvent::keyed(&healthy, "h-0", 0), NewEvent::keyed(&doomed, "d-0", 0)]).await;
@@ -72,5 +72,10 @@ async fn a_deleted_topic_holds_back_only_its_own_rows_and_is_named() {
     let (status, body) = http_get(&metrics, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(&format!("topic {doomed} partition")), "/readyz names the topic and partition: {body}");
+    // `status`, run with the relay's configuration, asks the relay at metrics.listen.
+    let path = write_config(&env, &config);
+    let (code, stdout, stderr) = run_command(&["--config", path.to_str().unwrap(), "status"], &[("RUST_LOG", "off")]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("NOT READY") && stdout.contains(&format!("topic {doomed} partition")), "{stdout}");
     let _ = relay.stop().await;
 }
