@@ -1,7 +1,8 @@
 //! The guarantees on a three-node Apache Kafka cluster (replication factor 3,
 //! `min.insync.replicas` 2, the relay's `acks=all`), one fault per test, each on a fresh
 //! cluster: a partition leader killed, a rolling restart, two brokers stopped or killed, the active KRaft
-//! controller killed, and the relay itself killed twelve times. After each: every row is on the
+//! controller killed, the relay itself killed twelve times, and one partition below its
+//! `min.insync.replicas` while the others are healthy. After each: every row is on the
 //! topic, no row was marked before the broker acknowledged it, each key's first copies are in
 //! order, and no row was charged with the cluster's fault (no attempt counted, none failed).
 //!
@@ -515,4 +516,72 @@ async fn assert_rows_uncharged(db: &tokio_postgres::Client) {
     if let Some(errors) = errors {
         eprintln!("outage errors recorded on rows still pending (no attempt counted): {errors}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_below_min_insync_replicas_holds_back_only_its_own_rows() {
+    let mut env = TestEnv::start_with_cluster(NODES, FAST_FAILOVER).await;
+    env.migrate().await;
+    let healthy = env.create_topic(3).await;
+    // A partition on nodes 1 and 2 only: with node 2 stopped it has one in-sync replica, below
+    // its min.insync.replicas of 2, while the healthy topic (on all three nodes) keeps two.
+    let narrow = unique_name("narrow");
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        use rdkafka::client::DefaultClientContext;
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &env.brokers).create().expect("admin client");
+        let topic = NewTopic::new(&narrow, 1, TopicReplication::Variable(&[&[1, 2]])).set("min.insync.replicas", "2");
+        for result in admin.create_topics(&[topic], &AdminOptions::new()).await.expect("create topic") {
+            result.unwrap_or_else(|(topic, e)| panic!("create {topic}: {e}"));
+        }
+    }
+    let db = env.client().await;
+    let mut config = relay_config(&env);
+    config.relay.stalled_partition_after = Duration::from_secs(1);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    config.metrics.listen = metrics.clone();
+    let relay = env.spawn_relay(config);
+    insert_events(&db, &[NewEvent::keyed(&healthy, "h-0", 0), NewEvent::keyed(&narrow, "n-0", 0)]).await;
+    wait_until(PATIENCE, "both topics in use", || async { unpublished_count(&db).await == 0 }).await;
+
+    cluster(&mut env).stop(2);
+    let events: Vec<NewEvent> = (1..=300)
+        .map(|n| match n % 3 {
+            0 => NewEvent::keyed(&narrow, &format!("n-{}", n % 5), n),
+            _ => NewEvent::keyed(&healthy, &format!("h-{}", n % 10), n),
+        })
+        .collect();
+    insert_events(&db, &events).await;
+    let published = |topic: String| {
+        let db = &db;
+        async move {
+            db.query_one("SELECT count(*) FROM outbox WHERE topic = $1 AND published_at IS NOT NULL", &[&topic])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    wait_until(PATIENCE, "every healthy row published while the narrow partition cannot be written", || async {
+        published(healthy.clone()).await == 201
+    })
+    .await;
+    assert_eq!(published(narrow.clone()).await, 1, "nothing of the narrow partition is published meanwhile");
+    let charged: i64 = db.query_one("SELECT count(*) FROM outbox WHERE attempts > 0", &[]).await.unwrap().get(0);
+    assert_eq!(charged, 0, "no row is charged with the cluster's fault");
+    let (_, body) = support::http_get(&metrics, "/readyz").await;
+    assert!(body.contains(&format!("topic {narrow} partition 0")), "/readyz names the partition: {body}");
+
+    cluster(&mut env).restart(2);
+    wait_until(PATIENCE, "the narrow partition's rows published once it has its replicas back", || async {
+        unpublished_count(&db).await == 0
+    })
+    .await;
+    for topic in [&healthy, &narrow] {
+        let records = read_topic(&env.brokers, topic).await;
+        assert!(identical_duplicates(&records).is_empty(), "{topic}: no row published twice");
+        assert_first_copies_in_key_order(&records);
+    }
+    assert_eq!(read_topic(&env.brokers, &narrow).await.len(), 101);
+    relay.stop().await.expect("clean stop");
 }
