@@ -16,7 +16,9 @@
 //! idempotent producer requires).
 //! Writes `DIR/latest.json` and `DIR/latest.md` and prints the table.
 
-#[path = "../tests/support/mod.rs"]
+// The benchmark uses a few of the test harness's helpers; the tests use the rest.
+#[allow(dead_code)]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
 
 use std::sync::Arc;

@@ -12,7 +12,7 @@
 #     about 45 MB, seconds), with Maven to fetch them when they are not cached yet.
 # The demo needs only a Java runtime for Kafka (Debian's openjdk-17-jre-headless). The tests
 # need more:
-#   - a Java 17 JDK (openjdk-17-jdk-headless): tests/java_consumer.rs runs a Java source file,
+#   - a Java 17 JDK (openjdk-17-jdk-headless): tests/it/java_consumer.rs runs a Java source file,
 #     which Java's source launcher compiles;
 #   - cargo-nextest, the test runner, built from source (about 11 minutes on 2 cores).
 set -euo pipefail

@@ -1,0 +1,212 @@
+//! TLS and SASL to the broker: the relay publishes with the right certificates and credentials,
+//! and with wrong ones exits at startup with code 2 and one line naming the cause, every row left
+//! unpublished, rather than retrying a mistake forever or stalling silently. The broker is Apache
+//! Kafka on its own SSL, SASL_SSL and SASL_PLAINTEXT listeners, with SCRAM users made through
+//! its admin API (`crate::support::secured_kafka`).
+
+use crate::support::secured_kafka::{Listener, SecuredKafka};
+use crate::support::tls::TestCa;
+use crate::support::{
+    NewEvent, PATIENCE, RelayProcess, TestEnv, insert_events, marked_event_ids, spawn_relay_process_with_env,
+    unique_name, wait_until,
+};
+use outbox_relay::config::{Config, SecurityProtocol};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+const ALICE: (&str, &str, &str) = ("alice", "alice-scram-512-secret", "SCRAM-SHA-512");
+const BOB: (&str, &str, &str) = ("bob", "bob-scram-256-secret", "SCRAM-SHA-256");
+
+/// A client of the secured broker for the test itself: creating the topic, reading it back.
+fn client(brokers: &str, security: &[(&str, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (name, value) in security {
+        config.set(*name, value);
+    }
+    config
+}
+
+async fn create_topic(client: &ClientConfig) -> String {
+    let admin: AdminClient<DefaultClientContext> = client.create().expect("admin client");
+    let name = unique_name("topic");
+    let results = admin
+        .create_topics(&[NewTopic::new(&name, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create topic");
+    for result in results {
+        result.unwrap_or_else(|(topic, e)| panic!("create topic {topic}: {e}"));
+    }
+    name
+}
+
+/// The event ids of the first `expected` records of `topic` (one partition).
+async fn read_event_ids(client: &ClientConfig, topic: &str, expected: usize) -> Vec<String> {
+    let consumer: StreamConsumer = client
+        .clone()
+        .set("group.id", unique_name("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, 0, Offset::Beginning).expect("assignment");
+    consumer.assign(&assignment).expect("assign");
+    let mut ids = Vec::new();
+    while ids.len() < expected {
+        let message = tokio::time::timeout(PATIENCE, consumer.recv()).await.expect("records in time").expect("read");
+        let headers = message.headers().expect("headers");
+        let id = headers.iter().find(|h| h.key == "event_id").and_then(|h| h.value).expect("event_id header");
+        ids.push(String::from_utf8_lossy(id).into_owned());
+    }
+    ids
+}
+
+/// The test's relay configuration against `brokers` with `protocol`.
+fn relay_config(env: &TestEnv, brokers: &str, protocol: SecurityProtocol) -> Config {
+    let mut config = env.config();
+    config.kafka.brokers = brokers.to_owned();
+    config.kafka.security_protocol = protocol;
+    // A relay the broker refuses holds its records in flight for this long after SIGTERM (30 s
+    // by default); the tests stop such relays and need not wait that long.
+    config.relay.shutdown_timeout = std::time::Duration::from_secs(1);
+    config
+}
+
+async fn insert(env: &TestEnv, topic: &str, n: usize) {
+    let events: Vec<NewEvent> = (0..n).map(|i| NewEvent::keyed(topic, "k", i)).collect();
+    insert_events(&env.client().await, &events).await;
+}
+
+async fn wait_all_marked(env: &TestEnv, relay: &mut RelayProcess, n: usize) {
+    let db = env.client().await;
+    wait_until(PATIENCE, "every row marked published", || {
+        let db = &db;
+        async move { marked_event_ids(db).await.len() == n }
+    })
+    .await;
+    assert!(relay.is_running());
+}
+
+/// A relay the broker refuses at startup exits with code 2 and one line naming the cause
+/// (a credential or certificate does not fix itself), having marked no row.
+async fn assert_refused_at_startup(env: &TestEnv, relay: &mut RelayProcess, cause: &str) {
+    let code = tokio::time::timeout(PATIENCE, relay.wait()).await.expect("the relay exits at startup");
+    let log = relay.log();
+    assert_eq!(code, Some(2), "a refusal at startup is a configuration problem; log:\n{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(last.contains("refused the relay at startup") && last.contains(cause), "one line naming the cause:\n{log}");
+    assert!(marked_event_ids(&env.client().await).await.is_empty(), "no row may be marked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_over_sasl_ssl_with_scram_sha_512_and_a_verified_broker_certificate() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let ca = TestCa::new(&env.path(""), "kafka");
+    let broker = SecuredKafka::start(&ca, &[ALICE]).await;
+    let advertised = broker.address(Listener::SaslSsl);
+
+    let security = vec![
+        ("security.protocol", "sasl_ssl".to_owned()),
+        ("ssl.ca.location", ca.ca_file().display().to_string()),
+        ("sasl.mechanisms", "SCRAM-SHA-512".to_owned()),
+        ("sasl.username", ALICE.0.to_owned()),
+        ("sasl.password", ALICE.1.to_owned()),
+    ];
+    let reader = client(&advertised, &security);
+    let topic = create_topic(&reader).await;
+    insert(&env, &topic, 5).await;
+
+    let mut config = relay_config(&env, &advertised, SecurityProtocol::SaslSsl);
+    config.kafka.tls.ca_file = Some(ca.ca_file());
+    config.kafka.sasl.mechanism = Some("SCRAM-SHA-512".into());
+    config.kafka.sasl.username = Some(ALICE.0.into());
+    let password_file = env.path("sasl-password");
+    std::fs::write(&password_file, format!("{}\n", ALICE.1)).unwrap();
+    config.kafka.sasl.password_file = Some(password_file);
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[]);
+    wait_all_marked(&env, &mut relay, 5).await;
+
+    let published = read_event_ids(&reader, &topic, 5).await;
+    let marked = marked_event_ids(&env.client().await).await;
+    assert_eq!(published.iter().cloned().collect::<std::collections::HashSet<_>>(), marked);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_with_scram_sha_256_from_the_environment_and_exits_2_at_startup_with_a_wrong_password() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    // The node has TLS listeners too, so it needs a certificate even here.
+    let ca = TestCa::new(&env.path(""), "kafka");
+    let broker = SecuredKafka::start(&ca, &[BOB]).await;
+    let brokers = broker.address(Listener::SaslPlaintext);
+    let security = vec![
+        ("security.protocol", "sasl_plaintext".to_owned()),
+        ("sasl.mechanisms", "SCRAM-SHA-256".to_owned()),
+        ("sasl.username", BOB.0.to_owned()),
+        ("sasl.password", BOB.1.to_owned()),
+    ];
+    let topic = create_topic(&client(&brokers, &security)).await;
+    insert(&env, &topic, 3).await;
+
+    let mut config = relay_config(&env, &brokers, SecurityProtocol::SaslPlaintext);
+    config.kafka.sasl.mechanism = Some("scram-sha-256".into());
+    config.kafka.sasl.username = Some(BOB.0.into());
+    let mut wrong = spawn_relay_process_with_env(&env, &config, &[("OUTBOX_RELAY_KAFKA__SASL__PASSWORD", "not-it")]);
+    assert_refused_at_startup(&env, &mut wrong, "the brokers refused the relay's credentials").await;
+
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[("OUTBOX_RELAY_KAFKA__SASL__PASSWORD", BOB.1)]);
+    wait_all_marked(&env, &mut relay, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_from_another_authority_is_refused() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let ca = TestCa::new(&env.path(""), "kafka");
+    let stranger = TestCa::new(&env.path(""), "stranger");
+    let broker = SecuredKafka::start(&ca, &[]).await;
+    let advertised = broker.address(Listener::Ssl);
+    let security =
+        vec![("security.protocol", "ssl".to_owned()), ("ssl.ca.location", ca.ca_file().display().to_string())];
+    let topic = create_topic(&client(&advertised, &security)).await;
+    insert(&env, &topic, 2).await;
+
+    let mut config = relay_config(&env, &advertised, SecurityProtocol::Ssl);
+    config.kafka.tls.ca_file = Some(stranger.ca_file());
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[]);
+    assert_refused_at_startup(&env, &mut relay, "the broker's certificate is not trusted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_requires_client_certificates_gets_the_relays() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let ca = TestCa::new(&env.path(""), "kafka");
+    let (client_cert, client_key) = ca.issue("relay", &["outbox-relay"]);
+    let broker = SecuredKafka::start(&ca, &[]).await;
+    let advertised = broker.address(Listener::SslWithClientCertificate);
+    let security = vec![
+        ("security.protocol", "ssl".to_owned()),
+        ("ssl.ca.location", ca.ca_file().display().to_string()),
+        ("ssl.certificate.location", client_cert.display().to_string()),
+        ("ssl.key.location", client_key.display().to_string()),
+    ];
+    let topic = create_topic(&client(&advertised, &security)).await;
+    insert(&env, &topic, 2).await;
+
+    let mut config = relay_config(&env, &advertised, SecurityProtocol::Ssl);
+    config.kafka.tls.ca_file = Some(ca.ca_file());
+    let mut without = spawn_relay_process_with_env(&env, &config, &[]);
+    // The broker ends the handshake of a client without a certificate.
+    assert_refused_at_startup(&env, &mut without, "the broker asks for a client certificate").await;
+
+    config.kafka.tls.cert_file = Some(client_cert);
+    config.kafka.tls.key_file = Some(client_key);
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[]);
+    wait_all_marked(&env, &mut relay, 2).await;
+}
