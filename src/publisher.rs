@@ -326,7 +326,13 @@ impl Publisher {
                 None => TopicLimits::default(),
             };
             if let Some(refusal) = self.batching.refusal(record, &limits) {
-                outcomes[index] = Outcome::Failed(refusal);
+                // The row's own error: it will not fit, or not be valid, later either.
+                outcomes[index] = Outcome::Failed(DeliveryError {
+                    reason: refusal.reason,
+                    message: refusal.message,
+                    transient: false,
+                    producer_unusable: false,
+                });
                 blocked.extend(key);
                 continue;
             }

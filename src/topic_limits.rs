@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 
 use crate::config::Config;
-use crate::publisher::DeliveryError;
 use crate::record::Record;
 
 /// librdkafka's `batch.size` when `kafka.properties` does not set it.
@@ -64,7 +63,7 @@ impl ProducerBatching {
 
     /// Why the broker would refuse `record` on a topic with `limits` whatever else is in its
     /// batch, or `None`.
-    pub fn refusal(&self, record: &Record, limits: &TopicLimits) -> Option<DeliveryError> {
+    pub fn refusal(&self, record: &Record, limits: &TopicLimits) -> Option<Refusal> {
         if limits.compacted && record.key.is_none() {
             return Some(refused(
                 "invalid_record",
@@ -99,8 +98,17 @@ impl ProducerBatching {
     }
 }
 
-fn refused(reason: &'static str, message: String) -> DeliveryError {
-    DeliveryError { reason, message, transient: false, producer_unusable: false }
+/// A record the broker would refuse whatever it is batched with: the row's own error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The metric label (`message_too_large`, `invalid_record`).
+    pub reason: &'static str,
+    /// What is wrong and what fixes it, for the row's last-error column.
+    pub message: String,
+}
+
+fn refused(reason: &'static str, message: String) -> Refusal {
+    Refusal { reason, message }
 }
 
 /// The size of a record batch holding `record` alone, in Kafka's format (v2) without
@@ -174,7 +182,7 @@ mod tests {
         assert_eq!(PLAIN.refusal(&record(Some("k"), 500), &limits), None);
         let refusal = PLAIN.refusal(&record(Some("k"), 2000), &limits).expect("too large");
         assert_eq!(refusal.reason, "message_too_large");
-        assert!(refusal.message.contains("max.message.bytes = 1000") && !refusal.transient, "{refusal:?}");
+        assert!(refusal.message.contains("max.message.bytes = 1000"), "{refusal:?}");
         let compressed = ProducerBatching { uncompressed: false, ..PLAIN };
         assert_eq!(compressed.refusal(&record(Some("k"), 2000), &limits), None, "its size on the wire is unknown");
     }
