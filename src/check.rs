@@ -96,8 +96,7 @@ impl CheckReport {
 /// Checks the configured table: connects as `run` would (so a missing column or table is the
 /// same error), then reads its catalog.
 pub async fn check(config: &Config) -> Result<CheckReport, OutboxError> {
-    let mapping = Mapping::from_config(config)
-        .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
+    let mapping = crate::outbox::mapping_of(config)?;
     let outbox = Outbox::connect(config, &mapping).await?;
     let catalog = outbox.catalog().await?;
     let storage = Storage::read(config, &mapping).await?;

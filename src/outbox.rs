@@ -604,6 +604,11 @@ pub fn describe_target(url: &str) -> String {
     }
 }
 
+/// The configured column mapping, or the configuration error that says what is wrong with it.
+pub fn mapping_of(config: &Config) -> Result<Mapping, OutboxError> {
+    Mapping::from_config(config).map_err(|problem| OutboxError::Layout(LayoutError { key: "outbox".into(), problem }))
+}
+
 impl Outbox {
     /// Connects, checks the configured mapping against the table and prepares the statements.
     pub async fn connect(config: &Config, mapping: &Mapping) -> Result<Outbox, OutboxError> {

@@ -260,8 +260,7 @@ enum Turn {
 impl Relay {
     /// A relay for a validated configuration.
     pub fn new(config: Config, shutdown: Shutdown) -> Result<Relay, RelayError> {
-        let mapping = Mapping::from_config(&config)
-            .map_err(|problem| OutboxError::Layout(crate::table::LayoutError { key: "outbox".into(), problem }))?;
+        let mapping = crate::outbox::mapping_of(&config)?;
         let claim_limit = AtomicUsize::new(config.relay.batch_size);
         Ok(Relay {
             config,
