@@ -558,7 +558,10 @@ impl Relay {
                     set_aside,
                 }) => {
                     to_mark = marking;
-                    stalled.set_aside(set_aside);
+                    if !set_aside.is_empty() {
+                        stalled.set_aside(set_aside);
+                        stalled.report(&self.metrics, &self.health, Instant::now());
+                    }
                     let has_next = ahead.is_some();
                     claimed_ahead = ahead.map(|rows| (owned, rows));
                     refused_batches = if broker_unavailable { refused_batches + 1 } else { 0 };

@@ -166,6 +166,12 @@ async fn two_of_three_brokers_down(how: TakeDown) {
         "node {left} alone answers an acks=all write with {expected:?}"
     );
     wait_until(PATIENCE, "/readyz to fail", || async { http_get(&addr, "/readyz").await.0 == 503 }).await;
+    // Rows the brokers acknowledged just before the outage may be marked once the batch's other
+    // records are set aside (relay.stalled_partition_after); from then on nothing is.
+    wait_until(PATIENCE, "the unacknowledged records to be set aside", || async {
+        set_aside_records(&relay.metrics) > 0
+    })
+    .await;
     let marked_in_outage = marked_event_ids(&db).await;
     // The outage itself: its length is the scenario, not a wait for a condition.
     tokio::time::sleep(OUTAGE.saturating_sub(outage_started.elapsed())).await;

@@ -1082,3 +1082,14 @@ pub async fn kill_the_relay_at_random_moments(
     }
     in_flight_at_a_crash
 }
+
+/// Records the in-process relay has set aside because their partition stalled, over every
+/// topic and partition (`outbox_relay_stalled_records`).
+pub fn set_aside_records(metrics: &outbox_relay::metrics::Metrics) -> i64 {
+    metrics
+        .render()
+        .lines()
+        .filter(|line| line.starts_with("outbox_relay_stalled_records{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum()
+}
