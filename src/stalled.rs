@@ -151,6 +151,10 @@ impl StalledRecords {
     /// Tells the operator which partitions keep records waiting: the metric and readiness
     /// always, a warning every [`WARN_EVERY`].
     pub fn report(&mut self, metrics: &Metrics, health: &Health, now: Instant) {
+        if self.records.is_empty() && self.labelled.is_empty() {
+            // Nothing waits, and nothing was reported as waiting: every turn passes here.
+            return;
+        }
         let partitions = self.by_partition();
         let mut reasons = Vec::new();
         let mut labelled = HashSet::new();
