@@ -24,9 +24,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio_postgres::{Client, Transaction};
 
-use crate::outbox::describe_pg_error;
-use crate::record::EVENT_ID_HEADER;
-use crate::table::Identifier;
+use crate::kafka::record::EVENT_ID_HEADER;
+use crate::postgres::layout::Identifier;
+use crate::postgres::outbox::describe_pg_error;
 
 /// The inbox table's schema, as in `sql/inbox.sql`.
 pub const INBOX_SQL: &str = include_str!("../sql/inbox.sql");

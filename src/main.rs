@@ -7,9 +7,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outbox_relay::config::{CONFIG_FILE_ENV, Config};
+use outbox_relay::postgres::schema;
 use outbox_relay::relay::RelayError;
-use outbox_relay::telemetry::Telemetry;
-use outbox_relay::{Relay, Shutdown, schema};
+use outbox_relay::service::telemetry::Telemetry;
+use outbox_relay::{Relay, Shutdown};
 
 /// Publishes the rows of a transactional outbox table to Kafka, at least once, in order per key.
 #[derive(Parser)]
@@ -204,13 +205,13 @@ async fn migrate(config: Config) -> ExitCode {
 }
 
 async fn audit(config: Config, args: AuditArgs) -> ExitCode {
-    let range = outbox_relay::outbox::RowRange {
+    let range = outbox_relay::postgres::outbox::RowRange {
         from_id: args.from_id,
         to_id: args.to_id,
         since: args.since,
         until: args.until,
     };
-    match outbox_relay::audit::audit(&config, &args.topic, &range, args.show).await {
+    match outbox_relay::commands::audit::audit(&config, &args.topic, &range, args.show).await {
         Ok(report) => {
             if args.json {
                 match serde_json::to_string_pretty(&report) {
@@ -230,7 +231,7 @@ async fn audit(config: Config, args: AuditArgs) -> ExitCode {
 }
 
 async fn status(config: Config, json: bool) -> ExitCode {
-    match outbox_relay::status::status(&config).await {
+    match outbox_relay::commands::status::status(&config).await {
         Ok(report) if json => match serde_json::to_string_pretty(&report) {
             Ok(text) => {
                 println!("{text}");
@@ -253,7 +254,7 @@ async fn status(config: Config, json: bool) -> ExitCode {
 }
 
 async fn check(config: Config, json: bool) -> ExitCode {
-    let report = match outbox_relay::check::check(&config).await {
+    let report = match outbox_relay::commands::check::check(&config).await {
         Ok(report) => report,
         Err(e) => {
             eprintln!("outbox-relay: check: {e}");
@@ -275,14 +276,14 @@ async fn check(config: Config, json: bool) -> ExitCode {
 }
 
 async fn retry(config: Config, args: RetryArgs) -> ExitCode {
-    let mapping = match outbox_relay::table::Mapping::from_config(&config) {
+    let mapping = match outbox_relay::postgres::layout::Mapping::from_config(&config) {
         Ok(mapping) => mapping,
         Err(e) => {
             eprintln!("outbox-relay: retry: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let outbox = match outbox_relay::outbox::Outbox::connect(&config, &mapping).await {
+    let outbox = match outbox_relay::postgres::outbox::Outbox::connect(&config, &mapping).await {
         Ok(outbox) => outbox,
         Err(e) => {
             eprintln!("outbox-relay: retry: {e}");

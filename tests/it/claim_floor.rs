@@ -6,10 +6,10 @@
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-use outbox_relay::claim_floor::ClaimFloor;
 use outbox_relay::config::Config;
-use outbox_relay::outbox::Outbox;
-use outbox_relay::table::Mapping;
+use outbox_relay::postgres::layout::Mapping;
+use outbox_relay::postgres::outbox::Outbox;
+use outbox_relay::relay::claim_floor::ClaimFloor;
 
 /// Longer than any test: only the horizons, or a rescan request, can move the floor down.
 const NO_FULL_SCANS: Duration = Duration::from_secs(3600);

@@ -142,8 +142,8 @@ async fn twenty_thousand_rows_over_fifty_keys_written_while_relaying_arrive_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn marks_commit_without_waiting_for_the_wal_flush_unless_configured() {
-    use outbox_relay::outbox::Outbox;
-    use outbox_relay::table::Mapping;
+    use outbox_relay::postgres::layout::Mapping;
+    use outbox_relay::postgres::outbox::Outbox;
     let env = TestEnv::start().await;
     env.migrate().await;
     let mut config = env.config();
@@ -157,8 +157,8 @@ async fn marks_commit_without_waiting_for_the_wal_flush_unless_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_is_planned_for_its_own_parameters_every_time() {
-    use outbox_relay::outbox::Outbox;
-    use outbox_relay::table::Mapping;
+    use outbox_relay::postgres::layout::Mapping;
+    use outbox_relay::postgres::outbox::Outbox;
     // After five executions PostgreSQL may switch a prepared statement to a generic plan; the
     // claim's generic plan was 18x slower on a 20k-row backlog (the benchmark's depth series).
     let env = TestEnv::start().await;

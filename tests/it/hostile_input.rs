@@ -181,7 +181,7 @@ async fn sql_ascii_outbox(env: &TestEnv) -> (outbox_relay::Config, Client) {
     url.set_path(&format!("/{database}"));
     let mut config = env.poison_config(2);
     config.database.url = url.to_string();
-    outbox_relay::schema::migrate(&config).await.expect("migrate a SQL_ASCII database");
+    outbox_relay::postgres::schema::migrate(&config).await.expect("migrate a SQL_ASCII database");
     let db = connect(&config.database.url).await;
     (config, db)
 }

@@ -168,8 +168,8 @@ async fn the_claim_looks_up_a_keys_failing_rows_in_the_hash_index() {
     .await
     .unwrap();
     let config = env.owner_config();
-    let mapping = outbox_relay::table::Mapping::from_config(&config).unwrap();
-    let outbox = outbox_relay::outbox::Outbox::connect(&config, &mapping).await.unwrap();
+    let mapping = outbox_relay::postgres::layout::Mapping::from_config(&config).unwrap();
+    let outbox = outbox_relay::postgres::outbox::Outbox::connect(&config, &mapping).await.unwrap();
     let claim = outbox.layout().claim_sql();
     db.batch_execute(&format!("PREPARE claim AS {claim}")).await.unwrap_or_else(|e| panic!("{e:?}\n{claim}"));
     let plan: Vec<String> = db

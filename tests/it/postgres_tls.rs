@@ -60,7 +60,7 @@ fn give_to_postgres(path: &Path) {
 async fn connect_as_relay(url: &str) -> Result<bool, String> {
     let mut config = Config::default();
     config.database.url = url.to_owned();
-    let client = outbox_relay::outbox::connect_client(&config).await.map_err(|e| e.to_string())?;
+    let client = outbox_relay::postgres::outbox::connect_client(&config).await.map_err(|e| e.to_string())?;
     let row = client
         .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
         .await
@@ -99,7 +99,7 @@ async fn every_sslmode_connects_or_refuses_as_libpq_would() {
     config.database.sslmode = Some("verify-full".into());
     config.database.sslrootcert = Some(server.ca.ca_file());
     config.validate().expect("valid");
-    let client = outbox_relay::outbox::connect_client(&config).await.expect("connect");
+    let client = outbox_relay::postgres::outbox::connect_client(&config).await.expect("connect");
     let ssl: bool =
         client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
     assert!(ssl);
@@ -120,7 +120,7 @@ async fn the_relay_migrates_and_publishes_over_a_verify_full_connection() {
     config.metrics.listen = String::new();
     config.relay.poll_interval = Duration::from_millis(20);
     config.validate().expect("valid");
-    outbox_relay::schema::migrate(&config).await.expect("migrate over TLS");
+    outbox_relay::postgres::schema::migrate(&config).await.expect("migrate over TLS");
 
     let topic = unique_name("topic");
     crate::support::create_topic(&brokers, &topic, 1).await;

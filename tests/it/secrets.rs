@@ -69,7 +69,7 @@ async fn no_password_or_key_appears_in_logs_config_status_metrics_or_errors() {
     let owner_url = postgres.url(&database);
     let mut owner = Config::default();
     owner.database.url = owner_url.clone();
-    outbox_relay::schema::migrate(&owner).await.expect("migrate");
+    outbox_relay::postgres::schema::migrate(&owner).await.expect("migrate");
     let role = unique_name("relay");
     run_relay_role_script(&owner_url, &role, false).expect("relay role");
 

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_relay::config::Config;
-use outbox_relay::metrics::Metrics;
 use outbox_relay::relay::RelayError;
+use outbox_relay::service::metrics::Metrics;
 use outbox_relay::{Relay, Shutdown};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -172,7 +172,7 @@ impl TestEnv {
     /// the relay's restricted role with `sql/relay_role.sql` (no DELETE); from then on
     /// [`TestEnv::config`] logs in as that role.
     pub async fn migrate(&self) {
-        outbox_relay::schema::migrate(&self.owner_config()).await.expect("migrate");
+        outbox_relay::postgres::schema::migrate(&self.owner_config()).await.expect("migrate");
         self.apply_relay_role(false);
         let _ = self.relay_url.set(login_as(&self.database_url, &self.relay_role, RELAY_PASSWORD));
     }
@@ -1085,7 +1085,7 @@ pub async fn kill_the_relay_at_random_moments(
 
 /// Records the in-process relay has set aside because their partition stalled, over every
 /// topic and partition (`outbox_relay_stalled_records`).
-pub fn set_aside_records(metrics: &outbox_relay::metrics::Metrics) -> i64 {
+pub fn set_aside_records(metrics: &outbox_relay::service::metrics::Metrics) -> i64 {
     metrics
         .render()
         .lines()

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use crate::config::Config;
-use crate::record::Record;
+use crate::kafka::record::Record;
 
 /// librdkafka's `batch.size` when `kafka.properties` does not set it.
 const LIBRDKAFKA_BATCH_SIZE: usize = 1_000_000;

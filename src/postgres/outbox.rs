@@ -13,16 +13,16 @@ use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{CancelToken, Client, Statement};
 
-use crate::claim_floor::{ClaimView, TableIdentity};
 use crate::config::{Config, redact_connection_string};
-use crate::pg_tls::ConnectOptions;
-use crate::record::{OutboxRow, RowFailure, RowKey, RowRef, UnreadableRow};
-use crate::table::{
+use crate::kafka::record::{OutboxRow, RowFailure, RowKey, RowRef, UnreadableRow};
+use crate::postgres::layout::{
     AUDIT_TOPIC_COLUMN, CATALOG_COLUMNS_SQL, CATALOG_INDEXES_SQL, CATALOG_NOTIFY_TRIGGERS_SQL, CatalogColumn,
     LOCK_KEYS_SQL, LOCK_SHARD_COUNT_SQL, Layout, LayoutError, MISSING_PRIVILEGES_SQL, Mapping, OLD_VERSION_HOLDERS_SQL,
     ORDER_COLUMN_SQL, OTHER_SHARD_COUNTS_SQL, OWNERSHIP_SQL, OrderColumn, OrderSequence, Privilege, TABLE_COLUMNS_SQL,
     TERMINATE_FROZEN_SQL, TRY_LOCK_SQL, TableCatalog, TableIndex, UNLOCK_SHARD_COUNT_SQL, UNLOCK_SQL, claim_columns,
 };
+use crate::postgres::tls::ConnectOptions;
+use crate::relay::claim_floor::{ClaimView, TableIdentity};
 
 /// Default `application_name`, so operators can find the relay in `pg_stat_activity`.
 const APPLICATION_NAME: &str = "outbox-relay";
@@ -587,7 +587,7 @@ fn privilege_hint(error: &tokio_postgres::Error) -> &'static str {
 
 /// `host:port/dbname` of a connection string, for messages that must not carry a password.
 pub fn describe_target(url: &str) -> String {
-    match crate::pg_tls::without_tls_parameters(url).parse::<tokio_postgres::Config>() {
+    match crate::postgres::tls::without_tls_parameters(url).parse::<tokio_postgres::Config>() {
         Ok(pg) => {
             let host = pg
                 .get_hosts()
@@ -688,7 +688,7 @@ impl Outbox {
         self.canceller.clone()
     }
 
-    /// Whether claims may start at a floor ([`crate::claim_floor`]): the order column is an
+    /// Whether claims may start at a floor ([`crate::relay::claim_floor`]): the order column is an
     /// integer fed by a sequence whose ids grow with time. Every claim reads the sequence again
     /// ([`ClaimView::ids_grow_with_time`]).
     pub fn ids_grow_with_time(&self) -> bool {
@@ -781,7 +781,7 @@ impl Outbox {
     /// The next unpublished rows in claim order, at most `limit` rows and, past the first row,
     /// at most `max_bytes` of row data, leaving out the rows `in_flight` (ids as text), starting
     /// at claim-order value `start` (`None`: at the beginning; it is up to
-    /// [`crate::claim_floor::ClaimFloor`] to decide), and leaving out every row of the
+    /// [`crate::relay::claim_floor::ClaimFloor`] to decide), and leaving out every row of the
     /// `held_keys`. A row larger than `max_bytes` comes alone.
     /// A row whose columns cannot be decoded comes back as an [`UnreadableRow`] so that the
     /// rest of the batch still flows.
@@ -935,7 +935,7 @@ impl Outbox {
     pub async fn oldest_transaction(&self, held_rows: &PendingStats) -> Result<Option<OldestTransaction>, OutboxError> {
         let row = self
             .client
-            .query_opt(crate::table::OLDEST_TRANSACTION_SQL, &[])
+            .query_opt(crate::postgres::layout::OLDEST_TRANSACTION_SQL, &[])
             .await
             .map_err(OutboxError::query("oldest transaction"))?;
         Ok(row.map(|r| OldestTransaction {
@@ -963,7 +963,9 @@ impl Outbox {
         // The claim floor never passes an unpublished row, so running relays find the re-queued
         // rows at their next claim; the notification wakes idle ones at once.
         let notify = "SELECT pg_notify($1, $2)";
-        if let Err(e) = self.client.execute(notify, &[&crate::wakeup::CHANNEL, &crate::wakeup::RESCAN_PAYLOAD]).await {
+        if let Err(e) =
+            self.client.execute(notify, &[&crate::relay::wakeup::CHANNEL, &crate::relay::wakeup::RESCAN_PAYLOAD]).await
+        {
             tracing::debug!(
                 error = %describe_pg_error(&e),
                 "rows re-queued, but idle relays were not woken; they find them at their next poll"

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::health::Health;
-use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::shutdown::Shutdown;
-use crate::table::Mapping;
+use crate::postgres::layout::Mapping;
+use crate::postgres::outbox::Outbox;
+use crate::service::health::Health;
+use crate::service::metrics::Metrics;
+use crate::service::shutdown::Shutdown;
 
 /// A hold-back warning is repeated at most this often while it lasts.
 const HOLDBACK_WARNING_REPEAT: Duration = Duration::from_secs(60);
@@ -86,7 +86,7 @@ async fn refresh(
     metrics: &Metrics,
     health: &Health,
     last_warning: &mut Option<Instant>,
-) -> Result<(), crate::outbox::OutboxError> {
+) -> Result<(), crate::postgres::outbox::OutboxError> {
     let stats = outbox.pending_stats().await?;
     metrics.failing_rows.set(stats.failing_rows);
     health.set_stuck_rows(stats.failing_rows, stats.failed_rows);

@@ -5,7 +5,7 @@
 //! (a NULL topic, headers that are not an object of strings) is refused here with an error that
 //! says what is wrong with it; it is never published half-encoded.
 
-use crate::table::TopicSource;
+use crate::postgres::layout::TopicSource;
 
 /// The name of the header carrying the row's stable event id.
 pub const EVENT_ID_HEADER: &str = "event_id";
@@ -209,7 +209,7 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::{Identifier, TopicTemplate};
+    use crate::postgres::layout::{Identifier, TopicTemplate};
 
     fn row() -> OutboxRow {
         OutboxRow {
@@ -434,7 +434,7 @@ mod tests {
 #[cfg(test)]
 mod traceparent_tests {
     use super::*;
-    use crate::table::Identifier;
+    use crate::postgres::layout::Identifier;
 
     fn row(headers: Option<&str>, traceparent: Option<&str>) -> OutboxRow {
         OutboxRow {

@@ -19,8 +19,8 @@ use prometheus::{
 };
 
 use crate::config::HealthConfig;
-use crate::health::{Health, Verdict};
-use crate::shutdown::Shutdown;
+use crate::service::health::{Health, Verdict};
+use crate::service::shutdown::Shutdown;
 
 /// The relay's metrics. Names and labels are documented in the README; change both together.
 pub struct Metrics {
@@ -241,7 +241,7 @@ impl Metrics {
         ] {
             registry.register(collector).expect("metric names are unique");
         }
-        for reason in crate::publisher::ERROR_REASONS {
+        for reason in crate::kafka::publisher::ERROR_REASONS {
             publish_errors.with_label_values(&[*reason]);
         }
         Arc::new(Metrics {

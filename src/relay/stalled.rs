@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use crate::health::Health;
-use crate::metrics::Metrics;
-use crate::publisher::{Outcome, PendingReport};
-use crate::record::RowRef;
+use crate::kafka::publisher::{Outcome, PendingReport};
+use crate::kafka::record::RowRef;
+use crate::service::health::Health;
+use crate::service::metrics::Metrics;
 
 /// How often the relay says again which partitions keep records waiting.
 const WARN_EVERY: Duration = Duration::from_secs(15);

@@ -21,6 +21,14 @@
 //!   statement still running is cancelled, and the relay says what it abandoned
 //!   ([`RelayError::Abandoned`]).
 
+pub mod backoff;
+pub mod claim_floor;
+pub mod quarantine;
+pub mod row_failures;
+pub mod shards;
+pub mod stalled;
+pub mod wakeup;
+
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
@@ -30,21 +38,21 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use tracing::field::Empty;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::backoff::Backoff;
-use crate::claim_floor::{ClaimFloor, Observation};
+use self::backoff::Backoff;
+use self::claim_floor::{ClaimFloor, Observation};
+use self::quarantine::{Quarantine, QuarantinedRow, Unwritten};
+use self::row_failures::RowFailureReports;
+use self::shards::Shards;
+use self::stalled::{SetAside, StalledRecords};
+use self::wakeup::{CommitSignal, Wakeup};
 use crate::config::{Config, OnPoison};
-use crate::health::{Health, LockWait};
-use crate::metrics::{self, Metrics, ServeError};
-use crate::outbox::{Outbox, OutboxError, StatementCanceller};
-use crate::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, PendingReport, Publisher, PublisherError};
-use crate::quarantine::{Quarantine, QuarantinedRow, Unwritten};
-use crate::record::{OutboxRow, Record, RowFailure, RowKey, RowRef, UnreadableRow};
-use crate::row_failures::RowFailureReports;
-use crate::shards::{self, Shards};
-use crate::shutdown::{Abandoned, Shutdown};
-use crate::stalled::{SetAside, StalledRecords};
-use crate::table::Mapping;
-use crate::wakeup::{CommitSignal, Wakeup};
+use crate::kafka::publisher::{BrokerRefusal, ClusterUnavailable, Outcome, PendingReport, Publisher, PublisherError};
+use crate::kafka::record::{OutboxRow, Record, RowFailure, RowKey, RowRef, UnreadableRow};
+use crate::postgres::layout::Mapping;
+use crate::postgres::outbox::{Outbox, OutboxError, StatementCanceller};
+use crate::service::health::{Health, LockWait};
+use crate::service::metrics::{self, Metrics, ServeError};
+use crate::service::shutdown::{Abandoned, Shutdown};
 
 /// After this many consecutive batches of which the broker took nothing, the relay starts a
 /// new producer session (new producer id, metadata and connections).
@@ -61,7 +69,7 @@ struct Claimed {
 }
 
 /// Where and how the next claims of a turn look: the shards held, the claim floor, and what
-/// they must leave out because it is still in flight after its batch ([`crate::stalled`]).
+/// they must leave out because it is still in flight after its batch ([`crate::relay::stalled`]).
 struct Claiming<'a> {
     shards: &'a [i32],
     floor: &'a mut ClaimFloor,
@@ -260,7 +268,7 @@ enum Turn {
 impl Relay {
     /// A relay for a validated configuration.
     pub fn new(config: Config, shutdown: Shutdown) -> Result<Relay, RelayError> {
-        let mapping = crate::outbox::mapping_of(&config)?;
+        let mapping = crate::postgres::outbox::mapping_of(&config)?;
         let claim_limit = AtomicUsize::new(config.relay.batch_size);
         Ok(Relay {
             config,
@@ -329,15 +337,19 @@ impl Relay {
             _ = self.shutdown.requested() => return Ok(()),
         }
         if self.config.retention.delete_published_after.is_some() {
-            tokio::spawn(crate::retention::run(
+            tokio::spawn(crate::service::retention::run(
                 self.config.clone(),
                 self.mapping.clone(),
                 self.metrics.clone(),
                 self.shutdown.clone(),
             ));
         }
-        tokio::spawn(crate::lock_watch::watch(self.config.clone(), self.health.clone(), self.shutdown.clone()));
-        tokio::spawn(crate::stats::report(
+        tokio::spawn(crate::service::lock_watch::watch(
+            self.config.clone(),
+            self.health.clone(),
+            self.shutdown.clone(),
+        ));
+        tokio::spawn(crate::service::stats::report(
             self.config.clone(),
             self.mapping.clone(),
             self.metrics.clone(),
@@ -347,7 +359,7 @@ impl Relay {
         let signal = if self.mapping.xact_id.is_some() { CommitSignal::Horizon } else { CommitSignal::AnyCommit };
         let wakeup = Wakeup::start(&self.config, signal, self.shutdown.clone());
         info!(table = %self.mapping.table_name(), brokers = %self.config.kafka.brokers, "relay starting");
-        if let Some((name, value)) = crate::publisher::abandoning_timeout(&self.config) {
+        if let Some((name, value)) = crate::kafka::publisher::abandoning_timeout(&self.config) {
             warn!(
                 property = name,
                 value,
@@ -1223,7 +1235,7 @@ impl Relay {
         Ok(given_up)
     }
 
-    /// Keeps `row` apart until `unwritten` can be written ([`crate::quarantine`]).
+    /// Keeps `row` apart until `unwritten` can be written ([`crate::relay::quarantine`]).
     fn keep_apart(&self, row: RowRef, key: Option<String>, unwritten: Unwritten) {
         if let Ok(mut quarantine) = self.quarantine.lock() {
             quarantine.add(row, key, unwritten, Instant::now());

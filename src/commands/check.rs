@@ -11,8 +11,10 @@
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::outbox::{Outbox, OutboxError};
-use crate::table::{CatalogColumn, Identifier, Layout, Mapping, OrderColumn, Privilege, TableCatalog, TableIndex};
+use crate::postgres::layout::{
+    CatalogColumn, Identifier, Layout, Mapping, OrderColumn, Privilege, TableCatalog, TableIndex,
+};
+use crate::postgres::outbox::{Outbox, OutboxError};
 
 /// What the table gives and lacks, one item per guarantee.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -96,7 +98,7 @@ impl CheckReport {
 /// Checks the configured table: connects as `run` would (so a missing column or table is the
 /// same error), then reads its catalog.
 pub async fn check(config: &Config) -> Result<CheckReport, OutboxError> {
-    let mapping = crate::outbox::mapping_of(config)?;
+    let mapping = crate::postgres::outbox::mapping_of(config)?;
     let outbox = Outbox::connect(config, &mapping).await?;
     let catalog = outbox.catalog().await?;
     let storage = Storage::read(config, &mapping).await?;
@@ -139,7 +141,7 @@ impl Storage {
     /// hash index (connecting has already refused a missing table).
     pub async fn read(config: &Config, mapping: &Mapping) -> Result<Storage, OutboxError> {
         let what = "read how the table is stored";
-        let client = crate::outbox::connect_client(config).await?;
+        let client = crate::postgres::outbox::connect_client(config).await?;
         let row = client
             .query_opt(STORAGE_SQL, &[&mapping.table_sql()])
             .await

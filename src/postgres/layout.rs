@@ -520,7 +520,7 @@ pub mod claim_columns {
     pub const CREATED_AT: usize = 5;
     /// The traceparent column as text, or NULL.
     pub const TRACEPARENT: usize = 6;
-    /// Where the claim found its first live row (`int8`, see [`crate::claim_floor`]), or NULL;
+    /// Where the claim found its first live row (`int8`, see [`crate::relay::claim_floor`]), or NULL;
     /// the same on every row.
     pub const FIRST_UNPUBLISHED: usize = 7;
     /// The claim snapshot's `xmin` as text; the same on every row.
@@ -531,7 +531,7 @@ pub mod claim_columns {
     /// see [`super::OrderSequence::grows_with_time`]); the same on every row.
     pub const IDS_GROW_WITH_TIME: usize = 10;
     /// The OID the table's name resolves to while the claim runs (`int8`, NULL if none); the
-    /// same on every row. See [`crate::claim_floor::TableIdentity`].
+    /// same on every row. See [`crate::relay::claim_floor::TableIdentity`].
     pub const TABLE_OID: usize = 11;
     /// The table's storage file (`int8`; NULL for a partitioned table): a `TRUNCATE` gives it
     /// a new one. The same on every row.
@@ -678,7 +678,7 @@ impl Layout {
     }
 
     /// Whether the claim order column is an integer, so that a claim can start at a floor
-    /// ([`crate::claim_floor`]); whether its values also grow with time is the sequence's
+    /// ([`crate::relay::claim_floor`]); whether its values also grow with time is the sequence's
     /// business, checked at connect.
     pub fn orders_by_integer(&self) -> bool {
         matches!(self.order_type.as_str(), "bigint" | "integer" | "smallint")
@@ -763,7 +763,7 @@ impl Layout {
     /// shards this relay owns (`int4[]`), `$3`/`$4` the retry backoff bounds in seconds, `$5`
     /// ids (as text) to leave out: the batch in flight, when the next one is claimed ahead,
     /// and records set aside while their partition stalls; `$6` where to start in claim order
-    /// (`int8`, NULL for the beginning; see [`crate::claim_floor`]); `$7` keys (as text) none of
+    /// (`int8`, NULL for the beginning; see [`crate::relay::claim_floor`]); `$7` keys (as text) none of
     /// whose rows may be claimed: those held behind a record set aside.
     ///
     /// It looks at a window of the next `$1` unpublished rows of the shards (skipping rows that
@@ -787,7 +787,7 @@ impl Layout {
             filters.push(due);
         }
         filters.push(format!("NOT (o.{id} = ANY($5::text[]::{ty}[]))", id = m.id, ty = self.id_type));
-        // Keys held behind a record whose partition stalled (see `crate::stalled`).
+        // Keys held behind a record whose partition stalled (see `crate::relay::stalled`).
         match &m.key {
             Some(key) => filters.push(format!("(o.{key} IS NULL OR NOT (o.{key}::text = ANY($7::text[])))")),
             None => filters.push("$7::text[] IS NOT NULL".to_owned()),
@@ -895,7 +895,7 @@ impl Layout {
     }
 
     /// The condition that row `t` is the one claimed as `f.id`, `f.event_id` (see
-    /// [`crate::record::RowRef`]); a NULL event id matches by id alone.
+    /// [`crate::kafka::record::RowRef`]); a NULL event id matches by id alone.
     fn is_the_claimed_row(&self, t: &str, f: &str) -> String {
         let m = &self.mapping;
         format!(
@@ -908,7 +908,7 @@ impl Layout {
 
     /// Whether the order column is fed by a sequence whose ids grow with time, read again by
     /// every claim: the sequence can be altered while the relay runs, and the claim floor must
-    /// stop the moment it no longer holds ([`crate::claim_floor`]).
+    /// stop the moment it no longer holds ([`crate::relay::claim_floor`]).
     fn ids_grow_with_time_sql(&self) -> String {
         if !self.orders_by_integer() {
             return "false".to_owned();
@@ -982,7 +982,7 @@ impl Layout {
     }
 
     /// Records attempts that failed because of the row itself: `$1` ids as text, `$2` the error
-    /// of each, `$3` the attempt limit, `$4` their event ids (see [`crate::record::RowRef`]).
+    /// of each, `$3` the attempt limit, `$4` their event ids (see [`crate::kafka::record::RowRef`]).
     /// Counts the attempt, starts the backoff, and gives up (sets the failed-at column) at the
     /// limit. Returns the ids of the rows given up on.
     /// `None` when the table has no attempts or last-error column.

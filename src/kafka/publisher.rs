@@ -27,10 +27,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 
 use crate::config::Config;
-use crate::health::Health;
-use crate::metrics::Metrics;
-use crate::record::Record;
-use crate::topic_limits::{ProducerBatching, TopicLimits};
+use crate::kafka::record::Record;
+use crate::kafka::topic_limits::{ProducerBatching, TopicLimits};
+use crate::service::health::Health;
+use crate::service::metrics::Metrics;
 
 /// Producer settings the relay chooses. Users may override the tunable ones through
 /// `kafka.properties`; the guarantee-bearing ones are refused by config validation.
@@ -337,10 +337,10 @@ impl Publisher {
                 continue;
             }
             if let Some(limit) = self.batching.in_flight_limit(&limits) {
-                let size = crate::topic_limits::record_size(record);
+                let size = crate::kafka::topic_limits::record_size(record);
                 let enqueued = bounded_bytes
                     .entry(record.topic.as_str())
-                    .or_insert(crate::topic_limits::batch_size_alone(record) - size);
+                    .or_insert(crate::kafka::topic_limits::batch_size_alone(record) - size);
                 if *enqueued + size > limit {
                     // Let everything in flight be acknowledged first, so that librdkafka
                     // never has more of this topic to batch than its limit.
@@ -349,7 +349,7 @@ impl Publisher {
                     }
                     next_to_await = in_flight.len();
                     bounded_bytes.clear();
-                    bounded_bytes.insert(record.topic.as_str(), crate::topic_limits::batch_size_alone(record));
+                    bounded_bytes.insert(record.topic.as_str(), crate::kafka::topic_limits::batch_size_alone(record));
                 } else {
                     *enqueued += size;
                 }

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::health::Health;
-use crate::outbox::{Outbox, OutboxError, Ownership, Termination};
+use crate::postgres::outbox::{Outbox, OutboxError, Ownership, Termination};
+use crate::service::health::Health;
 
 /// The longest a live relay's claim session stays idle: the heartbeat's upper bound, whatever
 /// `relay.takeover_after` is, so that relays need not agree on that setting (it is at least

@@ -11,8 +11,10 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Config;
-use crate::health::Verdict;
-use crate::outbox::{FailedGroup, OldestTransaction, Outbox, OutboxError, Ownership, ParkedKey, RelaySession};
+use crate::postgres::outbox::{
+    FailedGroup, OldestTransaction, Outbox, OutboxError, Ownership, ParkedKey, RelaySession,
+};
+use crate::service::health::Verdict;
 
 /// A snapshot of the table and its relays.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -86,7 +88,7 @@ async fn ask_local_relay(config: &Config) -> Option<LocalRelay> {
 
 /// Reads the status of the configured table.
 pub async fn status(config: &Config) -> Result<StatusReport, OutboxError> {
-    let mapping = crate::outbox::mapping_of(config)?;
+    let mapping = crate::postgres::outbox::mapping_of(config)?;
     let outbox = Outbox::connect(config, &mapping).await?;
     let stats = outbox.pending_stats().await?;
     let holding_transaction = if stats.held_rows > 0 { outbox.oldest_transaction(&stats).await? } else { None };

@@ -15,7 +15,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::table::{Identifier, TopicTemplate};
+use crate::postgres::layout::{Identifier, TopicTemplate};
 
 /// Prefix of every environment variable the relay reads.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
@@ -491,7 +491,7 @@ pub struct OutboxConfig {
     /// removes the row once the broker has it.
     pub mark: MarkMode,
     /// Whether consumers need a key's rows in insertion order (the default). The relay then
-    /// refuses an order column that cannot give that order (see [`crate::table::OrderColumn`]);
+    /// refuses an order column that cannot give that order (see [`crate::postgres::layout::OrderColumn`]);
     /// `false` accepts any order column and publishes a key's rows in its order, whatever it is.
     pub per_key_order: bool,
     /// Column names.
@@ -879,7 +879,7 @@ impl Config {
     /// Checks every value the loops rely on. Called by [`Config::load`]; call it again after
     /// changing a loaded config in code.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::pg_tls::ConnectOptions::from_config(&self.database)?;
+        crate::postgres::tls::ConnectOptions::from_config(&self.database)?;
         self.database.validate_tls()?;
         self.kafka.validate_security()?;
         for (key, secret) in [
@@ -903,7 +903,7 @@ impl Config {
         }
         // librdkafka checks every property name and value when a native config is built;
         // doing it here turns a typo into an exit-2 error instead of a failing daemon.
-        if let Err(e) = crate::publisher::producer_config(self).create_native_config() {
+        if let Err(e) = crate::kafka::publisher::producer_config(self).create_native_config() {
             let key = match &e {
                 rdkafka::error::KafkaError::ClientConfig(_, _, key, _) => {
                     format!("kafka.properties.{key}")

@@ -124,7 +124,7 @@ pub struct Health {
     failing_rows: AtomicU64,
     /// Rows given up on (waiting for `outbox-relay retry`), as last counted.
     failed_rows: AtomicU64,
-    /// Partitions keeping records unacknowledged, described ([`crate::stalled`]).
+    /// Partitions keeping records unacknowledged, described ([`crate::relay::stalled`]).
     stalled_partitions: Mutex<Vec<String>>,
     /// Backend pid of the claim session, the one the loop's statements run on (0: none).
     claim_session: AtomicI32,

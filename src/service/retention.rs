@@ -11,10 +11,10 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::outbox::Outbox;
-use crate::shutdown::Shutdown;
-use crate::table::Mapping;
+use crate::postgres::layout::Mapping;
+use crate::postgres::outbox::Outbox;
+use crate::service::metrics::Metrics;
+use crate::service::shutdown::Shutdown;
 
 /// Deletes old published rows every `retention.interval` until shutdown.
 pub async fn run(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shutdown: Shutdown) {

@@ -25,9 +25,9 @@ use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 use tracing::{debug, warn};
 
-use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::shutdown::Shutdown;
+use crate::relay::backoff::Backoff;
+use crate::service::shutdown::Shutdown;
 
 /// The channel the outbox trigger notifies (`sql/migrations/0002_order_retries_notify.sql`).
 pub const CHANNEL: &str = "outbox_relay";
@@ -123,7 +123,7 @@ struct Ended {
 
 /// Runs one wake-up connection until it fails.
 async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> Ended {
-    let (client, mut connection) = match crate::outbox::connect_raw(config).await {
+    let (client, mut connection) = match crate::postgres::outbox::connect_raw(config).await {
         Ok(pair) => pair,
         Err(e) => return Ended { reason: e.to_string(), was_watching: false },
     };
@@ -139,7 +139,7 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
                     forwarded.notify.notify_one();
                 }
                 Ok(_) => {}
-                Err(e) => return crate::outbox::describe_pg_error(&e),
+                Err(e) => return crate::postgres::outbox::describe_pg_error(&e),
             }
         }
         "the server closed the connection".to_owned()
@@ -147,7 +147,7 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
     let watch = async {
         if config.relay.listen {
             if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-                return Ended { reason: crate::outbox::describe_pg_error(&e), was_watching: false };
+                return Ended { reason: crate::postgres::outbox::describe_pg_error(&e), was_watching: false };
             }
             debug!(channel = CHANNEL, "listening for new rows");
         }
@@ -169,7 +169,7 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
                         wakeup.notify.notify_one();
                     }
                 }
-                Err(e) => return Ended { reason: crate::outbox::describe_pg_error(&e), was_watching: true },
+                Err(e) => return Ended { reason: crate::postgres::outbox::describe_pg_error(&e), was_watching: true },
             }
         }
     };

@@ -32,9 +32,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::{Config, MarkMode};
-use crate::outbox::{Outbox, OutboxError, RowRange};
-use crate::record::EVENT_ID_HEADER;
-use crate::table::{Layout, Mapping};
+use crate::kafka::record::EVENT_ID_HEADER;
+use crate::postgres::layout::{Layout, Mapping};
+use crate::postgres::outbox::{Outbox, OutboxError, RowRange};
 
 /// Records whose timestamps are this much earlier than `--since` are still read: the relay's
 /// clock and the database's may differ a little. The same allowance applies when a row's
@@ -361,8 +361,8 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
         }
     }
     let topic_filter = match mapping.topic {
-        crate::table::TopicSource::Column(_) => Some(topic),
-        crate::table::TopicSource::Template(_) => None,
+        crate::postgres::layout::TopicSource::Column(_) => Some(topic),
+        crate::postgres::layout::TopicSource::Template(_) => None,
     };
     let rows: Vec<_> = outbox
         .audit_rows(range, topic_filter)
@@ -486,7 +486,7 @@ async fn absent_rows(
         table = m.table_sql(),
         id_type = layout.id_type,
     );
-    let client = crate::outbox::connect_client(config).await?;
+    let client = crate::postgres::outbox::connect_client(config).await?;
     let rows = client
         .query(&sql, &[&ids])
         .await
@@ -604,7 +604,7 @@ fn read_topic(
     mut seen: HashMap<String, Seen>,
 ) -> Result<TopicRead, AuditError> {
     let kafka = |source| AuditError::Kafka { topic: topic.to_owned(), source };
-    let consumer: BaseConsumer<QuietContext> = crate::publisher::reader_config(config)
+    let consumer: BaseConsumer<QuietContext> = crate::kafka::publisher::reader_config(config)
         .set("group.id", "outbox-relay-audit")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -732,7 +732,7 @@ fn read_topic(
 /// authorization without DescribeConfigs, say): the audit goes on without it.
 fn cleanup_policy(config: &Config, topic: &str) -> Result<String, String> {
     let admin: AdminClient<QuietContext> =
-        crate::publisher::reader_config(config).create_with_context(QuietContext).map_err(|e| e.to_string())?;
+        crate::kafka::publisher::reader_config(config).create_with_context(QuietContext).map_err(|e| e.to_string())?;
     let resource = [ResourceSpecifier::Topic(topic)];
     let described = retrying(config.kafka.startup_timeout, |left| {
         let options = AdminOptions::new().request_timeout(Some(left));

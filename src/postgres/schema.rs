@@ -23,26 +23,30 @@ pub struct Migration {
 
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
-    Migration { version: 1, name: "0001_create_outbox", sql: include_str!("../sql/migrations/0001_create_outbox.sql") },
+    Migration {
+        version: 1,
+        name: "0001_create_outbox",
+        sql: include_str!("../../sql/migrations/0001_create_outbox.sql"),
+    },
     Migration {
         version: 2,
         name: "0002_order_retries_notify",
-        sql: include_str!("../sql/migrations/0002_order_retries_notify.sql"),
+        sql: include_str!("../../sql/migrations/0002_order_retries_notify.sql"),
     },
     Migration {
         version: 3,
         name: "0003_time_ordered_event_ids",
-        sql: include_str!("../sql/migrations/0003_time_ordered_event_ids.sql"),
+        sql: include_str!("../../sql/migrations/0003_time_ordered_event_ids.sql"),
     },
     Migration {
         version: 4,
         name: "0004_wakeups_without_notify",
-        sql: include_str!("../sql/migrations/0004_wakeups_without_notify.sql"),
+        sql: include_str!("../../sql/migrations/0004_wakeups_without_notify.sql"),
     },
     Migration {
         version: 5,
         name: "0005_retrying_index_by_key_hash",
-        sql: include_str!("../sql/migrations/0005_retrying_index_by_key_hash.sql"),
+        sql: include_str!("../../sql/migrations/0005_retrying_index_by_key_hash.sql"),
     },
 ];
 
@@ -72,7 +76,7 @@ pub enum MigrateError {
     Partitioned,
     /// The database refused a statement or could not be reached.
     #[error(transparent)]
-    Database(#[from] crate::outbox::OutboxError),
+    Database(#[from] crate::postgres::outbox::OutboxError),
     /// The outbox table exists and belongs to a role the login is not a member of: it may not
     /// change the table, and is most likely the relay's own restricted role.
     #[error(
@@ -86,7 +90,11 @@ pub enum MigrateError {
         owner: String,
     },
     /// A migration's SQL failed.
-    #[error("migration {name} failed: {}{}", crate::outbox::describe_pg_error(source), privilege_hint(source))]
+    #[error(
+        "migration {name} failed: {}{}",
+        crate::postgres::outbox::describe_pg_error(source),
+        privilege_hint(source)
+    )]
     Statement {
         /// Which migration.
         name: &'static str,
@@ -125,7 +133,7 @@ pub async fn migrate(config: &Config) -> Result<MigrateReport, MigrateError> {
     if !uses_standard_layout(&config.outbox) {
         return Err(MigrateError::CustomLayout);
     }
-    let mut client = crate::outbox::connect_client(config).await?;
+    let mut client = crate::postgres::outbox::connect_client(config).await?;
     apply(&mut client).await
 }
 

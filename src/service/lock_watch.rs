@@ -17,9 +17,9 @@ use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::health::{Health, LOCK_WAIT_REPORTED_AFTER, LockWait};
-use crate::outbox::{OutboxError, connect_client};
-use crate::shutdown::Shutdown;
+use crate::postgres::outbox::{OutboxError, connect_client};
+use crate::service::health::{Health, LOCK_WAIT_REPORTED_AFTER, LockWait};
+use crate::service::shutdown::Shutdown;
 
 /// How often the claim session is looked at.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
