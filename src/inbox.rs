@@ -25,8 +25,8 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio_postgres::{Client, Transaction};
 
 use crate::kafka::record::EVENT_ID_HEADER;
+use crate::postgres::error::describe_pg_error;
 use crate::postgres::layout::Identifier;
-use crate::postgres::outbox::describe_pg_error;
 
 /// The inbox table's schema, as in `sql/inbox.sql`.
 pub const INBOX_SQL: &str = include_str!("../sql/inbox.sql");

@@ -9,6 +9,7 @@
 use tokio_postgres::Client;
 
 use crate::config::{Config, OutboxConfig};
+use crate::postgres::error::{OutboxError, describe_pg_error, privilege_hint};
 
 /// One schema change, identified by its version.
 #[derive(Debug, Clone, Copy)]
@@ -76,7 +77,7 @@ pub enum MigrateError {
     Partitioned,
     /// The database refused a statement or could not be reached.
     #[error(transparent)]
-    Database(#[from] crate::postgres::outbox::OutboxError),
+    Database(#[from] OutboxError),
     /// The outbox table exists and belongs to a role the login is not a member of: it may not
     /// change the table, and is most likely the relay's own restricted role.
     #[error(
@@ -90,11 +91,7 @@ pub enum MigrateError {
         owner: String,
     },
     /// A migration's SQL failed.
-    #[error(
-        "migration {name} failed: {}{}",
-        crate::postgres::outbox::describe_pg_error(source),
-        privilege_hint(source)
-    )]
+    #[error("migration {name} failed: {}{}", describe_pg_error(source), privilege_hint(source, MIGRATE_ROLE_REMEDY))]
     Statement {
         /// Which migration.
         name: &'static str,
@@ -103,16 +100,9 @@ pub enum MigrateError {
     },
 }
 
-/// What to do about a statement refused for want of a privilege.
-fn privilege_hint(error: &tokio_postgres::Error) -> &'static str {
-    match error.code() {
-        Some(code) if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
-            " (migrate creates and alters the outbox table: run it as a role that may create tables in the schema, \
-             or as the table's owner, not as the relay's own role)"
-        }
-        _ => "",
-    }
-}
+/// What the role `migrate` runs as can do about a statement refused for want of a privilege.
+const MIGRATE_ROLE_REMEDY: &str = "migrate creates and alters the outbox table: run it as a role that may create \
+     tables in the schema, or as the table's owner, not as the relay's own role";
 
 /// The role of the login, the outbox table's owner, and whether the login may act as that
 /// owner; no row when the table does not exist yet.
@@ -133,7 +123,7 @@ pub async fn migrate(config: &Config) -> Result<MigrateReport, MigrateError> {
     if !uses_standard_layout(&config.outbox) {
         return Err(MigrateError::CustomLayout);
     }
-    let mut client = crate::postgres::outbox::connect_client(config).await?;
+    let mut client = crate::postgres::connect::connect_client(config).await?;
     apply(&mut client).await
 }
 

@@ -50,38 +50,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info};
 
-/// What one claim saw, besides its rows: where its first unpublished row was, its snapshot, and
-/// whether the order column's ids still grow with time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClaimView {
-    /// The lowest claim-order value, at or above where the claim started, of an unpublished row
-    /// of the claimed shards (whatever its state); `None` when there is none.
-    pub first_unpublished: Option<i64>,
-    /// The claim snapshot's `xmin`: every transaction below it had ended.
-    pub xmin: u64,
-    /// The claim snapshot's `xmax`: every transaction from it on had not started.
-    pub xmax: u64,
-    /// Whether the order column is fed by a sequence whose ids grow with time, as the claim read
-    /// the catalog.
-    pub ids_grow_with_time: bool,
-    /// The table and its sequence as the claim saw them.
-    pub table: TableIdentity,
-}
-
-/// What identifies the table a claim read, and how far its order column's sequence has gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TableIdentity {
-    /// The OID the table's name resolved to; `None` if it resolved to no table.
-    pub oid: Option<u32>,
-    /// The table's storage file; a `TRUNCATE` (or `VACUUM FULL`, `CLUSTER`) gives it a new one.
-    /// `None` for a partitioned table, which has no storage of its own.
-    pub filenode: Option<i64>,
-    /// The OID of the order column's sequence, if it has one.
-    pub sequence: Option<i64>,
-    /// The sequence's last value; `None` when it handed out no id since it was created or
-    /// restarted, or when the relay's role may not read it.
-    pub sequence_last_value: Option<i64>,
-}
+// The claim decodes these from its rows; the floor is what reads them.
+pub use crate::postgres::claim::{ClaimView, TableIdentity};
 
 impl TableIdentity {
     /// Why ids below a floor built on `earlier` may have been handed out again by the time of

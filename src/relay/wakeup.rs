@@ -26,15 +26,12 @@ use tokio_postgres::AsyncMessage;
 use tracing::{debug, warn};
 
 use crate::config::Config;
+use crate::postgres::connect::connect_raw;
+use crate::postgres::error::describe_pg_error;
 use crate::relay::backoff::Backoff;
 use crate::service::shutdown::Shutdown;
 
-/// The channel the outbox trigger notifies (`sql/migrations/0002_order_retries_notify.sql`).
-pub const CHANNEL: &str = "outbox_relay";
-
-/// The payload of the notification `outbox-relay retry` sends: rows may have become claimable
-/// anywhere in the table, not only at its end.
-pub const RESCAN_PAYLOAD: &str = "outbox-relay:rescan";
+pub use crate::postgres::notify::{CHANNEL, RESCAN_PAYLOAD};
 
 /// A source of "rows may have arrived" hints.
 #[derive(Debug, Clone)]
@@ -123,7 +120,7 @@ struct Ended {
 
 /// Runs one wake-up connection until it fails.
 async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> Ended {
-    let (client, mut connection) = match crate::postgres::outbox::connect_raw(config).await {
+    let (client, mut connection) = match connect_raw(config).await {
         Ok(pair) => pair,
         Err(e) => return Ended { reason: e.to_string(), was_watching: false },
     };
@@ -139,7 +136,7 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
                     forwarded.notify.notify_one();
                 }
                 Ok(_) => {}
-                Err(e) => return crate::postgres::outbox::describe_pg_error(&e),
+                Err(e) => return describe_pg_error(&e),
             }
         }
         "the server closed the connection".to_owned()
@@ -147,7 +144,7 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
     let watch = async {
         if config.relay.listen {
             if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-                return Ended { reason: crate::postgres::outbox::describe_pg_error(&e), was_watching: false };
+                return Ended { reason: describe_pg_error(&e), was_watching: false };
             }
             debug!(channel = CHANNEL, "listening for new rows");
         }
@@ -169,7 +166,7 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
                         wakeup.notify.notify_one();
                     }
                 }
-                Err(e) => return Ended { reason: crate::postgres::outbox::describe_pg_error(&e), was_watching: true },
+                Err(e) => return Ended { reason: describe_pg_error(&e), was_watching: true },
             }
         }
     };
