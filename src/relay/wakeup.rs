@@ -19,6 +19,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::Notify;
@@ -28,7 +29,8 @@ use tracing::{debug, warn};
 use crate::config::Config;
 use crate::postgres::connect::connect_raw;
 use crate::postgres::error::describe_pg_error;
-use crate::relay::backoff::Backoff;
+use crate::service::backoff::Backoff;
+use crate::service::reconnect::{self, Lost};
 use crate::service::shutdown::Shutdown;
 
 pub use crate::postgres::notify::{CHANNEL, RESCAN_PAYLOAD};
@@ -90,39 +92,22 @@ impl Wakeup {
 }
 
 async fn watch_until_shutdown(config: Config, signal: CommitSignal, wakeup: Wakeup, shutdown: Shutdown) {
-    let mut backoff = Backoff::new(config.relay.backoff_initial, config.relay.backoff_max);
-    loop {
-        let ended = tokio::select! {
-            ended = watch_once(&config, signal, &wakeup) => ended,
-            _ = shutdown.requested() => return,
-        };
-        if ended.was_watching {
-            backoff.reset();
-        }
-        let delay = backoff.next_delay();
+    let backoff = Backoff::new(config.relay.backoff_initial, config.relay.backoff_max);
+    let session = || watch_once(&config, signal, &wakeup);
+    let lost = |ended: &Lost, delay: Duration| {
         warn!(error = %ended.reason, retry_in = ?delay, "wake-up connection lost; polling until it is back");
         // A commit, or a retry, may have happened while no one watched.
         wakeup.rescan.store(true, Ordering::Release);
         wakeup.notify.notify_one();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.requested() => return,
-        }
-    }
-}
-
-/// Why a wake-up connection ended.
-struct Ended {
-    reason: String,
-    /// Whether it had been set up (so the next attempt starts with a short backoff).
-    was_watching: bool,
+    };
+    reconnect::until_shutdown(backoff, &shutdown, session, lost).await;
 }
 
 /// Runs one wake-up connection until it fails.
-async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> Ended {
+async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> Lost {
     let (client, mut connection) = match connect_raw(config).await {
         Ok(pair) => pair,
-        Err(e) => return Ended { reason: e.to_string(), was_watching: false },
+        Err(e) => return Lost { reason: e.to_string(), was_set_up: false },
     };
     let forwarded = wakeup.clone();
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -144,7 +129,7 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
     let watch = async {
         if config.relay.listen {
             if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-                return Ended { reason: describe_pg_error(&e), was_watching: false };
+                return Lost { reason: describe_pg_error(&e), was_set_up: false };
             }
             debug!(channel = CHANNEL, "listening for new rows");
         }
@@ -153,7 +138,7 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
         let interval = config.relay.commit_watch_interval;
         if interval.is_zero() {
             // Keep the client (and so the connection) alive while notifications are forwarded.
-            return std::future::pending::<Ended>().await;
+            return std::future::pending::<Lost>().await;
         }
         let mut last_seen: Option<String> = None;
         loop {
@@ -166,12 +151,12 @@ async fn watch_once(config: &Config, signal: CommitSignal, wakeup: &Wakeup) -> E
                         wakeup.notify.notify_one();
                     }
                 }
-                Err(e) => return Ended { reason: describe_pg_error(&e), was_watching: true },
+                Err(e) => return Lost { reason: describe_pg_error(&e), was_set_up: true },
             }
         }
     };
     tokio::select! {
-        reason = forward => Ended { reason, was_watching: true },
+        reason = forward => Lost { reason, was_set_up: true },
         ended = watch => ended,
     }
 }

@@ -14,19 +14,18 @@ use crate::config::Config;
 use crate::postgres::layout::Mapping;
 use crate::postgres::outbox::Outbox;
 use crate::service::metrics::Metrics;
+use crate::service::reconnect::Reconnecting;
 use crate::service::shutdown::Shutdown;
 
 /// Deletes old published rows every `retention.interval` until shutdown.
 pub async fn run(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shutdown: Shutdown) {
     let Some(age) = config.retention.delete_published_after else { return };
     let batch = i64::from(config.retention.batch_size);
-    let mut connection: Option<Outbox> = None;
+    let mut connection: Reconnecting<Outbox> = Reconnecting::new();
     loop {
-        let outbox = match connection.take().filter(|c| !c.is_closed()) {
-            Some(outbox) => Some(outbox),
-            None => Outbox::connect(&config, &mapping).await.ok(),
-        };
-        if let Some(outbox) = outbox {
+        // A connection that cannot be opened is tried again at the next turn; a failed delete
+        // keeps it, unless it has closed.
+        if let Ok(outbox) = connection.get(|| Outbox::connect(&config, &mapping)).await {
             let mut deleted = 0;
             loop {
                 if shutdown.is_requested() {
@@ -51,7 +50,6 @@ pub async fn run(config: Config, mapping: Mapping, metrics: Arc<Metrics>, shutdo
             } else {
                 debug!("retention: nothing to delete");
             }
-            connection = Some(outbox);
         }
         tokio::select! {
             _ = tokio::time::sleep(config.retention.interval) => {}

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::postgres::error::OutboxError;
 use crate::postgres::layout::Mapping;
 use crate::postgres::outbox::Outbox;
 use crate::service::health::Health;
 use crate::service::metrics::Metrics;
+use crate::service::reconnect::Reconnecting;
 use crate::service::shutdown::Shutdown;
 
 /// A hold-back warning is repeated at most this often while it lasts.
@@ -22,19 +24,18 @@ const HOLDBACK_WARNING_REPEAT: Duration = Duration::from_secs(60);
 
 /// Refreshes the gauges every `relay.stats_interval` until shutdown.
 pub async fn report(config: Config, mapping: Mapping, metrics: Arc<Metrics>, health: Arc<Health>, shutdown: Shutdown) {
-    let mut connection: Option<Outbox> = None;
+    let mut connection: Reconnecting<Outbox> = Reconnecting::new();
     let mut last_warning: Option<Instant> = None;
     let mut summary = Summary { at: Instant::now(), published: metrics.published_total() };
     loop {
-        let outbox = match connection.take().filter(|c| !c.is_closed()) {
-            Some(outbox) => Some(outbox),
-            None => Outbox::connect(&config, &mapping).await.ok(),
+        // A connection that cannot be opened leaves the gauges as they were until the next turn.
+        let failed = match connection.get(|| Outbox::connect(&config, &mapping)).await {
+            Ok(outbox) => refresh(outbox, &config, &metrics, &health, &mut last_warning).await.err(),
+            Err(_) => None,
         };
-        if let Some(outbox) = outbox {
-            match refresh(&outbox, &config, &metrics, &health, &mut last_warning).await {
-                Ok(()) => connection = Some(outbox),
-                Err(e) => debug!(error = %e, "table stats unavailable"),
-            }
+        if let Some(e) = failed {
+            debug!(error = %e, "table stats unavailable");
+            connection.give_up();
         }
         summary.log_if_due(config.log.summary_interval, &metrics);
         tokio::select! {
@@ -86,7 +87,7 @@ async fn refresh(
     metrics: &Metrics,
     health: &Health,
     last_warning: &mut Option<Instant>,
-) -> Result<(), crate::postgres::outbox::OutboxError> {
+) -> Result<(), OutboxError> {
     let stats = outbox.pending_stats().await?;
     metrics.failing_rows.set(stats.failing_rows);
     health.set_stuck_rows(stats.failing_rows, stats.failed_rows);
