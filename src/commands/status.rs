@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Config;
+use crate::postgres::failed_rows::Stuck;
 use crate::postgres::outbox::{
     FailedGroup, OldestTransaction, Outbox, OutboxError, Ownership, ParkedKey, RelaySession,
 };
@@ -100,9 +101,9 @@ pub async fn status(config: &Config) -> Result<StatusReport, OutboxError> {
         pending_rows: stats.rows,
         oldest_pending_age_seconds: stats.oldest_age_seconds,
         failing_rows: stats.failing_rows,
-        failing_by_error: outbox.failing_by_error().await?,
+        failing_by_error: outbox.rows_by_error(Stuck::Failing).await?,
         failed_rows: stats.failed_rows,
-        failed_by_error: outbox.failed_by_error().await?,
+        failed_by_error: outbox.rows_by_error(Stuck::Failed).await?,
         parked_keys: outbox.parked_keys().await?,
         held_rows: stats.held_rows,
         holding_transaction,

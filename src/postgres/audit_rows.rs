@@ -42,7 +42,7 @@ pub struct RowRange {
 
 statement_params! {
     /// The parameters of [`Layout::audit_rows_sql`], each NULL for "no bound".
-    enum AuditParam {
+    pub enum AuditParam {
         /// The lowest id (text, inclusive).
         FromId,
         /// The highest id (text, inclusive).

@@ -82,7 +82,7 @@ impl Outbox {
     }
 }
 
-pub(crate) async fn resolve_layout(client: &Client, mapping: &Mapping) -> Result<Layout, OutboxError> {
+pub(in crate::postgres) async fn resolve_layout(client: &Client, mapping: &Mapping) -> Result<Layout, OutboxError> {
     let table = mapping.table_sql();
     let rows = client.query(TABLE_COLUMNS_SQL, &[&table]).await.map_err(OutboxError::query("read table columns"))?;
     if rows.is_empty() {
@@ -97,7 +97,10 @@ pub(crate) async fn resolve_layout(client: &Client, mapping: &Mapping) -> Result
 }
 
 /// What the catalog says of the claim order column: `NOT NULL`, unique, and its sequence.
-pub(crate) async fn read_order_column(client: &Client, layout: &Layout) -> Result<OrderColumn, OutboxError> {
+pub(in crate::postgres) async fn read_order_column(
+    client: &Client,
+    layout: &Layout,
+) -> Result<OrderColumn, OutboxError> {
     let mapping = &layout.mapping;
     let row = client
         .query_opt(ORDER_COLUMN_SQL, &[&mapping.table_sql(), &mapping.order_by.as_str()])

@@ -18,7 +18,7 @@ use crate::postgres::params::{Value, statement_params};
 
 statement_params! {
     /// The claim's parameters.
-    enum Param {
+    pub enum ClaimParam {
         /// The window's size, in rows (`int8`).
         Limit,
         /// The shards this relay owns (`int4[]`).
@@ -125,7 +125,7 @@ pub struct Claim {
     pub full: bool,
 }
 
-/// The values of one claim, one field per [`Param`].
+/// The values of one claim, one field per [`ClaimParam`].
 struct Params<'a> {
     limit: i64,
     shards: &'a [i32],
@@ -137,15 +137,15 @@ struct Params<'a> {
 }
 
 impl Params<'_> {
-    fn value(&self, param: Param) -> Value<'_> {
+    fn value(&self, param: ClaimParam) -> Value<'_> {
         match param {
-            Param::Limit => &self.limit,
-            Param::Shards => &self.shards,
-            Param::RetryBackoffInitial => &self.retry_backoff_initial,
-            Param::RetryBackoffMax => &self.retry_backoff_max,
-            Param::LeftOut => &self.left_out,
-            Param::Start => &self.start,
-            Param::HeldKeys => &self.held_keys,
+            ClaimParam::Limit => &self.limit,
+            ClaimParam::Shards => &self.shards,
+            ClaimParam::RetryBackoffInitial => &self.retry_backoff_initial,
+            ClaimParam::RetryBackoffMax => &self.retry_backoff_max,
+            ClaimParam::LeftOut => &self.left_out,
+            ClaimParam::Start => &self.start,
+            ClaimParam::HeldKeys => &self.held_keys,
         }
     }
 }
@@ -187,7 +187,7 @@ impl Outbox {
         let sent = Instant::now();
         let stream = self
             .client
-            .query_raw(&self.statements.claim, Param::values(|p| params.value(p)))
+            .query_raw(&self.statements.claim, ClaimParam::values(|p| params.value(p)))
             .await
             .map_err(OutboxError::query("claim"))?;
         futures::pin_mut!(stream);
@@ -252,12 +252,12 @@ impl Layout {
     }
 
     /// True when row `a` may be attempted now: it has not failed before, or its backoff since
-    /// the last failed attempt has passed ([`Param::RetryBackoffInitial`] first backoff,
-    /// [`Param::RetryBackoffMax`] longest, in seconds).
+    /// the last failed attempt has passed ([`ClaimParam::RetryBackoffInitial`] first backoff,
+    /// [`ClaimParam::RetryBackoffMax`] longest, in seconds).
     fn due_sql(&self, a: &str) -> Option<String> {
         let m = &self.mapping;
         let last = m.last_attempt_at.as_ref()?;
-        let (initial, max) = (Param::RetryBackoffInitial, Param::RetryBackoffMax);
+        let (initial, max) = (ClaimParam::RetryBackoffInitial, ClaimParam::RetryBackoffMax);
         let backoff = match &m.attempts {
             Some(attempts) => format!("least({initial} * power(2, greatest({a}.{attempts} - 1, 0)), {max})"),
             None => initial.to_string(),
@@ -304,10 +304,10 @@ impl Layout {
         ))
     }
 
-    /// The next rows to publish, in claim order; its parameters are [`Param`]'s, its result
+    /// The next rows to publish, in claim order; its parameters are [`ClaimParam`]'s, its result
     /// columns named in `column`.
     ///
-    /// It looks at a window of the next [`Param::Limit`] unpublished rows of the shards
+    /// It looks at a window of the next [`ClaimParam::Limit`] unpublished rows of the shards
     /// (skipping rows that failed for good, rows waiting out a retry backoff and rows held back
     /// by such an earlier row of their key), and returns those that are ready: their
     /// transaction, and every transaction that started writing before it, has finished; and no
@@ -316,7 +316,7 @@ impl Layout {
     /// the batch size, whatever the backlog.
     ///
     /// Each row also carries what the claim floor learns from the claim: the first live row at
-    /// or after [`Param::Start`] (in flight, waiting out a backoff or claimable) and the
+    /// or after [`ClaimParam::Start`] (in flight, waiting out a backoff or claimable) and the
     /// snapshot's bounds, each an uncorrelated subquery, so computed once per claim rather than
     /// per row.
     ///
@@ -330,10 +330,10 @@ impl Layout {
         if let Some(due) = self.due_sql("o") {
             filters.push(due);
         }
-        let left_out = Param::LeftOut;
+        let left_out = ClaimParam::LeftOut;
         filters.push(format!("NOT (o.{id} = ANY({left_out}::text[]::{ty}[]))", id = m.id, ty = self.id_type));
         // Keys held behind a record whose partition stalled (see `crate::relay::stalled`).
-        let held_keys = Param::HeldKeys;
+        let held_keys = ClaimParam::HeldKeys;
         match &m.key {
             Some(key) => filters.push(format!("(o.{key} IS NULL OR NOT (o.{key}::text = ANY({held_keys}::text[])))")),
             None => filters.push(format!("{held_keys}::text[] IS NOT NULL")),
@@ -342,8 +342,8 @@ impl Layout {
             // Keep the backoff parameters typed when no clause uses them.
             filters.push(format!(
                 "{}::float8 IS NOT NULL AND {}::float8 IS NOT NULL",
-                Param::RetryBackoffInitial,
-                Param::RetryBackoffMax
+                ClaimParam::RetryBackoffInitial,
+                ClaimParam::RetryBackoffMax
             ));
         }
         let ready = match &m.xact_id {
@@ -406,7 +406,7 @@ impl Layout {
             topic = topic.join(", "),
             table = m.table_sql(),
             filters = filters.join(" AND "),
-            limit = Param::Limit,
+            limit = ClaimParam::Limit,
             topic_out = topic_out.join(", "),
             ids_grow = self.ids_grow_with_time_sql(),
             identity = self.table_identity_sql(),
@@ -473,15 +473,15 @@ impl Layout {
         filters
     }
 
-    /// The conditions of a row `a` of this relay's shards ([`Param::Shards`]) that is not
-    /// published yet, at or after the claim's start ([`Param::Start`]): claimable, in flight,
+    /// The conditions of a row `a` of this relay's shards ([`ClaimParam::Shards`]) that is not
+    /// published yet, at or after the claim's start ([`ClaimParam::Start`]): claimable, in flight,
     /// waiting out a backoff, failed for good, or held back by such a row. The claim floor never
     /// rises past the first of them, so that whatever makes one claimable again (`outbox-relay
     /// retry`, a backoff ending) finds it at or above the floor, with nothing of its key ahead
     /// of it.
     fn unpublished_row_filters(&self, a: &str) -> Vec<String> {
         let m = &self.mapping;
-        let (shards, start) = (Param::Shards, Param::Start);
+        let (shards, start) = (ClaimParam::Shards, ClaimParam::Start);
         let mut filters = Vec::new();
         if let Some(published_at) = &m.published_at {
             filters.push(format!("{a}.{published_at} IS NULL"));
@@ -644,10 +644,10 @@ mod tests {
 
     #[test]
     fn each_parameter_is_written_as_its_number_in_the_order_the_values_are_passed() {
-        let numbers: Vec<String> = Param::ALL.iter().map(ToString::to_string).collect();
+        let numbers: Vec<String> = ClaimParam::ALL.iter().map(ToString::to_string).collect();
         assert_eq!(numbers, ["$1", "$2", "$3", "$4", "$5", "$6", "$7"]);
         let sql = standard_layout().claim_sql();
-        for param in Param::ALL {
+        for param in ClaimParam::ALL {
             assert!(sql.contains(&param.to_string()), "{param:?} is used: {sql}");
         }
         assert!(!sql.contains("$8"), "no parameter beyond the declared ones: {sql}");

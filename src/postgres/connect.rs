@@ -32,7 +32,7 @@ pub async fn connect_client(config: &Config) -> Result<Client, OutboxError> {
 
 /// [`connect_client`], with the TLS connector the connection was opened with (a cancel request
 /// opens a connection of its own, as the session's did).
-pub(crate) async fn connect_session(config: &Config) -> Result<(Client, MakeTlsConnector), OutboxError> {
+pub(in crate::postgres) async fn connect_session(config: &Config) -> Result<(Client, MakeTlsConnector), OutboxError> {
     let (client, connection, tls) = open(config).await?;
     let target = describe_target(&config.database.url);
     tokio::spawn(async move {

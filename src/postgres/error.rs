@@ -173,7 +173,7 @@ impl OutboxError {
     }
 
     /// Wraps the driver's error of the statement `what`.
-    pub(crate) fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> OutboxError {
+    pub(in crate::postgres) fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> OutboxError {
         move |source| OutboxError::Query { what, source }
     }
 }

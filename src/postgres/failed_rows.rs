@@ -43,9 +43,18 @@ pub struct ParkedKey {
     pub waiting: i64,
 }
 
+/// Rows the relay could not publish (yet), as `status` groups them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stuck {
+    /// Given up on (until `retry`).
+    Failed,
+    /// Failing with errors of their own, retried after a backoff, not given up on yet.
+    Failing,
+}
+
 statement_params! {
     /// The parameters of [`Layout::retry_sql`]; with both NULL, every failed row.
-    enum RetryParam {
+    pub enum RetryParam {
         /// The ids to re-queue (`text[]`), or NULL.
         Ids,
         /// The key whose rows to re-queue (text), or NULL.
@@ -55,7 +64,7 @@ statement_params! {
 
 statement_params! {
     /// The parameter of [`Layout::row_states_sql`].
-    enum RowStatesParam {
+    pub enum RowStatesParam {
         /// The ids of the rows (`text[]`).
         Ids,
     }
@@ -63,7 +72,7 @@ statement_params! {
 
 /// A text value of a user's row for a report (`status`, `audit`). In a SQL_ASCII database it
 /// may not be UTF-8; the report shows that rather than failing.
-pub(crate) fn readable_text<I>(row: &tokio_postgres::Row, column: I) -> Option<String>
+pub(in crate::postgres) fn readable_text<I>(row: &tokio_postgres::Row, column: I) -> Option<String>
 where
     I: tokio_postgres::row::RowIndex + std::fmt::Display,
 {
@@ -119,21 +128,15 @@ impl Outbox {
             .map_err(OutboxError::query(what))
     }
 
-    /// Failed rows grouped by their last error, most frequent first.
-    pub async fn failed_by_error(&self) -> Result<Vec<FailedGroup>, OutboxError> {
-        let Some(sql) = self.layout.failed_by_error_sql() else { return Ok(Vec::new()) };
-        self.groups_by_error(&sql, "failed rows").await
-    }
-
-    /// Failing rows (retried after a backoff) grouped by their last error.
-    pub async fn failing_by_error(&self) -> Result<Vec<FailedGroup>, OutboxError> {
-        let Some(sql) = self.layout.failing_by_error_sql() else { return Ok(Vec::new()) };
-        self.groups_by_error(&sql, "failing rows").await
-    }
-
-    /// Runs a statement of [`Layout::by_error_sql`].
-    async fn groups_by_error(&self, sql: &str, what: &'static str) -> Result<Vec<FailedGroup>, OutboxError> {
-        let rows = self.client.query(sql, &[]).await.map_err(OutboxError::query(what))?;
+    /// The `stuck` rows grouped by their last error, most frequent first; none when the table
+    /// cannot tell such rows apart.
+    pub async fn rows_by_error(&self, stuck: Stuck) -> Result<Vec<FailedGroup>, OutboxError> {
+        let what = match stuck {
+            Stuck::Failed => "failed rows",
+            Stuck::Failing => "failing rows",
+        };
+        let Some(sql) = self.layout.rows_by_error_sql(stuck) else { return Ok(Vec::new()) };
+        let rows = self.client.query(&sql, &[]).await.map_err(OutboxError::query(what))?;
         rows.iter()
             .map(|r| {
                 Ok(FailedGroup {
@@ -219,19 +222,18 @@ impl Layout {
         )
     }
 
-    /// Failed rows grouped by error: `error`, `count`, `first_ids` (text[]).
-    pub fn failed_by_error_sql(&self) -> Option<String> {
-        let failed_at = self.mapping.failed_at.as_ref()?;
-        Some(self.by_error_sql(&format!("{failed_at} IS NOT NULL")))
-    }
-
-    /// Failing rows (failed attempts of their own, not given up on yet) grouped by error, as
-    /// [`Layout::failed_by_error_sql`].
-    pub fn failing_by_error_sql(&self) -> Option<String> {
+    /// The `stuck` rows grouped by error: `error`, `count`, `first_ids` (text[]). `None` when
+    /// the table has no column that tells such rows apart.
+    pub fn rows_by_error_sql(&self, stuck: Stuck) -> Option<String> {
         let m = &self.mapping;
-        let attempts = m.attempts.as_ref()?;
-        let not_failed = m.failed_at.as_ref().map(|f| format!(" AND {f} IS NULL")).unwrap_or_default();
-        Some(self.by_error_sql(&format!("{attempts} > 0{not_failed}")))
+        let condition = match stuck {
+            Stuck::Failed => format!("{} IS NOT NULL", m.failed_at.as_ref()?),
+            Stuck::Failing => {
+                let not_failed = m.failed_at.as_ref().map(|f| format!(" AND {f} IS NULL")).unwrap_or_default();
+                format!("{} > 0{not_failed}", m.attempts.as_ref()?)
+            }
+        };
+        Some(self.by_error_sql(&condition))
     }
 
     /// Unpublished rows matching `condition` grouped by their last error.

@@ -645,7 +645,7 @@ impl Layout {
 }
 
 /// `o.column IS NOT NULL`, or `false` for a column the table does not have.
-pub(crate) fn is_set(column: &Option<Identifier>) -> String {
+pub(in crate::postgres) fn is_set(column: &Option<Identifier>) -> String {
     match column {
         Some(c) => format!("o.{c} IS NOT NULL"),
         None => "false".to_owned(),
@@ -653,12 +653,12 @@ pub(crate) fn is_set(column: &Option<Identifier>) -> String {
 }
 
 /// `text` as a SQL string literal.
-pub(crate) fn sql_literal(text: &str) -> String {
+pub(in crate::postgres) fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
 /// `o.column::text`, or a typed NULL for a column the table does not have.
-pub(crate) fn text_or_null(column: &Option<Identifier>) -> String {
+pub(in crate::postgres) fn text_or_null(column: &Option<Identifier>) -> String {
     match column {
         Some(c) => format!("o.{c}::text"),
         None => "NULL::text".to_owned(),
@@ -666,7 +666,7 @@ pub(crate) fn text_or_null(column: &Option<Identifier>) -> String {
 }
 
 /// Row `o`'s failed attempts as `int8` (0 without an attempts column).
-pub(crate) fn attempts_sql(layout: &Layout) -> String {
+pub(in crate::postgres) fn attempts_sql(layout: &Layout) -> String {
     match &layout.mapping.attempts {
         Some(c) => format!("o.{c}::int8"),
         None => "0::int8".to_owned(),

@@ -15,7 +15,7 @@ use crate::postgres::params::{Value, statement_params};
 
 statement_params! {
     /// The parameters of [`Layout::mark_published_sql`].
-    enum MarkParam {
+    pub enum MarkParam {
         /// The rows' ids, as text.
         Ids,
         /// Their event ids, as text (NULL to match by id alone).
@@ -25,7 +25,7 @@ statement_params! {
 
 statement_params! {
     /// The parameters of [`Layout::record_row_failures_sql`].
-    enum RowFailureParam {
+    pub enum RowFailureParam {
         /// The rows' ids, as text.
         Ids,
         /// The error of each.
@@ -39,7 +39,7 @@ statement_params! {
 
 statement_params! {
     /// The parameters of [`Layout::record_outage_failures_sql`].
-    enum OutageFailureParam {
+    pub enum OutageFailureParam {
         /// The rows' ids, as text.
         Ids,
         /// The error of each.
@@ -255,18 +255,16 @@ impl Layout {
 
 #[cfg(test)]
 mod tests {
+    use super::{MarkParam, OutageFailureParam, RowFailureParam};
+
+    fn placeholders<P: ToString>(all: &[P]) -> Vec<String> {
+        all.iter().map(ToString::to_string).collect()
+    }
+
     #[test]
     fn each_statement_numbers_its_parameters_in_the_order_they_are_declared() {
-        use super::{MarkParam, OutageFailureParam, RowFailureParam};
-        let numbers = |all: &[String]| all.to_vec();
-        assert_eq!(numbers(&MarkParam::ALL.iter().map(ToString::to_string).collect::<Vec<_>>()), ["$1", "$2"]);
-        assert_eq!(
-            numbers(&RowFailureParam::ALL.iter().map(ToString::to_string).collect::<Vec<_>>()),
-            ["$1", "$2", "$3", "$4"]
-        );
-        assert_eq!(
-            numbers(&OutageFailureParam::ALL.iter().map(ToString::to_string).collect::<Vec<_>>()),
-            ["$1", "$2", "$3"]
-        );
+        assert_eq!(placeholders(MarkParam::ALL), ["$1", "$2"]);
+        assert_eq!(placeholders(RowFailureParam::ALL), ["$1", "$2", "$3", "$4"]);
+        assert_eq!(placeholders(OutageFailureParam::ALL), ["$1", "$2", "$3"]);
     }
 }

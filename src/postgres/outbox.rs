@@ -34,20 +34,20 @@ pub use crate::postgres::table_stats::{OldestTransaction, PendingStats};
 /// A connection to the database holding the outbox table, with the relay's statements
 /// prepared on it.
 pub struct Outbox {
-    pub(crate) client: Client,
-    pub(crate) layout: Arc<Layout>,
+    pub(in crate::postgres) client: Client,
+    pub(in crate::postgres) layout: Arc<Layout>,
     /// The statements run often enough to be prepared, once per connection.
-    pub(crate) statements: Prepared,
+    pub(in crate::postgres) statements: Prepared,
     /// Retry backoff bounds in seconds, for the claim's per-row backoff.
-    pub(crate) retry_backoff: (f64, f64),
+    pub(in crate::postgres) retry_backoff: (f64, f64),
     /// Attempts caused by a row before it is given up on.
-    pub(crate) max_attempts: i32,
+    pub(in crate::postgres) max_attempts: i32,
     /// What the catalog said of the claim order column at connect.
     order_column: OrderColumn,
     /// The keys of the advisory locks the table's relays share it through.
-    pub(crate) locks: LockKeys,
+    pub(in crate::postgres) locks: LockKeys,
     /// When this session last showed that it exists (and so still holds its locks).
-    pub(crate) proof: SessionProof,
+    pub(in crate::postgres) proof: SessionProof,
     /// This session's backend process id, as `pg_stat_activity` and `pg_locks` show it.
     backend_pid: i32,
     /// Cancels the statement this session is running.
@@ -56,17 +56,17 @@ pub struct Outbox {
 
 /// The statements prepared on a session, each built by the [`Layout`] method of the module
 /// that runs it.
-pub(crate) struct Prepared {
+pub(in crate::postgres) struct Prepared {
     /// [`Layout::claim_sql`].
-    pub(crate) claim: Statement,
+    pub(in crate::postgres) claim: Statement,
     /// [`Layout::mark_published_sql`].
-    pub(crate) mark_published: Statement,
+    pub(in crate::postgres) mark_published: Statement,
     /// [`Layout::record_row_failures_sql`]; `None` when the table has nothing to record in.
-    pub(crate) record_row_failures: Option<Statement>,
+    pub(in crate::postgres) record_row_failures: Option<Statement>,
     /// [`Layout::record_outage_failures_sql`]; `None` without a last-error column.
-    pub(crate) record_outage_failures: Option<Statement>,
+    pub(in crate::postgres) record_outage_failures: Option<Statement>,
     /// [`Layout::pending_stats_sql`].
-    pub(crate) pending_stats: Statement,
+    pub(in crate::postgres) pending_stats: Statement,
 }
 
 impl Prepared {
@@ -125,7 +125,7 @@ impl StatementCanceller {
 /// of it, which is no earlier than that moment: so until the moment plus the shortest
 /// `relay.takeover_after` this session, and every advisory lock it holds, is certain to exist.
 #[derive(Debug)]
-pub(crate) struct SessionProof {
+pub(in crate::postgres) struct SessionProof {
     /// A moment before the session was opened.
     base: Instant,
     /// Milliseconds after `base` at which the last proving statement was sent.
@@ -139,7 +139,7 @@ impl SessionProof {
 
     /// A statement sent at `sent` succeeded. Statements may run concurrently on one
     /// connection, so the latest sending moment wins, whatever order they finish in.
-    pub(crate) fn proved(&self, sent: Instant) {
+    pub(in crate::postgres) fn proved(&self, sent: Instant) {
         let ms = u64::try_from(sent.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX);
         self.sent_ms.fetch_max(ms, Ordering::Relaxed);
     }

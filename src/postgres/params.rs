@@ -32,7 +32,7 @@ macro_rules! statement_params {
     };
 }
 
-pub(crate) use statement_params;
+pub(in crate::postgres) use statement_params;
 
 /// A parameter value as the driver takes it.
-pub(crate) type Value<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+pub(in crate::postgres) type Value<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);

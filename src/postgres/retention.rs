@@ -10,7 +10,7 @@ use crate::postgres::params::{Value, statement_params};
 
 statement_params! {
     /// The parameters of [`Layout::retention_delete_sql`].
-    enum RetentionParam {
+    pub enum RetentionParam {
         /// How long ago a row must have been published, in seconds (`float8`).
         PublishedBefore,
         /// The most rows one statement deletes (`int8`).

@@ -19,7 +19,7 @@ use crate::postgres::outbox::Outbox;
 /// The advisory lock keys of one table ([`LOCK_KEYS_SQL`]): classids derived from the table's
 /// OID, so every spelling of the table names the same locks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct LockKeys {
+pub(in crate::postgres) struct LockKeys {
     /// The classid of the membership locks.
     member: i32,
     /// The classid of the shard locks.
@@ -27,10 +27,10 @@ pub(crate) struct LockKeys {
     /// The classid of the shard-count locks.
     shard_count: i32,
     /// The table, schema-qualified, for messages.
-    pub(crate) table: String,
+    pub(in crate::postgres) table: String,
     /// The table's OID when the keys were derived: every claim checks that the name still
     /// resolves to it.
-    pub(crate) table_oid: u32,
+    pub(in crate::postgres) table_oid: u32,
 }
 
 /// What became of a relay that looked frozen.
@@ -241,7 +241,10 @@ fn decode_ownership(rows: &[tokio_postgres::Row]) -> Result<Ownership, tokio_pos
 }
 
 /// The lock keys of the mapped table; [`OutboxError::TableMissing`] if it is gone.
-pub(crate) async fn resolve_lock_keys(client: &Client, mapping: &Mapping) -> Result<LockKeys, OutboxError> {
+pub(in crate::postgres) async fn resolve_lock_keys(
+    client: &Client,
+    mapping: &Mapping,
+) -> Result<LockKeys, OutboxError> {
     let what = "read the table's lock keys";
     let row = client.query_opt(LOCK_KEYS_SQL, &[&mapping.table_sql()]).await.map_err(OutboxError::query(what))?;
     let Some(row) = row else { return Err(OutboxError::TableMissing(mapping.table_name())) };
