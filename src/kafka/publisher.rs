@@ -186,19 +186,14 @@ const CLUSTER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a confirmed topic is trusted before it is checked again.
 const TOPIC_RECHECK_AFTER: Duration = Duration::from_secs(60);
 
-/// The librdkafka configuration for a relay: brokers, the relay's defaults, then the user's
-/// properties.
+/// The librdkafka configuration for a relay: the `[kafka]` section's settings, and beneath
+/// them the relay's defaults, which a user property may override.
 pub fn producer_config(config: &Config) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka.brokers);
+    let mut client = config.kafka.producer_settings();
     for (name, value) in PRODUCER_DEFAULTS {
-        client.set(*name, *value);
-    }
-    for (name, value) in &config.kafka.properties {
-        client.set(name, value);
-    }
-    for (name, value) in config.kafka.security_properties() {
-        client.set(name, value);
+        if client.get(name).is_none() {
+            client.set(*name, *value);
+        }
     }
     client.set_log_level(log_level(config));
     client

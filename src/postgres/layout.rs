@@ -8,162 +8,13 @@
 
 use std::fmt;
 
-use crate::config::{Config, MarkMode, OnPoison};
-
-/// A PostgreSQL identifier, quoted when written into SQL so that any configured name is taken
-/// literally and can never alter a statement.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Identifier(String);
-
-impl Identifier {
-    /// Accepts a single identifier such as a column name.
-    pub fn parse(name: &str) -> Result<Identifier, String> {
-        if name.is_empty() {
-            return Err("is empty".to_owned());
-        }
-        if name.len() > 63 {
-            return Err(format!("\"{name}\" is longer than PostgreSQL's 63-byte identifier limit"));
-        }
-        if name.contains('\0') {
-            return Err("contains a NUL character".to_owned());
-        }
-        Ok(Identifier(name.to_owned()))
-    }
-
-    /// Accepts `table` or `schema.table`.
-    pub fn parse_qualified(name: &str) -> Result<Vec<Identifier>, String> {
-        let parts: Vec<&str> = name.split('.').collect();
-        if parts.len() > 2 {
-            return Err(format!("\"{name}\" has more than one dot; use table or schema.table"));
-        }
-        parts.into_iter().map(Identifier::parse).collect()
-    }
-
-    /// The name as configured.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Identifier {
-    /// Writes the identifier double-quoted, doubling embedded quotes.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{}\"", self.0.replace('"', "\"\""))
-    }
-}
+use crate::config::{ColumnPresence, ColumnRole, Config, MarkMode, OnPoison};
+pub use crate::config::{Identifier, TopicTemplate};
 
 /// `schema.table` or `table`, quoted.
 fn qualified_sql(parts: &[Identifier]) -> String {
     parts.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(".")
 }
-
-/// A topic built from literal text and column values, such as `outbox.event.{aggregatetype}`.
-/// `{{` and `}}` stand for literal braces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicTemplate {
-    segments: Vec<Segment>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    Column(Identifier),
-}
-
-impl TopicTemplate {
-    /// Parses a template; every `{name}` must name a column.
-    pub fn parse(template: &str) -> Result<TopicTemplate, String> {
-        let mut segments = Vec::new();
-        let mut literal = String::new();
-        let mut chars = template.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' if chars.peek() == Some(&'{') => {
-                    chars.next();
-                    literal.push('{');
-                }
-                '}' if chars.peek() == Some(&'}') => {
-                    chars.next();
-                    literal.push('}');
-                }
-                '{' => {
-                    let mut name = String::new();
-                    loop {
-                        match chars.next() {
-                            Some('}') => break,
-                            Some(c) => name.push(c),
-                            None => {
-                                return Err(format!("\"{template}\": '{{' without a closing '}}'"));
-                            }
-                        }
-                    }
-                    let column = Identifier::parse(name.trim())
-                        .map_err(|p| format!("\"{template}\": placeholder {{{name}}} {p}"))?;
-                    if !literal.is_empty() {
-                        segments.push(Segment::Literal(std::mem::take(&mut literal)));
-                    }
-                    segments.push(Segment::Column(column));
-                }
-                '}' => {
-                    return Err(format!(
-                        "\"{template}\": '}}' without an opening '{{'; write '}}}}' for a literal brace"
-                    ));
-                }
-                c => literal.push(c),
-            }
-        }
-        if !literal.is_empty() {
-            segments.push(Segment::Literal(literal));
-        }
-        if segments.is_empty() {
-            return Err("is empty".to_owned());
-        }
-        Ok(TopicTemplate { segments })
-    }
-
-    /// The columns the template reads, in order of appearance.
-    pub fn columns(&self) -> Vec<&Identifier> {
-        self.segments
-            .iter()
-            .filter_map(|s| match s {
-                Segment::Column(c) => Some(c),
-                Segment::Literal(_) => None,
-            })
-            .collect()
-    }
-
-    /// Fills the template with one row's values, given in the order of [`TopicTemplate::columns`].
-    pub fn render(&self, values: &[Option<String>]) -> Result<String, String> {
-        let mut topic = String::new();
-        let mut values = values.iter();
-        for segment in &self.segments {
-            match segment {
-                Segment::Literal(text) => topic.push_str(text),
-                Segment::Column(column) => match values.next() {
-                    Some(Some(value)) => topic.push_str(value),
-                    _ => {
-                        return Err(format!("topic template column \"{}\" is NULL", column.as_str()));
-                    }
-                },
-            }
-        }
-        Ok(topic)
-    }
-}
-
-/// The `[outbox.columns]` roles a table may lack (`""` in the configuration).
-const OPTIONAL_COLUMNS: &[&str] = &[
-    "key",
-    "headers",
-    "created_at",
-    "published_at",
-    "attempts",
-    "last_error",
-    "xact_id",
-    "last_attempt_at",
-    "failed_at",
-    "traceparent",
-];
 
 /// Where a row's topic comes from.
 #[derive(Debug, Clone)]
@@ -254,38 +105,63 @@ pub struct Mapping {
 impl Mapping {
     /// Builds the mapping from a validated config.
     pub fn from_config(config: &Config) -> Result<Mapping, String> {
+        use ColumnRole::*;
         let outbox = &config.outbox;
-        let c = &outbox.columns;
-        let ident = |name: &str| Identifier::parse(name);
-        let optional = |name: &Option<String>| name.as_deref().map(Identifier::parse).transpose();
-        let topic = match (&outbox.topic_template, &c.topic) {
+        let named = |role: ColumnRole| outbox.columns.name(role).map(Identifier::parse).transpose();
+        let required = |role: ColumnRole| named(role)?.ok_or_else(|| format!("{} is empty", role.config_key()));
+        let topic = match (&outbox.topic_template, outbox.columns.name(Topic)) {
             (Some(template), _) => TopicSource::Template(TopicTemplate::parse(template)?),
-            (None, Some(column)) => TopicSource::Column(ident(column)?),
+            (None, Some(column)) => TopicSource::Column(Identifier::parse(column)?),
             (None, None) => return Err("no topic column or template".to_owned()),
         };
-        let id = ident(&c.id)?;
+        let id = required(Id)?;
         Ok(Mapping {
             table: Identifier::parse_qualified(&outbox.table)?,
-            order_by: optional(&c.order_by)?.unwrap_or_else(|| id.clone()),
+            order_by: named(OrderBy)?.unwrap_or_else(|| id.clone()),
             id,
-            event_id: ident(&c.event_id)?,
+            event_id: required(EventId)?,
             topic,
-            key: optional(&c.key)?,
-            payload: ident(&c.payload)?,
-            headers: optional(&c.headers)?,
-            created_at: optional(&c.created_at)?,
-            published_at: if outbox.mark == MarkMode::Update { optional(&c.published_at)? } else { None },
-            attempts: optional(&c.attempts)?,
-            last_error: optional(&c.last_error)?,
-            xact_id: optional(&c.xact_id)?,
-            last_attempt_at: optional(&c.last_attempt_at)?,
-            failed_at: optional(&c.failed_at)?,
-            traceparent: optional(&c.traceparent)?,
+            key: named(Key)?,
+            payload: required(Payload)?,
+            headers: named(Headers)?,
+            created_at: named(CreatedAt)?,
+            published_at: if outbox.mark == MarkMode::Update { named(PublishedAt)? } else { None },
+            attempts: named(Attempts)?,
+            last_error: named(LastError)?,
+            xact_id: named(XactId)?,
+            last_attempt_at: named(LastAttemptAt)?,
+            failed_at: named(FailedAt)?,
+            traceparent: named(Traceparent)?,
             mark: outbox.mark,
             on_poison: config.relay.on_poison,
             shards: config.relay.shards,
             per_key_order: config.outbox.per_key_order,
         })
+    }
+
+    /// The column that plays `role`, if the table has one; `None` for the topic when a
+    /// template builds it (see [`Mapping::topic`]).
+    pub fn column(&self, role: ColumnRole) -> Option<&Identifier> {
+        match role {
+            ColumnRole::Id => Some(&self.id),
+            ColumnRole::OrderBy => Some(&self.order_by),
+            ColumnRole::EventId => Some(&self.event_id),
+            ColumnRole::Topic => match &self.topic {
+                TopicSource::Column(column) => Some(column),
+                TopicSource::Template(_) => None,
+            },
+            ColumnRole::Key => self.key.as_ref(),
+            ColumnRole::Payload => Some(&self.payload),
+            ColumnRole::Headers => self.headers.as_ref(),
+            ColumnRole::CreatedAt => self.created_at.as_ref(),
+            ColumnRole::PublishedAt => self.published_at.as_ref(),
+            ColumnRole::Attempts => self.attempts.as_ref(),
+            ColumnRole::LastError => self.last_error.as_ref(),
+            ColumnRole::XactId => self.xact_id.as_ref(),
+            ColumnRole::LastAttemptAt => self.last_attempt_at.as_ref(),
+            ColumnRole::FailedAt => self.failed_at.as_ref(),
+            ColumnRole::Traceparent => self.traceparent.as_ref(),
+        }
     }
 
     /// The table name as written in SQL.
@@ -298,35 +174,28 @@ impl Mapping {
         self.table.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(".")
     }
 
-    /// Every column the relay touches, with its config key, for the catalog check.
-    fn roles(&self) -> Vec<(String, &Identifier)> {
-        let mut roles = vec![
-            ("outbox.columns.id".to_owned(), &self.id),
-            ("outbox.columns.order_by".to_owned(), &self.order_by),
-            ("outbox.columns.event_id".to_owned(), &self.event_id),
-            ("outbox.columns.payload".to_owned(), &self.payload),
-        ];
-        let topic_key = match self.topic {
-            TopicSource::Column(_) => "outbox.columns.topic",
-            TopicSource::Template(_) => "outbox.topic_template",
-        };
-        for column in self.topic.columns() {
-            roles.push((topic_key.to_owned(), column));
-        }
-        for (key, column) in [
-            ("key", &self.key),
-            ("headers", &self.headers),
-            ("created_at", &self.created_at),
-            ("published_at", &self.published_at),
-            ("attempts", &self.attempts),
-            ("last_error", &self.last_error),
-            ("xact_id", &self.xact_id),
-            ("last_attempt_at", &self.last_attempt_at),
-            ("failed_at", &self.failed_at),
-            ("traceparent", &self.traceparent),
-        ] {
-            if let Some(column) = column {
-                roles.push((format!("outbox.columns.{key}"), column));
+    /// Every column the relay touches, with its role and config key, for the catalog check:
+    /// first the columns every mapping has, then the others in declaration order (the order
+    /// decides which missing column is reported first).
+    fn roles(&self) -> Vec<MappedColumn<'_>> {
+        let always =
+            |role: &ColumnRole| matches!(role.presence(), ColumnPresence::Required | ColumnPresence::SameAs(_));
+        let first = ColumnRole::ALL.into_iter().filter(always);
+        let then = ColumnRole::ALL.into_iter().filter(|role| !always(role));
+        let mut roles = Vec::new();
+        for role in first.chain(then) {
+            if role == ColumnRole::Topic {
+                let key = match self.topic {
+                    TopicSource::Column(_) => role.config_key(),
+                    TopicSource::Template(_) => "outbox.topic_template".to_owned(),
+                };
+                roles.extend(self.topic.columns().into_iter().map(|column| MappedColumn {
+                    role,
+                    key: key.clone(),
+                    column,
+                }));
+            } else if let Some(column) = self.column(role) {
+                roles.push(MappedColumn { role, key: role.config_key(), column });
             }
         }
         roles
@@ -339,7 +208,7 @@ impl Mapping {
         let mut needed: Vec<Privilege> = self
             .roles()
             .into_iter()
-            .map(|(key, column)| Privilege { privilege: "SELECT", column: Some(column.clone()), reason: key })
+            .map(|mapped| Privilege { privilege: "SELECT", column: Some(mapped.column.clone()), reason: mapped.key })
             .collect();
         if let Some(published_at) = &self.published_at {
             needed.push(Privilege {
@@ -379,81 +248,56 @@ impl Mapping {
     /// Checks the mapping against the table's columns (name and `format_type` of each) and
     /// returns the layout the statements are built from.
     pub fn resolve(&self, table_columns: &[(String, String)]) -> Result<Layout, LayoutError> {
-        let type_of = |key: &str, column: &Identifier| -> Result<String, LayoutError> {
-            table_columns.iter().find(|(name, _)| name == column.as_str()).map(|(_, ty)| ty.clone()).ok_or_else(|| {
-                LayoutError {
-                    key: key.to_owned(),
-                    problem: if key.starts_with("outbox.columns.") && OPTIONAL_COLUMNS.contains(&&key["outbox.columns.".len()..]) {
-                        format!(
-                            "table {} has no column \"{}\"; name the column that plays this role, or set {key} = \"\" if the table has none",
-                            self.table_name(),
-                            column.as_str()
-                        )
-                    } else {
-                        format!("table {} has no column \"{}\"", self.table_name(), column.as_str())
-                    },
-                }
-            })
+        let type_of = |column: &Identifier| -> Option<String> {
+            table_columns.iter().find(|(name, _)| name == column.as_str()).map(|(_, ty)| ty.clone())
         };
-        for (key, column) in self.roles() {
-            type_of(&key, column)?;
-        }
-        let expect = |key: &str, column: &Identifier, allowed: &[&str], what: &str| -> Result<String, LayoutError> {
-            let ty = type_of(key, column)?;
-            let base = ty.split('(').next().unwrap_or(&ty).trim().to_owned();
-            if allowed.iter().any(|a| *a == base) {
-                Ok(ty)
-            } else {
-                Err(LayoutError {
-                    key: key.to_owned(),
-                    problem: format!("column \"{}\" has type {ty}; expected {what}", column.as_str()),
-                })
+        for mapped in self.roles() {
+            if type_of(mapped.column).is_none() {
+                let (table, name, key) = (self.table_name(), mapped.column.as_str(), &mapped.key);
+                let problem = if mapped.role.presence() == ColumnPresence::Optional {
+                    format!(
+                        "table {table} has no column \"{name}\"; name the column that plays this role, or set {key} = \"\" if the table has none"
+                    )
+                } else {
+                    format!("table {table} has no column \"{name}\"")
+                };
+                return Err(LayoutError { key: mapped.key, problem });
             }
-        };
-        const TIMESTAMPS: &[&str] = &["timestamp with time zone", "timestamp without time zone"];
-        let payload_type = expect(
-            "outbox.columns.payload",
-            &self.payload,
-            &["jsonb", "json", "text", "character varying", "character", "bytea"],
-            "jsonb, json, text or bytea",
-        )?;
-        let payload = match payload_type.as_str() {
+        }
+        // Every mapped column exists from here on.
+        let type_of = |column: &Identifier| type_of(column).unwrap_or_default();
+        for role in ColumnRole::ALL {
+            let (Some(types), Some(column)) = (role.types(), self.column(role)) else { continue };
+            let ty = type_of(column);
+            let base = ty.split('(').next().unwrap_or(&ty).trim();
+            if !types.allowed.contains(&base) {
+                return Err(LayoutError {
+                    key: role.config_key(),
+                    problem: format!("column \"{}\" has type {ty}; expected {}", column.as_str(), types.described),
+                });
+            }
+        }
+        let payload = match type_of(&self.payload).as_str() {
             "jsonb" | "json" => PayloadKind::Json,
             "bytea" => PayloadKind::Bytes,
             _ => PayloadKind::Text,
         };
-        if let Some(headers) = &self.headers {
-            expect("outbox.columns.headers", headers, &["jsonb", "json", "text"], "jsonb or json")?;
-        }
-        if let Some(published_at) = &self.published_at {
-            expect("outbox.columns.published_at", published_at, TIMESTAMPS, "timestamptz")?;
-        }
-        if let Some(created_at) = &self.created_at {
-            expect("outbox.columns.created_at", created_at, TIMESTAMPS, "timestamptz")?;
-        }
-        if let Some(attempts) = &self.attempts {
-            expect("outbox.columns.attempts", attempts, &["integer", "bigint", "smallint"], "an integer")?;
-        }
-        if let Some(last_error) = &self.last_error {
-            expect("outbox.columns.last_error", last_error, &["text", "character varying"], "text")?;
-        }
-        if let Some(horizon) = &self.xact_id {
-            expect("outbox.columns.xact_id", horizon, &["xid8"], "xid8 (see sql/migrations/0002)")?;
-        }
-        if let Some(last_attempt_at) = &self.last_attempt_at {
-            expect("outbox.columns.last_attempt_at", last_attempt_at, TIMESTAMPS, "timestamptz")?;
-        }
-        if let Some(failed_at) = &self.failed_at {
-            expect("outbox.columns.failed_at", failed_at, TIMESTAMPS, "timestamptz")?;
-        }
-        let id_type = type_of("outbox.columns.id", &self.id)?;
-        let order_type = type_of("outbox.columns.order_by", &self.order_by)?;
-        let last_error_type = match &self.last_error {
-            Some(last_error) => Some(type_of("outbox.columns.last_error", last_error)?),
-            None => None,
-        };
-        Ok(Layout { mapping: self.clone(), payload, id_type, order_type, last_error_type })
+        Ok(Layout {
+            mapping: self.clone(),
+            payload,
+            id_type: type_of(&self.id),
+            order_type: type_of(&self.order_by),
+            last_error_type: self.last_error.as_ref().map(type_of),
+        })
     }
+}
+
+/// A column of the mapping with the role it plays and the key that configures it.
+struct MappedColumn<'a> {
+    role: ColumnRole,
+    /// `outbox.columns.<key>`, or `outbox.topic_template` for a template's columns.
+    key: String,
+    column: &'a Identifier,
 }
 
 /// A privilege the relay's role needs on the outbox table.
@@ -676,89 +520,6 @@ pub(in crate::postgres) fn attempts_sql(layout: &Layout) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn identifiers_are_quoted_so_names_cannot_alter_sql() {
-        let id = Identifier::parse("we\"ird").unwrap();
-        assert_eq!(id.to_string(), "\"we\"\"ird\"");
-    }
-
-    #[test]
-    fn a_qualified_table_name_has_at_most_one_dot() {
-        assert_eq!(Identifier::parse_qualified("app.outbox").unwrap().len(), 2);
-        assert!(Identifier::parse_qualified("a.b.c").is_err());
-        assert!(Identifier::parse_qualified("").is_err());
-    }
-
-    #[test]
-    fn a_template_renders_column_values_and_literal_braces() {
-        let t = TopicTemplate::parse("outbox.{aggregatetype}.{{v}}.{type}").unwrap();
-        let columns: Vec<&str> = t.columns().iter().map(|c| c.as_str()).collect();
-        assert_eq!(columns, ["aggregatetype", "type"]);
-        let topic = t.render(&[Some("order".into()), Some("created".into())]).unwrap();
-        assert_eq!(topic, "outbox.order.{v}.created");
-    }
-
-    #[test]
-    fn a_template_with_a_null_column_is_a_row_error_naming_the_column() {
-        let t = TopicTemplate::parse("x.{aggregatetype}").unwrap();
-        let err = t.render(&[None]).unwrap_err();
-        assert!(err.contains("aggregatetype"), "{err}");
-    }
-
-    #[test]
-    fn malformed_templates_are_rejected() {
-        assert!(TopicTemplate::parse("a.{b").is_err());
-        assert!(TopicTemplate::parse("a}b").is_err());
-        assert!(TopicTemplate::parse("a.{}").is_err());
-        assert!(TopicTemplate::parse("").is_err());
-    }
-
-    mod hostile {
-        //! Configured names and templates are text from the operator and topic values are text from
-        //! the application: whatever they hold, parsing and rendering answer, never panic.
-
-        use proptest::prelude::*;
-
-        use super::*;
-
-        /// Any text, and text made mostly of the characters the template syntax gives meaning to.
-        fn template_text() -> impl Strategy<Value = String> {
-            prop_oneof![any::<String>(), "[{}a. _\"\\x00é]{0,24}"]
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(256))]
-
-            #[test]
-            fn any_template_is_refused_or_renders_exactly_when_its_columns_have_values(
-                template in template_text(),
-                values in prop::collection::vec(prop::option::of(any::<String>()), 0..4),
-            ) {
-                match TopicTemplate::parse(&template) {
-                    Ok(parsed) => {
-                        let wanted = parsed.columns().len();
-                        let all_present = values.len() >= wanted && values[..wanted].iter().all(Option::is_some);
-                        prop_assert_eq!(parsed.render(&values).is_ok(), all_present);
-                    }
-                    Err(reason) => prop_assert!(!reason.is_empty()),
-                }
-            }
-
-            #[test]
-            fn any_name_is_refused_or_quoted_so_that_it_reads_back_literally(name in template_text()) {
-                if let Ok(id) = Identifier::parse(&name) {
-                    let quoted = id.to_string();
-                    let inner = &quoted[1..quoted.len() - 1];
-                    prop_assert!(!inner.replace("\"\"", "").contains('"'), "a lone quote would end the identifier");
-                    prop_assert_eq!(inner.replace("\"\"", "\""), name.as_str());
-                }
-                if let Ok(parts) = Identifier::parse_qualified(&name) {
-                    prop_assert!(matches!(parts.len(), 1 | 2));
-                }
-            }
-        }
-    }
 
     fn standard_layout() -> Layout {
         let mapping = Mapping::from_config(&Config::default()).unwrap();
