@@ -66,23 +66,6 @@ pub fn abandoning_timeout(config: &Config) -> Option<(&'static str, &str)> {
     })
 }
 
-/// Every `reason` a [`DeliveryError`] can carry, plus `invalid_row` for rows that cannot become
-/// a record at all. The metrics start each at zero so that dashboards see the series from the
-/// first scrape.
-pub const ERROR_REASONS: &[&str] = &[
-    "message_timeout",
-    "queue_full",
-    "unknown_topic",
-    "message_too_large",
-    "not_authorized",
-    "invalid_record",
-    "broker_unavailable",
-    "producer_fenced",
-    "producer_closed",
-    "invalid_row",
-    "other",
-];
-
 /// A failure at the Kafka boundary that is not about one record.
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
@@ -829,7 +812,11 @@ mod tests {
         ];
         for code in codes {
             let failure = classify(&KafkaError::MessageProduction(code));
-            assert!(ERROR_REASONS.contains(&failure.reason), "{code:?} -> {}", failure.reason);
+            assert!(
+                crate::service::metrics::PUBLISH_ERROR_REASONS.contains(&failure.reason),
+                "{code:?} -> {}",
+                failure.reason
+            );
         }
     }
 

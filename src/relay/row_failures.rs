@@ -62,7 +62,7 @@ impl RowFailureReports {
     }
 }
 
-/// What fixes a row failure of kind `reason` (a label of `publisher::ERROR_REASONS`).
+/// What fixes a row failure of kind `reason` (a label of `metrics::PUBLISH_ERROR_REASONS`).
 fn fix(reason: &str) -> &'static str {
     match reason {
         "unknown_topic" => "create its topic (the relay never creates topics) or correct the row's topic",

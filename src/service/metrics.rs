@@ -22,6 +22,24 @@ use crate::config::HealthConfig;
 use crate::service::health::{Health, Verdict};
 use crate::service::shutdown::Shutdown;
 
+/// Every `reason` label of `outbox_relay_publish_errors_total`: what a delivery error can be
+/// classified as by the publisher, plus `invalid_row` for rows that cannot become
+/// a record at all. They start at zero so that dashboards see the series from the
+/// first scrape.
+pub const PUBLISH_ERROR_REASONS: &[&str] = &[
+    "message_timeout",
+    "queue_full",
+    "unknown_topic",
+    "message_too_large",
+    "not_authorized",
+    "invalid_record",
+    "broker_unavailable",
+    "producer_fenced",
+    "producer_closed",
+    "invalid_row",
+    "other",
+];
+
 /// The relay's metrics. Names and labels are documented in the README; change both together.
 pub struct Metrics {
     registry: Registry,
@@ -241,7 +259,7 @@ impl Metrics {
         ] {
             registry.register(collector).expect("metric names are unique");
         }
-        for reason in crate::kafka::publisher::ERROR_REASONS {
+        for reason in PUBLISH_ERROR_REASONS {
             publish_errors.with_label_values(&[*reason]);
         }
         Arc::new(Metrics {
