@@ -489,7 +489,7 @@ async fn assert_guarantees(env: &TestEnv, topic: &str, relay: &RunningRelay) -> 
 /// none marked failed (so none parked), and the relay counted no row retry.
 async fn assert_no_row_charged(db: &tokio_postgres::Client, relay: &RunningRelay) {
     assert_rows_uncharged(db).await;
-    let errors: Vec<(&str, u64)> = outbox_relay::kafka::publisher::ERROR_REASONS
+    let errors: Vec<(&str, u64)> = outbox_relay::service::metrics::PUBLISH_ERROR_REASONS
         .iter()
         .map(|reason| (*reason, relay.metrics.publish_errors.with_label_values(&[reason]).get()))
         .filter(|(_, n)| *n > 0)
