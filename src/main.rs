@@ -164,10 +164,16 @@ async fn dispatch(command: Command, config: Config) -> Result<Outcome, Failure> 
         Command::Migrate => Ok(print_text(&commands::migrate::migrate(&config).await?)),
         Command::Audit(args) => {
             let report = commands::audit::audit(&config, &args.topic, &args.range(), args.show).await?;
-            print(&report, args.json)
+            print(&report, args.json.then_some("report"))
         }
-        Command::Status { json } => print(&commands::status::status(&config).await.map_err(Failure::Status)?, json),
-        Command::Check { json } => print(&commands::check::check(&config).await.map_err(Failure::Check)?, json),
+        Command::Status { json } => {
+            let report = commands::status::status(&config).await.map_err(Failure::Status)?;
+            print(&report, json.then_some("status"))
+        }
+        Command::Check { json } => {
+            let report = commands::check::check(&config).await.map_err(Failure::Check)?;
+            print(&report, json.then_some("check"))
+        }
         Command::Retry(args) => Ok(print_text(&commands::retry::retry(&config, &args.selection()).await?)),
         // main prints it before the runtime starts; this arm only keeps the match whole.
         Command::Config => Ok(print_text(&commands::config::config(&config))),
@@ -180,12 +186,12 @@ fn print_text(report: &dyn Report) -> Outcome {
     finish_printing(report)
 }
 
-/// Prints a report as JSON when `--json` asks for it, otherwise for a person.
-fn print<R: Report + serde::Serialize>(report: &R, json: bool) -> Result<Outcome, Failure> {
-    if !json {
-        return Ok(print_text(report));
-    }
-    println!("{}", serde_json::to_string_pretty(report).map_err(Failure::Render)?);
+/// Prints a report as JSON when `--json` asked for it (`json` names the report for an error
+/// message then), otherwise for a person.
+fn print<R: Report + serde::Serialize>(report: &R, json: Option<&'static str>) -> Result<Outcome, Failure> {
+    let Some(what) = json else { return Ok(print_text(report)) };
+    let text = serde_json::to_string_pretty(report).map_err(|source| Failure::Render { what, source })?;
+    println!("{text}");
     Ok(finish_printing(report))
 }
 
@@ -228,8 +234,13 @@ enum Failure {
     #[error("retry: {0}")]
     Retry(#[from] RetryError),
     /// A report could not be rendered as JSON.
-    #[error("cannot render the report as JSON: {0}")]
-    Render(serde_json::Error),
+    #[error("cannot render the {what}: {source}")]
+    Render {
+        /// Which report.
+        what: &'static str,
+        /// serde_json's error.
+        source: serde_json::Error,
+    },
 }
 
 /// Something outside the relay failed, or a report names something to act on.
@@ -274,7 +285,7 @@ fn conclude(result: Result<Outcome, Failure>, logs: LogFormat) -> ExitCode {
     }
     ExitCode::from(match failure {
         Failure::Config(_) | Failure::Telemetry(_) => EXIT_CONFIG,
-        Failure::Runtime(_) | Failure::Render(_) => EXIT_FAILED,
+        Failure::Runtime(_) | Failure::Render { .. } => EXIT_FAILED,
         Failure::Run(RunError::Signals(_)) => EXIT_FAILED,
         Failure::Run(RunError::Relay(RelayError::Abandoned { .. })) => EXIT_ABANDONED,
         Failure::Run(RunError::Relay(e)) if e.is_config_problem() => EXIT_CONFIG,
@@ -288,4 +299,38 @@ fn conclude(result: Result<Outcome, Failure>, logs: LogFormat) -> ExitCode {
         Failure::Retry(RetryError::Connect(e)) if !e.is_transient() => EXIT_CONFIG,
         Failure::Retry(RetryError::Connect(_) | RetryError::Query(_)) => EXIT_FAILED,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn retry_selection(args: &[&str]) -> Selection {
+        let cli = Cli::try_parse_from([&["outbox-relay", "retry"], args].concat()).expect("valid arguments");
+        let Command::Retry(args) = cli.command else { panic!("not retry") };
+        args.selection()
+    }
+
+    #[test]
+    fn the_arguments_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn retry_selects_ids_a_key_or_everything() {
+        assert_eq!(
+            retry_selection(&["--id", "1,2", "--id", "3"]),
+            Selection::Ids(vec!["1".into(), "2".into(), "3".into()])
+        );
+        assert_eq!(retry_selection(&["--key", "K"]), Selection::Key("K".into()));
+        assert_eq!(retry_selection(&["--all"]), Selection::All);
+    }
+
+    #[test]
+    fn retry_asks_for_exactly_one_selection() {
+        assert!(Cli::try_parse_from(["outbox-relay", "retry"]).is_err());
+        assert!(Cli::try_parse_from(["outbox-relay", "retry", "--all", "--key", "K"]).is_err());
+    }
 }
