@@ -23,7 +23,8 @@
 //!   quarantined rows).
 //! - [`service`]: what runs around the loop: `/metrics`, `/healthz` and `/readyz`, the table's
 //!   gauges, retention, telemetry, lock-wait reporting, and graceful shutdown.
-//! - [`commands`]: the operator's commands besides `run`: `audit`, `status` and `check`.
+//! - [`commands`]: the operator's commands (`run`, `migrate`, `audit`, `status`, `check`,
+//!   `retry`, `config`), each returning a report that the binary prints.
 //! - [`inbox`]: for consumers: apply each event once, by recording its `event_id` in the same
 //!   transaction as the effect.
 

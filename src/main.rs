@@ -1,16 +1,21 @@
-//! The `outbox-relay` command: parse arguments, load the configuration, call into the library,
-//! and turn the result into an exit code (0 done, 1 failed, 2 configuration problem, 3 `audit`
-//! could not finish, 4 `run` stopped with its batch in flight unfinished).
+//! The `outbox-relay` command: parse the arguments, load the configuration, dispatch to a
+//! command of [`outbox_relay::commands`], print its report, and turn how it ended into an exit
+//! code. [`conclude`] is the one place that says a failure and picks the exit code; its doc
+//! comment lists every code.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use outbox_relay::config::{CONFIG_FILE_ENV, Config};
-use outbox_relay::postgres::schema;
+use outbox_relay::commands::audit::AuditError;
+use outbox_relay::commands::retry::{RetryError, Selection};
+use outbox_relay::commands::run::RunError;
+use outbox_relay::commands::{self, Outcome, Report};
+use outbox_relay::config::{CONFIG_FILE_ENV, Config, ConfigError, LogFormat};
+use outbox_relay::postgres::outbox::{OutboxError, RowRange};
+use outbox_relay::postgres::schema::MigrateError;
 use outbox_relay::relay::RelayError;
 use outbox_relay::service::telemetry::Telemetry;
-use outbox_relay::{Relay, Shutdown};
 
 /// Publishes the rows of a transactional outbox table to Kafka, at least once, in order per key.
 #[derive(Parser)]
@@ -94,13 +99,28 @@ struct AuditArgs {
     show: usize,
 }
 
-const EXIT_FAILED: u8 = 1;
-const EXIT_CONFIG: u8 = 2;
-/// `audit` could not finish (database, topic or range problem), as distinct from a finding.
-const EXIT_AUDIT_ERROR: u8 = 3;
-/// `run` stopped on request, but the grace period ended before the batch in flight was
-/// finished: its rows will be published again.
-const EXIT_ABANDONED: u8 = 4;
+impl RetryArgs {
+    /// The rows asked for; clap lets exactly one of `--id`, `--key` and `--all` through.
+    fn selection(self) -> Selection {
+        match (self.id.is_empty(), self.key) {
+            (false, _) => Selection::Ids(self.id),
+            (true, Some(key)) if !self.all => Selection::Key(key),
+            _ => Selection::All,
+        }
+    }
+}
+
+impl AuditArgs {
+    /// The rows to audit.
+    fn range(&self) -> RowRange {
+        RowRange {
+            from_id: self.from_id.clone(),
+            to_id: self.to_id.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+        }
+    }
+}
 
 fn main() -> ExitCode {
     // Only test builds read FAILPOINTS; a release build must not panic on a stray variable.
@@ -109,261 +129,208 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("outbox-relay: invalid configuration: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return conclude(Err(Failure::Config(e)), LogFormat::Text),
     };
+    let logs = config.log.format;
+    // Printing the configuration needs neither the runtime nor the logs (a broken OTLP
+    // endpoint must not keep an operator from seeing the configuration that names it).
     if let Command::Config = cli.command {
-        print!("{}", config.to_redacted_toml());
-        return ExitCode::SUCCESS;
+        return conclude(Ok(print_text(&commands::config::config(&config))), logs);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("outbox-relay: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
+        Err(e) => return conclude(Err(Failure::Runtime(e)), logs),
     };
     // The OTLP exporter's client needs the runtime's context when it starts.
     let _runtime = runtime.enter();
     let telemetry = match Telemetry::init(&config) {
         Ok(telemetry) => telemetry,
-        Err(e) => {
-            eprintln!("outbox-relay: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return conclude(Err(Failure::Telemetry(e)), logs),
     };
-    let code = runtime.block_on(async {
-        match cli.command {
-            Command::Run => run(config).await,
-            Command::Migrate => migrate(config).await,
-            Command::Audit(args) => audit(config, args).await,
-            Command::Status { json } => status(config, json).await,
-            Command::Retry(args) => retry(config, args).await,
-            Command::Check { json } => check(config, json).await,
-            Command::Config => ExitCode::SUCCESS,
-        }
-    });
+    let result = runtime.block_on(dispatch(cli.command, config));
+    // Said while the logs are still up: a relay's fatal error may go out as a log line.
+    let code = conclude(result, logs);
     telemetry.shutdown();
     code
 }
 
-async fn run(config: Config) -> ExitCode {
-    // Logs and this command's own error line both go to stderr: a fatal error is said once,
-    // as a JSON log line where logs are JSON (so log pipelines get it whole), as one plain line
-    // otherwise.
-    let json_logs = config.log.format == outbox_relay::config::LogFormat::Json;
-    let shutdown = Shutdown::new();
-    if let Err(e) = shutdown.on_signals() {
-        eprintln!("outbox-relay: cannot install signal handlers: {e}");
-        return ExitCode::from(EXIT_FAILED);
-    }
-    let result = match Relay::new(config, shutdown) {
-        Ok(relay) => relay.run().await,
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if json_logs {
-                tracing::error!(error = %e, "relay stopped");
-            } else {
-                eprintln!("outbox-relay: {e}");
-            }
-            ExitCode::from(match e {
-                RelayError::Abandoned { .. } => EXIT_ABANDONED,
-                e if e.is_config_problem() => EXIT_CONFIG,
-                _ => EXIT_FAILED,
-            })
+/// Runs the command and prints its report.
+async fn dispatch(command: Command, config: Config) -> Result<Outcome, Failure> {
+    match command {
+        Command::Run => {
+            commands::run::run(config).await?;
+            Ok(Outcome::Done)
         }
+        Command::Migrate => Ok(print_text(&commands::migrate::migrate(&config).await?)),
+        Command::Audit(args) => {
+            let report = commands::audit::audit(&config, &args.topic, &args.range(), args.show).await?;
+            print(&report, args.json.then_some("report"))
+        }
+        Command::Status { json } => {
+            let report = commands::status::status(&config).await.map_err(Failure::Status)?;
+            print(&report, json.then_some("status"))
+        }
+        Command::Check { json } => {
+            let report = commands::check::check(&config).await.map_err(Failure::Check)?;
+            print(&report, json.then_some("check"))
+        }
+        Command::Retry(args) => Ok(print_text(&commands::retry::retry(&config, &args.selection()).await?)),
+        // main prints it before the runtime starts; this arm only keeps the match whole.
+        Command::Config => Ok(print_text(&commands::config::config(&config))),
     }
 }
 
-async fn migrate(config: Config) -> ExitCode {
-    match schema::migrate(&config).await {
-        Ok(report) if report.applied.is_empty() => {
-            println!("schema is up to date (version {})", report.version);
-            ExitCode::SUCCESS
-        }
-        Ok(report) => {
-            for name in &report.applied {
-                println!("applied {name}");
-            }
-            println!("schema is at version {}", report.version);
-            ExitCode::SUCCESS
-        }
-        Err(e @ (schema::MigrateError::CustomLayout | schema::MigrateError::Partitioned)) => {
-            eprintln!("outbox-relay: {e}");
-            ExitCode::from(EXIT_CONFIG)
-        }
-        Err(e) => {
-            eprintln!("outbox-relay: {e}");
-            ExitCode::from(EXIT_FAILED)
-        }
-    }
+/// Prints a report for a person: its text on stdout, its problems on stderr.
+fn print_text(report: &dyn Report) -> Outcome {
+    print!("{}", report.render_text());
+    finish_printing(report)
 }
 
-async fn audit(config: Config, args: AuditArgs) -> ExitCode {
-    let range = outbox_relay::postgres::outbox::RowRange {
-        from_id: args.from_id,
-        to_id: args.to_id,
-        since: args.since,
-        until: args.until,
-    };
-    match outbox_relay::commands::audit::audit(&config, &args.topic, &range, args.show).await {
-        Ok(report) => {
-            if args.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(json) => println!("{json}"),
-                    Err(e) => eprintln!("outbox-relay: cannot render the report: {e}"),
-                }
-            } else {
-                print!("{}", report.render_text());
-            }
-            if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
-        }
-        Err(e) => {
-            eprintln!("outbox-relay: audit: {e}");
-            ExitCode::from(EXIT_AUDIT_ERROR)
-        }
-    }
+/// Prints a report as JSON when `--json` asked for it (`json` names the report for an error
+/// message then), otherwise for a person.
+fn print<R: Report + serde::Serialize>(report: &R, json: Option<&'static str>) -> Result<Outcome, Failure> {
+    let Some(what) = json else { return Ok(print_text(report)) };
+    let text = serde_json::to_string_pretty(report).map_err(|source| Failure::Render { what, source })?;
+    println!("{text}");
+    Ok(finish_printing(report))
 }
 
-async fn status(config: Config, json: bool) -> ExitCode {
-    match outbox_relay::commands::status::status(&config).await {
-        Ok(report) if json => match serde_json::to_string_pretty(&report) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("outbox-relay: cannot render the status: {e}");
-                ExitCode::from(EXIT_FAILED)
-            }
-        },
-        Ok(report) => {
-            print!("{}", report.render_text());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("outbox-relay: status: {e}");
-            ExitCode::from(if e.is_transient() { EXIT_FAILED } else { EXIT_CONFIG })
-        }
+/// Prints the report's problems on stderr, after the report itself.
+fn finish_printing(report: &dyn Report) -> Outcome {
+    for problem in report.problems() {
+        eprintln!("outbox-relay: {problem}");
     }
+    report.outcome()
 }
 
-async fn check(config: Config, json: bool) -> ExitCode {
-    let report = match outbox_relay::commands::check::check(&config).await {
-        Ok(report) => report,
-        Err(e) => {
-            eprintln!("outbox-relay: check: {e}");
-            return ExitCode::from(if e.is_transient() { EXIT_FAILED } else { EXIT_CONFIG });
-        }
-    };
-    if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(e) => {
-                eprintln!("outbox-relay: cannot render the check: {e}");
-                return ExitCode::from(EXIT_FAILED);
-            }
-        }
-    } else {
-        print!("{}", report.render_text());
-    }
-    if report.is_complete() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILED) }
+/// Why the command did not finish, with the stderr line that says so (after `outbox-relay: `).
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The configuration could not be loaded or is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(ConfigError),
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// Logging or the span exporter could not be set up.
+    #[error("{0}")]
+    Telemetry(String),
+    /// `run` stopped other than on request.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// `migrate` failed.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    /// `audit` could not finish.
+    #[error("audit: {0}")]
+    Audit(#[from] AuditError),
+    /// `status` could not read the table.
+    #[error("status: {0}")]
+    Status(OutboxError),
+    /// `check` could not read the table.
+    #[error("check: {0}")]
+    Check(OutboxError),
+    /// `retry` re-queued nothing.
+    #[error("retry: {0}")]
+    Retry(#[from] RetryError),
+    /// A report could not be rendered as JSON.
+    #[error("cannot render the {what}: {source}")]
+    Render {
+        /// Which report.
+        what: &'static str,
+        /// serde_json's error.
+        source: serde_json::Error,
+    },
 }
 
-async fn retry(config: Config, args: RetryArgs) -> ExitCode {
-    let mapping = match outbox_relay::postgres::layout::Mapping::from_config(&config) {
-        Ok(mapping) => mapping,
-        Err(e) => {
-            eprintln!("outbox-relay: retry: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+/// Something outside the relay failed, or a report names something to act on.
+const EXIT_FAILED: u8 = 1;
+/// The configuration or the table must change.
+const EXIT_CONFIG: u8 = 2;
+/// `audit` could not finish (database, topic or range problem), as distinct from a finding.
+const EXIT_AUDIT_INCOMPLETE: u8 = 3;
+/// `run` stopped on request, but the grace period ended before the batch in flight was
+/// finished: its rows will be published again.
+const EXIT_ABANDONED: u8 = 4;
+
+/// Says how the command ended, once, on stderr, and returns its exit code: the one place that
+/// decides both.
+///
+/// - `0`: done: the command did what was asked, and its report names nothing to act on.
+/// - `1`: a failure outside the relay (the runtime, signal handlers, a database or broker that
+///   failed or went away), or a report that names something to act on (`audit` found lost
+///   rows or conflicting duplicates, `check` found something lacking, `retry` could not
+///   re-queue an id asked for).
+/// - `2`: a configuration problem: an invalid configuration, a table that does not match it,
+///   a login or broker refused at startup, `migrate` asked to manage a table that is not its
+///   own, `retry` without a `failed_at` column or given ids that are not ids of the table.
+/// - `3`: `audit` could not finish (database, topic or range problem), as distinct from a
+///   finding.
+/// - `4`: `run` stopped on request, but `relay.shutdown_timeout` ended before the batch in
+///   flight was finished; its rows are published again by the next run.
+/// - `130`: a second SIGTERM or SIGINT during `run`; not decided here, as the process exits at
+///   once (see `Shutdown::on_signals`).
+///
+/// A relay's fatal error goes to the logs where they are JSON (`log.format = "json"`), so log
+/// pipelines get it whole; every other failure is one plain line.
+fn conclude(result: Result<Outcome, Failure>, logs: LogFormat) -> ExitCode {
+    let failure = match result {
+        Ok(Outcome::Done) => return ExitCode::SUCCESS,
+        Ok(Outcome::NeedsAction) => return ExitCode::from(EXIT_FAILED),
+        Err(failure) => failure,
     };
-    let outbox = match outbox_relay::postgres::outbox::Outbox::connect(&config, &mapping).await {
-        Ok(outbox) => outbox,
-        Err(e) => {
-            eprintln!("outbox-relay: retry: {e}");
-            return ExitCode::from(if e.is_transient() { EXIT_FAILED } else { EXIT_CONFIG });
-        }
-    };
-    if outbox.layout().retry_sql().is_none() {
-        eprintln!("outbox-relay: retry: outbox.columns.failed_at is not set, so no row is ever marked failed");
-        return ExitCode::from(EXIT_CONFIG);
+    match &failure {
+        Failure::Run(RunError::Relay(e)) if logs == LogFormat::Json => tracing::error!(error = %e, "relay stopped"),
+        failure => eprintln!("outbox-relay: {failure}"),
     }
-    let ids = (!args.id.is_empty()).then_some(args.id.as_slice());
-    let key = if args.all { None } else { args.key.as_deref() };
-    // What the ids asked for were before the retry, to say what became of each.
-    let before = if args.id.is_empty() {
-        Vec::new()
-    } else {
-        match outbox.row_states(&args.id).await {
-            Ok(states) => states,
-            Err(e) if e.is_invalid_value() => Vec::new(), // reported by the retry below
-            Err(e) => {
-                eprintln!("outbox-relay: retry: {e}");
-                return ExitCode::from(EXIT_FAILED);
-            }
-        }
-    };
-    let requeued = match outbox.retry(ids, key).await {
-        Ok(requeued) => requeued,
-        Err(e) if e.is_invalid_value() => {
-            eprintln!(
-                "outbox-relay: retry: --id {}: not ids of table {} (its id column is {}); see `outbox-relay status` for failed rows",
-                args.id.join(","),
-                mapping.table_name(),
-                outbox.layout().id_type
-            );
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        Err(e) => {
-            eprintln!("outbox-relay: retry: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
-    };
-    // Rows given up on and rows still being retried (waiting out a backoff) are both
-    // re-queued; "failed rows" would misname the second kind.
-    let rows = if requeued.len() == 1 { "row" } else { "rows" };
-    println!("re-queued {} {rows} with failed attempts", requeued.len());
-    let attempts = |n: i64| if n == 1 { "1 failed attempt".to_owned() } else { format!("{n} failed attempts") };
-    for id in args.id.iter().filter(|id| requeued.contains(id)) {
-        match before.iter().find(|s| &s.id == id) {
-            Some(s) if s.failed => println!("row {id}: given up on after {}; re-queued", attempts(s.attempts)),
-            Some(s) => println!("row {id}: failing ({}, waiting out a backoff); re-queued", attempts(s.attempts)),
-            None => println!("row {id}: re-queued"),
-        }
+    ExitCode::from(match failure {
+        Failure::Config(_) | Failure::Telemetry(_) => EXIT_CONFIG,
+        Failure::Runtime(_) | Failure::Render { .. } => EXIT_FAILED,
+        Failure::Run(RunError::Signals(_)) => EXIT_FAILED,
+        Failure::Run(RunError::Relay(RelayError::Abandoned { .. })) => EXIT_ABANDONED,
+        Failure::Run(RunError::Relay(e)) if e.is_config_problem() => EXIT_CONFIG,
+        Failure::Run(RunError::Relay(_)) => EXIT_FAILED,
+        Failure::Migrate(MigrateError::CustomLayout | MigrateError::Partitioned) => EXIT_CONFIG,
+        Failure::Migrate(_) => EXIT_FAILED,
+        Failure::Audit(_) => EXIT_AUDIT_INCOMPLETE,
+        Failure::Status(e) | Failure::Check(e) if e.is_transient() => EXIT_FAILED,
+        Failure::Status(_) | Failure::Check(_) => EXIT_CONFIG,
+        Failure::Retry(RetryError::Mapping(_) | RetryError::NoFailedAt | RetryError::NotIds { .. }) => EXIT_CONFIG,
+        Failure::Retry(RetryError::Connect(e)) if !e.is_transient() => EXIT_CONFIG,
+        Failure::Retry(RetryError::Connect(_) | RetryError::Query(_)) => EXIT_FAILED,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn retry_selection(args: &[&str]) -> Selection {
+        let cli = Cli::try_parse_from([&["outbox-relay", "retry"], args].concat()).expect("valid arguments");
+        let Command::Retry(args) = cli.command else { panic!("not retry") };
+        args.selection()
     }
-    // Say what became of each id asked for that was not re-queued, as it is now.
-    let not_requeued: Vec<String> = args.id.iter().filter(|id| !requeued.contains(id)).cloned().collect();
-    if not_requeued.is_empty() {
-        return ExitCode::SUCCESS;
+
+    #[test]
+    fn the_arguments_are_consistent() {
+        Cli::command().debug_assert();
     }
-    let states = match outbox.row_states(&not_requeued).await {
-        Ok(states) => states,
-        Err(e) => {
-            eprintln!("outbox-relay: retry: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
-    };
-    let mut exit = ExitCode::SUCCESS;
-    for id in &not_requeued {
-        match states.iter().find(|s| &s.id == id) {
-            // The goal of a retry is the row published: already met, whoever met it (the
-            // relay's own retry often comes first).
-            Some(s) if s.published => println!("row {id}: already published; nothing to do"),
-            Some(_) => {
-                eprintln!("outbox-relay: retry: row {id}: pending, never failed: nothing to re-queue");
-                exit = ExitCode::from(EXIT_FAILED);
-            }
-            None => {
-                eprintln!("outbox-relay: retry: row {id}: no such row");
-                exit = ExitCode::from(EXIT_FAILED);
-            }
-        }
+
+    #[test]
+    fn retry_selects_ids_a_key_or_everything() {
+        assert_eq!(
+            retry_selection(&["--id", "1,2", "--id", "3"]),
+            Selection::Ids(vec!["1".into(), "2".into(), "3".into()])
+        );
+        assert_eq!(retry_selection(&["--key", "K"]), Selection::Key("K".into()));
+        assert_eq!(retry_selection(&["--all"]), Selection::All);
     }
-    exit
+
+    #[test]
+    fn retry_asks_for_exactly_one_selection() {
+        assert!(Cli::try_parse_from(["outbox-relay", "retry"]).is_err());
+        assert!(Cli::try_parse_from(["outbox-relay", "retry", "--all", "--key", "K"]).is_err());
+    }
 }

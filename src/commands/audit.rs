@@ -31,6 +31,7 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::commands::{Outcome, Report};
 use crate::config::{Config, MarkMode};
 use crate::kafka::record::EVENT_ID_HEADER;
 use crate::postgres::layout::{Layout, Mapping};
@@ -218,9 +219,14 @@ impl AuditReport {
     pub fn is_clean(&self) -> bool {
         self.lost.count == 0 && self.conflicting.count == 0
     }
+}
 
-    /// The report for a person.
-    pub fn render_text(&self) -> String {
+impl Report for AuditReport {
+    fn outcome(&self) -> Outcome {
+        if self.is_clean() { Outcome::Done } else { Outcome::NeedsAction }
+    }
+
+    fn render_text(&self) -> String {
         let mut out = String::new();
         let ids = |f: &Finding| {
             if f.first.is_empty() { String::new() } else { format!("; first: {}", f.first.join(", ")) }

@@ -10,6 +10,7 @@
 
 use serde::Serialize;
 
+use crate::commands::{Outcome, Report};
 use crate::config::Config;
 use crate::postgres::layout::{
     CatalogColumn, Identifier, Layout, Mapping, OrderColumn, Privilege, TableCatalog, TableIndex,
@@ -59,9 +60,15 @@ impl CheckReport {
     pub fn is_complete(&self) -> bool {
         self.items.iter().all(|item| item.verdict != Verdict::Lacking)
     }
+}
+
+impl Report for CheckReport {
+    fn outcome(&self) -> Outcome {
+        if self.is_complete() { Outcome::Done } else { Outcome::NeedsAction }
+    }
 
     /// The report as an operator reads it: one line per guarantee, then what to run and set.
-    pub fn render_text(&self) -> String {
+    fn render_text(&self) -> String {
         let lacking = self.items.iter().filter(|item| item.verdict == Verdict::Lacking).count();
         let mut out = format!("table {}: ", self.table);
         if lacking == 0 {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::commands::Report;
 use crate::config::Config;
 use crate::postgres::failed_rows::Stuck;
 use crate::postgres::outbox::{
@@ -150,9 +151,10 @@ impl StatusReport {
         }
         line
     }
+}
 
-    /// The report for a person.
-    pub fn render_text(&self) -> String {
+impl Report for StatusReport {
+    fn render_text(&self) -> String {
         let mut out = format!("outbox {}\n", self.table);
         let age = self.oldest_pending_age_seconds.map(|s| format!(", oldest {s:.1}s old")).unwrap_or_default();
         out.push_str(&format!("  pending    {} rows{age}\n", self.pending_rows));
