@@ -617,30 +617,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::config::Config;
-    use crate::postgres::layout::Mapping;
 
-    fn standard_layout() -> Layout {
-        let columns: Vec<(String, String)> = [
-            ("id", "bigint"),
-            ("event_id", "uuid"),
-            ("topic", "text"),
-            ("key", "text"),
-            ("payload", "jsonb"),
-            ("headers", "jsonb"),
-            ("created_at", "timestamp with time zone"),
-            ("published_at", "timestamp with time zone"),
-            ("attempts", "integer"),
-            ("last_error", "text"),
-            ("xact_id", "xid8"),
-            ("last_attempt_at", "timestamp with time zone"),
-            ("failed_at", "timestamp with time zone"),
-        ]
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.to_string()))
-        .collect();
-        Mapping::from_config(&Config::default()).unwrap().resolve(&columns).unwrap()
-    }
+    use crate::postgres::layout::tests::standard_layout;
 
     #[test]
     fn each_parameter_is_written_as_its_number_in_the_order_the_values_are_passed() {

@@ -518,10 +518,32 @@ pub(in crate::postgres) fn attempts_sql(layout: &Layout) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn standard_layout() -> Layout {
+    /// The columns of the table `sql/migrations/` creates, as the catalog lists them.
+    pub(crate) fn standard_layout_columns() -> Vec<(String, String)> {
+        [
+            ("id", "bigint"),
+            ("event_id", "uuid"),
+            ("topic", "text"),
+            ("key", "text"),
+            ("payload", "jsonb"),
+            ("headers", "jsonb"),
+            ("created_at", "timestamp with time zone"),
+            ("published_at", "timestamp with time zone"),
+            ("attempts", "integer"),
+            ("last_error", "text"),
+            ("xact_id", "xid8"),
+            ("last_attempt_at", "timestamp with time zone"),
+            ("failed_at", "timestamp with time zone"),
+        ]
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect()
+    }
+
+    pub(crate) fn standard_layout() -> Layout {
         let mapping = Mapping::from_config(&Config::default()).unwrap();
         mapping.resolve(&standard_layout_columns()).unwrap()
     }
@@ -623,26 +645,5 @@ mod tests {
         }
         let err = mapping.resolve(&columns).unwrap_err();
         assert_eq!(err.key, "outbox.columns.payload");
-    }
-
-    fn standard_layout_columns() -> Vec<(String, String)> {
-        [
-            ("id", "bigint"),
-            ("event_id", "uuid"),
-            ("topic", "text"),
-            ("key", "text"),
-            ("payload", "jsonb"),
-            ("headers", "jsonb"),
-            ("created_at", "timestamp with time zone"),
-            ("published_at", "timestamp with time zone"),
-            ("attempts", "integer"),
-            ("last_error", "text"),
-            ("xact_id", "xid8"),
-            ("last_attempt_at", "timestamp with time zone"),
-            ("failed_at", "timestamp with time zone"),
-        ]
-        .iter()
-        .map(|(n, t)| (n.to_string(), t.to_string()))
-        .collect()
     }
 }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod architecture;
 mod audit;
 mod batch_rejections;
 mod claim_floor;
