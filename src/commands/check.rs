@@ -11,7 +11,7 @@
 use serde::Serialize;
 
 use crate::commands::{Outcome, Report};
-use crate::config::Config;
+use crate::config::{ColumnRole, Config};
 use crate::postgres::layout::{
     CatalogColumn, Identifier, Layout, Mapping, OrderColumn, Privilege, TableCatalog, TableIndex,
 };
@@ -197,49 +197,44 @@ struct Table<'a> {
     storage: &'a Storage,
 }
 
-/// A bookkeeping column the relay can use, with the standard table's name and type.
+/// An optional column of the standard table that `check` may propose to add: its name,
+/// definition and type come from the column declaration ([`ColumnRole`]); what it gives is said
+/// here, where the report explains what a table without it lacks.
 struct StandardColumn {
-    /// The `[outbox.columns]` key.
-    key: &'static str,
-    /// The name and definition the standard table uses.
-    name: &'static str,
-    definition: &'static str,
-    /// `format_type` of that definition, to tell whether an unmapped column of that name fits.
-    data_type: &'static str,
+    role: ColumnRole,
     /// What the relay does with it (and cannot do without it).
     gives: &'static str,
 }
 
-const XACT_ID: StandardColumn =
-    StandardColumn { key: "xact_id", name: "xact_id", definition: "xid8", data_type: "xid8", gives: "" };
+impl StandardColumn {
+    fn name(&self) -> &'static str {
+        self.role.default_column().unwrap_or(self.role.key())
+    }
+
+    fn definition(&self) -> &'static str {
+        self.role.declaration().definition.unwrap_or("text")
+    }
+
+    /// `format_type` of the definition, to tell whether an unmapped column of that name fits.
+    fn data_type(&self) -> &'static str {
+        self.role.types().and_then(|types| types.allowed.first().copied()).unwrap_or("text")
+    }
+}
+
+const XACT_ID: StandardColumn = StandardColumn { role: ColumnRole::XactId, gives: "" };
 
 const POISON_COLUMNS: [StandardColumn; 4] = [
     StandardColumn {
-        key: "attempts",
-        name: "attempts",
-        definition: "int NOT NULL DEFAULT 0",
-        data_type: "integer",
+        role: ColumnRole::Attempts,
         gives: "counts a row's failed attempts; without it no row is given up on and `status` sees no failing row",
     },
+    StandardColumn { role: ColumnRole::LastError, gives: "keeps the last failure's text for `status` and `audit`" },
     StandardColumn {
-        key: "last_error",
-        name: "last_error",
-        definition: "text",
-        data_type: "text",
-        gives: "keeps the last failure's text for `status` and `audit`",
-    },
-    StandardColumn {
-        key: "last_attempt_at",
-        name: "last_attempt_at",
-        definition: "timestamptz",
-        data_type: "timestamp with time zone",
+        role: ColumnRole::LastAttemptAt,
         gives: "spaces a failing row's attempts out; without it the row is tried again at every claim",
     },
     StandardColumn {
-        key: "failed_at",
-        name: "failed_at",
-        definition: "timestamptz",
-        data_type: "timestamp with time zone",
+        role: ColumnRole::FailedAt,
         gives: "marks a row given up on after relay.max_attempts, for `retry`; without it the relay never gives up",
     },
 ];
@@ -313,20 +308,20 @@ impl Table<'_> {
     /// lacking) or one must be added.
     /// Returns the column's name.
     fn add_column(&self, standard: &StandardColumn, sql: &mut Vec<String>, config: &mut Vec<String>) -> String {
-        let name = match self.column(standard.name) {
-            Some(existing) if existing.data_type == standard.data_type => standard.name.to_owned(),
-            Some(_) => format!("relay_{}", standard.name),
-            None => standard.name.to_owned(),
+        let name = match self.column(standard.name()) {
+            Some(existing) if existing.data_type == standard.data_type() => standard.name().to_owned(),
+            Some(_) => format!("relay_{}", standard.name()),
+            None => standard.name().to_owned(),
         };
         if self.column(&name).is_none() {
             let quoted = Identifier::parse(&name).map_or(name.clone(), |i| i.to_string());
             sql.push(format!(
                 "ALTER TABLE {} ADD COLUMN {quoted} {};",
                 self.mapping().table_sql(),
-                standard.definition
+                standard.definition()
             ));
         }
-        config.push(format!("outbox.columns.{} = \"{name}\"", standard.key));
+        config.push(format!("outbox.columns.{} = \"{name}\"", standard.role.key()));
         name
     }
 
@@ -451,7 +446,7 @@ impl Table<'_> {
         let mut lacking = Vec::new();
         for (standard, column) in POISON_COLUMNS.iter().zip(mapped) {
             if column.is_none() {
-                lacking.push(format!("{} ({})", standard.key, standard.gives));
+                lacking.push(format!("{} ({})", standard.role.key(), standard.gives));
                 self.add_column(standard, &mut item.sql, &mut item.config);
             }
         }
@@ -841,6 +836,20 @@ fn normalize_condition(condition: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_column_check_may_add_has_the_standard_tables_definition_and_type() {
+        for standard in POISON_COLUMNS.iter().chain([&XACT_ID]) {
+            let declared = standard.role.declaration();
+            assert!(declared.definition.is_some(), "{:?} has no definition to add", standard.role);
+            assert_eq!(Some(standard.name()), declared.default_column);
+            assert!(standard.definition().starts_with(match standard.data_type() {
+                "integer" => "int",
+                "timestamp with time zone" => "timestamptz",
+                other => other,
+            }));
+        }
+    }
 
     #[test]
     fn a_predicate_is_accepted_only_when_every_condition_is_one_the_query_also_has() {

@@ -83,6 +83,9 @@ pub struct ColumnDeclaration {
     pub types: Option<ColumnTypes>,
     /// What it is for, as the README's configuration table says.
     pub summary: &'static str,
+    /// The standard table's definition of an optional column (`sql/migrations/`), which
+    /// `check` proposes to add to a table that lacks it; `None` for the columns every table has.
+    pub definition: Option<&'static str>,
 }
 
 const TIMESTAMPTZ: ColumnTypes =
@@ -101,6 +104,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Required,
             types: any,
             summary: "row identity used to mark it",
+            definition: None,
         },
         ColumnDeclaration {
             role: OrderBy,
@@ -109,6 +113,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: SameAs(Id),
             types: any,
             summary: "claim order, and so per-key order: an integer, `NOT NULL`, from a sequence without a cache or unique",
+            definition: None,
         },
         ColumnDeclaration {
             role: EventId,
@@ -117,6 +122,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Required,
             types: any,
             summary: "sent as the `event_id` header (may be the id column)",
+            definition: None,
         },
         ColumnDeclaration {
             role: Topic,
@@ -125,6 +131,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: UnlessTemplate,
             types: any,
             summary: "topic column, unless a template is set",
+            definition: None,
         },
         ColumnDeclaration {
             role: Key,
@@ -133,6 +140,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: any,
             summary: "record key (`\"\"`: no keys)",
+            definition: None,
         },
         ColumnDeclaration {
             role: Payload,
@@ -144,6 +152,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
                 described: "jsonb, json, text or bytea",
             }),
             summary: "record value: `jsonb`, `json`, `text` or `bytea`",
+            definition: None,
         },
         ColumnDeclaration {
             role: Headers,
@@ -152,6 +161,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: Some(ColumnTypes { allowed: &["jsonb", "json", "text"], described: "jsonb or json" }),
             summary: "JSON object of strings (`\"\"`: none)",
+            definition: None,
         },
         ColumnDeclaration {
             role: CreatedAt,
@@ -160,6 +170,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: Some(TIMESTAMPTZ),
             summary: "feeds the oldest-pending-age metric (`\"\"`: none)",
+            definition: None,
         },
         ColumnDeclaration {
             role: PublishedAt,
@@ -168,6 +179,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: Some(TIMESTAMPTZ),
             summary: "set on publish (required with `mark = \"update\"`)",
+            definition: None,
         },
         ColumnDeclaration {
             role: Attempts,
@@ -176,6 +188,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: Some(ColumnTypes { allowed: &["integer", "bigint", "smallint"], described: "an integer" }),
             summary: "failed-attempt counter (`\"\"`: none)",
+            definition: Some("int NOT NULL DEFAULT 0"),
         },
         ColumnDeclaration {
             role: LastError,
@@ -184,6 +197,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: Some(ColumnTypes { allowed: &["text", "character varying"], described: "text" }),
             summary: "last failure text (`\"\"`: none)",
+            definition: Some("text"),
         },
         ColumnDeclaration {
             role: XactId,
@@ -192,6 +206,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: Some(ColumnTypes { allowed: &["xid8"], described: "xid8 (see sql/migrations/0002)" }),
             summary: "the inserting transaction's id, `xid8` (`\"\"`: no commit-order safety; warned at startup)",
+            definition: Some("xid8"),
         },
         ColumnDeclaration {
             role: LastAttemptAt,
@@ -200,6 +215,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: Some(TIMESTAMPTZ),
             summary: "time of the last failed attempt, for retry backoff (`\"\"`: no backoff)",
+            definition: Some("timestamptz"),
         },
         ColumnDeclaration {
             role: FailedAt,
@@ -208,6 +224,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: Some(TIMESTAMPTZ),
             summary: "set when the relay gives up on a row (`\"\"`: it never gives up)",
+            definition: Some("timestamptz"),
         },
         ColumnDeclaration {
             role: Traceparent,
@@ -216,6 +233,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             presence: Optional,
             types: any,
             summary: "a column whose value becomes the record's `traceparent` header",
+            definition: None,
         },
     ]
 };
@@ -266,6 +284,11 @@ impl ColumnRole {
     /// The types its column may have; `None`: any.
     pub fn types(self) -> Option<ColumnTypes> {
         self.declaration().types
+    }
+
+    /// The standard table's column name, if it has one.
+    pub fn default_column(self) -> Option<&'static str> {
+        self.declaration().default_column
     }
 }
 
