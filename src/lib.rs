@@ -7,26 +7,38 @@
 //! the mark publishes those rows again, and every record carries the row's stable `event_id`
 //! header so consumers can drop the repeat.
 //!
-//! The modules follow the data flow, one folder per side:
+//! The modules follow the data flow, one folder per side; where to look first:
+//!
+//! | what | where |
+//! |---|---|
+//! | which rows are claimed, and how | `src/postgres/claim.rs` |
+//! | the record a row becomes (key, value, headers, `event_id`) | `src/kafka/record.rs` |
+//! | sending, delivery reports, and how a broker error is classified | `src/kafka/publisher.rs` |
+//! | marking a row published, recording a failure | `src/postgres/mark.rs` |
+//! | the loop that joins them | `src/relay/mod.rs` |
 //!
 //! - [`config`]: the configuration surface: its types, defaults, loading, validation and
-//!   redaction. It imports nothing else of the crate.
-//! - [`postgres`]: the database side. [`postgres::tls`] connects, [`postgres::layout`] says
-//!   which column plays which role and checks it against the catalog, [`postgres::outbox`] runs
-//!   the statements (claim, mark, record failures, shard locks), and [`postgres::schema`] holds
-//!   the migrations.
-//! - [`kafka`]: the broker side. [`kafka::record`] is the record a row becomes,
-//!   [`kafka::publisher`] sends records and classifies delivery reports, and
-//!   [`kafka::topic_limits`] says what a topic's configuration lets the broker refuse.
-//! - [`relay`]: the loop that joins them (claim, produce, await every report, mark), with its
-//!   claim floor, shards, wakeup, backoff, and the rows it keeps apart (stalled partitions,
-//!   quarantined rows).
+//!   redaction, and the one declaration of the outbox's column roles. It imports nothing else
+//!   of the crate; every other part reads a [`Config`] that passed validation.
+//! - [`postgres`]: the database side: connecting (with TLS), the table's layout
+//!   ([`postgres::layout`]), each statement beside the code that runs it and decodes its rows,
+//!   the relay's session ([`postgres::outbox`]) and the migrations ([`postgres::schema`]).
+//! - [`kafka`]: the broker side: the record a row becomes ([`kafka::record`]), the producer that
+//!   sends it and classifies its delivery report ([`kafka::publisher`]), and what a topic's
+//!   configuration lets the broker refuse for a whole batch.
+//! - [`relay`]: the loop (claim, produce, await every report, mark), with its claim floor,
+//!   shards, wakeup, and the rows it keeps apart (stalled partitions, quarantined rows).
 //! - [`service`]: what runs around the loop: `/metrics`, `/healthz` and `/readyz`, the table's
-//!   gauges, retention, telemetry, lock-wait reporting, and graceful shutdown.
+//!   gauges, retention, telemetry, lock-wait reporting, graceful shutdown, and how background
+//!   tasks keep their own connections.
 //! - [`commands`]: the operator's commands (`run`, `migrate`, `audit`, `status`, `check`,
 //!   `retry`, `config`), each returning a report that the binary prints.
 //! - [`inbox`]: for consumers: apply each event once, by recording its `event_id` in the same
 //!   transaction as the effect.
+//!
+//! Dependencies point one way: `config` imports nothing; `postgres` imports only `config`;
+//! `kafka` and `service` build on those; `relay` and `commands` on everything below them
+//! (`tests/it/architecture.rs` fails on any import cycle).
 
 #![warn(missing_docs)]
 

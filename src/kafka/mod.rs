@@ -3,4 +3,4 @@
 
 pub mod publisher;
 pub mod record;
-pub mod topic_limits;
+pub(crate) mod topic_limits;

@@ -117,7 +117,7 @@ impl Outbox {
 }
 
 impl Layout {
-    /// Rows for `audit`, in claim order ([`AuditParam`]): `id`, `event_id`, `published`,
+    /// Rows for `audit`, in claim order (`AuditParam`): `id`, `event_id`, `published`,
     /// `attempts`, `last_error`, `failed`, then the topic columns.
     pub fn audit_rows_sql(&self) -> String {
         use AuditParam::*;

@@ -304,10 +304,10 @@ impl Layout {
         ))
     }
 
-    /// The next rows to publish, in claim order; its parameters are [`ClaimParam`]'s, its result
+    /// The next rows to publish, in claim order; its parameters are `ClaimParam`'s, its result
     /// columns named in `column`.
     ///
-    /// It looks at a window of the next [`ClaimParam::Limit`] unpublished rows of the shards
+    /// It looks at a window of the next `ClaimParam::Limit` unpublished rows of the shards
     /// (skipping rows that failed for good, rows waiting out a retry backoff and rows held back
     /// by such an earlier row of their key), and returns those that are ready: their
     /// transaction, and every transaction that started writing before it, has finished; and no
@@ -316,7 +316,7 @@ impl Layout {
     /// the batch size, whatever the backlog.
     ///
     /// Each row also carries what the claim floor learns from the claim: the first live row at
-    /// or after [`ClaimParam::Start`] (in flight, waiting out a backoff or claimable) and the
+    /// or after `ClaimParam::Start` (in flight, waiting out a backoff or claimable) and the
     /// snapshot's bounds, each an uncorrelated subquery, so computed once per claim rather than
     /// per row.
     ///

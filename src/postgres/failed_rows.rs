@@ -169,7 +169,7 @@ impl Outbox {
 
 impl Layout {
     /// Re-queues failed rows (given up on, or waiting out a retry backoff): clears failed-at,
-    /// attempts and last attempt. Parameters [`RetryParam`]. Returns the `id`s re-queued.
+    /// attempts and last attempt. Parameters `RetryParam`. Returns the `id`s re-queued.
     pub fn retry_sql(&self) -> Option<String> {
         let m = &self.mapping;
         let (ids, key_param) = (RetryParam::Ids, RetryParam::Key);
@@ -205,7 +205,7 @@ impl Layout {
         ))
     }
 
-    /// The state of the rows whose ids are given ([`RowStatesParam`]): `id`, `published`,
+    /// The state of the rows whose ids are given (`RowStatesParam`): `id`, `published`,
     /// `failed` (for good), `attempts` (failed ones). Ids that match no row are absent.
     pub fn row_states_sql(&self) -> String {
         let m = &self.mapping;

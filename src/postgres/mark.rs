@@ -144,7 +144,7 @@ impl Outbox {
 }
 
 impl Layout {
-    /// Marks the rows the broker acknowledged ([`MarkParam`]): sets the published-at column, or
+    /// Marks the rows the broker acknowledged (`MarkParam`): sets the published-at column, or
     /// deletes them with `outbox.mark = "delete"`.
     pub fn mark_published_sql(&self) -> String {
         let m = &self.mapping;
@@ -170,7 +170,7 @@ impl Layout {
         }
     }
 
-    /// Records attempts that failed because of the row itself ([`RowFailureParam`]). Counts
+    /// Records attempts that failed because of the row itself (`RowFailureParam`). Counts
     /// the attempt, starts the backoff, and gives up (sets the failed-at column) at the limit.
     /// Returns each row's id and whether it is given up on. `None` when the table has no
     /// attempts or last-error column.
@@ -214,7 +214,7 @@ impl Layout {
     }
 
     /// Records attempts that failed for reasons outside the row, an outage
-    /// ([`OutageFailureParam`]). Only the error is kept; the attempt does not count toward
+    /// (`OutageFailureParam`). Only the error is kept; the attempt does not count toward
     /// giving up.
     pub fn record_outage_failures_sql(&self) -> Option<String> {
         let m = &self.mapping;

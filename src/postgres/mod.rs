@@ -2,31 +2,31 @@
 //! run against it beside the code that runs it and decodes its rows; and the migrations that
 //! create the table.
 //!
-//! - [`connect`] opens connections ([`tls`] for the transport); [`error`] says what went wrong,
+//! - `connect` opens connections (`tls` for the transport); [`error`] says what went wrong,
 //!   once for every statement.
-//! - [`layout`] says which column plays which role; [`catalog`] reads what the catalog says of
+//! - [`layout`] says which column plays which role; `catalog` reads what the catalog says of
 //!   the table.
-//! - [`outbox`] is the relay's session; its statements, by what they do: [`claim`], [`mark`],
-//!   [`shard_locks`], [`table_stats`], [`retention`], and for the operator's commands
-//!   [`failed_rows`] and [`audit_rows`].
-//! - [`schema`] holds the migrations; [`notify`] the channel relays are woken on.
+//! - [`outbox`] is the relay's session; its statements, by what they do: `claim`, `mark`,
+//!   `shard_locks`, `table_stats`, `retention`, and for the operator's commands
+//!   `failed_rows` and `audit_rows`.
+//! - [`schema`] holds the migrations; `notify` the channel relays are woken on.
 //!
 //! Nothing here knows about Kafka or the relay loop: rows come out as
 //! [`record`](crate::kafka::record) values and outcomes come back in as row references.
 
-pub mod audit_rows;
-pub mod catalog;
-pub mod claim;
-pub mod connect;
+pub(crate) mod audit_rows;
+pub(crate) mod catalog;
+pub(crate) mod claim;
+pub(crate) mod connect;
 pub mod error;
-pub mod failed_rows;
+pub(crate) mod failed_rows;
 pub mod layout;
-pub mod mark;
-pub mod notify;
+pub(crate) mod mark;
+pub(crate) mod notify;
 pub mod outbox;
 mod params;
-pub mod retention;
+pub(crate) mod retention;
 pub mod schema;
-pub mod shard_locks;
-pub mod table_stats;
-pub mod tls;
+pub(crate) mod shard_locks;
+pub(crate) mod table_stats;
+pub(crate) mod tls;

@@ -3,10 +3,10 @@
 //!
 //! [`Outbox`] holds what every statement of the session shares; the statements themselves live
 //! beside the code that runs them and decodes their rows, each file by what it does:
-//! [`claim`](crate::postgres::claim), [`mark`](crate::postgres::mark),
-//! [`shard_locks`](crate::postgres::shard_locks), [`catalog`](crate::postgres::catalog),
-//! [`table_stats`](crate::postgres::table_stats), [`failed_rows`](crate::postgres::failed_rows),
-//! [`audit_rows`](crate::postgres::audit_rows) and [`retention`](crate::postgres::retention).
+//! `claim`, `mark`,
+//! `shard_locks`, `catalog`,
+//! `table_stats`, `failed_rows`,
+//! `audit_rows` and `retention`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

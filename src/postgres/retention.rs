@@ -34,8 +34,8 @@ impl Outbox {
 }
 
 impl Layout {
-    /// Deletes up to [`RetentionParam::Limit`] rows published more than
-    /// [`RetentionParam::PublishedBefore`] seconds ago, oldest ids first, skipping rows another
+    /// Deletes up to `RetentionParam::Limit` rows published more than
+    /// `RetentionParam::PublishedBefore` seconds ago, oldest ids first, skipping rows another
     /// session has locked. `None` without a published-at column.
     pub fn retention_delete_sql(&self) -> Option<String> {
         let m = &self.mapping;

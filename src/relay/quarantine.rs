@@ -10,7 +10,7 @@
 //! - a row whose failure could not be recorded is left out of claims too, and its key is held,
 //!   so that later rows of its key wait for it as they would behind any failing row.
 //!
-//! Each is written again after a backoff (doubling to [`LONGEST_WAIT`]) until the database takes
+//! Each is written again after a backoff (doubling to `LONGEST_WAIT`) until the database takes
 //! it, for example once the trigger is fixed.
 
 use std::collections::HashSet;

@@ -12,7 +12,7 @@
 //! - the producer is not replaced, which would abandon it.
 //!
 //! The operator sees which topic and partition wait and since when: a warning every
-//! [`WARN_EVERY`], `outbox_relay_stalled_records{topic,partition}`, and a `/readyz` reason.
+//! `WARN_EVERY`, `outbox_relay_stalled_records{topic,partition}`, and a `/readyz` reason.
 
 use std::collections::{BTreeMap, HashSet};
 use std::pin::Pin;
@@ -149,7 +149,7 @@ impl StalledRecords {
     }
 
     /// Tells the operator which partitions keep records waiting: the metric and readiness
-    /// always, a warning every [`WARN_EVERY`].
+    /// always, a warning every `WARN_EVERY`.
     pub fn report(&mut self, metrics: &Metrics, health: &Health, now: Instant) {
         if self.records.is_empty() && self.labelled.is_empty() {
             // Nothing waits, and nothing was reported as waiting: every turn passes here.

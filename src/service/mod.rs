@@ -1,13 +1,13 @@
 //! The service around the loop: health and metrics endpoints, the table's gauges, retention,
 //! telemetry, lock-wait reporting, graceful shutdown, and how the background tasks keep their
-//! own database connections ([`reconnect`], with [`backoff`]).
+//! own database connections (`reconnect`, with `backoff`).
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod health;
-pub mod lock_watch;
+pub(crate) mod lock_watch;
 pub mod metrics;
-pub mod reconnect;
-pub mod retention;
+pub(crate) mod reconnect;
+pub(crate) mod retention;
 pub mod shutdown;
-pub mod stats;
+pub(crate) mod stats;
 pub mod telemetry;
