@@ -16,10 +16,30 @@
 //! idempotent producer requires).
 //! Writes `DIR/latest.json` and `DIR/latest.md` and prints the table.
 
-// The benchmark uses a few of the test harness's helpers; the tests use the rest.
-#[allow(dead_code)]
-#[path = "../tests/it/support/mod.rs"]
-mod support;
+/// The parts of the integration tests' harness (`tests/it/support/`) the benchmark stands on:
+/// the servers, one fresh database and topic per scenario, the relay binary as a child process,
+/// and its metrics endpoint. Only these files are compiled in (not the topic readers, the row
+/// helpers or the checks). Most of them also hold what only the tests call (a test's faults on
+/// its own servers, its other ways to start); each such file says so with an `expect`, which
+/// fails the build once the bench uses everything in it.
+#[path = "../tests/it/support"]
+mod support {
+    pub mod database;
+    pub mod environment;
+    #[expect(dead_code, reason = "the tests' `scrape`, which asserts the status")]
+    pub mod http;
+    #[expect(dead_code, reason = "the tests' broker faults (restart, freeze, thaw...) and Java jars")]
+    pub mod kafka;
+    #[expect(dead_code, reason = "the tests' `Postgres::restart`")]
+    pub mod postgres;
+    pub mod processes;
+    #[expect(dead_code, reason = "the tests' `run_command`, `spawn_relay_process`, `wait_for_log`")]
+    pub mod relay_process;
+    #[expect(dead_code, reason = "the tests' own-broker starts and the servers they reach through `TestEnv`")]
+    pub mod test_env;
+    #[expect(dead_code, reason = "the tests' topics with configs, `alter_topic`")]
+    pub mod topics;
+}
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,7 +54,12 @@ use outbox_relay::service::health::Health;
 use outbox_relay::service::metrics::Metrics;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
-use support::{Kafka, Postgres, RelayProcess, TestEnv, free_port, sample, spawn_relay_process_with_env};
+use support::environment::free_port;
+use support::http::{http_get, sample};
+use support::kafka::Kafka;
+use support::postgres::Postgres;
+use support::relay_process::{RelayProcess, spawn_relay_process_with_env};
+use support::test_env::TestEnv;
 use tokio_postgres::Client;
 
 /// Distinct keys in generated rows: enough that every partition sees traffic.
@@ -318,7 +343,7 @@ impl Scenario {
         let mut first: Option<(Instant, f64)> = None;
         loop {
             assert!(relay.is_running(), "the relay exited; log:\n{}", relay.log());
-            let text = support::http_get(metrics, "/metrics").await;
+            let text = http_get(metrics, "/metrics").await;
             let published = if text.0 == 200 { sample(&text.1, &series).unwrap_or(0.0) } else { 0.0 };
             if published > 0.0 && first.is_none() {
                 first = Some((Instant::now(), published));

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, reap_if_exited, set_parent_death_signal, stop_child};
+use super::environment::free_port;
+use super::processes::{print_log_tail, reap_if_exited, set_parent_death_signal, stop_child};
 
 /// How long a node may take to serve after its JVM starts, on a loaded 2-core machine.
 const NODE_START: Duration = Duration::from_secs(120);
@@ -131,12 +132,12 @@ impl Kafka {
                 return true;
             }
             if reap_if_exited(&mut self.nodes[node - 1].child) {
-                super::print_log_tail(&format!("kafka node {node}"), &log_path);
+                print_log_tail(&format!("kafka node {node}"), &log_path);
                 return false;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        super::print_log_tail(&format!("kafka node {node}"), &log_path);
+        print_log_tail(&format!("kafka node {node}"), &log_path);
         false
     }
 
@@ -223,7 +224,7 @@ impl Drop for Kafka {
             // A frozen node ignores SIGTERM until thawed; nothing here needs a clean stop.
             self.kill(node);
             if panicking {
-                super::print_log_tail(&format!("kafka node {node}"), &self.log_path(node));
+                print_log_tail(&format!("kafka node {node}"), &self.log_path(node));
             }
         }
     }

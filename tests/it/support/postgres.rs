@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{free_port, reap_if_exited, relaunch, set_parent_death_signal, stop_child};
+use super::environment::free_port;
+use super::processes::{print_log_tail, reap_if_exited, relaunch, set_parent_death_signal, stop_child};
 
 /// Bump when the template's initdb options change.
 const TEMPLATE_VERSION: &str = "v1";
@@ -126,7 +127,7 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            super::print_log_tail("postgres", &self.log_path());
+            print_log_tail("postgres", &self.log_path());
         }
     }
 }

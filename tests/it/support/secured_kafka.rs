@@ -14,8 +14,9 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use super::environment::{PATIENCE, free_port, wait_until};
+use super::kafka::{self, Kafka};
 use super::tls::TestCa;
-use super::{Kafka, PATIENCE, free_port, wait_until};
 
 /// A way in to a [`SecuredKafka`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,7 +196,7 @@ impl SecuredKafka {
 fn create_scram_user(kafka: &Kafka, name: &str, password: &str, mechanism: &str) {
     let out = Command::new(std::env::var("JAVA").unwrap_or_else(|_| "java".to_owned()))
         .arg("-cp")
-        .arg(super::kafka::jars().join("*"))
+        .arg(kafka::jars().join("*"))
         .arg("kafka.admin.ConfigCommand")
         .args(["--bootstrap-server", &kafka.address()])
         .args(["--alter", "--entity-type", "users", "--entity-name", name])
