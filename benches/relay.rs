@@ -45,8 +45,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outbox_relay::config::{Config, MarkMode};
-use outbox_relay::kafka::publisher::{Outcome, Publisher, producer_config};
+use outbox_relay::kafka::publisher::{Outcome, Publisher};
 use outbox_relay::kafka::record::Record;
+use outbox_relay::kafka::settings::producer_config;
 use outbox_relay::postgres::layout::Mapping;
 use outbox_relay::postgres::outbox::Outbox;
 use outbox_relay::relay::claim_floor::ClaimFloor;

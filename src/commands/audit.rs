@@ -610,7 +610,7 @@ fn read_topic(
     mut seen: HashMap<String, Seen>,
 ) -> Result<TopicRead, AuditError> {
     let kafka = |source| AuditError::Kafka { topic: topic.to_owned(), source };
-    let consumer: BaseConsumer<QuietContext> = crate::kafka::publisher::reader_config(config)
+    let consumer: BaseConsumer<QuietContext> = crate::kafka::settings::reader_config(config)
         .set("group.id", "outbox-relay-audit")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
@@ -738,7 +738,7 @@ fn read_topic(
 /// authorization without DescribeConfigs, say): the audit goes on without it.
 fn cleanup_policy(config: &Config, topic: &str) -> Result<String, String> {
     let admin: AdminClient<QuietContext> =
-        crate::kafka::publisher::reader_config(config).create_with_context(QuietContext).map_err(|e| e.to_string())?;
+        crate::kafka::settings::reader_config(config).create_with_context(QuietContext).map_err(|e| e.to_string())?;
     let resource = [ResourceSpecifier::Topic(topic)];
     let described = retrying(config.kafka.startup_timeout, |left| {
         let options = AdminOptions::new().request_timeout(Some(left));

@@ -1,70 +1,40 @@
-//! Everything that touches Kafka: producer setup, sending a batch of records, and reading the
-//! delivery reports back into a per-row outcome.
+//! Sending records and collecting their delivery reports into per-row outcomes.
 //!
 //! The producer is idempotent with `acks=all`, so librdkafka's own retries neither duplicate
 //! nor reorder records within a partition, and an acknowledged record is on every in-sync
-//! replica. Keys are partitioned with murmur2 as the Java client does, so a key lands where a
-//! Java producer would put it. This module reports outcomes; it never touches the table.
+//! replica. Before sending, the publisher checks each topic once (that it exists, and what its
+//! configuration lets the broker refuse, see `topic_limits`); reports are classified in
+//! `delivery`, librdkafka's logs and statistics handled in `client_context`, and settings
+//! built in [`settings`](crate::kafka::settings). This module reports outcomes; it never
+//! touches the table.
 
+use crate::config::Config;
+use crate::kafka::client_context::RelayContext;
+use crate::kafka::delivery::{classify, outcome_of};
+use crate::kafka::partitioner::java_partition;
+use crate::kafka::record::Record;
+use crate::kafka::settings::{producer_config, reader_config};
+use crate::kafka::topic_limits::{ProducerBatching, TopicLimits};
+use crate::service::health::Health;
+use crate::service::metrics::Metrics;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::statistics::Statistics;
-
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
-
-use crate::config::Config;
-use crate::kafka::record::Record;
-use crate::kafka::topic_limits::{ProducerBatching, TopicLimits};
-use crate::service::health::Health;
-use crate::service::metrics::Metrics;
-
-/// Producer settings the relay chooses. Users may override the tunable ones through
-/// `kafka.properties`; the guarantee-bearing ones are refused by config validation.
-const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
-    ("client.id", "outbox-relay"),
-    ("enable.idempotence", "true"),
-    ("acks", "all"),
-    // Java-compatible murmur2 for keyed records; NULL keys are spread at random.
-    ("partitioner", "murmur2_random"),
-    // Never give up on a record (0 is no limit). A record that times out may have been
-    // written by a broker that was only slow, and the relay would then send it again: a
-    // duplicate without any relay stop. Waiting instead, librdkafka retries with the same
-    // producer id and sequence numbers, which the broker deduplicates. An outage shows in
-    // readiness, the metrics and a periodic warning, never as row errors.
-    (MESSAGE_TIMEOUT, "0"),
-    // Queue depth and broker round-trip times for the metrics.
-    ("statistics.interval.ms", "5000"),
-    // The relay hands librdkafka a whole batch at once and waits for it, so lingering only
-    // delays the batch: librdkafka's 5 ms default cost a quarter of the drain rate in the
-    // benchmark. 1 ms still lets the records of a batch share produce requests.
-    ("linger.ms", "1"),
-];
-
-/// librdkafka's limit on how long a record may wait for its acknowledgement;
-/// `delivery.timeout.ms` is another name for it.
-pub const MESSAGE_TIMEOUT: &str = "message.timeout.ms";
-
-/// The user's `message.timeout.ms` (or `delivery.timeout.ms`) when it lets librdkafka abandon
-/// a record: records abandoned after it are sent again and may reach the topic twice.
-pub fn abandoning_timeout(config: &Config) -> Option<(&'static str, &str)> {
-    [MESSAGE_TIMEOUT, "delivery.timeout.ms"].into_iter().find_map(|name| {
-        config.kafka.properties.get(name).map(String::as_str).filter(|v| v.trim() != "0").map(|v| (name, v))
-    })
-}
+// The types of the publisher's answers, declared beside the code that classifies them.
+pub use crate::kafka::client_context::{BrokerRefusal, ClusterUnavailable};
+pub use crate::kafka::delivery::{DeliveryError, Outcome};
 
 /// A failure at the Kafka boundary that is not about one record.
 #[derive(Debug, thiserror::Error)]
@@ -72,39 +42,6 @@ pub enum PublisherError {
     /// librdkafka refused to create the producer.
     #[error("kafka.properties: librdkafka cannot create the producer with this configuration: {0}")]
     Create(KafkaError),
-}
-
-/// Why one record did not reach the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryError {
-    /// A short, fixed label for metrics (`message_timeout`, `unknown_topic`, ...).
-    pub reason: &'static str,
-    /// The full error, stored in the row's last-error column.
-    pub message: String,
-    /// Whether the broker side may accept it later without any change to the row.
-    pub transient: bool,
-    /// Whether the broker has disowned this producer session (fenced, or lost its sequence
-    /// state), so that no later record from it can succeed: the producer must be replaced.
-    pub producer_unusable: bool,
-}
-
-/// What happened to one record of a batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// The broker acknowledged it (its report arrived at `at`); its row may be marked published.
-    Acked {
-        /// When the relay received the acknowledgement.
-        at: SystemTime,
-    },
-    /// It was not delivered; its row stays unpublished and records the error.
-    Failed(DeliveryError),
-    /// It was not sent because an earlier record of the same key failed before it could be
-    /// sent; sending it would have overtaken that record. The row stays unpublished, untouched.
-    Deferred,
-    /// It was sent and its report had not come when the batch stopped waiting (its partition
-    /// stalled while the brokers answered): the record stays in flight, and its report comes
-    /// through [`Published::unacknowledged`].
-    StillInFlight,
 }
 
 /// What [`Publisher::publish`] knows of a batch when it returns.
@@ -169,62 +106,12 @@ const CLUSTER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a confirmed topic is trusted before it is checked again.
 const TOPIC_RECHECK_AFTER: Duration = Duration::from_secs(60);
 
-/// The librdkafka configuration for a relay: the `[kafka]` section's settings, and beneath
-/// them the relay's defaults, which a user property may override.
-pub fn producer_config(config: &Config) -> ClientConfig {
-    let mut client = config.kafka.producer_settings();
-    for (name, value) in PRODUCER_DEFAULTS {
-        if client.get(name).is_none() {
-            client.set(*name, *value);
-        }
-    }
-    client.set_log_level(log_level(config));
-    client
-}
-
-/// Info, or Debug when `kafka.properties.debug` asks librdkafka for debug contexts (which it
-/// would otherwise compute and then drop).
-fn log_level(config: &Config) -> RDKafkaLogLevel {
-    if config.kafka.properties.contains_key("debug") { RDKafkaLogLevel::Debug } else { RDKafkaLogLevel::Info }
-}
-
-/// Property prefixes that say how to reach and authenticate to the cluster. Tools that read
-/// topics (`audit`) take these from `kafka.properties` and leave the producer tuning out.
-const CONNECTION_PROPERTY_PREFIXES: &[&str] =
-    &["security.", "sasl.", "ssl.", "client.", "socket.", "broker.", "api.version", "metadata.", "reconnect."];
-
-/// The librdkafka configuration for reading topics: brokers, and the connection and security
-/// properties of `kafka.properties`.
-pub fn reader_config(config: &Config) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.kafka.brokers);
-    for (name, value) in &config.kafka.properties {
-        if CONNECTION_PROPERTY_PREFIXES.iter().any(|p| name.starts_with(p)) {
-            client.set(name, value);
-        }
-    }
-    for (name, value) in config.kafka.security_properties() {
-        client.set(name, value);
-    }
-    client.set_log_level(if config.kafka.properties.contains_key("debug") {
-        RDKafkaLogLevel::Debug
-    } else {
-        RDKafkaLogLevel::Warning
-    });
-    client
-}
-
 impl Publisher {
     /// Creates the producer. It connects lazily, so an unreachable broker is not an error here;
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
     pub fn new(config: &Config, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Publisher, PublisherError> {
         let last_refusal = Arc::new(Mutex::new(None));
-        let context = RelayContext {
-            last_logged: Mutex::default(),
-            last_refusal: last_refusal.clone(),
-            metrics: metrics.clone(),
-            health,
-        };
+        let context = RelayContext::new(metrics.clone(), health, last_refusal.clone());
         let producer = producer_config(config).create_with_context(context).map_err(PublisherError::Create)?;
         let admin = reader_config(config).create().map_err(PublisherError::Create)?;
         Ok(Publisher {
@@ -538,45 +425,6 @@ impl Publisher {
     }
 }
 
-/// The partition Java's default partitioner (and librdkafka's `murmur2_random`) gives a key.
-fn java_partition(key: &[u8], partitions: usize) -> i32 {
-    let positive = murmur2(key) & 0x7fff_ffff;
-    (positive as i64 % partitions.max(1) as i64) as i32
-}
-
-/// Kafka's murmur2 hash of a key, as its Java client computes it.
-fn murmur2(data: &[u8]) -> i32 {
-    const SEED: u32 = 0x9747_b28c;
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let length = data.len();
-    let mut h = SEED ^ length as u32;
-    let mut chunks = data.chunks_exact(4);
-    for chunk in &mut chunks {
-        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M);
-        h ^= k;
-    }
-    let rest = chunks.remainder();
-    if rest.len() >= 3 {
-        h ^= (rest[2] as u32) << 16;
-    }
-    if rest.len() >= 2 {
-        h ^= (rest[1] as u32) << 8;
-    }
-    if !rest.is_empty() {
-        h ^= rest[0] as u32;
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h as i32
-}
-
 fn future_record(record: &Record) -> FutureRecord<'_, str, [u8]> {
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
     for (name, value) in &record.headers {
@@ -590,287 +438,4 @@ fn future_record(record: &Record) -> FutureRecord<'_, str, [u8]> {
         future = future.payload(payload.as_slice());
     }
     future
-}
-
-fn outcome_of(
-    report: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
-) -> Outcome {
-    match report {
-        Ok(Ok(_)) => Outcome::Acked { at: SystemTime::now() },
-        Ok(Err((error, _))) => Outcome::Failed(classify(&error)),
-        Err(_) => Outcome::Failed(DeliveryError {
-            reason: "producer_closed",
-            message: "the producer was closed before the delivery report arrived".to_owned(),
-            transient: true,
-            producer_unusable: true,
-        }),
-    }
-}
-
-/// Labels a Kafka error for metrics and decides whether it is about the record or the cluster.
-pub fn classify(error: &KafkaError) -> DeliveryError {
-    use RDKafkaErrorCode as C;
-    let code = error.rdkafka_error_code();
-    // librdkafka recovers an idempotent producer from most of these itself, but a broker that
-    // keeps refusing the session (seen with brokers that fence an epoch bump) leaves it stuck;
-    // a new producer gets a new producer id and starts clean.
-    let producer_unusable = matches!(
-        code,
-        Some(
-            C::ProducerFenced
-                | C::InvalidProducerEpoch
-                | C::OutOfOrderSequenceNumber
-                | C::UnknownProducerId
-                | C::InvalidProducerIdMapping
-        )
-    );
-    if producer_unusable {
-        return DeliveryError {
-            reason: "producer_fenced",
-            message: error.to_string(),
-            transient: true,
-            producer_unusable,
-        };
-    }
-    let (reason, transient) = match code {
-        Some(C::MessageTimedOut) => ("message_timeout", true),
-        Some(C::QueueFull) => ("queue_full", true),
-        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => ("unknown_topic", false),
-        Some(C::MessageSizeTooLarge | C::InvalidMessageSize) => ("message_too_large", false),
-        Some(C::TopicAuthorizationFailed) => ("not_authorized", false),
-        // The producer itself may not write (the IdempotentWrite ACL): no row can succeed, so
-        // charging each row an attempt would only park every key until `retry --all`. Waited
-        // out as an outage: readiness fails and the error is logged until the grant is fixed.
-        Some(C::ClusterAuthorizationFailed) => ("not_authorized", true),
-        Some(C::InvalidRecord | C::InvalidMessage | C::InvalidArgument) => ("invalid_record", false),
-        Some(C::AllBrokersDown | C::BrokerTransportFailure) => ("broker_unavailable", true),
-        _ => ("other", true),
-    };
-    DeliveryError { reason, message: error.to_string(), transient, producer_unusable }
-}
-
-/// How long an identical client error stays quiet after it was logged. librdkafka reports a
-/// down broker on every reconnect attempt; once per window is enough for an operator.
-const REPEATED_ERROR_QUIET: Duration = Duration::from_secs(30);
-
-/// Routes librdkafka's own log lines and errors into `tracing`, and its statistics into the
-/// metrics and the readiness state.
-pub struct RelayContext {
-    /// When each kind of client error was last logged.
-    last_logged: Mutex<HashMap<String, Instant>>,
-    /// The last time a broker refused the relay's credentials or certificates: what to check,
-    /// and librdkafka's reason. Read while the relay waits for the cluster at startup, where a
-    /// refusal is a configuration mistake rather than an outage.
-    last_refusal: Arc<Mutex<Option<BrokerRefusal>>>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-}
-
-impl ClientContext for RelayContext {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        // Connection failures ("FAIL") also arrive through `error` below, which rate-limits them.
-        if facility == "FAIL" {
-            tracing::debug!(target: "librdkafka", facility, "{message}");
-            return;
-        }
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility, "{message}")
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", facility, "{message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
-        }
-    }
-
-    fn stats(&self, statistics: Statistics) {
-        self.metrics.kafka_queue_messages.set(statistics.msg_cnt as i64);
-        let mut up = 0;
-        // Bootstrap entries (node id -1) stand for the configured addresses, not brokers.
-        for (name, broker) in statistics.brokers.iter().filter(|(_, b)| b.nodeid >= 0) {
-            if broker.state == "UP" {
-                up += 1;
-            }
-            if let Some(rtt) = &broker.rtt {
-                self.metrics.kafka_broker_rtt.with_label_values(&[name]).set(rtt.avg as f64 / 1_000_000.0);
-            }
-        }
-        self.metrics.kafka_brokers_up.set(up);
-        self.health.set_brokers_up(up > 0);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.metrics.kafka_brokers_up.set(0);
-            self.health.set_brokers_up(false);
-        }
-        let kind = error.rdkafka_error_code().map(|c| format!("{c:?}")).unwrap_or_else(|| error.to_string());
-        let now = Instant::now();
-        let quiet = match self.last_logged.lock() {
-            Ok(mut last) => {
-                let recent = last.get(&kind).is_some_and(|at| now.duration_since(*at) < REPEATED_ERROR_QUIET);
-                if !recent {
-                    last.insert(kind, now);
-                }
-                recent
-            }
-            Err(_) => false,
-        };
-        let hint = security_hint(&error, reason);
-        if let (Some(hint), Ok(mut last)) = (hint, self.last_refusal.lock()) {
-            *last = Some(BrokerRefusal { hint, reason: reason.to_owned() });
-        }
-        match (quiet, hint) {
-            (true, _) => tracing::debug!(target: "librdkafka", error = %error, "Kafka client error: {reason}"),
-            // A refused credential or certificate does not fix itself: say what to change.
-            (false, Some(hint)) => {
-                tracing::error!(target: "librdkafka", error = %error, hint, "Kafka client error: {reason}")
-            }
-            (false, None) => tracing::warn!(target: "librdkafka", error = %error, "Kafka client error: {reason}"),
-        }
-    }
-}
-
-/// Why no broker could be used at startup.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterUnavailable {
-    /// No broker answered; librdkafka's last answer.
-    #[error("{0}")]
-    Unreachable(KafkaError),
-    /// A broker answered but refused the relay's credentials or certificates.
-    #[error("{0}")]
-    Refused(BrokerRefusal),
-}
-
-/// A broker refusing the relay's credentials or certificates.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{hint} ({reason})")]
-pub struct BrokerRefusal {
-    /// What the operator should check, naming the configuration keys.
-    pub hint: &'static str,
-    /// librdkafka's reason.
-    pub reason: String,
-}
-
-/// What the operator should check when librdkafka reports an authentication or TLS failure.
-fn security_hint(error: &KafkaError, reason: &str) -> Option<&'static str> {
-    if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Authentication) {
-        return Some(
-            "the brokers refused the relay's credentials: check kafka.sasl.mechanism, kafka.sasl.username and the password",
-        );
-    }
-    let reason = reason.to_ascii_lowercase();
-    if reason.contains("certificate verify failed") {
-        Some(
-            "the broker's certificate is not trusted: check kafka.tls.ca_file, and that the certificate names the host in kafka.brokers",
-        )
-    } else if reason.contains("certificate required") || reason.contains("alert bad certificate") {
-        // OpenSSL brokers send "certificate required"; Apache Kafka (Java) sends "bad
-        // certificate", for a missing certificate as for one it does not trust.
-        Some(
-            "the broker asks for a client certificate it trusts: set kafka.tls.cert_file and kafka.tls.key_file to one signed by a CA the broker trusts",
-        )
-    } else if reason.contains("ssl handshake failed") || reason.contains("wrong version number") {
-        Some("the TLS handshake failed: check that kafka.security_protocol matches the broker's listener")
-    } else {
-        None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_go_to_the_partitions_javas_partitioner_picks() {
-        // Values from Kafka's own Utils.murmur2 tests and DefaultPartitioner.
-        assert_eq!(murmur2(b"21"), -973932308);
-        assert_eq!(murmur2(b"foobar"), -790332482);
-        assert_eq!(murmur2(b"a-little-bit-long-string"), -985981536);
-        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1486304829);
-        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58897971);
-        assert_eq!(murmur2(b"abc"), 479470107);
-        assert_eq!(java_partition(b"foobar", 3), ((-790332482i32 & 0x7fff_ffff) % 3));
-    }
-
-    #[test]
-    fn every_classified_reason_is_a_declared_metric_label() {
-        use RDKafkaErrorCode as C;
-        let codes = [
-            C::MessageTimedOut,
-            C::QueueFull,
-            C::UnknownTopicOrPartition,
-            C::MessageSizeTooLarge,
-            C::TopicAuthorizationFailed,
-            C::InvalidRecord,
-            C::AllBrokersDown,
-            C::ProducerFenced,
-            C::OutOfOrderSequenceNumber,
-            C::RequestTimedOut,
-        ];
-        for code in codes {
-            let failure = classify(&KafkaError::MessageProduction(code));
-            assert!(
-                crate::service::metrics::PUBLISH_ERROR_REASONS.contains(&failure.reason),
-                "{code:?} -> {}",
-                failure.reason
-            );
-        }
-    }
-
-    /// The README's table "Broker errors: outage or row". librdkafka retries these itself while
-    /// `message.timeout.ms = 0`; should one reach a delivery report (a user's timeout), it must
-    /// not count toward `relay.max_attempts`.
-    #[test]
-    fn a_cluster_fault_is_an_outage_never_the_rows_error() {
-        use RDKafkaErrorCode as C;
-        let cluster_faults = [
-            C::NotEnoughReplicas,
-            C::NotEnoughReplicasAfterAppend,
-            C::NotLeaderForPartition,
-            C::LeaderNotAvailable,
-            C::RequestTimedOut,
-            C::OperationTimedOut,
-            C::MessageTimedOut,
-            C::NetworkException,
-            C::KafkaStorageError,
-            C::BrokerTransportFailure,
-            C::AllBrokersDown,
-            C::Fatal,
-            C::ClusterAuthorizationFailed,
-        ];
-        for code in cluster_faults {
-            let failure = classify(&KafkaError::MessageProduction(code));
-            assert!(failure.transient && !failure.producer_unusable, "{code:?} -> {failure:?}");
-        }
-        for code in [C::OutOfOrderSequenceNumber, C::UnknownProducerId, C::InvalidProducerEpoch, C::ProducerFenced] {
-            let failure = classify(&KafkaError::MessageProduction(code));
-            assert!(failure.transient && failure.producer_unusable, "{code:?}: a new session, not the row's error");
-        }
-    }
-
-    #[test]
-    fn a_fenced_producer_must_be_replaced_but_a_timeout_does_not_need_it() {
-        let fenced = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::ProducerFenced));
-        assert!(fenced.producer_unusable && fenced.transient);
-        let timeout = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut));
-        assert!(!timeout.producer_unusable && timeout.transient);
-        let too_large = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
-        assert!(!too_large.transient, "a record too large for the broker will not fit later either");
-    }
-
-    #[test]
-    fn a_refused_client_certificate_is_hinted_from_openssl_and_from_kafkas_own_brokers() {
-        let error = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
-        // As librdkafka reports them: an OpenSSL server's alert, then Apache Kafka's (Java's).
-        for reason in [
-            "ssl://localhost:9093/bootstrap: SSL handshake failed: error:0A00045C:SSL routines::tlsv13 alert certificate required: SSL alert number 116",
-            "ssl://localhost:9093/bootstrap: Receive failed: error:0A000412:SSL routines::sslv3 alert bad certificate: SSL alert number 42 (after 7ms in state APIVERSION_QUERY)",
-        ] {
-            let hint = security_hint(&error, reason).unwrap_or_default();
-            assert!(hint.contains("client certificate"), "{reason}: {hint}");
-        }
-    }
 }

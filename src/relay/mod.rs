@@ -359,7 +359,7 @@ impl Relay {
         let signal = if self.mapping.xact_id.is_some() { CommitSignal::Horizon } else { CommitSignal::AnyCommit };
         let wakeup = Wakeup::start(&self.config, signal, self.shutdown.clone());
         info!(table = %self.mapping.table_name(), brokers = %self.config.kafka.brokers, "relay starting");
-        if let Some((name, value)) = crate::kafka::publisher::abandoning_timeout(&self.config) {
+        if let Some((name, value)) = crate::kafka::settings::abandoning_timeout(&self.config) {
             warn!(
                 property = name,
                 value,

@@ -1,0 +1,85 @@
+//! The producer's and reader's librdkafka settings: the user's `[kafka]` section (which builds
+//! its own client settings) plus the defaults the relay chooses, and which user timeouts let
+//! librdkafka abandon a record.
+
+use crate::config::Config;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+
+/// Producer settings the relay chooses. Users may override the tunable ones through
+/// `kafka.properties`; the guarantee-bearing ones are refused by config validation.
+const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("client.id", "outbox-relay"),
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    // Java-compatible murmur2 for keyed records; NULL keys are spread at random.
+    ("partitioner", "murmur2_random"),
+    // Never give up on a record (0 is no limit). A record that times out may have been
+    // written by a broker that was only slow, and the relay would then send it again: a
+    // duplicate without any relay stop. Waiting instead, librdkafka retries with the same
+    // producer id and sequence numbers, which the broker deduplicates. An outage shows in
+    // readiness, the metrics and a periodic warning, never as row errors.
+    (MESSAGE_TIMEOUT, "0"),
+    // Queue depth and broker round-trip times for the metrics.
+    ("statistics.interval.ms", "5000"),
+    // The relay hands librdkafka a whole batch at once and waits for it, so lingering only
+    // delays the batch: librdkafka's 5 ms default cost a quarter of the drain rate in the
+    // benchmark. 1 ms still lets the records of a batch share produce requests.
+    ("linger.ms", "1"),
+];
+
+/// librdkafka's limit on how long a record may wait for its acknowledgement;
+/// `delivery.timeout.ms` is another name for it.
+pub const MESSAGE_TIMEOUT: &str = "message.timeout.ms";
+
+/// The user's `message.timeout.ms` (or `delivery.timeout.ms`) when it lets librdkafka abandon
+/// a record: records abandoned after it are sent again and may reach the topic twice.
+pub fn abandoning_timeout(config: &Config) -> Option<(&'static str, &str)> {
+    [MESSAGE_TIMEOUT, "delivery.timeout.ms"].into_iter().find_map(|name| {
+        config.kafka.properties.get(name).map(String::as_str).filter(|v| v.trim() != "0").map(|v| (name, v))
+    })
+}
+
+/// The librdkafka configuration for a relay: the `[kafka]` section's settings, and beneath
+/// them the relay's defaults, which a user property may override.
+pub fn producer_config(config: &Config) -> ClientConfig {
+    let mut client = config.kafka.producer_settings();
+    for (name, value) in PRODUCER_DEFAULTS {
+        if client.get(name).is_none() {
+            client.set(*name, *value);
+        }
+    }
+    client.set_log_level(log_level(config));
+    client
+}
+
+/// Info, or Debug when `kafka.properties.debug` asks librdkafka for debug contexts (which it
+/// would otherwise compute and then drop).
+fn log_level(config: &Config) -> RDKafkaLogLevel {
+    if config.kafka.properties.contains_key("debug") { RDKafkaLogLevel::Debug } else { RDKafkaLogLevel::Info }
+}
+
+/// Property prefixes that say how to reach and authenticate to the cluster. Tools that read
+/// topics (`audit`) take these from `kafka.properties` and leave the producer tuning out.
+const CONNECTION_PROPERTY_PREFIXES: &[&str] =
+    &["security.", "sasl.", "ssl.", "client.", "socket.", "broker.", "api.version", "metadata.", "reconnect."];
+
+/// The librdkafka configuration for reading topics: brokers, and the connection and security
+/// properties of `kafka.properties`.
+pub fn reader_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.kafka.brokers);
+    for (name, value) in &config.kafka.properties {
+        if CONNECTION_PROPERTY_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            client.set(name, value);
+        }
+    }
+    for (name, value) in config.kafka.security_properties() {
+        client.set(name, value);
+    }
+    client.set_log_level(if config.kafka.properties.contains_key("debug") {
+        RDKafkaLogLevel::Debug
+    } else {
+        RDKafkaLogLevel::Warning
+    });
+    client
+}
