@@ -34,7 +34,7 @@ pub enum Outcome {
     Deferred,
     /// It was sent and its report had not come when the batch stopped waiting (its partition
     /// stalled while the brokers answered): the record stays in flight, and its report comes
-    /// through [`Published::unacknowledged`].
+    /// through [`Published::unacknowledged`](crate::kafka::publisher::Published::unacknowledged).
     StillInFlight,
 }
 
