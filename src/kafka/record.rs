@@ -40,7 +40,38 @@ pub struct OutboxRow {
 impl OutboxRow {
     /// How the statements that write this row's outcome find it again.
     pub fn row_ref(&self) -> RowRef {
-        RowRef { id: self.id.clone(), event_id: Some(self.event_id.clone()) }
+        RowRef { id: RowId::from(self.id.clone()), event_id: Some(self.event_id.clone()) }
+    }
+}
+
+/// A row's id, as text: what the relay names a row by in its logs, and what claims leave out
+/// while the row is in flight. A newtype so that an id is never mistaken for a key, a topic or
+/// an error, which are text too.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RowId(String);
+
+impl RowId {
+    /// The id as the statements take it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for RowId {
+    fn from(id: String) -> RowId {
+        RowId(id)
+    }
+}
+
+impl From<&str> for RowId {
+    fn from(id: &str) -> RowId {
+        RowId(id.to_owned())
+    }
+}
+
+impl std::fmt::Display for RowId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -51,8 +82,8 @@ impl OutboxRow {
 /// lose that row. The event id is the same only for the same event.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RowRef {
-    /// The row's id as text.
-    pub id: String,
+    /// The row's id.
+    pub id: RowId,
     /// The row's event id as text; `None` when the claim could not read it (such a row can
     /// only fail, and its failure is then recorded by id alone).
     pub event_id: Option<String>,
@@ -60,7 +91,7 @@ pub struct RowRef {
 
 impl std::fmt::Display for RowRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.id)
+        f.write_str(self.id.as_str())
     }
 }
 

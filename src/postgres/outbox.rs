@@ -1284,7 +1284,7 @@ fn decode_view(row: &tokio_postgres::Row) -> Option<ClaimView> {
 
 /// The ids and event ids of `rows`, as the statements that write outcomes take them.
 fn split_refs<'a>(rows: impl IntoIterator<Item = &'a RowRef>) -> (Vec<String>, Vec<Option<String>>) {
-    rows.into_iter().map(|row| (row.id.clone(), row.event_id.clone())).unzip()
+    rows.into_iter().map(|row| (row.id.to_string(), row.event_id.clone())).unzip()
 }
 
 /// The name of the table of OID `$1` now, or NULL when no table has it.
