@@ -10,11 +10,11 @@ use std::time::Instant;
 use futures::TryStreamExt;
 use tokio_postgres::types::{FromSql, Type};
 
-use crate::kafka::record::{OutboxRow, RowKey, UnreadableRow};
 use crate::postgres::error::{OutboxError, describe_pg_error};
 use crate::postgres::layout::{Layout, sql_literal, text_or_null};
 use crate::postgres::outbox::Outbox;
 use crate::postgres::params::{Value, statement_params};
+use crate::postgres::row::{OutboxRow, RowKey, UnreadableRow};
 
 statement_params! {
     /// The claim's parameters.

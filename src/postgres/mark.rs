@@ -7,11 +7,11 @@
 
 use std::time::Instant;
 
-use crate::kafka::record::{RowFailure, RowRef};
 use crate::postgres::error::OutboxError;
 use crate::postgres::layout::Layout;
 use crate::postgres::outbox::Outbox;
 use crate::postgres::params::{Value, statement_params};
+use crate::postgres::row::{RowFailure, RowRef};
 
 statement_params! {
     /// The parameters of [`Layout::mark_published_sql`].
@@ -67,7 +67,7 @@ struct Rows {
 
 impl Rows {
     fn of<'a>(rows: impl IntoIterator<Item = &'a RowRef>) -> Rows {
-        let (ids, event_ids) = rows.into_iter().map(|row| (row.id.clone(), row.event_id.clone())).unzip();
+        let (ids, event_ids) = rows.into_iter().map(|row| (row.id.to_string(), row.event_id.clone())).unzip();
         Rows { ids, event_ids, errors: Vec::new() }
     }
 

@@ -11,8 +11,8 @@
 //!   `failed_rows` and `audit_rows`.
 //! - [`schema`] holds the migrations; `notify` the channel relays are woken on.
 //!
-//! Nothing here knows about Kafka or the relay loop: rows come out as
-//! [`record`](crate::kafka::record) values and outcomes come back in as row references.
+//! Nothing here knows about Kafka or the relay loop: rows come out as [`row::OutboxRow`]s and
+//! outcomes come back in as [`row::RowRef`]s and [`row::RowFailure`]s.
 
 pub(crate) mod audit_rows;
 pub(crate) mod catalog;
@@ -26,6 +26,7 @@ pub(crate) mod notify;
 pub mod outbox;
 mod params;
 pub(crate) mod retention;
+pub mod row;
 pub mod schema;
 pub(crate) mod shard_locks;
 pub(crate) mod table_stats;

@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use crate::kafka::record::{RowFailure, RowRef};
+use crate::postgres::row::{RowFailure, RowId, RowRef};
 
 /// The first wait before a refused row is written again.
 const FIRST_WAIT: Duration = Duration::from_secs(1);
@@ -83,8 +83,8 @@ impl Quarantine {
     }
 
     /// The ids of the rows kept apart, which claims leave out.
-    pub fn row_ids(&self) -> impl Iterator<Item = &str> {
-        self.rows.iter().map(|r| r.row.id.as_str())
+    pub fn row_ids(&self) -> impl Iterator<Item = &RowId> {
+        self.rows.iter().map(|r| &r.row.id)
     }
 
     /// The keys held behind a failure not yet recorded.
@@ -122,7 +122,7 @@ mod tests {
         quarantine.add(row("1"), Some("K".into()), Unwritten::Mark { topic: "t".into() }, t0);
         let failure = RowFailure { row: row("2"), key: Some("L".into()), error: "boom".into() };
         quarantine.add(row("2"), Some("L".into()), Unwritten::Failure { failure, outage: false }, t0);
-        assert_eq!(quarantine.row_ids().collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(quarantine.row_ids().map(RowId::as_str).collect::<Vec<_>>(), ["1", "2"]);
         assert_eq!(quarantine.held_keys(), HashSet::from(["L".to_owned()]), "a published row holds nothing back");
         assert!(quarantine.take_due(t0).is_empty());
         let due = quarantine.take_due(t0 + FIRST_WAIT);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::kafka::publisher::{Outcome, PendingReport};
-use crate::kafka::record::RowRef;
+use crate::postgres::row::{RowId, RowRef};
 use crate::service::health::Health;
 use crate::service::metrics::Metrics;
 
@@ -90,8 +90,8 @@ impl StalledRecords {
     }
 
     /// The ids of the rows that wait, which claims must leave out.
-    pub fn row_ids(&self) -> impl Iterator<Item = &str> {
-        self.records.iter().map(|r| r.row.id.as_str())
+    pub fn row_ids(&self) -> impl Iterator<Item = &RowId> {
+        self.records.iter().map(|r| &r.row.id)
     }
 
     /// The keys held behind a waiting record.
@@ -178,7 +178,7 @@ impl StalledRecords {
         }
         if self.last_warned.is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY) {
             self.last_warned = Some(now);
-            let first_row = self.records.first().map(|r| r.row.id.clone()).unwrap_or_default();
+            let first_row = self.records.first().map(|r| r.row.id.to_string()).unwrap_or_default();
             warn!(
                 partitions = %reasons.join("; "),
                 first_row,

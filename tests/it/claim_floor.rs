@@ -32,7 +32,7 @@ async fn claim_and_mark_all(outbox: &Outbox, floor: &mut ClaimFloor, shards: &[i
         }
         let rows: Vec<_> = claim.rows.into_iter().map(|row| row.expect("decodable row").row_ref()).collect();
         outbox.mark_published(&rows).await.expect("mark");
-        marked.extend(rows.iter().map(|row| row.id.parse::<i64>().expect("bigint id")));
+        marked.extend(rows.iter().map(|row| row.id.as_str().parse::<i64>().expect("bigint id")));
     }
 }
 
