@@ -34,8 +34,10 @@ use serde::Serialize;
 use crate::commands::{Outcome, Report};
 use crate::config::{Config, MarkMode};
 use crate::kafka::record::EVENT_ID_HEADER;
+use crate::postgres::audit_rows::RowRange;
+use crate::postgres::error::OutboxError;
 use crate::postgres::layout::{Layout, Mapping};
-use crate::postgres::outbox::{Outbox, OutboxError, RowRange};
+use crate::postgres::outbox::Outbox;
 
 /// Records whose timestamps are this much earlier than `--since` are still read: the relay's
 /// clock and the database's may differ a little. The same allowance applies when a row's
@@ -492,7 +494,7 @@ async fn absent_rows(
         table = m.table_sql(),
         id_type = layout.id_type,
     );
-    let client = crate::postgres::outbox::connect_client(config).await?;
+    let client = crate::postgres::connect::connect_client(config).await?;
     let rows = client
         .query(&sql, &[&ids])
         .await

@@ -12,10 +12,11 @@ use serde::Serialize;
 
 use crate::commands::{Outcome, Report};
 use crate::config::{ColumnRole, Config};
+use crate::postgres::error::OutboxError;
 use crate::postgres::layout::{
     CatalogColumn, Identifier, Layout, Mapping, OrderColumn, Privilege, TableCatalog, TableIndex,
 };
-use crate::postgres::outbox::{Outbox, OutboxError};
+use crate::postgres::outbox::Outbox;
 
 /// What the table gives and lacks, one item per guarantee.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -148,7 +149,7 @@ impl Storage {
     /// hash index (connecting has already refused a missing table).
     pub async fn read(config: &Config, mapping: &Mapping) -> Result<Storage, OutboxError> {
         let what = "read how the table is stored";
-        let client = crate::postgres::outbox::connect_client(config).await?;
+        let client = crate::postgres::connect::connect_client(config).await?;
         let row = client
             .query_opt(STORAGE_SQL, &[&mapping.table_sql()])
             .await

@@ -9,8 +9,10 @@
 
 use crate::commands::{Outcome, Report};
 use crate::config::Config;
+use crate::postgres::error::OutboxError;
+use crate::postgres::failed_rows::RowState;
 use crate::postgres::layout::Mapping;
-use crate::postgres::outbox::{Outbox, OutboxError, RowState};
+use crate::postgres::outbox::Outbox;
 
 /// Which failed rows to re-queue.
 #[derive(Debug, Clone, PartialEq, Eq)]

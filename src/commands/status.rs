@@ -12,10 +12,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::commands::Report;
 use crate::config::Config;
+use crate::postgres::error::OutboxError;
 use crate::postgres::failed_rows::Stuck;
-use crate::postgres::outbox::{
-    FailedGroup, OldestTransaction, Outbox, OutboxError, Ownership, ParkedKey, RelaySession,
-};
+use crate::postgres::failed_rows::{FailedGroup, ParkedKey};
+use crate::postgres::outbox::Outbox;
+use crate::postgres::shard_locks::{Ownership, RelaySession};
+use crate::postgres::table_stats::OldestTransaction;
 use crate::service::health::Verdict;
 
 /// A snapshot of the table and its relays.

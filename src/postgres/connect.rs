@@ -1,5 +1,5 @@
 //! Opening connections: the connection string and `[database]` settings (TLS through
-//! [`crate::postgres::tls`]), the relay's `application_name`, a connect timeout, and the
+//! `postgres::tls`), the relay's `application_name`, a connect timeout, and the
 //! session settings every connection of the relay needs before its first statement.
 //!
 //! Credentials never leave this module in a message: [`describe_target`] names a database by

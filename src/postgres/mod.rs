@@ -14,15 +14,16 @@
 //! Nothing here knows about Kafka or the relay loop: rows come out as [`row::OutboxRow`]s and
 //! outcomes come back in as [`row::RowRef`]s and [`row::RowFailure`]s.
 
-pub(crate) mod audit_rows;
+pub mod audit_rows;
 pub(crate) mod catalog;
 pub(crate) mod claim;
-pub(crate) mod connect;
+pub mod connect;
 pub mod error;
 pub(crate) mod failed_rows;
 pub mod layout;
 pub(crate) mod mark;
 pub(crate) mod notify;
+mod open;
 pub mod outbox;
 mod params;
 pub(crate) mod retention;

@@ -6,7 +6,9 @@
 //! `claim`, `mark`,
 //! `shard_locks`, `catalog`,
 //! `table_stats`, `failed_rows`,
-//! `audit_rows` and `retention`.
+//! `audit_rows` and `retention`. Opening a session (connect, check the layout, derive the lock
+//! keys, prepare) is `open`, so that this file, which every statement file imports, imports
+//! none of them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,20 +18,8 @@ use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::{CancelToken, Client, Statement};
 
 use crate::config::Config;
-use crate::postgres::catalog::{read_order_column, resolve_layout};
-use crate::postgres::connect::connect_session;
+use crate::postgres::error::{OutboxError, describe_pg_error};
 use crate::postgres::layout::{Layout, LayoutError, Mapping, OrderColumn, OrderSequence};
-use crate::postgres::shard_locks::{LockKeys, resolve_lock_keys};
-
-// The types callers name together with the session, so that a caller of the database side
-// imports them from one place.
-pub use crate::postgres::audit_rows::{AuditRow, RowRange};
-pub use crate::postgres::claim::Claim;
-pub use crate::postgres::connect::{PgConnection, connect_client, connect_raw, describe_target};
-pub use crate::postgres::error::{OtherShardCount, OutboxError, describe_pg_error};
-pub use crate::postgres::failed_rows::{FailedGroup, ParkedKey, RowState};
-pub use crate::postgres::shard_locks::{Ownership, RelaySession, ShardOwner, Termination};
-pub use crate::postgres::table_stats::{OldestTransaction, PendingStats};
 
 /// A connection to the database holding the outbox table, with the relay's statements
 /// prepared on it.
@@ -43,15 +33,32 @@ pub struct Outbox {
     /// Attempts caused by a row before it is given up on.
     pub(in crate::postgres) max_attempts: i32,
     /// What the catalog said of the claim order column at connect.
-    order_column: OrderColumn,
+    pub(in crate::postgres) order_column: OrderColumn,
     /// The keys of the advisory locks the table's relays share it through.
     pub(in crate::postgres) locks: LockKeys,
     /// When this session last showed that it exists (and so still holds its locks).
     pub(in crate::postgres) proof: SessionProof,
     /// This session's backend process id, as `pg_stat_activity` and `pg_locks` show it.
-    backend_pid: i32,
+    pub(in crate::postgres) backend_pid: i32,
     /// Cancels the statement this session is running.
-    canceller: StatementCanceller,
+    pub(in crate::postgres) canceller: StatementCanceller,
+}
+
+/// The advisory lock keys of one table (`shard_locks::LOCK_KEYS_SQL`): classids derived from the table's
+/// OID, so every spelling of the table names the same locks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(in crate::postgres) struct LockKeys {
+    /// The classid of the membership locks.
+    pub(in crate::postgres) member: i32,
+    /// The classid of the shard locks.
+    pub(in crate::postgres) shard: i32,
+    /// The classid of the shard-count locks.
+    pub(in crate::postgres) shard_count: i32,
+    /// The table, schema-qualified, for messages.
+    pub(in crate::postgres) table: String,
+    /// The table's OID when the keys were derived: every claim checks that the name still
+    /// resolves to it.
+    pub(in crate::postgres) table_oid: u32,
 }
 
 /// The statements prepared on a session, each built by the [`Layout`] method of the module
@@ -69,33 +76,12 @@ pub(in crate::postgres) struct Prepared {
     pub(in crate::postgres) pending_stats: Statement,
 }
 
-impl Prepared {
-    async fn prepare(client: &Client, layout: &Layout) -> Result<Prepared, OutboxError> {
-        let prepare = |sql: String, what: &'static str| async move {
-            client.prepare(&sql).await.map_err(OutboxError::query(what))
-        };
-        Ok(Prepared {
-            claim: prepare(layout.claim_sql(), "prepare claim").await?,
-            mark_published: prepare(layout.mark_published_sql(), "prepare mark").await?,
-            record_row_failures: match layout.record_row_failures_sql() {
-                Some(sql) => Some(prepare(sql, "prepare record failures").await?),
-                None => None,
-            },
-            record_outage_failures: match layout.record_outage_failures_sql() {
-                Some(sql) => Some(prepare(sql, "prepare record failures").await?),
-                None => None,
-            },
-            pending_stats: prepare(layout.pending_stats_sql(), "prepare stats").await?,
-        })
-    }
-}
-
 /// Asks PostgreSQL to cancel the statement a session is running, as `pg_cancel_backend` would,
 /// over a connection of its own: the session itself may be busy waiting on a lock.
 #[derive(Clone)]
 pub struct StatementCanceller {
-    token: CancelToken,
-    tls: MakeTlsConnector,
+    pub(in crate::postgres) token: CancelToken,
+    pub(in crate::postgres) tls: MakeTlsConnector,
 }
 
 impl StatementCanceller {
@@ -133,7 +119,7 @@ pub(in crate::postgres) struct SessionProof {
 }
 
 impl SessionProof {
-    fn new(base: Instant) -> SessionProof {
+    pub(in crate::postgres) fn new(base: Instant) -> SessionProof {
         SessionProof { base, sent_ms: AtomicU64::new(0) }
     }
 
@@ -155,59 +141,6 @@ pub fn mapping_of(config: &Config) -> Result<Mapping, OutboxError> {
 }
 
 impl Outbox {
-    /// Connects, checks the configured mapping against the table and prepares the statements.
-    pub async fn connect(config: &Config, mapping: &Mapping) -> Result<Outbox, OutboxError> {
-        let connecting = Instant::now();
-        let (client, tls) = connect_session(config).await?;
-        let backend_pid: i32 = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .map_err(OutboxError::query("read the backend pid"))?
-            .try_get(0)
-            .map_err(OutboxError::query("read the backend pid"))?;
-        let canceller = StatementCanceller { token: client.cancel_token(), tls };
-        let layout = Arc::new(resolve_layout(&client, mapping).await?);
-        let locks = resolve_lock_keys(&client, mapping).await?;
-        let statements = Prepared::prepare(&client, &layout).await?;
-        // Server-side keepalives: if this relay's host dies without closing the connection,
-        // PostgreSQL notices within about 15 s and frees its shards for another relay.
-        client
-            .batch_execute("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 5")
-            .await
-            .map_err(OutboxError::query("set keepalives"))?;
-        // PostgreSQL switches a prepared statement to a generic plan after five executions when
-        // that plan looks no costlier. For the claim it is costlier: without the parameters'
-        // values the planner cannot see how few rows the window and the shard list select, and
-        // on a backlog of some ten thousand rows the generic plan took 180 ms where the custom one
-        // takes 10. Planning each claim costs well under a millisecond.
-        client
-            .batch_execute("SET plan_cache_mode = force_custom_plan")
-            .await
-            .map_err(OutboxError::query("set plan_cache_mode"))?;
-        // Marks need not survive a PostgreSQL crash: a lost one re-publishes its row (see
-        // `database.synchronous_commit`). The rows themselves are the application's commits.
-        if !config.database.synchronous_commit {
-            client
-                .batch_execute("SET synchronous_commit = off")
-                .await
-                .map_err(OutboxError::query("set synchronous_commit"))?;
-        }
-        let order_column = read_order_column(&client, &layout).await?;
-        let relay = &config.relay;
-        Ok(Outbox {
-            client,
-            layout,
-            retry_backoff: (relay.retry_backoff_initial.as_secs_f64(), relay.retry_backoff_max.as_secs_f64()),
-            statements,
-            max_attempts: i32::try_from(relay.max_attempts).unwrap_or(i32::MAX),
-            order_column,
-            locks,
-            proof: SessionProof::new(connecting),
-            backend_pid,
-            canceller,
-        })
-    }
-
     /// This session's backend process id.
     pub fn backend_pid(&self) -> i32 {
         self.backend_pid
@@ -255,7 +188,7 @@ impl Outbox {
     }
 
     /// Runs a statement that does nothing, to show that this session exists: other relays
-    /// watch it ([`RelaySession::looks_frozen`]), and it proves the session's locks are held.
+    /// watch it (`RelaySession::looks_frozen`), and it proves the session's locks are held.
     pub async fn ping(&self) -> Result<(), OutboxError> {
         let sent = Instant::now();
         self.client.batch_execute("SELECT 1").await.map_err(OutboxError::query("heartbeat"))?;

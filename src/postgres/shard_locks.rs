@@ -14,24 +14,7 @@ use tokio_postgres::Client;
 
 use crate::postgres::error::{OtherShardCount, OutboxError, describe_pg_error};
 use crate::postgres::layout::Mapping;
-use crate::postgres::outbox::Outbox;
-
-/// The advisory lock keys of one table ([`LOCK_KEYS_SQL`]): classids derived from the table's
-/// OID, so every spelling of the table names the same locks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(in crate::postgres) struct LockKeys {
-    /// The classid of the membership locks.
-    member: i32,
-    /// The classid of the shard locks.
-    shard: i32,
-    /// The classid of the shard-count locks.
-    shard_count: i32,
-    /// The table, schema-qualified, for messages.
-    pub(in crate::postgres) table: String,
-    /// The table's OID when the keys were derived: every claim checks that the name still
-    /// resolves to it.
-    pub(in crate::postgres) table_oid: u32,
-}
+use crate::postgres::outbox::{LockKeys, Outbox};
 
 /// What became of a relay that looked frozen.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -183,7 +183,7 @@ pub(super) enum Turn {
         set_aside: Vec<SetAside>,
     },
     /// The outcome could not be recorded; it must be before the next claim.
-    Unsettled(Settlement, crate::postgres::outbox::OutboxError),
+    Unsettled(Settlement, crate::postgres::error::OutboxError),
     /// Shutdown's grace period ended with reports outstanding; the rows stay unpublished.
     Abandoned { rows: usize },
 }

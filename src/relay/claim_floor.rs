@@ -42,7 +42,7 @@
 //!   back, the floor is forgotten and a claim that started at it is thrown away unpublished
 //!   ([`Observation::IdsReused`]), since its rows may be later rows of keys whose earlier rows
 //!   lie below it. A table replaced under its name (a new OID) is the connection's business:
-//!   [`crate::postgres::outbox::OutboxError::TableReplaced`].
+//!   [`crate::postgres::error::OutboxError::TableReplaced`].
 //!
 //! The floor is only ever an optimisation: forgetting it costs speed, never rows.
 

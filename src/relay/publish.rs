@@ -23,7 +23,8 @@ use super::shards;
 use super::stalled::{SetAside, StalledRecords};
 use crate::kafka::publisher::{Outcome, PendingReport, Published, Publisher};
 use crate::kafka::record::Record;
-use crate::postgres::outbox::{Outbox, OutboxError};
+use crate::postgres::error::OutboxError;
+use crate::postgres::outbox::Outbox;
 use crate::postgres::row::{OutboxRow, RowFailure, RowId, RowKey, RowRef, UnreadableRow};
 
 /// How long a batch waits for its acknowledgements before the relay says so, and how often it

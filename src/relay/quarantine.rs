@@ -2,7 +2,7 @@
 //!
 //! Marks and failure records are written for a whole batch in one statement. When PostgreSQL
 //! refuses that statement because of one row (a trigger that raises for it, a constraint or an
-//! index its values do not fit: [`crate::postgres::outbox::OutboxError::is_refused_for_a_row`]), retrying
+//! index its values do not fit: [`crate::postgres::error::OutboxError::is_refused_for_a_row`]), retrying
 //! the batch would fail forever and stop the relay. Instead the batch is written row by row,
 //! and each row the database refuses is named in an ERROR line and kept here:
 //! - a row acknowledged but not marked is left out of every claim, so it is not published

@@ -13,7 +13,8 @@ use super::Relay;
 use super::batch::Settlement;
 use super::quarantine::{QuarantinedRow, Unwritten};
 use crate::config::OnPoison;
-use crate::postgres::outbox::{Outbox, OutboxError};
+use crate::postgres::error::OutboxError;
+use crate::postgres::outbox::Outbox;
 use crate::postgres::row::{RowId, RowRef};
 use crate::service::health::Health;
 

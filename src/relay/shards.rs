@@ -30,7 +30,11 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::postgres::outbox::{Outbox, OutboxError, Ownership, Termination};
+use crate::postgres::error::OutboxError;
+
+use crate::postgres::outbox::Outbox;
+
+use crate::postgres::shard_locks::{Ownership, Termination};
 use crate::service::health::Health;
 
 /// The longest a live relay's claim session stays idle: the heartbeat's upper bound, whatever

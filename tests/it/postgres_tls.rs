@@ -60,7 +60,7 @@ fn give_to_postgres(path: &Path) {
 async fn connect_as_relay(url: &str) -> Result<bool, String> {
     let mut config = Config::default();
     config.database.url = url.to_owned();
-    let client = outbox_relay::postgres::outbox::connect_client(&config).await.map_err(|e| e.to_string())?;
+    let client = outbox_relay::postgres::connect::connect_client(&config).await.map_err(|e| e.to_string())?;
     let row = client
         .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
         .await
@@ -99,7 +99,7 @@ async fn every_sslmode_connects_or_refuses_as_libpq_would() {
     config.database.sslmode = Some("verify-full".into());
     config.database.sslrootcert = Some(server.ca.ca_file());
     config.validate().expect("valid");
-    let client = outbox_relay::postgres::outbox::connect_client(&config).await.expect("connect");
+    let client = outbox_relay::postgres::connect::connect_client(&config).await.expect("connect");
     let ssl: bool =
         client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap().get(0);
     assert!(ssl);
