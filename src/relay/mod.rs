@@ -34,7 +34,6 @@
 //! stops the loop. Each step of a turn either hands on to the next or ends the turn early with
 //! a `Cut`.
 
-pub mod backoff;
 mod batch;
 pub mod claim_floor;
 mod publish;
@@ -52,7 +51,6 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use self::backoff::Backoff;
 use self::batch::{Claiming, Pending, Turn};
 use self::claim_floor::ClaimFloor;
 use self::quarantine::Quarantine;
@@ -66,6 +64,7 @@ use crate::kafka::publisher::{BrokerRefusal, ClusterUnavailable, Publisher, Publ
 use crate::postgres::error::OutboxError;
 use crate::postgres::layout::Mapping;
 use crate::postgres::outbox::{Outbox, StatementCanceller};
+use crate::service::backoff::Backoff;
 use crate::service::health::{Health, LockWait};
 use crate::service::metrics::{self, Metrics, ServeError};
 use crate::service::shutdown::{Abandoned, Shutdown};
