@@ -45,7 +45,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use outbox_relay::config::{Config, MarkMode};
-use outbox_relay::kafka::publisher::{Outcome, Publisher};
+use outbox_relay::kafka::delivery::Outcome;
+use outbox_relay::kafka::publisher::Publisher;
 use outbox_relay::kafka::record::Record;
 use outbox_relay::kafka::settings::producer_config;
 use outbox_relay::postgres::layout::Mapping;

@@ -24,9 +24,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use tokio_postgres::{Client, Transaction};
 
+use crate::config::Identifier;
 use crate::kafka::record::EVENT_ID_HEADER;
 use crate::postgres::error::describe_pg_error;
-use crate::postgres::layout::Identifier;
 
 /// The inbox table's schema, as in `sql/inbox.sql`.
 pub const INBOX_SQL: &str = include_str!("../sql/inbox.sql");

@@ -11,11 +11,10 @@
 use serde::Serialize;
 
 use crate::commands::{Outcome, Report};
+use crate::config::Identifier;
 use crate::config::{ColumnRole, Config};
 use crate::postgres::error::OutboxError;
-use crate::postgres::layout::{
-    CatalogColumn, Identifier, Layout, Mapping, OrderColumn, Privilege, TableCatalog, TableIndex,
-};
+use crate::postgres::layout::{CatalogColumn, Layout, Mapping, OrderColumn, Privilege, TableCatalog, TableIndex};
 use crate::postgres::outbox::Outbox;
 
 /// What the table gives and lacks, one item per guarantee.

@@ -2,7 +2,7 @@
 //! configuration lets the broker refuse.
 
 pub(crate) mod client_context;
-pub(crate) mod delivery;
+pub mod delivery;
 pub(crate) mod partitioner;
 pub mod publisher;
 pub mod record;

@@ -32,9 +32,8 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-// The types of the publisher's answers, declared beside the code that classifies them.
-pub use crate::kafka::client_context::{BrokerRefusal, ClusterUnavailable};
-pub use crate::kafka::delivery::{DeliveryError, Outcome};
+use crate::kafka::client_context::{BrokerRefusal, ClusterUnavailable};
+use crate::kafka::delivery::{DeliveryError, Outcome};
 
 /// A failure at the Kafka boundary that is not about one record.
 #[derive(Debug, thiserror::Error)]

@@ -129,7 +129,7 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::postgres::layout::{Identifier, TopicTemplate};
+    use crate::config::{Identifier, TopicTemplate};
 
     fn row() -> OutboxRow {
         OutboxRow {
@@ -354,7 +354,7 @@ mod tests {
 #[cfg(test)]
 mod traceparent_tests {
     use super::*;
-    use crate::postgres::layout::Identifier;
+    use crate::config::Identifier;
 
     fn row(headers: Option<&str>, traceparent: Option<&str>) -> OutboxRow {
         OutboxRow {

@@ -90,7 +90,7 @@ async fn open(config: &Config) -> Result<(Client, PgConnection, MakeTlsConnector
 
 /// `host:port/dbname` of a connection string, for messages that must not carry a password.
 pub fn describe_target(url: &str) -> String {
-    match crate::postgres::tls::without_tls_parameters(url).parse::<tokio_postgres::Config>() {
+    match crate::config::without_tls_parameters(url).parse::<tokio_postgres::Config>() {
         Ok(pg) => {
             let host = pg
                 .get_hosts()

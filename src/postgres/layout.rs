@@ -9,7 +9,7 @@
 use std::fmt;
 
 use crate::config::{ColumnPresence, ColumnRole, Config, MarkMode, OnPoison};
-pub use crate::config::{Identifier, TopicTemplate};
+use crate::config::{Identifier, TopicTemplate};
 
 /// `schema.table` or `table`, quoted.
 fn qualified_sql(parts: &[Identifier]) -> String {

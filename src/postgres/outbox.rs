@@ -153,7 +153,7 @@ impl Outbox {
 
     /// Whether claims may start at a floor ([`crate::relay::claim_floor`]): the order column is an
     /// integer fed by a sequence whose ids grow with time. Every claim reads the sequence again
-    /// ([`crate::postgres::claim::ClaimView::ids_grow_with_time`]).
+    /// (`crate::postgres::claim::ClaimView::ids_grow_with_time`).
     pub fn ids_grow_with_time(&self) -> bool {
         self.layout.orders_by_integer()
             && self.order_column.sequence.as_ref().is_some_and(OrderSequence::grows_with_time)

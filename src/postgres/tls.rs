@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
 
+use crate::config::TlsMode;
 use crate::config::{ConfigError, ConnectSettings, DatabaseConfig};
-pub use crate::config::{TlsMode, without_tls_parameters};
 
 /// Everything needed to open a connection: the parsed connection string (password included)
 /// and the TLS connector for its `sslmode`.

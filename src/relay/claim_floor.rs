@@ -29,7 +29,7 @@
 //!   ids) or a descending one, ids the application assigns, an order column that is not an
 //!   integer. The floor is then never used (see [`ClaimFloor::new`]); the claim starts at the
 //!   beginning. The sequence can change while the relay runs (`ALTER SEQUENCE ... CACHE 50`), so
-//!   every claim reads it again ([`ClaimView::ids_grow_with_time`]) and the floor is dropped the
+//!   every claim reads it again (`ClaimView::ids_grow_with_time`) and the floor is dropped the
 //!   moment it no longer holds.
 //! - **Rows set back to unpublished by hand** (`published_at = NULL`): a full claim from the
 //!   beginning every `relay.full_scan_interval` picks those up and lowers the floor to them.
@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info};
 
 // The claim decodes these from its rows; the floor is what reads them.
-pub use crate::postgres::claim::{ClaimView, TableIdentity};
+use crate::postgres::claim::{ClaimView, TableIdentity};
 
 impl TableIdentity {
     /// Why ids below a floor built on `earlier` may have been handed out again by the time of

@@ -21,7 +21,8 @@ use super::batch::{AckedRow, Ahead, Claimed, Claiming, HeldKeys, Pending, Settle
 use super::claim_floor::Observation;
 use super::shards;
 use super::stalled::{SetAside, StalledRecords};
-use crate::kafka::publisher::{Outcome, PendingReport, Published, Publisher};
+use crate::kafka::delivery::Outcome;
+use crate::kafka::publisher::{PendingReport, Published, Publisher};
 use crate::kafka::record::Record;
 use crate::postgres::error::OutboxError;
 use crate::postgres::outbox::Outbox;

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use crate::kafka::publisher::{Outcome, PendingReport};
+use crate::kafka::delivery::Outcome;
+
+use crate::kafka::publisher::PendingReport;
 use crate::postgres::row::{RowId, RowRef};
 use crate::service::health::Health;
 use crate::service::metrics::Metrics;

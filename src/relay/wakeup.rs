@@ -11,7 +11,7 @@
 //!   `xact_id` column makes rows claimable at commit, so there any change of the snapshot
 //!   (a transaction that writes starting or ending) counts.
 //! - **LISTEN** (`relay.listen`): for tables that keep the `outbox_relay_notify` trigger, and
-//!   for `outbox-relay retry`, which sends [`RESCAN_PAYLOAD`].
+//!   for `outbox-relay retry`, which sends `RESCAN_PAYLOAD`.
 //!
 //! Wake-ups are only hints. A lost one (the connection dropped, a connection pooler that does
 //! not pass notifications on) costs at most one poll interval; the relay never depends on them
@@ -33,7 +33,7 @@ use crate::service::backoff::Backoff;
 use crate::service::reconnect::{self, Lost};
 use crate::service::shutdown::Shutdown;
 
-pub use crate::postgres::notify::{CHANNEL, RESCAN_PAYLOAD};
+use crate::postgres::notify::{CHANNEL, RESCAN_PAYLOAD};
 
 /// A source of "rows may have arrived" hints.
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl Wakeup {
     }
 
     /// Watches for commits (`signal`, every `relay.commit_watch_interval`) and, with
-    /// `relay.listen`, listens on [`CHANNEL`], over a connection of its own until shutdown,
+    /// `relay.listen`, listens on `CHANNEL`, over a connection of its own until shutdown,
     /// reconnecting with backoff when it drops.
     pub fn start(config: &Config, signal: CommitSignal, shutdown: Shutdown) -> Wakeup {
         let wakeup = Wakeup::disabled();
