@@ -11,9 +11,24 @@ use serde::{Deserialize, Serialize};
 
 use super::serde_text::{deserialize_optional, serialize_optional};
 
-/// A part a column plays for the relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ColumnRole {
+/// Declares [`ColumnRole`] and `ColumnRole::ALL` from one list, so that a role cannot be
+/// added to one and forgotten in the other.
+macro_rules! column_roles {
+    ($($(#[$doc:meta])* $role:ident,)*) => {
+        /// A part a column plays for the relay.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum ColumnRole {
+            $($(#[$doc])* $role,)*
+        }
+
+        impl ColumnRole {
+            /// Every role, in the order of `[outbox.columns]`.
+            pub const ALL: [ColumnRole; [$(ColumnRole::$role),*].len()] = [$(ColumnRole::$role),*];
+        }
+    };
+}
+
+column_roles! {
     /// Identifies a row when marking it.
     Id,
     /// The claim order, and so a key's order on the topic.
@@ -239,28 +254,6 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
 };
 
 impl ColumnRole {
-    /// Every role, in the order of `[outbox.columns]`.
-    pub const ALL: [ColumnRole; 15] = {
-        use ColumnRole::*;
-        [
-            Id,
-            OrderBy,
-            EventId,
-            Topic,
-            Key,
-            Payload,
-            Headers,
-            CreatedAt,
-            PublishedAt,
-            Attempts,
-            LastError,
-            XactId,
-            LastAttemptAt,
-            FailedAt,
-            Traceparent,
-        ]
-    };
-
     /// What the relay knows of this role.
     pub fn declaration(self) -> &'static ColumnDeclaration {
         &DECLARATIONS[self as usize]

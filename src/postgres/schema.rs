@@ -22,33 +22,20 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+/// A migration of `sql/migrations/`, by version and file name (without `.sql`).
+macro_rules! migration {
+    ($version:literal, $name:literal) => {
+        Migration { version: $version, name: $name, sql: include_str!(concat!("../../sql/migrations/", $name, ".sql")) }
+    };
+}
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "0001_create_outbox",
-        sql: include_str!("../../sql/migrations/0001_create_outbox.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "0002_order_retries_notify",
-        sql: include_str!("../../sql/migrations/0002_order_retries_notify.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "0003_time_ordered_event_ids",
-        sql: include_str!("../../sql/migrations/0003_time_ordered_event_ids.sql"),
-    },
-    Migration {
-        version: 4,
-        name: "0004_wakeups_without_notify",
-        sql: include_str!("../../sql/migrations/0004_wakeups_without_notify.sql"),
-    },
-    Migration {
-        version: 5,
-        name: "0005_retrying_index_by_key_hash",
-        sql: include_str!("../../sql/migrations/0005_retrying_index_by_key_hash.sql"),
-    },
+    migration!(1, "0001_create_outbox"),
+    migration!(2, "0002_order_retries_notify"),
+    migration!(3, "0003_time_ordered_event_ids"),
+    migration!(4, "0004_wakeups_without_notify"),
+    migration!(5, "0005_retrying_index_by_key_hash"),
 ];
 
 const LOCK_KEY: &str = "outbox-relay:migrate";
