@@ -320,6 +320,14 @@ impl Layout {
     /// snapshot's bounds, each an uncorrelated subquery, so computed once per claim rather than
     /// per row.
     ///
+    /// The statement's shape keeps its cost bounded by the window, whatever the planner's
+    /// statistics say (none on a table never analyzed, stale ones after a bulk load): which
+    /// rows of the window an earlier row of their key holds back is a window function over the
+    /// window (a sort of at most `Limit` rows), not a join of the window with itself, which a
+    /// planner that expects one row turns into a nested loop of `Limit`² comparisons. The window
+    /// itself is read in claim order from the unpublished-rows index because the relay's
+    /// session turns bitmap scans off (see `open`).
+    ///
     /// Every column is qualified: the selected `id::text` is itself named `id`, and an
     /// unqualified `ORDER BY id` would sort by that text ("10" before "9").
     pub fn claim_sql(&self) -> String {
@@ -380,9 +388,10 @@ impl Layout {
                       o.{payload} AS {PAYLOAD}, {headers} AS {HEADERS}, {created_at} AS {CREATED_AT}, \
                       {traceparent} AS {TRACEPARENT}, {topic}, {ready} AS r_ready, {retrying} AS r_retrying \
                FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT {limit}), \
-             claimed AS (SELECT * FROM window_rows AS c WHERE c.r_ready AND NOT EXISTS (\
-               SELECT 1 FROM window_rows AS b WHERE (NOT b.r_ready OR b.r_retrying) AND b.{KEY} = c.{KEY} \
-                 AND b.r_order < c.r_order)) \
+             claimed AS (SELECT * FROM (\
+               SELECT w.*, bool_or(NOT w.r_ready OR w.r_retrying) OVER (PARTITION BY w.{KEY} ORDER BY w.r_order \
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS r_blocked FROM window_rows AS w) AS c \
+               WHERE c.r_ready AND (c.{KEY} IS NULL OR NOT coalesce(c.r_blocked, false))) \
              SELECT c.{ID}, c.{EVENT_ID}, c.{KEY}, c.{PAYLOAD}, c.{HEADERS}, c.{CREATED_AT}, c.{TRACEPARENT}, \
                     v.{FIRST_UNPUBLISHED}, v.{SNAPSHOT_XMIN}, v.{SNAPSHOT_XMAX}, v.{IDS_GROW_WITH_TIME}, {identity}, \
                     {topic_out} \

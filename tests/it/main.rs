@@ -7,6 +7,7 @@ mod support;
 mod architecture;
 mod audit;
 mod batch_rejections;
+mod claim_cost;
 mod claim_floor;
 mod cluster;
 mod config;
