@@ -556,7 +556,7 @@ pub(crate) mod tests {
         assert!(sql.contains("ORDER BY o.\"id\" LIMIT $1"), "a window of the next rows in id order: {sql}");
         assert!(sql.contains("o.\"published_at\" IS NULL") && sql.contains("o.\"failed_at\" IS NULL"), "{sql}");
         assert!(
-            sql.contains("(NOT b.r_ready OR b.r_retrying)"),
+            sql.contains("bool_or(NOT w.r_ready OR w.r_retrying) OVER (PARTITION BY w.r_key"),
             "a row being retried goes out alone for its key: {sql}"
         );
         assert!(
