@@ -41,6 +41,7 @@ mod support {
     pub mod topics;
 }
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -147,6 +148,19 @@ async fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|list| list.split(',').map(str::to_owned).collect());
     let runs = |section: &str| only.as_ref().is_none_or(|list| list.iter().any(|s| s == section));
+    // The published figures (docs/bench, quoted by the README) are one whole run: a partial run
+    // would replace every section it skipped with nothing, and mixing sections of two runs
+    // would compare figures taken under different loads.
+    if let Some(sections) = &only
+        && Path::new(&out_dir).ends_with("docs/bench")
+    {
+        eprintln!(
+            "--only {}: a partial run does not replace the published figures in {out_dir}; \
+             give --out DIR (scripts/bench.sh writes partial runs to target/bench-partial)",
+            sections.join(",")
+        );
+        std::process::exit(2);
+    }
 
     // Durable settings, as a production database runs; the buffers hold the largest backlog.
     let postgres = Postgres::start_with(&[
@@ -166,6 +180,7 @@ async fn main() {
     let mut report = serde_json::Map::new();
     report.insert("machine".into(), machine());
     report.insert("quick".into(), json!(quick));
+    report.insert("only".into(), json!(only));
 
     // Without the ceilings section, fractions come out as NaN.
     let (mut db_ceiling, mut db_delete_ceiling, mut broker_ceiling) = (f64::NAN, f64::NAN, f64::NAN);

@@ -4,14 +4,17 @@
 # insert rates, its CPU and memory, and a naive relay; prints a Markdown table and writes
 # docs/bench/latest.json, docs/bench/latest.md and docs/bench/latency.png; last, the broker ceiling and
 # the headline drain again on three Kafka nodes (RF 3, min.insync.replicas 2, acks=all). About 8
-# minutes on 2 cores. `scripts/bench.sh --quick` runs small sizes (under a minute) as a smoke test.
+# minutes on 2 cores. `scripts/bench.sh --quick` runs small sizes (under a minute) as a smoke test;
+# `--only SECTION,...` runs some sections and writes them to target/bench-partial.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 out=docs/bench
 for arg in "$@"; do
-    # A quick run is a smoke test; it does not replace the published figures.
+    # A quick run is a smoke test, and a partial run (--only) measures some sections: neither
+    # replaces the published figures, which are one whole run.
     if [ "$arg" = "--quick" ]; then out=target/bench-quick; fi
+    if [ "$arg" = "--only" ] && [ "$out" = docs/bench ]; then out=target/bench-partial; fi
 done
 # The relay runs as the release binary in its own process, so its CPU and memory are its own.
 cargo build --release
