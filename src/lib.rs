@@ -13,7 +13,8 @@
 //! |---|---|
 //! | which rows are claimed, and how | `src/postgres/claim.rs` |
 //! | the record a row becomes (key, value, headers, `event_id`) | `src/kafka/record.rs` |
-//! | sending, delivery reports, and how a broker error is classified | `src/kafka/publisher.rs` |
+//! | sending records and collecting their delivery reports | `src/kafka/publisher.rs` |
+//! | how a broker error is classified (the row's fault, an outage, a fenced producer) | `src/kafka/delivery.rs` |
 //! | marking a row published, recording a failure | `src/postgres/mark.rs` |
 //! | the loop that joins them | `src/relay/mod.rs` |
 //!
@@ -24,8 +25,9 @@
 //!   ([`postgres::layout`]), each statement beside the code that runs it and decodes its rows,
 //!   the relay's session ([`postgres::outbox`]) and the migrations ([`postgres::schema`]).
 //! - [`kafka`]: the broker side: the record a row becomes ([`kafka::record`]), the producer that
-//!   sends it and classifies its delivery report ([`kafka::publisher`]), and what a topic's
-//!   configuration lets the broker refuse for a whole batch.
+//!   sends it ([`kafka::publisher`]), how a delivery report is classified ([`kafka::delivery`]),
+//!   its settings ([`kafka::settings`]), and what a topic's configuration lets the broker refuse
+//!   for a whole batch.
 //! - [`relay`]: the loop (claim, produce, await every report, mark), with its claim floor,
 //!   shards, wakeup, and the rows it keeps apart (stalled partitions, quarantined rows).
 //! - [`service`]: what runs around the loop: `/metrics`, `/healthz` and `/readyz`, the table's
