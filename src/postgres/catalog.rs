@@ -93,7 +93,15 @@ pub(in crate::postgres) async fn resolve_layout(client: &Client, mapping: &Mappi
         .map(|r| Ok((r.try_get("name")?, r.try_get("data_type")?)))
         .collect::<Result<Vec<(String, String)>, tokio_postgres::Error>>()
         .map_err(OutboxError::query("read table columns"))?;
-    Ok(mapping.resolve(&columns)?)
+    let mut layout = mapping.resolve(&columns)?;
+    if let Some(key) = &mapping.key {
+        layout.failing_rows_by_key_index = client
+            .query_one(KEY_LOOKUP_INDEX_SQL, &[&table, &key.as_str()])
+            .await
+            .and_then(|row| row.try_get("found"))
+            .map_err(OutboxError::query("read the table's indexes"))?;
+    }
+    Ok(layout)
 }
 
 /// What the catalog says of the claim order column: `NOT NULL`, unique, and its sequence.
@@ -152,6 +160,13 @@ const CATALOG_NOTIFY_TRIGGERS_SQL: &str = "SELECT t.tgname::text AS name FROM pg
      JOIN pg_proc AS p ON p.oid = t.tgfoid \
      WHERE t.tgrelid = to_regclass($1) AND NOT t.tgisinternal AND t.tgenabled <> 'D' \
        AND p.prosrc ~* '(pg_notify|\\mnotify\\M)' ORDER BY 1";
+
+/// Whether table `$1` (quoted name) has a valid partial index whose first column is column `$2`
+/// (the key, its name as stored): `found`. Migration 0005's hash index of failing rows is one;
+/// `outbox-relay check` judges whether a custom table's index fits better than this does.
+const KEY_LOOKUP_INDEX_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_index AS i \
+       JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+     WHERE i.indrelid = to_regclass($1) AND i.indisvalid AND i.indpred IS NOT NULL AND a.attname = $2) AS found";
 
 /// What [`OrderColumn`] needs to know of column `$2` (its name as stored) of table `$1` (quoted
 /// name): `not_null`, a unique index of its own (`is_unique`), and the `sequence` feeding it

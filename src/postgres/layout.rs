@@ -288,6 +288,7 @@ impl Mapping {
             id_type: type_of(&self.id),
             order_type: type_of(&self.order_by),
             last_error_type: self.last_error.as_ref().map(type_of),
+            failing_rows_by_key_index: false,
         })
     }
 }
@@ -346,6 +347,11 @@ pub struct Layout {
     /// cast to it explicitly, which cuts a long error to the column's length instead of
     /// failing the statement that records it.
     pub last_error_type: Option<String>,
+    /// Whether the table has a partial index leading with the key column (as migration 0005's
+    /// hash index of failing rows), which answers the claim's per-row lookup of an earlier
+    /// failing row of the row's key in a probe or two; read from the catalog when the session
+    /// opens (see [`Layout::claim_sql`] for what it changes).
+    pub failing_rows_by_key_index: bool,
 }
 
 /// What the catalog says about the claim order column: whether it can give a key's rows their
@@ -545,7 +551,20 @@ pub(crate) mod tests {
 
     pub(crate) fn standard_layout() -> Layout {
         let mapping = Mapping::from_config(&Config::default()).unwrap();
-        mapping.resolve(&standard_layout_columns()).unwrap()
+        // As the catalog has it after `migrate`, which creates the index of failing rows.
+        Layout { failing_rows_by_key_index: true, ..mapping.resolve(&standard_layout_columns()).unwrap() }
+    }
+
+    #[test]
+    fn a_key_is_looked_up_for_failing_rows_row_by_row_only_where_an_index_answers_it() {
+        let sql = standard_layout().claim_sql();
+        let lookup = sql.split("NOT EXISTS (").nth(1).and_then(|rest| rest.split(") AND (o.").next()).unwrap();
+        assert!(
+            lookup.starts_with("SELECT 1 FROM \"outbox\" AS e") && lookup.ends_with(" OFFSET 0"),
+            "a subquery PostgreSQL cannot turn into a join that reads the whole table: {lookup}"
+        );
+        let unindexed = Layout { failing_rows_by_key_index: false, ..standard_layout() };
+        assert!(!unindexed.claim_sql().contains("OFFSET 0"), "without the index, the planner chooses");
     }
 
     #[test]
