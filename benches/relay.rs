@@ -79,12 +79,24 @@ const HUGE_ROWS: i64 = 300;
 /// Depths from this backlog up drain long enough to be measured once.
 const SINGLE_RUN_DEPTH: i64 = 1_000_000;
 
-/// The drains of a full-size backlog: payload label, JSON padding, mark mode.
-const DRAIN_CASES: [(&str, i32, MarkMode); 3] = [
-    ("~200 B", SMALL_PAD, MarkMode::Update),
-    ("~1 KiB", LARGE_PAD, MarkMode::Update),
-    ("~200 B", SMALL_PAD, MarkMode::Delete),
+/// The drains of a full-size backlog: payload label, JSON padding, mark mode, and what the
+/// planner knows of the table when the relay starts.
+const DRAIN_CASES: [(&str, i32, MarkMode, Statistics); 4] = [
+    ("~200 B", SMALL_PAD, MarkMode::Update, Statistics::Analyzed),
+    ("~200 B", SMALL_PAD, MarkMode::Update, Statistics::NeverAnalyzed),
+    ("~1 KiB", LARGE_PAD, MarkMode::Update, Statistics::Analyzed),
+    ("~200 B", SMALL_PAD, MarkMode::Delete, Statistics::Analyzed),
 ];
+
+/// What PostgreSQL's planner knows of a backlog when the relay starts draining it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Statistics {
+    /// Vacuumed and analyzed after the load, as autovacuum leaves a table in time.
+    Analyzed,
+    /// Loaded and drained before autovacuum looks at it (after an outage, a restore): no
+    /// statistics at all, and autovacuum kept off the table for the whole drain.
+    NeverAnalyzed,
+}
 
 /// Sizes of one run.
 struct Plan {
@@ -201,11 +213,12 @@ async fn main() {
 
     let mut drains = Vec::new();
     let drain_cases = if runs("drain") { DRAIN_CASES.as_slice() } else { &[] };
-    for &(label, pad, mark) in drain_cases {
-        eprintln!("drain: {} rows at {label}, mark = {mark:?}", plan.backlog);
-        let drain = drain(plan.backlog, pad, mark, None).await;
+    for &(label, pad, mark, statistics) in drain_cases {
+        eprintln!("drain: {} rows at {label}, mark = {mark:?}, {statistics:?}", plan.backlog);
+        let drain = drain_with(plan.backlog, pad, mark, None, statistics).await;
         let ceiling = if mark == MarkMode::Delete { db_delete_ceiling.min(broker_ceiling) } else { lower_ceiling };
         drains.push(json!({ "payload": label, "mark": format!("{mark:?}").to_lowercase(), "rows": plan.backlog,
+            "never_analyzed": statistics == Statistics::NeverAnalyzed,
             "rows_per_s": drain.rate, "fraction_of_lower_ceiling": drain.rate / ceiling,
             "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k, "peak_rss_mb": drain.peak_rss_mb }));
     }
@@ -334,6 +347,14 @@ impl Scenario {
     /// Inserts `rows` rows (keys `key-0` to `key-999`, JSON payloads padded by `pad`) in
     /// transactions of 100,000, then lets the planner see the table as autovacuum would.
     async fn insert_backlog(&self, rows: i64, pad: i32) {
+        self.insert_backlog_with(rows, pad, Statistics::Analyzed).await;
+    }
+
+    /// As [`Scenario::insert_backlog`], leaving the planner with the given `statistics`.
+    async fn insert_backlog_with(&self, rows: i64, pad: i32, statistics: Statistics) {
+        if statistics == Statistics::NeverAnalyzed {
+            self.db.batch_execute("ALTER TABLE outbox SET (autovacuum_enabled = false)").await.expect("autovacuum off");
+        }
         let mut start = 1;
         while start <= rows {
             let end = (start + 99_999).min(rows);
@@ -348,7 +369,9 @@ impl Scenario {
                 .expect("insert backlog");
             start = end + 1;
         }
-        self.db.batch_execute("VACUUM ANALYZE outbox").await.expect("vacuum");
+        if statistics == Statistics::Analyzed {
+            self.db.batch_execute("VACUUM ANALYZE outbox").await.expect("vacuum");
+        }
         // Start the measurement with no dirty pages from this or an earlier scenario to write.
         self.db.batch_execute("CHECKPOINT").await.expect("checkpoint");
     }
@@ -442,8 +465,13 @@ struct Drain {
 /// relay's metrics sampled every 20 ms stand in), so process start-up does not count; CPU and
 /// RSS are the whole process's.
 async fn drain(rows: i64, pad: i32, mark: MarkMode, brokers: Option<&str>) -> Drain {
+    drain_with(rows, pad, mark, brokers, Statistics::Analyzed).await
+}
+
+/// As [`drain`], with the planner knowing what `statistics` says of the backlog.
+async fn drain_with(rows: i64, pad: i32, mark: MarkMode, brokers: Option<&str>, statistics: Statistics) -> Drain {
     let scenario = Scenario::on(brokers).await;
-    scenario.insert_backlog(rows, pad).await;
+    scenario.insert_backlog_with(rows, pad, statistics).await;
     let config = scenario.config(mark);
     let metrics = config.metrics.listen.clone();
     let mut relay = spawn_relay(&scenario.env, &config);
@@ -451,7 +479,7 @@ async fn drain(rows: i64, pad: i32, mark: MarkMode, brokers: Option<&str>) -> Dr
     let usage = ProcessUsage::of(relay.pid());
     relay.signal(libc::SIGTERM);
     relay.wait().await;
-    keep_log(&relay, &format!("drain-{rows}-{pad}-{mark:?}"));
+    keep_log(&relay, &format!("drain-{rows}-{pad}-{mark:?}-{statistics:?}"));
     let usage = Drain {
         rate: sampled_rate,
         cpu_ms_per_1k: usage.cpu_ms / (rows as f64 / 1000.0),
@@ -672,8 +700,9 @@ fn markdown(report: &Value) -> String {
     out += &format!("| ceiling: broker alone (relay's producer) | {broker:.0} | | | |\n");
     for d in report["drain"].as_array().into_iter().flatten() {
         let mark = if d["mark"] == "delete" { ", `mark = \"delete\"`" } else { "" };
+        let fresh = if d["never_analyzed"] == true { ", never analyzed" } else { "" };
         out += &format!(
-            "| relay drains {} rows at {}{mark} | {:.0} | {:.2} | {:.1} | {:.0} |\n",
+            "| relay drains {} rows at {}{mark}{fresh} | {:.0} | {:.2} | {:.1} | {:.0} |\n",
             d["rows"],
             d["payload"].as_str().unwrap_or("?"),
             number(&d["rows_per_s"]),
