@@ -7,6 +7,7 @@
 use tokio_postgres::Client;
 
 use crate::postgres::error::OutboxError;
+use crate::postgres::index_predicate::predicate_within;
 use crate::postgres::layout::{
     CatalogColumn, Layout, Mapping, OrderColumn, OrderSequence, Privilege, TableCatalog, TableIndex,
 };
@@ -94,14 +95,36 @@ pub(in crate::postgres) async fn resolve_layout(client: &Client, mapping: &Mappi
         .collect::<Result<Vec<(String, String)>, tokio_postgres::Error>>()
         .map_err(OutboxError::query("read table columns"))?;
     let mut layout = mapping.resolve(&columns)?;
-    if let Some(key) = &mapping.key {
-        layout.failing_rows_by_key_index = client
-            .query_one(KEY_LOOKUP_INDEX_SQL, &[&table, &key.as_str()])
-            .await
-            .and_then(|row| row.try_get("found"))
-            .map_err(OutboxError::query("read the table's indexes"))?;
-    }
+    layout.failing_rows_by_key_index = has_failing_rows_by_key_index(client, mapping).await?;
     Ok(layout)
+}
+
+/// Whether the table has a valid partial index leading with the key column whose predicate
+/// holds every row the claim's lookup of failing rows wants (those with failed attempts, and
+/// unpublished where the mapping has the column). A probe of such an index by key reads the few
+/// failing rows of that key, so the claim may run the lookup for each row it reads.
+async fn has_failing_rows_by_key_index(client: &Client, mapping: &Mapping) -> Result<bool, OutboxError> {
+    let (Some(key), Some(attempts)) = (&mapping.key, &mapping.attempts) else { return Ok(false) };
+    let what = "read the table's indexes";
+    let published_at = mapping.published_at.as_ref().map(|c| c.as_str());
+    let rows = client
+        .query(KEY_LOOKUP_INDEXES_SQL, &[&mapping.table_sql(), &key.as_str(), &attempts.as_str(), &published_at])
+        .await
+        .map_err(OutboxError::query(what))?;
+    for row in rows {
+        let predicate: String = row.try_get("predicate").map_err(OutboxError::query(what))?;
+        let failing = format!("{} > 0", row.try_get::<_, String>("attempts").map_err(OutboxError::query(what))?);
+        let unpublished = row
+            .try_get::<_, Option<String>>("published_at")
+            .map_err(OutboxError::query(what))?
+            .map(|column| format!("{column} IS NULL"));
+        let mut wanted = vec![failing.as_str()];
+        wanted.extend(unpublished.as_deref());
+        if predicate_within(Some(&predicate), &wanted) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// What the catalog says of the claim order column: `NOT NULL`, unique, and its sequence.
@@ -161,12 +184,14 @@ const CATALOG_NOTIFY_TRIGGERS_SQL: &str = "SELECT t.tgname::text AS name FROM pg
      WHERE t.tgrelid = to_regclass($1) AND NOT t.tgisinternal AND t.tgenabled <> 'D' \
        AND p.prosrc ~* '(pg_notify|\\mnotify\\M)' ORDER BY 1";
 
-/// Whether table `$1` (quoted name) has a valid partial index whose first column is column `$2`
-/// (the key, its name as stored): `found`. Migration 0005's hash index of failing rows is one;
-/// `outbox-relay check` judges whether a custom table's index fits better than this does.
-const KEY_LOOKUP_INDEX_SQL: &str = "SELECT EXISTS (SELECT 1 FROM pg_index AS i \
+/// The valid partial indexes of table `$1` (quoted name) whose first column is `$2` (the key, its
+/// name as stored): each one's `predicate` as PostgreSQL prints it, with the attempts column `$3`
+/// and the published-at column `$4` (NULL for none) named as it prints them (`attempts`,
+/// `published_at`).
+const KEY_LOOKUP_INDEXES_SQL: &str = "SELECT pg_get_expr(i.indpred, i.indrelid) AS predicate, \
+     quote_ident($3) AS attempts, quote_ident($4) AS published_at FROM pg_index AS i \
        JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
-     WHERE i.indrelid = to_regclass($1) AND i.indisvalid AND i.indpred IS NOT NULL AND a.attname = $2) AS found";
+     WHERE i.indrelid = to_regclass($1) AND i.indisvalid AND i.indpred IS NOT NULL AND a.attname = $2";
 
 /// What [`OrderColumn`] needs to know of column `$2` (its name as stored) of table `$1` (quoted
 /// name): `not_null`, a unique index of its own (`is_unique`), and the `sequence` feeding it

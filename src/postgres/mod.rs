@@ -5,7 +5,7 @@
 //! - `connect` opens connections (`tls` for the transport); [`error`] says what went wrong,
 //!   once for every statement.
 //! - [`layout`] says which column plays which role; `catalog` reads what the catalog says of
-//!   the table.
+//!   the table, and `index_predicate` which rows a partial index holds.
 //! - [`outbox`] is the relay's session; its statements, by what they do: `claim`, `mark`,
 //!   `shard_locks`, `table_stats`, `retention`, and for the operator's commands
 //!   `failed_rows` and `audit_rows`.
@@ -20,6 +20,7 @@ pub(crate) mod claim;
 pub mod connect;
 pub mod error;
 pub(crate) mod failed_rows;
+pub(crate) mod index_predicate;
 pub mod layout;
 pub(crate) mod mark;
 pub(crate) mod notify;
