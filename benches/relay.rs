@@ -7,13 +7,14 @@
 //! binary in its own process, so its CPU time and peak RSS are its own.
 //!
 //! Arguments: `--quick` (smaller sizes, for a smoke run), `--out DIR` (default `docs/bench`),
-//! `--only SECTION,...` (some of ceilings, drain, large, depth, latency, naive, cluster),
+//! `--only SECTION,...` (some of ceilings, drain, large, depth, latency, naive, debezium, cluster),
 //! `--depths N,...` (the backlogs of the depth series).
 //!
 //! The `cluster` section, run last, stops the single node and starts three (replication factor
 //! 3, `min.insync.replicas=2`, as production clusters run): the broker ceiling and the headline
 //! drain again, with every record acknowledged by all in-sync replicas (`acks=all`, which the
-//! idempotent producer requires).
+//! idempotent producer requires). The `debezium` section (benches/relay/debezium.rs) runs
+//! Debezium's outbox connector beside the relay, when Java and its jars are there.
 //! Writes `DIR/latest.json` and `DIR/latest.md` and prints the table.
 
 /// The parts of the integration tests' harness (`tests/it/support/`) the benchmark stands on:
@@ -40,6 +41,14 @@ mod support {
     #[expect(dead_code, reason = "the tests' topics with configs, `alter_topic`")]
     pub mod topics;
 }
+
+// The benchmark's own modules, in benches/relay/.
+#[path = "relay/appends.rs"]
+mod appends;
+#[path = "relay/debezium.rs"]
+mod debezium;
+#[path = "relay/pg_cost.rs"]
+mod pg_cost;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -175,12 +184,17 @@ async fn main() {
     }
 
     // Durable settings, as a production database runs; the buffers hold the largest backlog.
+    // Logical WAL for every section, since Debezium's connector reads it: the sections' figures
+    // are then all taken with the WAL a server that feeds a CDC reader writes.
     let postgres = Postgres::start_with(&[
         "fsync=on",
         "full_page_writes=on",
         "synchronous_commit=on",
         "shared_buffers=1GB",
         "max_wal_size=4GB",
+        "wal_level=logical",
+        "max_replication_slots=10",
+        "max_wal_senders=10",
     ]);
     let mut broker = Some(Kafka::start());
     // SAFETY: set before any other thread reads the environment.
@@ -271,6 +285,12 @@ async fn main() {
         naive_rate = naive(plan.naive_run).await;
     }
     report.insert("naive_rows_per_s".into(), json!(naive_rate));
+
+    let mut side_by_side = Value::Null;
+    if runs("debezium") {
+        side_by_side = debezium::section(&plan, postgres.port).await;
+    }
+    report.insert("debezium".into(), side_by_side);
 
     let mut cluster = Value::Null;
     if runs("cluster") {
@@ -781,5 +801,6 @@ fn markdown(report: &Value) -> String {
             number(&l["max_ms"])
         );
     }
+    out += &debezium::markdown(&report["debezium"]);
     out
 }
