@@ -66,7 +66,8 @@ pub struct RelayConfig {
     pub listen: bool,
     /// How often an idle relay asks PostgreSQL whether the commit horizon moved (one trivial
     /// query), so that new rows go out without waiting for the next poll and without a NOTIFY
-    /// in the writers' transactions. Zero turns it off.
+    /// in the writers' transactions; for a second after the horizon last moved, four times as
+    /// often. Zero turns it off.
     #[serde(with = "humantime_serde")]
     pub commit_watch_interval: Duration,
     /// How often a claim starts at the beginning of the table instead of at the claim floor,
