@@ -174,3 +174,62 @@ async fn a_claim_that_marks_by_deleting_never_reads_the_table_for_each_row() {
     let read = blocks_of_one_claim_with(&env, &db, None, MarkMode::Delete).await;
     assert_bounded(read, "with mark = \"delete\"");
 }
+
+/// The plan PostgreSQL logged for the claim (auto_explain), from its first plan line to the
+/// next log entry; empty if none was logged.
+fn logged_claim_plan(log: &str) -> String {
+    let Some(at) = log.find("Query Text: WITH window_rows") else { return String::new() };
+    let after = &log[at..];
+    let plan = after.split_once('\n').map_or("", |(_, rest)| rest);
+    plan.lines().take_while(|line| !line.starts_with("20")).collect::<Vec<_>>().join("\n")
+}
+
+/// PostgreSQL compiles a statement with LLVM when its estimated cost passes `jit_above_cost`,
+/// and the claim's estimate on an analyzed backlog does (its index scan is costed as if it
+/// read the backlog, though its LIMIT stops it after the batch): 25 ms of compiling for a
+/// 10 ms claim, every batch. The relay's session turns JIT off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_of_an_analyzed_backlog_is_not_compiled_by_jit() {
+    let env = TestEnv::start().await;
+    let db = outbox_without_autovacuum(&env).await;
+    in_own_session(&env, &db, &[&load(2 * BACKLOG), "VACUUM ANALYZE outbox"]).await;
+    // Every new session logs each statement's plan as it ran, JIT included.
+    for setting in [
+        "LOAD 'auto_explain'",
+        "ALTER SYSTEM SET session_preload_libraries = 'auto_explain'",
+        "ALTER SYSTEM SET auto_explain.log_min_duration = 0",
+        "ALTER SYSTEM SET auto_explain.log_analyze = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(setting).await.unwrap();
+    }
+    wait_until(PATIENCE, "new sessions to load auto_explain", || async {
+        let session = env.client().await;
+        let loaded: String = session.query_one("SHOW session_preload_libraries", &[]).await.unwrap().get(0);
+        loaded == "auto_explain"
+    })
+    .await;
+    let jit_above_cost: f64 =
+        db.query_one("SELECT current_setting('jit_above_cost')::float8", &[]).await.unwrap().get(0);
+
+    let config = env.config();
+    let mapping = Mapping::from_config(&config).unwrap();
+    let outbox = Outbox::connect(&config, &mapping).await.unwrap();
+    let shards: Vec<i32> = (0..config.relay.shards as i32).collect();
+    let claim = outbox.claim(BATCH, usize::MAX, &shards, &[], Some(1), &[]).await.expect("claim");
+    assert_eq!(claim.rows.len(), BATCH);
+    drop(outbox);
+
+    let log_path = env.postgres.as_ref().expect("the test's own PostgreSQL").log_path();
+    let read_plan = || logged_claim_plan(&std::fs::read_to_string(&log_path).unwrap_or_default());
+    wait_until(PATIENCE, "the claim's plan in PostgreSQL's log", || async { !read_plan().is_empty() }).await;
+    let plan = read_plan();
+    // The test means something only while the claim's estimate passes the threshold.
+    let estimate: f64 = plan
+        .split_once("..")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|total| total.parse().ok())
+        .expect("the plan's estimated total cost");
+    assert!(estimate > jit_above_cost, "the claim's estimate {estimate} no longer passes jit_above_cost:\n{plan}");
+    assert!(!plan.contains("JIT:"), "the claim was compiled by JIT:\n{plan}");
+}

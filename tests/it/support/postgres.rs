@@ -68,7 +68,8 @@ impl Postgres {
         panic!("PostgreSQL did not start; see {}", self.log_path().display());
     }
 
-    fn log_path(&self) -> PathBuf {
+    /// The server's log.
+    pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("postgres.log")
     }
 
