@@ -7,7 +7,7 @@
 # `debezium` section runs Debezium's outbox connector on Kafka Connect beside the relay
 # (scripts/debezium.sh fetches it from Maven Central once) and draws docs/bench/debezium.png;
 # without Java, Maven or the jars, or with OUTBOX_BENCH_DEBEZIUM=off, it says so and the rest
-# runs. About 8 minutes on 2 cores. `scripts/bench.sh --quick` runs small sizes (under a minute) as a smoke test;
+# runs. About 11 minutes on 2 cores, Debezium's section included. `scripts/bench.sh --quick` runs small sizes (under a minute) as a smoke test;
 # `--only SECTION,...` runs some sections and writes them to target/bench-partial.
 set -euo pipefail
 cd "$(dirname "$0")/.."
