@@ -49,10 +49,12 @@ mod appends;
 mod debezium;
 #[path = "relay/pg_cost.rs"]
 mod pg_cost;
+#[path = "relay/writer.rs"]
+mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use outbox_relay::config::{Config, MarkMode};
 use outbox_relay::kafka::delivery::Outcome;
@@ -73,6 +75,7 @@ use support::postgres::Postgres;
 use support::relay_process::{RelayProcess, spawn_relay_process_with_env};
 use support::test_env::TestEnv;
 use tokio_postgres::Client;
+use writer::{FixedRate, Written};
 
 /// Distinct keys in generated rows: enough that every partition sees traffic.
 const KEYS: i64 = 1000;
@@ -552,11 +555,8 @@ async fn latency(rate: u64, run: Duration) -> Value {
         .expect("warm-up row");
     scenario.wait_published(&mut relay, &metrics, 1).await;
 
-    // One insert transaction every 10 ms.
-    const TICK: Duration = Duration::from_millis(10);
-    let per_tick = (rate as usize * TICK.as_millis() as usize / 1000).max(1);
-    let ticks = (run.as_millis() / TICK.as_millis()) as u64;
-    let keys: Vec<String> = (0..per_tick).map(|i| format!("key-{}", i as i64 % KEYS)).collect();
+    let writer = FixedRate::new(rate, run);
+    let keys = writer.keys();
     let pad = "x".repeat(SMALL_PAD as usize);
     let insert = scenario
         .db
@@ -566,24 +566,14 @@ async fn latency(rate: u64, run: Duration) -> Value {
         )
         .await
         .expect("prepare insert");
-    let start = tokio::time::Instant::now() + Duration::from_millis(100);
-    let start_wall = SystemTime::now() + Duration::from_millis(100);
-    let mut late_ticks = 0;
-    // When each tick's commit returned to the writer, seconds since the epoch.
-    let mut committed: Vec<f64> = Vec::with_capacity(ticks as usize);
-    for tick in 0..ticks {
-        let due = start + TICK * tick as u32;
-        if tokio::time::Instant::now() > due + TICK {
-            late_ticks += 1;
-        }
-        tokio::time::sleep_until(due).await;
-        let intended = (start_wall + TICK * tick as u32).duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
-        let payload = format!(r#"{{"tick": {tick}, "pad": "{pad}"}}"#);
-        let payloads = vec![payload.as_str(); per_tick];
-        scenario.db.execute(&insert, &[&scenario.topic, &keys, &payloads, &intended]).await.expect("insert");
-        committed.push(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
-    }
-    let total = (ticks as usize * per_tick) as i64;
+    let Written { late_ticks, committed } = writer
+        .run(async |tick, intended| {
+            let payload = format!(r#"{{"tick": {tick}, "pad": "{pad}"}}"#);
+            let payloads = vec![payload.as_str(); writer.per_tick];
+            scenario.db.execute(&insert, &[&scenario.topic, &keys, &payloads, &intended]).await.expect("insert");
+        })
+        .await;
+    let total = writer.rows();
     scenario.wait_published(&mut relay, &metrics, total + 1).await;
     relay.signal(libc::SIGTERM);
     relay.wait().await;

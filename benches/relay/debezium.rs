@@ -52,6 +52,7 @@ use super::appends::{self, Appended, WARM_UP_KEY, create_append_time_topic, quan
 use super::pg_cost::{PgCost, PgSnapshot};
 use super::support::environment::unique_name;
 use super::support::test_env::TestEnv;
+use super::writer::{FixedRate, Written};
 use super::{KEYS, Plan, ProcessUsage, SMALL_PAD, Scenario, spawn_relay};
 use kafka_connect::Connect;
 
@@ -347,30 +348,21 @@ impl LatencyRun<'_> {
     /// Inserts `rate` rows a second for `run`, one transaction every 10 ms, each payload
     /// carrying its intended commit time; then reads the records back.
     async fn measure(&self, relay: Relay, rate: u64, run: Duration, relay_pid: u32, pg_port: u16) -> Value {
-        const TICK: Duration = Duration::from_millis(10);
-        let per_tick = (rate as usize * TICK.as_millis() as usize / 1000).max(1);
-        let ticks = (run.as_millis() / TICK.as_millis()) as u64;
-        let keys: Vec<String> = (0..per_tick).map(|i| format!("key-{}", i as i64 % KEYS)).collect();
+        let writer = FixedRate::new(rate, run);
+        let keys = writer.keys();
         let pad = "x".repeat(SMALL_PAD as usize);
         let insert = self.db.prepare(self.table.rows_insert()).await.expect("prepare insert");
         let before = PgSnapshot::take(pg_port, self.db).await;
         let relay_before = ProcessUsage::of(relay_pid);
-        let start = tokio::time::Instant::now() + Duration::from_millis(100);
-        let start_wall = SystemTime::now() + Duration::from_millis(100);
-        let mut late_ticks = 0;
-        for tick in 0..ticks {
-            let due = start + TICK * tick as u32;
-            if tokio::time::Instant::now() > due + TICK {
-                late_ticks += 1;
-            }
-            tokio::time::sleep_until(due).await;
-            let intended_ms =
-                (start_wall + TICK * tick as u32).duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64() * 1000.0;
-            let payload = format!(r#"{{"intended_ms": {intended_ms:.3}, "pad": "{pad}"}}"#);
-            let payloads = vec![payload.as_str(); per_tick];
-            self.db.execute(&insert, &[&self.topic, &keys, &payloads]).await.expect("insert");
-        }
-        let rows = (ticks as usize * per_tick) as i64;
+        let Written { late_ticks, .. } = writer
+            .run(async |_, intended| {
+                let intended_ms = intended * 1000.0;
+                let payload = format!(r#"{{"intended_ms": {intended_ms:.3}, "pad": "{pad}"}}"#);
+                let payloads = vec![payload.as_str(); writer.per_tick];
+                self.db.execute(&insert, &[&self.topic, &keys, &payloads]).await.expect("insert");
+            })
+            .await;
+        let rows = writer.rows();
         appends::wait_for(self.brokers, self.topic, rows + 1, DRAIN_WITHIN).await;
         let relay_after = ProcessUsage::of(relay_pid);
         let pg = before.until(&PgSnapshot::take(pg_port, self.db).await);
