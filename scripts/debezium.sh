@@ -57,63 +57,26 @@ JAVA="${JAVA:-java}"
 
 die() { printf 'debezium.sh: %s\n' "$*" >&2; exit 1; }
 say() { printf '==> %s\n' "$*" >&2; }
-
-need_java() {
-    command -v "$JAVA" >/dev/null 2>&1 ||
-        die "Java is missing: Kafka Connect $CONNECT_VERSION needs Java 17 or newer (Debian: apt-get install openjdk-17-jre-headless), or set JAVA to one"
-    local major
-    major=$("$JAVA" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')
-    [ "${major:-0}" -ge 17 ] 2>/dev/null ||
-        die "Java $major is too old: Kafka Connect $CONNECT_VERSION needs Java 17 or newer"
-}
-
-# Resolves one artifact's runtime dependencies into a folder with Maven.
-copy_dependencies() {
-    local what=$1 into=$2 dependencies=$3 work
-    work=$(mktemp -d)
-    cat >"$work/pom.xml" <<EOF
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>outbox-relay</groupId>
-  <artifactId>fetch-${what// /-}</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-$dependencies
-  </dependencies>
-</project>
-EOF
-    mkdir -p "$into"
-    if ! (cd "$work" && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$into" >"$work/mvn.log" 2>&1); then
-        cat "$work/mvn.log" >&2
-        rm -rf "$work" "$CACHE"
-        die "Maven could not fetch $what (see above); is Maven Central reachable?"
-    fi
-    rm -rf "$work"
-}
-
-dependency() {
-    printf '    <dependency><groupId>%s</groupId><artifactId>%s</artifactId><version>%s</version></dependency>\n' "$@"
-}
+# shellcheck source=scripts/java-jars.sh
+. "$(dirname "${BASH_SOURCE[0]}")/java-jars.sh"
 
 fetch() {
     if [ -f "$CACHE/.complete" ]; then
         printf '%s\n' "$CACHE"
         return
     fi
-    need_java
-    command -v mvn >/dev/null 2>&1 ||
-        die "Maven is missing: it fetches Kafka Connect's and Debezium's jars from Maven Central (Debian: apt-get install maven)"
+    need_java "Kafka Connect $CONNECT_VERSION"
+    need_maven "Kafka Connect's and Debezium's jars"
     say "fetching Kafka Connect $CONNECT_VERSION and Debezium $DEBEZIUM_VERSION's PostgreSQL connector from Maven Central into $CACHE"
     rm -rf "$CACHE"
     # Connect logs through slf4j 1.x (kafka-clients' API); log4j-slf4j-impl binds it to log4j2.
-    copy_dependencies "connect runtime" "$RUNTIME" "$(
-        dependency org.apache.kafka connect-runtime "$CONNECT_VERSION"
-        dependency org.apache.kafka connect-json "$CONNECT_VERSION"
-        dependency org.apache.logging.log4j log4j-slf4j-impl "$LOG4J_VERSION"
+    maven_copy_dependencies "Kafka Connect $CONNECT_VERSION" "$RUNTIME" "$(
+        maven_dependency org.apache.kafka connect-runtime "$CONNECT_VERSION"
+        maven_dependency org.apache.kafka connect-json "$CONNECT_VERSION"
+        maven_dependency org.apache.logging.log4j log4j-slf4j-impl "$LOG4J_VERSION"
     )"
-    copy_dependencies "postgres connector" "$PLUGINS/debezium-connector-postgres" "$(
-        dependency io.debezium debezium-connector-postgres "$DEBEZIUM_VERSION"
+    maven_copy_dependencies "Debezium $DEBEZIUM_VERSION's PostgreSQL connector" "$PLUGINS/debezium-connector-postgres" "$(
+        maven_dependency io.debezium debezium-connector-postgres "$DEBEZIUM_VERSION"
     )"
     # The plugin must not carry its own copy of the API Connect provides (Connect loads the
     # plugin's classes first, and two copies of an interface do not match).
@@ -141,7 +104,7 @@ configure() {
         die "run and start need --brokers, --database, --table and --slot"
     [[ "$table" == *.* ]] || die "--table must be SCHEMA.TABLE, not $table"
     [ -f "$CACHE/.complete" ] || die "Debezium is not fetched yet: run scripts/debezium.sh fetch"
-    need_java
+    need_java "Kafka Connect $CONNECT_VERSION"
     # postgres://user[:password]@host:port/dbname, as the benchmark's harness writes them.
     [[ "$database" =~ ^postgres(ql)?://([^:@/]+)(:([^@/]*))?@([^:/]+):([0-9]+)/([^?]+) ]] ||
         die "--database must be postgres://user[:password]@host:port/dbname, not $database"

@@ -38,57 +38,22 @@ JAVA="${JAVA:-java}"
 
 die() { printf 'kafka.sh: %s\n' "$*" >&2; exit 1; }
 say() { printf '==> %s\n' "$*" >&2; }
-
-need_java() {
-    command -v "$JAVA" >/dev/null 2>&1 ||
-        die "Java is missing: Apache Kafka $KAFKA_VERSION needs a Java 17 or newer (Debian: apt-get install openjdk-17-jdk-headless; the tests' Java consumer needs the JDK), or set JAVA to one"
-    local major
-    major=$("$JAVA" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')
-    [ "${major:-0}" -ge 17 ] 2>/dev/null ||
-        die "Java $major is too old: Apache Kafka $KAFKA_VERSION needs Java 17 or newer (Debian: apt-get install openjdk-17-jdk-headless)"
-}
+# shellcheck source=scripts/java-jars.sh
+. "$(dirname "${BASH_SOURCE[0]}")/java-jars.sh"
 
 fetch() {
     if [ -f "$LIB/.complete" ]; then
         printf '%s\n' "$LIB"
         return
     fi
-    need_java
-    command -v mvn >/dev/null 2>&1 ||
-        die "Maven is missing: it fetches Apache Kafka's jars from Maven Central (Debian: apt-get install maven)"
+    need_java "Apache Kafka $KAFKA_VERSION"
+    need_maven "Apache Kafka's jars"
     say "fetching Apache Kafka $KAFKA_VERSION and its runtime dependencies from Maven Central into $LIB"
-    local work
-    work=$(mktemp -d)
-    cat >"$work/pom.xml" <<EOF
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>outbox-relay</groupId>
-  <artifactId>kafka-runtime</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.kafka</groupId>
-      <artifactId>kafka_2.13</artifactId>
-      <version>$KAFKA_VERSION</version>
-    </dependency>
-    <!-- Kafka logs through slf4j 1.x; this binds it to the log4j2 Kafka already brings. -->
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-slf4j-impl</artifactId>
-      <version>$LOG4J_VERSION</version>
-    </dependency>
-  </dependencies>
-</project>
-EOF
-    rm -rf "$LIB"
-    mkdir -p "$LIB"
-    if ! (cd "$work" && mvn -q -B dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$LIB" >"$work/mvn.log" 2>&1); then
-        cat "$work/mvn.log" >&2
-        rm -rf "$work" "$LIB"
-        die "Maven could not fetch org.apache.kafka:kafka_2.13:$KAFKA_VERSION (see above); is Maven Central reachable?"
-    fi
-    rm -rf "$work"
+    # Kafka logs through slf4j 1.x; log4j-slf4j-impl binds it to the log4j2 Kafka already brings.
+    maven_copy_dependencies "org.apache.kafka:kafka_2.13:$KAFKA_VERSION" "$LIB" "$(
+        maven_dependency org.apache.kafka kafka_2.13 "$KAFKA_VERSION"
+        maven_dependency org.apache.logging.log4j log4j-slf4j-impl "$LOG4J_VERSION"
+    )"
     touch "$LIB/.complete"
     printf '%s\n' "$LIB"
 }
@@ -198,7 +163,7 @@ run() {
     local dir node_dir
     dir=$(cd "$1" && pwd)
     node_dir=$(node_dir "$dir" "$2")
-    need_java
+    need_java "Apache Kafka $KAFKA_VERSION"
     # shellcheck disable=SC2086 # KAFKA_HEAP is a list of JVM options
     exec "$JAVA" ${KAFKA_HEAP:--Xms256m -Xmx512m} -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
         -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
