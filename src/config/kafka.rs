@@ -53,6 +53,71 @@ pub struct KafkaConfig {
     /// waited out however long they last.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// What consumers can rely on: `at_least_once` (the idempotent producer; a relay crash can
+    /// repeat up to two batches) or `exactly_once` (Kafka transactions; consumers reading with
+    /// `isolation.level=read_committed` see each row once, whatever the relay's crashes).
+    pub delivery: Delivery,
+    /// `[kafka.exactly_once]`: what the transactions of `delivery = "exactly_once"` use.
+    pub exactly_once: ExactlyOnce,
+}
+
+/// `kafka.delivery`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Delivery {
+    /// Idempotent producer, rows marked after their acknowledgements: a crash between the two
+    /// publishes those rows again, and consumers deduplicate by `event_id`.
+    #[default]
+    AtLeastOnce,
+    /// One Kafka transaction per shard and batch, with a progress record naming its rows; rows
+    /// are marked after the commit, and a crash before the mark is repaired from the progress
+    /// record, so `read_committed` consumers see every row once.
+    ExactlyOnce,
+}
+
+/// `[kafka.exactly_once]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExactlyOnce {
+    /// The compacted topic holding each shard's last committed batch (its rows' ids), written
+    /// in the batch's transaction. Created by the operator, like every topic.
+    pub progress_topic: String,
+    /// The start of each shard's `transactional.id`: `PREFIX.DATABASE.SCHEMA.TABLE.SHARD`. Every
+    /// relay of one table uses the same prefix (a new owner of a shard fences the old one by
+    /// it); anything else writing with such an id fences the relay.
+    pub transactional_id_prefix: String,
+}
+
+impl Default for ExactlyOnce {
+    fn default() -> Self {
+        ExactlyOnce {
+            progress_topic: "outbox-relay-progress".to_owned(),
+            transactional_id_prefix: "outbox-relay".to_owned(),
+        }
+    }
+}
+
+impl ExactlyOnce {
+    /// The `transactional.id` of `shard` of `table` (schema-qualified, as the server names it)
+    /// in `database`.
+    pub fn transactional_id(&self, database: &str, table: &str, shard: i32) -> String {
+        format!("{}.{database}.{table}.{shard}", self.transactional_id_prefix)
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let topic = &self.progress_topic;
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if topic.is_empty() || topic.len() > 249 || !topic.chars().all(legal) || topic == "." || topic == ".." {
+            return Err(ConfigError::new(
+                "kafka.exactly_once.progress_topic",
+                format!("\"{topic}\" is not a Kafka topic name (1 to 249 of a-z, A-Z, 0-9, '.', '_', '-')"),
+            ));
+        }
+        if self.transactional_id_prefix.trim().is_empty() {
+            return Err(ConfigError::new("kafka.exactly_once.transactional_id_prefix", "is empty; give a name"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for KafkaConfig {
@@ -64,6 +129,8 @@ impl Default for KafkaConfig {
             tls: KafkaTls::default(),
             sasl: KafkaSasl::default(),
             startup_timeout: Duration::from_secs(60),
+            delivery: Delivery::AtLeastOnce,
+            exactly_once: ExactlyOnce::default(),
         }
     }
 }
@@ -318,7 +385,11 @@ fn check_property(name: &str, value: &str) -> Result<(), ConfigError> {
         }
     }
     if name == "transactional.id" {
-        return Err(ConfigError::new(key, "the relay does not use Kafka transactions; remove the key"));
+        return Err(ConfigError::new(
+            key,
+            "the relay sets each shard's transactional id itself with kafka.delivery = \"exactly_once\" (from \
+             kafka.exactly_once.transactional_id_prefix); remove the key",
+        ));
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use columns::{ColumnPresence, ColumnRole, ColumnTypes, Columns};
 pub use database::{ConnectSettings, DatabaseConfig, SSL_MODES, TlsMode, without_tls_parameters};
-pub use kafka::{KafkaConfig, KafkaSasl, KafkaTls, SecurityProtocol};
+pub use kafka::{Delivery, ExactlyOnce, KafkaConfig, KafkaSasl, KafkaTls, SecurityProtocol};
 pub use names::{Identifier, TopicTemplate};
 pub use outbox::{MarkMode, OutboxConfig};
 pub use relay::{MIN_TAKEOVER_AFTER, OnPoison, RelayConfig};

@@ -27,6 +27,7 @@ impl Config {
         }
 
         self.kafka.validate_brokers_and_properties()?;
+        self.kafka.exactly_once.validate()?;
 
         self.validate_outbox()?;
 

@@ -1,10 +1,13 @@
-//! The Kafka side: the record a row becomes, the producer that sends it, and what a topic's
-//! configuration lets the broker refuse.
+//! The Kafka side: the record a row becomes, the producer that sends it, what a topic's
+//! configuration lets the broker refuse, and the transactions and progress records of
+//! exactly-once delivery.
 
 pub(crate) mod client_context;
 pub mod delivery;
 pub(crate) mod partitioner;
+pub mod progress;
 pub mod publisher;
 pub mod record;
 pub mod settings;
 pub(crate) mod topic_limits;
+pub mod transactions;

@@ -41,6 +41,59 @@ pub enum PublisherError {
     /// librdkafka refused to create the producer.
     #[error("kafka.properties: librdkafka cannot create the producer with this configuration: {0}")]
     Create(KafkaError),
+    /// `kafka.delivery = "exactly_once"` and the progress topic does not exist.
+    #[error(
+        "kafka.exactly_once.progress_topic: topic {topic} does not exist; create it compacted (cleanup.policy=compact), \
+         e.g. with 1 partition and the cluster's replication factor: the relay never creates topics"
+    )]
+    ProgressTopicMissing {
+        /// The topic.
+        topic: String,
+    },
+    /// `kafka.delivery = "exactly_once"` and the progress topic may delete records.
+    #[error(
+        "kafka.exactly_once.progress_topic: topic {topic} has cleanup.policy={policy}; it must be \"compact\" alone \
+         (each shard's last progress record must be kept for good, or a crash before a mark publishes its batch \
+         again): alter the topic's cleanup.policy to compact"
+    )]
+    ProgressTopicNotCompacted {
+        /// The topic.
+        topic: String,
+        /// Its cleanup policy.
+        policy: String,
+    },
+    /// `kafka.delivery = "exactly_once"` and the progress topic could not be read.
+    #[error("kafka.exactly_once.progress_topic: could not read topic {topic}: {error}")]
+    ProgressTopicUnreadable {
+        /// The topic.
+        topic: String,
+        /// Why.
+        error: String,
+    },
+    /// `kafka.delivery = "exactly_once"` and the cluster cannot do transactions for the relay.
+    #[error(
+        "kafka.delivery = \"exactly_once\": the cluster refused a transactional producer ({error}); it needs brokers \
+         with transactions (Apache Kafka 0.11 or later with a transaction state log that can be created: \
+         transaction.state.log.replication.factor and min.insync.replicas no higher than the brokers there are) \
+         and, with ACLs, Write and Describe on the transactional ids kafka.exactly_once.transactional_id_prefix.* \
+         (see the README); or use kafka.delivery = \"at_least_once\""
+    )]
+    TransactionsRefused {
+        /// librdkafka's answer.
+        error: String,
+    },
+    /// `kafka.delivery = "exactly_once"` and another writer uses this relay's transactional id.
+    #[error(
+        "kafka.exactly_once.transactional_id_prefix: transactional id {transactional_id} is used by {other}; each \
+         table's relays need their own prefix: set kafka.exactly_once.transactional_id_prefix to a name nothing else \
+         uses"
+    )]
+    TransactionalIdTaken {
+        /// The id.
+        transactional_id: String,
+        /// Who else wrote with it.
+        other: String,
+    },
 }
 
 /// What [`Publisher::publish`] knows of a batch when it returns.
@@ -70,7 +123,7 @@ impl Future for PendingReport {
 
 /// The Kafka producer with the relay's settings.
 pub struct Publisher {
-    producer: FutureProducer<RelayContext>,
+    pub(super) producer: FutureProducer<RelayContext>,
     /// Reads topics' configurations ([`TopicLimits`]).
     admin: AdminClient<DefaultClientContext>,
     /// How the producer batches records, for the limits' checks.
@@ -83,6 +136,9 @@ pub struct Publisher {
     /// The producer context's record of the last refusal (the context itself is wrapped by
     /// the producer and out of reach).
     last_refusal: Arc<Mutex<Option<BrokerRefusal>>>,
+    /// Whether records go out in transactions: a record refused there fails the transaction,
+    /// so a refused batch is not sent again record by record (the sends would fail too).
+    transactional: bool,
 }
 
 /// A topic the cluster confirmed.
@@ -109,9 +165,31 @@ impl Publisher {
     /// Creates the producer. It connects lazily, so an unreachable broker is not an error here;
     /// librdkafka keeps reconnecting and the relay sees it as failed deliveries.
     pub fn new(config: &Config, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Publisher, PublisherError> {
+        Publisher::with_settings(producer_config(config), config, metrics, health, false)
+    }
+
+    /// A producer whose records go out in Kafka transactions, with `transactional_id`
+    /// ([`crate::kafka::transactions`]).
+    pub fn transactional(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        transactional_id: &str,
+    ) -> Result<Publisher, PublisherError> {
+        let settings = crate::kafka::settings::transactional_producer_config(config, transactional_id);
+        Publisher::with_settings(settings, config, metrics, health, true)
+    }
+
+    fn with_settings(
+        settings: rdkafka::ClientConfig,
+        config: &Config,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        transactional: bool,
+    ) -> Result<Publisher, PublisherError> {
         let last_refusal = Arc::new(Mutex::new(None));
         let context = RelayContext::new(metrics.clone(), health, last_refusal.clone());
-        let producer = producer_config(config).create_with_context(context).map_err(PublisherError::Create)?;
+        let producer = settings.create_with_context(context).map_err(PublisherError::Create)?;
         let admin = reader_config(config).create().map_err(PublisherError::Create)?;
         Ok(Publisher {
             producer,
@@ -120,6 +198,7 @@ impl Publisher {
             known_topics: Mutex::new(HashMap::new()),
             metrics,
             last_refusal,
+            transactional,
         })
     }
 
@@ -261,7 +340,9 @@ impl Publisher {
         for report in &unacknowledged {
             outcomes[report.index] = Outcome::StillInFlight;
         }
-        self.resend_refused_batch(records, &sent, &mut outcomes).await;
+        if !self.transactional {
+            self.resend_refused_batch(records, &sent, &mut outcomes).await;
+        }
         Published { outcomes, unacknowledged }
     }
 

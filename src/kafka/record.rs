@@ -141,6 +141,7 @@ mod tests {
             topic_values: vec![Some("orders".into())],
             created_at: None,
             traceparent: None,
+            shard: 0,
         }
     }
 
@@ -300,6 +301,7 @@ mod tests {
                     headers,
                     created_at: None,
                     traceparent,
+                    shard: 0,
                     topic_values,
                 })
         }
@@ -366,6 +368,7 @@ mod traceparent_tests {
             topic_values: vec![Some("t".into())],
             created_at: None,
             traceparent: traceparent.map(|t| t.to_owned()),
+            shard: 0,
         }
     }
 

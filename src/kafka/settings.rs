@@ -57,6 +57,26 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     client
 }
 
+/// How long a transaction may stay open before the broker aborts it, unless the user sets
+/// `transaction.timeout.ms`.
+pub const TRANSACTION_TIMEOUT_MS: &str = "60000";
+
+/// The librdkafka configuration of a shard's transactional producer
+/// (`kafka.delivery = "exactly_once"`): the relay's producer with `transactional_id`. A record
+/// may time out there: its transaction then aborts, and no consumer reading committed data
+/// sees it, so librdkafka's limit is the transaction's (it refuses a longer one).
+pub fn transactional_producer_config(config: &Config, transactional_id: &str) -> ClientConfig {
+    let mut client = producer_config(config);
+    client.set("transactional.id", transactional_id);
+    let transaction_timeout =
+        config.kafka.properties.get("transaction.timeout.ms").map_or(TRANSACTION_TIMEOUT_MS, String::as_str).to_owned();
+    client.set("transaction.timeout.ms", &transaction_timeout);
+    if abandoning_timeout(config).is_none() {
+        client.set(MESSAGE_TIMEOUT, &transaction_timeout);
+    }
+    client
+}
+
 /// Info, or Debug when `kafka.properties.debug` asks librdkafka for debug contexts (which it
 /// would otherwise compute and then drop).
 fn log_level(config: &Config) -> RDKafkaLogLevel {

@@ -54,6 +54,8 @@ mod column {
     pub const CREATED_AT: &str = "r_created_at";
     /// The traceparent column as text, or NULL.
     pub const TRACEPARENT: &str = "r_traceparent";
+    /// The row's shard (`int4`): with exactly-once delivery, its shard's transaction carries it.
+    pub const SHARD: &str = "r_shard";
     /// Where the claim found its first live row (`int8`, see [`crate::relay::claim_floor`]), or
     /// NULL; the same on every row.
     pub const FIRST_UNPUBLISHED: &str = "first_unpublished";
@@ -406,13 +408,14 @@ impl Layout {
             "WITH window_rows AS (\
                SELECT o.{order} AS r_order, o.{id}::text AS {ID}, o.{event_id}::text AS {EVENT_ID}, {key} AS {KEY}, \
                       o.{payload} AS {PAYLOAD}, {headers} AS {HEADERS}, {created_at} AS {CREATED_AT}, \
-                      {traceparent} AS {TRACEPARENT}, {topic}, {ready} AS r_ready, {retrying} AS r_retrying \
+                      {traceparent} AS {TRACEPARENT}, {shard} AS {SHARD}, {topic}, {ready} AS r_ready, \
+                      {retrying} AS r_retrying \
                FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT {limit}), \
              claimed AS (SELECT * FROM (\
                SELECT w.*, bool_or(NOT w.r_ready OR w.r_retrying) OVER (PARTITION BY w.{KEY} ORDER BY w.r_order \
                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS r_blocked FROM window_rows AS w) AS c \
                WHERE c.r_ready AND (c.{KEY} IS NULL OR NOT coalesce(c.r_blocked, false))) \
-             SELECT c.{ID}, c.{EVENT_ID}, c.{KEY}, c.{PAYLOAD}, c.{HEADERS}, c.{CREATED_AT}, c.{TRACEPARENT}, \
+             SELECT c.{ID}, c.{EVENT_ID}, c.{KEY}, c.{PAYLOAD}, c.{HEADERS}, c.{CREATED_AT}, c.{TRACEPARENT}, c.{SHARD}, \
                     v.{FIRST_UNPUBLISHED}, v.{SNAPSHOT_XMIN}, v.{SNAPSHOT_XMAX}, v.{IDS_GROW_WITH_TIME}, \
                     v.{TABLE_OID}, v.{TABLE_FILENODE}, v.{SEQUENCE_OID}, v.{SEQUENCE_LAST_VALUE}, {topic_out} \
              FROM (SELECT {first_unpublished} AS {FIRST_UNPUBLISHED}, \
@@ -432,6 +435,7 @@ impl Layout {
                 None => "NULL::float8".to_owned(),
             },
             traceparent = text_or_null(&m.traceparent),
+            shard = self.shard_sql("o"),
             topic = topic.join(", "),
             table = m.table_sql(),
             filters = filters.join(" AND "),
@@ -602,12 +606,23 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, UnreadableRow> {
     let headers: Option<String> = row.try_get(column::HEADERS).map_err(|e| field("headers", e))?;
     let created_at: Option<f64> = row.try_get(column::CREATED_AT).map_err(|e| field("created_at", e))?;
     let traceparent: Option<String> = row.try_get(column::TRACEPARENT).map_err(|e| field("traceparent", e))?;
+    let shard: i32 = row.try_get(column::SHARD).map_err(|e| field("shard", e))?;
     // The topic columns are read by position, in the order their names number them.
     let mut topic_values = Vec::new();
     for (i, _) in row.columns().iter().enumerate().filter(|(_, c)| c.name().starts_with(column::TOPIC_PREFIX)) {
         topic_values.push(row.try_get::<_, Option<String>>(i).map_err(|e| field("topic", e))?);
     }
-    Ok(OutboxRow { id, event_id, key, payload: payload.map(|p| p.0), headers, created_at, traceparent, topic_values })
+    Ok(OutboxRow {
+        id,
+        event_id,
+        key,
+        payload: payload.map(|p| p.0),
+        headers,
+        created_at,
+        traceparent,
+        shard,
+        topic_values,
+    })
 }
 
 /// The payload column's bytes as the record value: JSON text for json and jsonb, UTF-8 for

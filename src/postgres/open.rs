@@ -67,9 +67,19 @@ impl Outbox {
         client.batch_execute("SET jit = off").await.map_err(OutboxError::query("set jit"))?;
         // Marks need not survive a PostgreSQL crash: a lost one re-publishes its row (see
         // `database.synchronous_commit`). The rows themselves are the application's commits.
-        if !config.database.synchronous_commit {
+        // With exactly-once delivery they must: a shard's progress record names only its last
+        // batch, so the batch before must be marked for good before the next one commits (see
+        // `crate::relay::exactly_once`).
+        // (`on` is set even where the server's default is not).
+        let exactly_once = config.kafka.delivery == crate::config::Delivery::ExactlyOnce;
+        let synchronous_commit = match (exactly_once, config.database.synchronous_commit) {
+            (true, _) => Some("on"),
+            (false, false) => Some("off"),
+            (false, true) => None,
+        };
+        if let Some(value) = synchronous_commit {
             client
-                .batch_execute("SET synchronous_commit = off")
+                .batch_execute(&format!("SET synchronous_commit = {value}"))
                 .await
                 .map_err(OutboxError::query("set synchronous_commit"))?;
         }

@@ -179,6 +179,23 @@ impl Outbox {
         self.locks.table_oid
     }
 
+    /// The database's name and the table's schema-qualified name, as the server has them now.
+    pub async fn database_and_table(&self) -> Result<(String, String), OutboxError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_database()::text, n.nspname || '.' || c.relname FROM pg_class AS c \
+                 JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                &[&self.locks.table_oid],
+            )
+            .await
+            .map_err(OutboxError::query("read the database's name"))?;
+        Ok((
+            row.try_get(0).map_err(OutboxError::query("read the database's name"))?,
+            row.try_get(1).map_err(OutboxError::query("read the table's name"))?,
+        ))
+    }
+
     /// The value of a run-time setting on this connection (`SHOW name`); `name` is a setting
     /// name written in the code, never input.
     pub async fn setting(&self, name: &'static str) -> Result<String, OutboxError> {

@@ -21,6 +21,8 @@ pub struct OutboxRow {
     pub created_at: Option<f64>,
     /// A W3C traceparent from its own column, sent as the `traceparent` header.
     pub traceparent: Option<String>,
+    /// The row's shard: with exactly-once delivery, the shard whose transaction carries it.
+    pub shard: i32,
     /// Values of the topic column, or of the template's columns in order.
     pub topic_values: Vec<Option<String>>,
 }

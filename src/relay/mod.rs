@@ -36,6 +36,7 @@
 
 mod batch;
 pub mod claim_floor;
+mod exactly_once;
 mod publish;
 pub mod quarantine;
 pub mod row_failures;
@@ -53,6 +54,8 @@ use tracing::{error, info, warn};
 
 use self::batch::{Claiming, Pending, Turn};
 use self::claim_floor::ClaimFloor;
+use self::exactly_once::Transactions;
+use self::publish::Producing;
 use self::quarantine::Quarantine;
 use self::row_failures::RowFailureReports;
 use self::settle::HealthStep;
@@ -226,6 +229,8 @@ impl Relay {
 struct LoopState {
     /// The producer; replaced only by [`Relay::fresh_producer`].
     publisher: Publisher,
+    /// With `kafka.delivery = "exactly_once"`, the shards' transactional producers.
+    transactions: Option<Transactions>,
     /// The claim connection between turns; `None` after a database error, so that the next
     /// turn connects again (and the shards' locks went with the old session).
     connection: Option<Outbox>,
@@ -284,9 +289,11 @@ impl Relay {
         let Some(publisher) = self.start().await? else {
             return Ok(());
         };
+        let transactions = Transactions::start(&self.config).await?;
         let relay = &self.config.relay;
         let mut state = LoopState {
             publisher,
+            transactions,
             connection: None,
             canceller: None,
             ever_connected: false,
@@ -394,6 +401,12 @@ impl Relay {
             st.connection = Some(outbox);
             return Ok(());
         }
+        if let Some(transactions) = st.transactions.as_mut()
+            && let Err(cut) = self.ready_transactions(transactions, &outbox, &owned).await
+        {
+            st.connection = Some(outbox);
+            return Err(cut);
+        }
         if wakeup.take_rescan_request() {
             st.floor.rescan();
         }
@@ -441,6 +454,9 @@ impl Relay {
         }
         st.pending = std::mem::take(&mut st.pending).without_ahead();
         st.shards.forget();
+        if let Some(transactions) = &mut st.transactions {
+            transactions.forget();
+        }
         self.metrics.shards_owned.set(0);
         self.health.set_database_connected(false);
         self.health.set_claim_session(None);
@@ -569,7 +585,8 @@ impl Relay {
             held_keys: st.stalled.held_keys(),
         };
         let pending = std::mem::take(&mut st.pending);
-        let batch = self.relay_batch(outbox, &st.publisher, pending, claiming);
+        let producing = Producing { publisher: &st.publisher, transactions: st.transactions.as_mut() };
+        let batch = self.relay_batch(outbox, producing, pending, claiming);
         self.within_grace(self.with_heartbeat(outbox, batch)).await.ok_or(Cut::Stop(Some(Abandoned::StatementRunning)))
     }
 
@@ -687,7 +704,10 @@ impl Relay {
 
     /// Ends the loop: cancels the statement the grace period cut short, flushes the producer
     /// within what is left of the grace period, and says what was abandoned, if anything.
-    async fn stop(&self, st: LoopState, abandoned: Option<Abandoned>) -> Result<(), RelayError> {
+    async fn stop(&self, mut st: LoopState, abandoned: Option<Abandoned>) -> Result<(), RelayError> {
+        if let Some(transactions) = &mut st.transactions {
+            transactions.abort_open().await;
+        }
         if abandoned.is_some()
             && let Some(canceller) = &st.canceller
         {

@@ -19,6 +19,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::Relay;
 use super::batch::{AckedRow, Ahead, Claimed, Claiming, HeldKeys, Pending, Settlement, Turn};
 use super::claim_floor::Observation;
+use super::exactly_once::Transactions;
 use super::shards;
 use super::stalled::{SetAside, StalledRecords};
 use crate::kafka::delivery::Outcome;
@@ -41,8 +42,17 @@ struct Prepared {
     rows: Vec<RowRef>,
     /// When the row of each record was created, in the same order (for the delivery latency).
     created: Vec<Option<f64>>,
+    /// The shard of each record's row, in the same order (for exactly-once delivery).
+    shards: Vec<i32>,
     /// The rows that failed before anything was sent.
     settlement: Settlement,
+}
+
+/// What a batch is produced with: the relay's producer and, with exactly-once delivery, the
+/// shards' transactional producers, which then carry the records.
+pub(super) struct Producing<'a> {
+    pub(super) publisher: &'a Publisher,
+    pub(super) transactions: Option<&'a mut Transactions>,
 }
 
 /// A record's row, as its outcome is written and counted.
@@ -77,7 +87,7 @@ impl Relay {
     pub(super) async fn relay_batch(
         &self,
         outbox: &Outbox,
-        publisher: &Publisher,
+        producing: Producing<'_>,
         pending: Pending,
         mut claiming: Claiming<'_>,
     ) -> Result<Turn, OutboxError> {
@@ -142,7 +152,7 @@ impl Relay {
             duration_ms = Empty
         );
         let outcome = self
-            .publish_and_settle(outbox, publisher, claimed, previous, started, claiming)
+            .publish_and_settle(outbox, producing, claimed, previous, started, claiming)
             .instrument(span.clone())
             .await;
         if let Ok(Turn::Relayed { .. }) = &outcome {
@@ -160,7 +170,7 @@ impl Relay {
     async fn publish_and_settle(
         &self,
         outbox: &Outbox,
-        publisher: &Publisher,
+        producing: Producing<'_>,
         claimed: Claimed,
         previous: Option<Settlement>,
         started: Instant,
@@ -175,8 +185,14 @@ impl Relay {
 
         let delivery_started = Instant::now();
         let sent_at = Instant::now();
-        let delivered = self.deliver_overlapping(outbox, publisher, &prepared.records, previous, claiming, &in_flight);
-        let Some((published, overlap)) = delivered.await else {
+        let Producing { publisher, transactions } = producing;
+        let delivered = match transactions {
+            Some(transactions) => self.deliver_exactly_once(outbox, transactions, &prepared, previous).await,
+            None => {
+                self.deliver_overlapping(outbox, publisher, &prepared.records, previous, claiming, &in_flight).await
+            }
+        };
+        let Some((published, overlap)) = delivered else {
             return Ok(Turn::Abandoned { rows: records });
         };
 
@@ -219,6 +235,7 @@ impl Relay {
             records: Vec::with_capacity(claimed.len()),
             rows: Vec::with_capacity(claimed.len()),
             created: Vec::with_capacity(claimed.len()),
+            shards: Vec::with_capacity(claimed.len()),
             settlement: Settlement::default(),
         };
         let mut held = HeldKeys::default();
@@ -230,7 +247,7 @@ impl Relay {
                     continue;
                 }
                 Ok(row) => match Record::from_row(&row, &self.mapping.topic) {
-                    Ok(record) => Ok((row.row_ref(), row.created_at, record)),
+                    Ok(record) => Ok((row.row_ref(), row.created_at, row.shard, record)),
                     Err(problem) => Err(UnreadableRow {
                         id: row.id,
                         event_id: Some(row.event_id),
@@ -241,7 +258,7 @@ impl Relay {
                 Err(unreadable) => Err(unreadable),
             };
             match built {
-                Ok((id, created_at, record)) => {
+                Ok((id, created_at, shard, record)) => {
                     if self.config.log.payloads {
                         debug!(
                             row = %id,
@@ -253,6 +270,7 @@ impl Relay {
                     }
                     prepared.rows.push(id);
                     prepared.created.push(created_at);
+                    prepared.shards.push(shard);
                     prepared.records.push(record);
                 }
                 Err(UnreadableRow { id, event_id, key, problem }) => {
@@ -323,6 +341,48 @@ impl Relay {
         }
     }
 
+    /// Produces a batch in transactions ([`crate::relay::exactly_once`]) and awaits their
+    /// commits, after writing the `previous` batch's outcome: a shard's next transaction
+    /// commits only once the batch before is marked. Nothing is claimed ahead. `None` when
+    /// shutdown's grace period ends first (the transactions left open are aborted at stop).
+    async fn deliver_exactly_once(
+        &self,
+        outbox: &Outbox,
+        transactions: &mut Transactions,
+        prepared: &Prepared,
+        previous: Option<Settlement>,
+    ) -> Option<(Published, Overlap)> {
+        if let Some(mut earlier) = previous {
+            let mark_started = Instant::now();
+            if let Err(e) = self.settle(outbox, &mut earlier).await {
+                let published =
+                    Published { outcomes: vec![Outcome::Deferred; prepared.records.len()], unacknowledged: Vec::new() };
+                return Some((published, Overlap { previous_unsettled: Some((earlier, e)), ahead: None }));
+            }
+            tracing::Span::current().record("previous_mark_ms", millis(mark_started.elapsed()));
+        }
+        let sent = Instant::now();
+        let delivery = self.deliver_in_transactions(
+            transactions,
+            outbox.table_oid(),
+            &prepared.records,
+            &prepared.rows,
+            &prepared.shards,
+        );
+        let committed = self.awaiting_acknowledgements(delivery, prepared.records.len());
+        let published = tokio::select! {
+            published = committed => published,
+            _ = self.shutdown.grace_expired(self.config.relay.shutdown_timeout) => return None,
+        };
+        tracing::Span::current().record("acks_ms", millis(sent.elapsed()));
+        if !published.outcomes.is_empty() && published.outcomes.iter().all(|o| matches!(o, Outcome::Deferred)) {
+            // Every transaction aborted and no row was to blame (a broker refusing a step, a
+            // fenced producer): the batch goes out again after a pause, not at once.
+            self.pause(self.config.relay.backoff_initial, None).await;
+        }
+        Some((published, Overlap { previous_unsettled: None, ahead: None }))
+    }
+
     /// Sorts a batch's reports into acknowledged rows, failed rows and records still in flight:
     /// a row is among the acknowledged only on its own report.
     fn sort_reports(
@@ -332,7 +392,7 @@ impl Relay {
         published: Published,
         sent_at: Instant,
     ) -> Sorted {
-        let Prepared { records, rows, created, settlement } = prepared;
+        let Prepared { records, rows, created, settlement, .. } = prepared;
         let mut sorted = Sorted { settlement, producer_unusable: false, set_aside: Vec::new() };
         let mut first_failure = None;
         // Keys of records the broker refused: a later record of such a key that it acknowledged

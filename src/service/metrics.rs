@@ -98,6 +98,11 @@ pub struct Metrics {
     /// `outbox_relay_retries_total{kind}`: failed attempts after which the row stays queued
     /// for another try; `kind` is `row` (caused by the row) or `outage` (broker unreachable).
     pub retries: IntCounterVec,
+    /// `outbox_relay_transactions_total`: Kafka transactions ended, by outcome (committed,
+    /// aborted), with `kafka.delivery = "exactly_once"`.
+    pub transactions: IntCounterVec,
+    /// `outbox_relay_transaction_commit_seconds`: how long committing a transaction took.
+    pub transaction_commit: Histogram,
 }
 
 impl Metrics {
@@ -227,6 +232,22 @@ impl Metrics {
         for kind in ["row", "outage"] {
             retries.with_label_values(&[kind]);
         }
+        let transactions = IntCounterVec::new(
+            Opts::new(
+                "outbox_relay_transactions_total",
+                "Kafka transactions ended, by outcome (committed, aborted), with kafka.delivery = exactly_once.",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        for outcome in ["committed", "aborted"] {
+            transactions.with_label_values(&[outcome]);
+        }
+        let transaction_commit = Histogram::with_opts(
+            HistogramOpts::new("outbox_relay_transaction_commit_seconds", "Time to commit one Kafka transaction.")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("static metric definition");
         let build_info = IntGaugeVec::new(
             Opts::new("outbox_relay_build_info", "Always 1; the labels say which build is running."),
             &["version"],
@@ -255,6 +276,8 @@ impl Metrics {
             Box::new(kafka_brokers_up.clone()),
             Box::new(kafka_broker_rtt.clone()),
             Box::new(retries.clone()),
+            Box::new(transactions.clone()),
+            Box::new(transaction_commit.clone()),
             Box::new(build_info),
         ] {
             registry.register(collector).expect("metric names are unique");
@@ -285,6 +308,8 @@ impl Metrics {
             kafka_brokers_up,
             kafka_broker_rtt,
             retries,
+            transactions,
+            transaction_commit,
         })
     }
 

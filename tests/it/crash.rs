@@ -7,17 +7,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// Runs the relay binary until every row is marked, then stops it with SIGTERM.
-async fn drain(env: &TestEnv, config: &outbox_relay::Config) {
-    let db = env.client().await;
-    let mut relay = spawn_relay_process(env, config);
-    // Up and leading, so that SIGTERM below meets the relay's handler, not the default action.
-    relay.wait_for_log("shards now published by this relay").await;
-    wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
-    relay.signal(libc::SIGTERM);
-    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
-}
-
 /// Runs `outbox-relay audit` on `topic` and returns its exit code and JSON report.
 fn audit(env: &TestEnv, topic: &str) -> (i32, serde_json::Value) {
     let path = write_config(env, &env.config());
@@ -48,7 +37,7 @@ async fn a_crash_between_publish_and_mark_republishes_exactly_that_batch() {
     let before_restart = read_topic(&env.brokers, &topic).await;
     assert_eq!(before_restart.len(), 4 * BATCH, "the fourth batch reached the broker before the crash");
 
-    drain(&env, &config).await;
+    drain_then_stop(&env, &config).await;
     let records = read_topic(&env.brokers, &topic).await;
     let distinct: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
     assert_eq!(distinct, all_event_ids(&db).await, "nothing lost");
@@ -96,7 +85,7 @@ async fn twelve_kill_nines_during_a_fifty_thousand_row_drain_lose_nothing() {
 
     let in_flight_at_a_crash = kill_the_relay_at_random_moments(&env, &config, &db, CRASHES).await;
     writer.await.expect("writer");
-    drain(&env, &config).await;
+    drain_then_stop(&env, &config).await;
 
     let records = read_topic(&env.brokers, &topic).await;
     let distinct: HashSet<String> = records.iter().map(|r| r.event_id()).collect();

@@ -13,6 +13,7 @@ mod cluster;
 mod config;
 mod crash;
 mod delivery;
+mod exactly_once;
 mod failures;
 mod hostile_input;
 mod inbox;

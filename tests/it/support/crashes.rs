@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 
 use super::environment::{PATIENCE, wait_until};
 use super::outbox_rows::{unmarked_event_ids, unpublished_count};
-use super::relay_process::spawn_relay_process;
+use super::relay_process::{RelayProcess, spawn_relay_process};
 use super::test_env::TestEnv;
 
 /// A small deterministic generator, so that a failing run can be repeated with its seed.
@@ -61,4 +61,17 @@ pub async fn kill_the_relay_at_random_moments(
         in_flight_at_a_crash.extend(unmarked_event_ids(db).await);
     }
     in_flight_at_a_crash
+}
+
+/// Runs the relay binary with `config` until every row of the table is marked, then stops it
+/// with SIGTERM, expects a clean exit, and returns it (for its log).
+pub async fn drain_then_stop(env: &TestEnv, config: &Config) -> RelayProcess {
+    let db = env.client().await;
+    let mut relay = spawn_relay_process(env, config);
+    // Up and leading, so that SIGTERM below meets the relay's handler, not the default action.
+    relay.wait_for_log("shards now published by this relay").await;
+    wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+    relay
 }

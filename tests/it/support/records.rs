@@ -47,12 +47,31 @@ impl Received {
     }
 }
 
+/// Which records of transactions a reader sees (Kafka's `isolation.level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Committed records only (librdkafka's default, and the one every reader here used
+    /// before exactly-once delivery).
+    ReadCommitted,
+    /// Every record written, aborted transactions' included.
+    ReadUncommitted,
+}
+
 fn consumer(brokers: &str) -> StreamConsumer {
+    consumer_with(brokers, Isolation::ReadCommitted)
+}
+
+fn consumer_with(brokers: &str, isolation: Isolation) -> StreamConsumer {
+    let isolation = match isolation {
+        Isolation::ReadCommitted => "read_committed",
+        Isolation::ReadUncommitted => "read_uncommitted",
+    };
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique_name("reader"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
+        .set("isolation.level", isolation)
         .create()
         .expect("consumer")
 }
@@ -103,6 +122,11 @@ const SENTINEL_HEADER: &str = "outbox-test-sentinel";
 /// reads from the beginning until each partition's sentinel arrives, and returns the records
 /// before them. (Counting by high watermarks is not an option: tansu 0.6 reports them short.)
 pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
+    read_topic_as(brokers, topic, Isolation::ReadCommitted).await
+}
+
+/// As [`read_topic`], as a reader with `isolation` sees the topic.
+pub async fn read_topic_as(brokers: &str, topic: &str, isolation: Isolation) -> Vec<Received> {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let partitions = partition_count(brokers, topic);
@@ -116,7 +140,7 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<Received> {
             .await
             .unwrap_or_else(|(e, _)| panic!("sentinel to {topic}/{p}: {e}"));
     }
-    let consumer = consumer(brokers);
+    let consumer = consumer_with(brokers, isolation);
     assign_from_beginning(&consumer, topic, partitions);
     let mut ended = HashSet::new();
     let mut records = Vec::new();

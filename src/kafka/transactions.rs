@@ -1,0 +1,196 @@
+//! Kafka transactions for `kafka.delivery = "exactly_once"`: one transactional producer per
+//! shard, and what each step of a transaction can answer.
+//!
+//! A shard's producer has the transactional id [`crate::config::ExactlyOnce::transactional_id`],
+//! the same in every relay of the table, so that `init_transactions` by a new owner of the
+//! shard fences the old owner at once: its open transaction is aborted and its next step fails
+//! with [`TransactionError::Fenced`]. A transaction's records become visible to `read_committed`
+//! consumers only when it commits, together with the shard's progress record
+//! ([`crate::kafka::progress`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer};
+
+use crate::config::Config;
+use crate::kafka::progress::{Progress, ProgressTopic};
+use crate::kafka::publisher::{Publisher, PublisherError};
+use crate::service::health::Health;
+use crate::service::metrics::Metrics;
+
+/// What a transaction step answered other than success.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransactionError {
+    /// A newer producer with the shard's transactional id exists (another relay took the shard
+    /// over, or something else uses the id): this one may do nothing more, and its open
+    /// transaction was aborted.
+    #[error("fenced by a newer producer with the same transactional id: {0}")]
+    Fenced(String),
+    /// The transaction cannot commit (a record failed, a broker refused a step); it must be
+    /// aborted, and none of its records becomes visible.
+    #[error("the transaction must be aborted: {0}")]
+    Abortable(String),
+    /// The step timed out or met a passing broker error; it may be called again.
+    #[error("{0}")]
+    Retriable(String),
+    /// The producer cannot go on (a fatal error); a new one must be created.
+    #[error("the transactional producer failed: {0}")]
+    Fatal(String),
+}
+
+impl TransactionError {
+    fn of(error: KafkaError) -> TransactionError {
+        let text = error.to_string();
+        let code = error.rdkafka_error_code();
+        if matches!(
+            code,
+            Some(
+                RDKafkaErrorCode::Fenced
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        ) {
+            return TransactionError::Fenced(text);
+        }
+        match &error {
+            KafkaError::Transaction(e) if e.is_fatal() => TransactionError::Fatal(text),
+            KafkaError::Transaction(e) if e.txn_requires_abort() => TransactionError::Abortable(text),
+            KafkaError::Transaction(e) if e.is_retriable() => TransactionError::Retriable(text),
+            _ => TransactionError::Abortable(text),
+        }
+    }
+}
+
+/// A shard's transactional producer: a [`Publisher`] whose records go out in transactions.
+pub struct ShardProducer {
+    /// The shard.
+    pub shard: i32,
+    /// Its transactional id.
+    pub transactional_id: String,
+    /// The producer; its `publish` sends a transaction's records.
+    pub publisher: Publisher,
+    /// Whether a transaction was begun and neither committed nor aborted.
+    open: bool,
+}
+
+impl ShardProducer {
+    /// Creates the shard's producer and fences every earlier producer of its transactional id
+    /// (`init_transactions`): when it returns, the previous owner's open transaction is
+    /// aborted, or its commit completed, and the previous owner can write nothing more.
+    pub async fn start(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        shard: i32,
+        transactional_id: String,
+        within: Duration,
+    ) -> Result<ShardProducer, StartError> {
+        let publisher =
+            Publisher::transactional(config, metrics, health, &transactional_id).map_err(StartError::Create)?;
+        let producer = publisher.producer.clone();
+        match tokio::task::spawn_blocking(move || producer.init_transactions(within)).await {
+            Ok(Ok(())) => Ok(ShardProducer { shard, transactional_id, publisher, open: false }),
+            Ok(Err(e)) => {
+                Err(StartError::Init { transactional_id, error: e.to_string(), code: e.rdkafka_error_code() })
+            }
+            Err(e) => Err(StartError::Init { transactional_id, error: e.to_string(), code: None }),
+        }
+    }
+
+    /// Begins a transaction.
+    pub fn begin(&mut self) -> Result<(), TransactionError> {
+        self.publisher.producer.begin_transaction().map_err(TransactionError::of)?;
+        self.open = true;
+        Ok(())
+    }
+
+    /// Sends the shard's progress record within the open transaction, to its own partition of
+    /// the progress topic, keyed by the transactional id.
+    pub fn send_progress(
+        &self,
+        topic: &ProgressTopic,
+        progress: &Progress,
+    ) -> Result<DeliveryFuture, TransactionError> {
+        let value = progress.to_json();
+        let record = FutureRecord::to(&topic.name)
+            .key(self.transactional_id.as_str())
+            .payload(value.as_slice())
+            .partition(topic.partition_of(&self.transactional_id));
+        self.publisher.producer.send_result(record).map_err(|(e, _)| TransactionError::of(e))
+    }
+
+    /// Commits the open transaction: its records, the progress record with them, become
+    /// visible to `read_committed` consumers at once.
+    pub async fn commit(&mut self, within: Duration) -> Result<(), TransactionError> {
+        let producer = self.publisher.producer.clone();
+        blocking(move || producer.commit_transaction(within)).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Aborts the open transaction, if any: none of its records becomes visible to
+    /// `read_committed` consumers.
+    pub async fn abort(&mut self, within: Duration) -> Result<(), TransactionError> {
+        if !self.open {
+            return Ok(());
+        }
+        let producer = self.publisher.producer.clone();
+        blocking(move || producer.abort_transaction(within)).await?;
+        self.open = false;
+        Ok(())
+    }
+
+    /// Whether a transaction is open.
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+}
+
+/// Runs a transaction step, which blocks until the cluster answers, off the async threads.
+async fn blocking(step: impl FnOnce() -> Result<(), KafkaError> + Send + 'static) -> Result<(), TransactionError> {
+    match tokio::task::spawn_blocking(step).await {
+        Ok(answer) => answer.map_err(TransactionError::of),
+        Err(e) => Err(TransactionError::Fatal(format!("the transaction step's thread failed: {e}"))),
+    }
+}
+
+/// Why a shard's transactional producer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// librdkafka refused the configuration.
+    #[error(transparent)]
+    Create(PublisherError),
+    /// `init_transactions` failed.
+    #[error("init_transactions of transactional id {transactional_id}: {error}")]
+    Init {
+        /// The shard's transactional id.
+        transactional_id: String,
+        /// librdkafka's answer.
+        error: String,
+        /// Its code, when it has one.
+        code: Option<RDKafkaErrorCode>,
+    },
+}
+
+impl StartError {
+    /// Whether the cluster cannot do transactions at all, or will not let this relay use them,
+    /// rather than being unavailable for now: a configuration problem.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StartError::Create(_) => true,
+            StartError::Init { code, .. } => matches!(
+                code,
+                Some(
+                    RDKafkaErrorCode::UnsupportedVersion
+                        | RDKafkaErrorCode::UnsupportedForMessageFormat
+                        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
+                        | RDKafkaErrorCode::ClusterAuthorizationFailed
+                        | RDKafkaErrorCode::UnsupportedFeature
+                )
+            ),
+        }
+    }
+}

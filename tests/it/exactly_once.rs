@@ -1,0 +1,160 @@
+//! `kafka.delivery = "exactly_once"`: consumers reading committed data see every row once,
+//! whatever the relay's crashes and takeovers, while those reading uncommitted data see the
+//! aborted copies; and a progress topic that cannot keep the shards' progress stops the relay
+//! at start.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::support::*;
+use outbox_relay::Config;
+use outbox_relay::config::Delivery;
+
+/// A configuration with exactly-once delivery, its own compacted progress topic and its own
+/// transactional ids (tests share the broker).
+async fn exactly_once(env: &TestEnv) -> Config {
+    let mut config = env.config();
+    config.kafka.delivery = Delivery::ExactlyOnce;
+    config.kafka.exactly_once.progress_topic =
+        create_topic_with(&env.brokers, 1, &[("cleanup.policy", "compact")]).await;
+    config.kafka.exactly_once.transactional_id_prefix = unique_name("relay");
+    config
+}
+
+/// Rows of the crash tests, and their batch size.
+const ROWS: usize = 3_000;
+const BATCH: usize = 500;
+
+/// A table with a backlog of [`ROWS`] rows of seven keys for a topic of three partitions, and a
+/// relay configuration with exactly-once delivery and batches of [`BATCH`].
+async fn backlog_with_exactly_once() -> (TestEnv, String, tokio_postgres::Client, Config) {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(3).await;
+    let db = env.client().await;
+    insert_backlog(&db, &topic, 0..ROWS, 7).await;
+    let mut config = exactly_once(&env).await;
+    config.relay.batch_size = BATCH;
+    (env, topic, db, config)
+}
+
+/// Checks that read-committed consumers see each row of the table exactly once, in key order.
+async fn assert_each_row_once_to_read_committed(env: &TestEnv, db: &tokio_postgres::Client, topic: &str) {
+    let records = read_topic_as(&env.brokers, topic, Isolation::ReadCommitted).await;
+    let on_topic: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
+    assert_eq!(on_topic, all_event_ids(db).await, "every row reached read_committed consumers");
+    assert_eq!(records.len(), on_topic.len(), "and none twice: {} duplicates", records.len() - on_topic.len());
+    assert_first_copies_in_key_order(&records);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_row_reaches_read_committed_consumers_once_in_transactions() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(3).await;
+    let db = env.client().await;
+    insert_backlog(&db, &topic, 0..2_000, 7).await;
+    let mut config = exactly_once(&env).await;
+    config.relay.batch_size = 300;
+
+    let relay = drain_then_stop(&env, &config).await;
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+    let log = relay.log();
+    assert!(log.contains("shard ready for transactions"), "{log}");
+    // Committed transactions carried the shards' progress.
+    let progress = consume(&env.brokers, &config.kafka.exactly_once.progress_topic, 1).await;
+    assert!(progress[0].payload_text().is_some_and(|p| p.contains("\"rows\"")), "{progress:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_commit_and_the_mark_publishes_nothing_twice() {
+    let (env, topic, db, config) = backlog_with_exactly_once().await;
+
+    // Three batches go through; the fourth is committed to Kafka, then the process dies.
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-mark=3*off->return")]);
+    assert_eq!(relay.wait().await, None, "the relay was killed by the fault; log:\n{}", relay.log());
+    assert_eq!(unmarked_event_ids(&db).await.len(), ROWS - 3 * BATCH, "three batches were marked");
+    let before_restart = read_topic(&env.brokers, &topic).await;
+    assert_eq!(before_restart.len(), 4 * BATCH, "the fourth batch was committed before the crash");
+
+    let relay = drain_then_stop(&env, &config).await;
+    assert!(relay.log().contains("marked the rows of the shard's last committed batch"), "{}", relay.log());
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+    let uncommitted = read_topic_as(&env.brokers, &topic, Isolation::ReadUncommitted).await;
+    assert_eq!(uncommitted.len(), ROWS, "nothing was written twice, committed or not");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_records_and_the_commit_shows_read_committed_consumers_nothing_twice() {
+    let (env, topic, db, config) = backlog_with_exactly_once().await;
+
+    // Some shards' transactions of the first batches commit; then one dies with its records
+    // written and its commit not sent.
+    let mut relay =
+        spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-commit=20*off->return")]);
+    assert_eq!(relay.wait().await, None, "the relay was killed by the fault; log:\n{}", relay.log());
+
+    drain_then_stop(&env, &config).await;
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+    // The transaction the crash left open was aborted by the next owner of its shard; its
+    // records stay in the log, where only read_uncommitted consumers see them.
+    let uncommitted = read_topic_as(&env.brokers, &topic, Isolation::ReadUncommitted).await;
+    assert!(uncommitted.len() > ROWS, "the aborted transaction's records are in the log");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_frozen_in_a_transaction_is_fenced_when_another_takes_its_shards() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let db = env.client().await;
+    let mut config = exactly_once(&env).await;
+    config.relay.takeover_after = Duration::from_secs(3);
+
+    // Its loop blocks for 10 s with a transaction's records written and not committed, longer
+    // than the takeover time, as a relay stuck in a call or paused with its host.
+    let mut frozen =
+        spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-commit=1*sleep(10000)")]);
+    frozen.wait_for_log("shards now published by this relay").await;
+    insert_backlog(&db, &topic, 0..400, 40).await;
+    frozen.wait_for_log("batch{").await;
+    let mut survivor = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "the survivor to publish every row", || async { unpublished_count(&db).await == 0 }).await;
+    wait_until(PATIENCE, "the frozen relay to wake and be fenced", || async {
+        frozen.log().contains("fenced by a newer producer")
+    })
+    .await;
+
+    insert_backlog(&db, &topic, 400..800, 40).await;
+    wait_until(PATIENCE, "the relays to publish the rest", || async { unpublished_count(&db).await == 0 }).await;
+    for relay in [&mut frozen, &mut survivor] {
+        relay.signal(libc::SIGTERM);
+        assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+    }
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_deleting_progress_topic_stops_the_relay_at_start() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let mut config = exactly_once(&env).await;
+    config.kafka.exactly_once.progress_topic = unique_name("absent");
+    let (code, _, stderr) = run_relay_command(&env, &config);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("kafka.exactly_once.progress_topic") && stderr.contains("does not exist"), "{stderr}");
+
+    config.kafka.exactly_once.progress_topic = env.create_topic(1).await;
+    let (code, _, stderr) = run_relay_command(&env, &config);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("cleanup.policy=delete") && stderr.contains("compact"), "{stderr}");
+}
+
+/// Runs `outbox-relay run` with `config` until it exits, and returns its exit code and output.
+fn run_relay_command(env: &TestEnv, config: &Config) -> (i32, String, String) {
+    let path = write_config(env, config);
+    run_command(&["--config", path.to_str().unwrap_or_default(), "run"], &[])
+}
