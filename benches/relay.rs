@@ -556,7 +556,7 @@ async fn latency(rate: u64, run: Duration) -> Value {
     scenario
         .db
         .execute(
-            "INSERT INTO outbox (topic, key, payload) SELECT $1, 'warm-up-' || g, '{}' FROM generate_series(1, $2) AS g",
+            "INSERT INTO outbox (topic, key, payload) SELECT $1, 'warm-up-' || g, '{}' FROM generate_series(1, $2::int8) AS g",
             &[&scenario.topic, &LATENCY_WARM_UP_ROWS],
         )
         .await
