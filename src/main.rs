@@ -98,6 +98,11 @@ struct AuditArgs {
     /// How many ids to list for each finding.
     #[arg(long, default_value_t = 10, value_name = "N")]
     show: usize,
+    /// Read the topic as a consumer with this isolation level would: read_uncommitted (every
+    /// record written, the Java client's default) or read_committed (with
+    /// kafka.delivery = "exactly_once", the level that sees each row once).
+    #[arg(long, value_enum, default_value = "read_uncommitted", value_name = "LEVEL")]
+    isolation: outbox_relay::commands::audit::Isolation,
 }
 
 impl RetryArgs {
@@ -164,7 +169,7 @@ async fn dispatch(command: Command, config: Config) -> Result<Outcome, Failure> 
         }
         Command::Migrate => Ok(print_text(&commands::migrate::migrate(&config).await?)),
         Command::Audit(args) => {
-            let report = commands::audit::audit(&config, &args.topic, &args.range(), args.show).await?;
+            let report = commands::audit::audit(&config, &args.topic, &args.range(), args.isolation, args.show).await?;
             print(&report, args.json.then_some("report"))
         }
         Command::Status { json } => {

@@ -153,6 +153,8 @@ pub struct AuditReport {
     pub table: String,
     /// The row range requested.
     pub range: RangeReport,
+    /// How the topic was read (`--isolation`).
+    pub isolation: Isolation,
     /// Rows in the range destined for the topic.
     pub rows: u64,
     /// Lowest and highest id among them.
@@ -237,11 +239,12 @@ impl Report for AuditReport {
         let r = &self.range;
         let bound = |b: &Option<String>| b.clone().unwrap_or_else(|| "*".to_owned());
         out.push_str(&format!(
-            "  range      ids {}..{}, created {}..{}\n",
+            "  range      ids {}..{}, created {}..{}; read {}\n",
             bound(&r.from_id),
             bound(&r.to_id),
             bound(&r.since),
-            bound(&r.until)
+            bound(&r.until),
+            self.isolation.as_property()
         ));
         out.push_str(&format!(
             "  rows       {} for this topic (ids {}..{})\n",
@@ -342,8 +345,40 @@ struct Seen {
     moved: bool,
 }
 
-/// Audits `topic` against the rows of `range`, listing up to `show` ids per finding.
-pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) -> Result<AuditReport, AuditError> {
+/// Which records of Kafka transactions the audit reads, as a consumer with this
+/// `isolation.level` would (`--isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Every record written, those of aborted transactions included: what the Java client's
+    /// consumers see by default. Without transactions (`kafka.delivery = "at_least_once"`)
+    /// both levels read the same records.
+    #[default]
+    ReadUncommitted,
+    /// Records of committed transactions only (librdkafka's default, Kafka Streams with
+    /// exactly-once): with `kafka.delivery = "exactly_once"` these show no duplicate.
+    ReadCommitted,
+}
+
+impl Isolation {
+    fn as_property(self) -> &'static str {
+        match self {
+            Isolation::ReadUncommitted => "read_uncommitted",
+            Isolation::ReadCommitted => "read_committed",
+        }
+    }
+}
+
+/// Audits `topic` against the rows of `range`, reading it as a consumer of `isolation`,
+/// listing up to `show` ids per finding.
+pub async fn audit(
+    config: &Config,
+    topic: &str,
+    range: &RowRange,
+    isolation: Isolation,
+    show: usize,
+) -> Result<AuditReport, AuditError> {
     let mapping = Mapping::from_config(config).map_err(AuditError::InvalidRange)?;
     if (range.since.is_some() || range.until.is_some()) && mapping.created_at.is_none() {
         return Err(AuditError::InvalidRange(
@@ -393,7 +428,7 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
     // librdkafka's consumer API blocks; keep it off the async workers.
     let (reader_config, reader_topic) = (config.clone(), topic.to_owned());
     let TopicRead { records: records_read, partitions, seen, cleanup_policy, removals } =
-        tokio::task::spawn_blocking(move || read_topic(&reader_config, &reader_topic, start_ms, seen))
+        tokio::task::spawn_blocking(move || read_topic(&reader_config, &reader_topic, isolation, start_ms, seen))
             .await
             .map_err(|e| AuditError::InvalidRange(format!("the topic reader stopped: {e}")))??;
     let absent: Vec<String> = rows
@@ -417,6 +452,7 @@ pub async fn audit(config: &Config, topic: &str, range: &RowRange, show: usize) 
             since: range.since.clone(),
             until: range.until.clone(),
         },
+        isolation,
         rows: rows.len() as u64,
         first_id: rows.first().map(|r| r.id.clone()),
         last_id: rows.last().map(|r| r.id.clone()),
@@ -608,6 +644,7 @@ struct TopicRead {
 fn read_topic(
     config: &Config,
     topic: &str,
+    isolation: Isolation,
     start_ms: Option<i64>,
     mut seen: HashMap<String, Seen>,
 ) -> Result<TopicRead, AuditError> {
@@ -616,6 +653,7 @@ fn read_topic(
         .set("group.id", "outbox-relay-audit")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation.as_property())
         .create_with_context(QuietContext)
         .map_err(kafka)?;
     let waited = config.kafka.startup_timeout;

@@ -3,7 +3,6 @@
 //! copies of rows that were in flight at a crash.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use crate::support::*;
 
@@ -69,19 +68,9 @@ async fn twelve_kill_nines_during_a_fifty_thousand_row_drain_lose_nothing() {
     config.relay.batch_size = BATCH;
 
     // Most rows are a backlog, so that the kills find the relay busy; the application writes
-    // the rest while the relay is being killed, in transactions of 250 events.
-    let events = |range: std::ops::Range<usize>, topic: &str| -> Vec<NewEvent> {
-        range.map(|n| NewEvent::keyed(topic, &format!("key-{}", n % KEYS), n)).collect()
-    };
+    // the rest while the relay is being killed.
     insert_backlog(&db, &topic, 0..BACKLOG, KEYS).await;
-    let writer_db = env.client().await;
-    let writer_topic = topic.clone();
-    let writer = tokio::spawn(async move {
-        for start in (BACKLOG..ROWS).step_by(250) {
-            insert_events(&writer_db, &events(start..start + 250, &writer_topic)).await;
-            tokio::time::sleep(Duration::from_millis(60)).await;
-        }
-    });
+    let writer = write_meanwhile(env.client().await, &topic, BACKLOG..ROWS, KEYS);
 
     let in_flight_at_a_crash = kill_the_relay_at_random_moments(&env, &config, &db, CRASHES).await;
     writer.await.expect("writer");

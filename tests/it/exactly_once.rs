@@ -102,6 +102,10 @@ async fn a_crash_between_the_records_and_the_commit_shows_read_committed_consume
     // records stay in the log, where only read_uncommitted consumers see them.
     let uncommitted = read_topic_as(&env.brokers, &topic, Isolation::ReadUncommitted).await;
     assert!(uncommitted.len() > ROWS, "the aborted transaction's records are in the log");
+    let (_, committed) = audit(&env, &topic, "read_committed");
+    assert_eq!(committed["duplicated"]["count"], 0, "{committed:#}");
+    let (_, everything) = audit(&env, &topic, "read_uncommitted");
+    assert!(everything["duplicated"]["count"].as_u64() > Some(0), "{everything:#}");
 }
 
 #[cfg(feature = "failpoints")]
@@ -138,6 +142,62 @@ async fn a_relay_frozen_in_a_transaction_is_fenced_when_another_takes_its_shards
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twelve_kill_nines_during_a_fifty_thousand_row_drain_show_read_committed_consumers_each_row_once() {
+    const ROWS: usize = 50_000;
+    const KEYS: usize = 100;
+    const BACKLOG: usize = 40_000;
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(3).await;
+    let db = env.client().await;
+    let mut config = exactly_once(&env).await;
+    config.relay.batch_size = 1_000;
+    insert_backlog(&db, &topic, 0..BACKLOG, KEYS).await;
+    let writer = write_meanwhile(env.client().await, &topic, BACKLOG..ROWS, KEYS);
+
+    kill_the_relay_at_random_moments(&env, &config, &db, 12).await;
+    writer.await.expect("writer");
+    drain_then_stop(&env, &config).await;
+
+    assert_eq!(all_event_ids(&db).await.len(), ROWS);
+    assert_eq!(unpublished_count(&db).await, 0, "every row is marked");
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+    let (code, report) = audit(&env, &topic, "read_committed");
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["lost"]["count"], 0);
+    assert_eq!(report["duplicated"]["count"], 0, "{report:#}");
+    assert_eq!(report["isolation"], "read_committed");
+    let uncommitted = read_topic_as(&env.brokers, &topic, Isolation::ReadUncommitted).await;
+    eprintln!("12 kills: {} records in the log for {ROWS} rows, read_committed sees each once", uncommitted.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_mid_drain_leaves_no_transaction_open() {
+    let (env, topic, db, config) = backlog_with_exactly_once().await;
+    let mut relay = spawn_relay_process(&env, &config);
+    relay.wait_for_log("batch settled").await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+
+    // A transaction left open would hold read_committed consumers of its partitions back until
+    // the broker's transaction timeout (60 s): the topic's end must be readable at once.
+    let read = tokio::time::timeout(Duration::from_secs(30), read_topic(&env.brokers, &topic)).await;
+    assert!(read.is_ok(), "read_committed consumers are held back: a transaction was left open");
+    drain_then_stop(&env, &config).await;
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+}
+
+/// Runs `outbox-relay audit` on `topic` as a consumer of `isolation`, and returns its exit code
+/// and JSON report.
+fn audit(env: &TestEnv, topic: &str, isolation: &str) -> (i32, serde_json::Value) {
+    let path = write_config(env, &env.config());
+    let args =
+        ["--config", path.to_str().unwrap_or_default(), "audit", "--topic", topic, "--json", "--isolation", isolation];
+    let (code, stdout, stderr) = run_command(&args, &[("RUST_LOG", "off")]);
+    (code, serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_deleting_progress_topic_stops_the_relay_at_start() {
     let env = TestEnv::start().await;
     env.migrate().await;
@@ -157,4 +217,53 @@ async fn a_missing_or_deleting_progress_topic_stops_the_relay_at_start() {
 fn run_relay_command(env: &TestEnv, config: &Config) -> (i32, String, String) {
     let path = write_config(env, config);
     run_command(&["--config", path.to_str().unwrap_or_default(), "run"], &[])
+}
+
+/// The progress record a new owner reads must be the shard's last committed one, even while
+/// another shard's transaction is open below the end of the progress partition (a relay killed
+/// mid-batch leaves one per shard until each is fenced). A read that stopped at the last stable
+/// offset returned an older record, or none, and the batch was published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_progress_read_waits_for_transactions_open_below_the_end_rather_than_missing_a_commit() {
+    use outbox_relay::kafka::progress::{FORMAT, Progress, ProgressRow, ProgressTopic};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let env = TestEnv::start().await;
+    let config = exactly_once(&env).await;
+    let topic = config.kafka.exactly_once.progress_topic.clone();
+    let transactional = |id: &str| -> ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+        let producer: ThreadedProducer<_> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &env.brokers)
+            .set("transactional.id", format!("{}-{id}", config.kafka.exactly_once.transactional_id_prefix))
+            .create()
+            .expect("transactional producer");
+        producer.init_transactions(Duration::from_secs(30)).expect("init_transactions");
+        producer.begin_transaction().expect("begin");
+        producer
+    };
+    let progress = Progress {
+        format: FORMAT,
+        database: "db".into(),
+        table: "public.outbox".into(),
+        table_oid: 1,
+        filenode: None,
+        shard: 1,
+        rows: vec![ProgressRow { id: "7".into(), event_id: None }],
+    };
+    // Another shard's transaction stays open, its record first in the partition.
+    let open = transactional("open");
+    open.send(BaseRecord::<str, [u8]>::to(&topic).key("open").payload(b"{}".as_slice())).expect("send");
+    open.flush(Duration::from_secs(10)).expect("flush");
+    // This shard's last batch commits after it, keyed by its transactional id.
+    let key = format!("{}-committed", config.kafka.exactly_once.transactional_id_prefix);
+    let committed = transactional("committed");
+    let value = progress.to_json();
+    committed.send(BaseRecord::<str, [u8]>::to(&topic).key(key.as_str()).payload(value.as_slice())).expect("send");
+    committed.commit_transaction(Duration::from_secs(30)).expect("commit");
+
+    let progress_topic = ProgressTopic::check(&config).expect("the progress topic");
+    let read = progress_topic.read_latest(&config, &key, Duration::from_secs(2));
+    assert!(!matches!(read, Ok(None)), "read past nothing while a transaction below the end was open: {read:?}");
+    open.abort_transaction(Duration::from_secs(30)).expect("abort");
+    let read = progress_topic.read_latest(&config, &key, Duration::from_secs(30));
+    assert_eq!(read, Ok(Some(progress)), "the shard's last commit");
 }

@@ -8,7 +8,7 @@ use outbox_relay::config::Config;
 use tokio_postgres::Client;
 
 use super::environment::{PATIENCE, wait_until};
-use super::outbox_rows::{unmarked_event_ids, unpublished_count};
+use super::outbox_rows::{NewEvent, insert_events, unmarked_event_ids, unpublished_count};
 use super::relay_process::{RelayProcess, spawn_relay_process};
 use super::test_env::TestEnv;
 
@@ -74,4 +74,24 @@ pub async fn drain_then_stop(env: &TestEnv, config: &Config) -> RelayProcess {
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
     relay
+}
+
+/// Inserts the events `range` (keys `key-0` to `key-{keys - 1}`, one after another) in
+/// transactions of 250 events, 60 ms apart, as an application writing while the relay works.
+pub fn write_meanwhile(
+    db: Client,
+    topic: &str,
+    range: std::ops::Range<usize>,
+    keys: usize,
+) -> tokio::task::JoinHandle<()> {
+    let topic = topic.to_owned();
+    tokio::spawn(async move {
+        for start in range.clone().step_by(250) {
+            let end = (start + 250).min(range.end);
+            let events: Vec<NewEvent> =
+                (start..end).map(|n| NewEvent::keyed(&topic, &format!("key-{}", n % keys), n)).collect();
+            insert_events(&db, &events).await;
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    })
 }
