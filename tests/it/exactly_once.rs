@@ -56,11 +56,21 @@ async fn every_row_reaches_read_committed_consumers_once_in_transactions() {
     insert_backlog(&db, &topic, 0..2_000, 7).await;
     let mut config = exactly_once(&env).await;
     config.relay.batch_size = 300;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    config.metrics.listen = metrics.clone();
 
-    let relay = drain_then_stop(&env, &config).await;
+    let mut relay = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "every row marked", || async { unpublished_count(&db).await == 0 }).await;
+    let text = scrape(&metrics).await;
+    let committed = sample(&text, "outbox_relay_transactions_total{outcome=\"committed\"}").unwrap_or(0.0);
+    assert!(committed >= 7.0, "one transaction per shard and batch, seven batches at least: {committed}");
+    assert_eq!(sample(&text, "outbox_relay_transactions_total{outcome=\"aborted\"}"), Some(0.0));
+    assert!(sample(&text, "outbox_relay_transaction_commit_seconds_count").is_some_and(|n| n == committed));
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+
     assert_each_row_once_to_read_committed(&env, &db, &topic).await;
-    let log = relay.log();
-    assert!(log.contains("shard ready for transactions"), "{log}");
+    assert!(relay.log().contains("shard ready for transactions"), "{}", relay.log());
     // Committed transactions carried the shards' progress.
     let progress = consume(&env.brokers, &config.kafka.exactly_once.progress_topic, 1).await;
     assert!(progress[0].payload_text().is_some_and(|p| p.contains("\"rows\"")), "{progress:?}");
@@ -266,4 +276,18 @@ async fn the_progress_read_waits_for_transactions_open_below_the_end_rather_than
     open.abort_transaction(Duration::from_secs(30)).expect("abort");
     let read = progress_topic.read_latest(&config, &key, Duration::from_secs(30));
     assert_eq!(read, Ok(Some(progress)), "the shard's last commit");
+}
+
+/// A cluster where no transactional producer can start (here: a transaction state log that
+/// wants three replicas on one broker) stops the relay at start, saying what the cluster lacks,
+/// rather than falling back to at-least-once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_without_transactions_stops_the_relay_at_start() {
+    let env = TestEnv::start_with_cluster(1, &["transaction.state.log.replication.factor=3"]).await;
+    env.migrate().await;
+    let mut config = exactly_once(&env).await;
+    config.kafka.startup_timeout = Duration::from_secs(5);
+    let (code, _, stderr) = run_relay_command(&env, &config);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("kafka.delivery = \"exactly_once\"") && stderr.contains("transaction"), "{stderr}");
 }
