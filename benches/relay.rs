@@ -7,7 +7,8 @@
 //! binary in its own process, so its CPU time and peak RSS are its own.
 //!
 //! Arguments: `--quick` (smaller sizes, for a smoke run), `--out DIR` (default `docs/bench`),
-//! `--only SECTION,...` (some of ceilings, drain, large, depth, latency, naive, debezium, cluster),
+//! `--only SECTION,...` (some of ceilings, drain, large, depth, latency, exactly_once, naive,
+//! debezium, cluster),
 //! `--depths N,...` (the backlogs of the depth series).
 //!
 //! The `cluster` section, run last, stops the single node and starts three (replication factor
@@ -56,7 +57,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use outbox_relay::config::{Config, MarkMode};
+use outbox_relay::config::{Config, Delivery, MarkMode};
 use outbox_relay::kafka::delivery::Outcome;
 use outbox_relay::kafka::publisher::Publisher;
 use outbox_relay::kafka::record::Record;
@@ -74,6 +75,7 @@ use support::kafka::Kafka;
 use support::postgres::Postgres;
 use support::relay_process::{RelayProcess, spawn_relay_process_with_env};
 use support::test_env::TestEnv;
+use support::topics::create_topic_with;
 use tokio_postgres::Client;
 use writer::{FixedRate, Written};
 
@@ -232,7 +234,7 @@ async fn main() {
     let drain_cases = if runs("drain") { DRAIN_CASES.as_slice() } else { &[] };
     for &(label, pad, mark, statistics) in drain_cases {
         eprintln!("drain: {} rows at {label}, mark = {mark:?}, {statistics:?}", plan.backlog);
-        let drain = drain_with(plan.backlog, pad, mark, None, statistics).await;
+        let drain = drain_with(plan.backlog, pad, mark, None, statistics, Delivery::AtLeastOnce).await;
         let ceiling = if mark == MarkMode::Delete { db_delete_ceiling.min(broker_ceiling) } else { lower_ceiling };
         drains.push(json!({ "payload": label, "mark": format!("{mark:?}").to_lowercase(), "rows": plan.backlog,
             "never_analyzed": statistics == Statistics::NeverAnalyzed,
@@ -278,9 +280,25 @@ async fn main() {
     let mut latencies = Vec::new();
     for &rate in plan.rates.iter().filter(|_| runs("latency")) {
         eprintln!("latency: {rate} rows/s for {:?}", plan.latency_run);
-        latencies.push(latency(rate, plan.latency_run).await);
+        latencies.push(latency(rate, plan.latency_run, Delivery::AtLeastOnce).await);
     }
     report.insert("latency".into(), Value::Array(latencies));
+
+    // Exactly-once delivery beside the idempotent mode, drain and latency, measured in turn.
+    let mut exactly_once = Vec::new();
+    if runs("exactly_once") {
+        for delivery in [Delivery::AtLeastOnce, Delivery::ExactlyOnce] {
+            eprintln!("exactly_once: drain {} rows at ~200 B, {delivery:?}", plan.backlog);
+            let drain =
+                drain_with(plan.backlog, SMALL_PAD, MarkMode::Update, None, Statistics::Analyzed, delivery).await;
+            eprintln!("exactly_once: latency at {EXACTLY_ONCE_RATE} rows/s, {delivery:?}");
+            let latency = latency(EXACTLY_ONCE_RATE, plan.latency_run, delivery).await;
+            exactly_once.push(json!({ "delivery": format!("{delivery:?}"), "rows": plan.backlog,
+                "rows_per_s": drain.rate, "cpu_ms_per_1k_rows": drain.cpu_ms_per_1k,
+                "peak_rss_mb": drain.peak_rss_mb, "latency": latency }));
+        }
+    }
+    report.insert("exactly_once".into(), Value::Array(exactly_once));
 
     let mut naive_rate = f64::NAN;
     if runs("naive") {
@@ -363,6 +381,19 @@ impl Scenario {
         // The relay runs as its restricted role (sql/relay_role.sql), which deletes only when granted.
         if mark == MarkMode::Delete {
             self.env.allow_relay_to_delete();
+        }
+        config
+    }
+
+    /// As [`Scenario::config`], with `delivery`: exactly-once gets a compacted progress topic of
+    /// its own.
+    async fn config_for(&self, mark: MarkMode, delivery: Delivery) -> Config {
+        let mut config = self.config(mark);
+        config.kafka.delivery = delivery;
+        if delivery == Delivery::ExactlyOnce {
+            config.kafka.exactly_once.progress_topic =
+                create_topic_with(&self.env.brokers, 1, &[("cleanup.policy", "compact")]).await;
+            config.kafka.exactly_once.transactional_id_prefix = self.topic.clone();
         }
         config
     }
@@ -488,21 +519,29 @@ struct Drain {
 /// relay's metrics sampled every 20 ms stand in), so process start-up does not count; CPU and
 /// RSS are the whole process's.
 async fn drain(rows: i64, pad: i32, mark: MarkMode, brokers: Option<&str>) -> Drain {
-    drain_with(rows, pad, mark, brokers, Statistics::Analyzed).await
+    drain_with(rows, pad, mark, brokers, Statistics::Analyzed, Delivery::AtLeastOnce).await
 }
 
-/// As [`drain`], with the planner knowing what `statistics` says of the backlog.
-async fn drain_with(rows: i64, pad: i32, mark: MarkMode, brokers: Option<&str>, statistics: Statistics) -> Drain {
+/// As [`drain`], with the planner knowing what `statistics` says of the backlog, and with
+/// `delivery`.
+async fn drain_with(
+    rows: i64,
+    pad: i32,
+    mark: MarkMode,
+    brokers: Option<&str>,
+    statistics: Statistics,
+    delivery: Delivery,
+) -> Drain {
     let scenario = Scenario::on(brokers).await;
     scenario.insert_backlog_with(rows, pad, statistics).await;
-    let config = scenario.config(mark);
+    let config = scenario.config_for(mark, delivery).await;
     let metrics = config.metrics.listen.clone();
     let mut relay = spawn_relay(&scenario.env, &config);
     let sampled_rate = scenario.wait_published(&mut relay, &metrics, rows).await;
     let usage = ProcessUsage::of(relay.pid());
     relay.signal(libc::SIGTERM);
     relay.wait().await;
-    keep_log(&relay, &format!("drain-{rows}-{pad}-{mark:?}-{statistics:?}"));
+    keep_log(&relay, &format!("drain-{rows}-{pad}-{mark:?}-{statistics:?}-{delivery:?}"));
     let usage = Drain {
         rate: sampled_rate,
         cpu_ms_per_1k: usage.cpu_ms / (rows as f64 / 1000.0),
@@ -530,6 +569,10 @@ async fn drain_with(rows: i64, pad: i32, mark: MarkMode, brokers: Option<&str>, 
     Drain { rate: (rows - first_batch) as f64 / span.max(1e-3), ..usage }
 }
 
+/// The insert rate at which the exactly-once section measures latency (issue 24's target is
+/// set there).
+const EXACTLY_ONCE_RATE: u64 = 5_000;
+
 /// Rows published before a latency run's measurement, with keys covering the partitions.
 const LATENCY_WARM_UP_ROWS: i64 = 64;
 
@@ -544,10 +587,10 @@ const LATENCY_WARM_UP_ROWS: i64 = 64;
 /// (the row carries its tick), and the figures are given both ways: from the intended time, and
 /// from the commit (as the writer saw it return, a little after it happened: this errs towards
 /// the relay by at most the writer's own wake-up delay).
-async fn latency(rate: u64, run: Duration) -> Value {
+async fn latency(rate: u64, run: Duration, delivery: Delivery) -> Value {
     let scenario = Scenario::new().await;
     scenario.db.batch_execute("CHECKPOINT").await.expect("checkpoint");
-    let config = scenario.config(MarkMode::Update);
+    let config = scenario.config_for(MarkMode::Update, delivery).await;
     let metrics = config.metrics.listen.clone();
     let mut relay = spawn_relay(&scenario.env, &config);
     // Warm up (connections, producer id, the topic check, and every partition's first appends,
@@ -585,7 +628,7 @@ async fn latency(rate: u64, run: Duration) -> Value {
     scenario.wait_published(&mut relay, &metrics, total + LATENCY_WARM_UP_ROWS).await;
     relay.signal(libc::SIGTERM);
     relay.wait().await;
-    keep_log(&relay, &format!("latency-{rate}"));
+    keep_log(&relay, &format!("latency-{rate}-{delivery:?}"));
 
     let row = scenario
         .db
@@ -830,6 +873,39 @@ fn markdown(report: &Value) -> String {
             number(&l["writer_late_p99_ms"])
         );
     }
+    out += &exactly_once_markdown(&report["exactly_once"]);
     out += &debezium::markdown(&report["debezium"]);
+    out
+}
+
+/// The exactly-once section: each delivery mode's drain and latency, and their ratio.
+fn exactly_once_markdown(section: &Value) -> String {
+    let number = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let modes: Vec<&Value> = section.as_array().into_iter().flatten().collect();
+    if modes.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\nExactly-once delivery beside the idempotent mode (drain of {} rows at ~200 B; latency at \
+         {EXACTLY_ONCE_RATE} rows/s from the intended insert time to the mark).\n\n",
+        modes[0]["rows"]
+    );
+    out += "| delivery | drain rows/s | of idempotent | CPU ms / 1k rows | peak RSS MB | p50 ms | p99 ms | max ms |\n\
+            |---|---:|---:|---:|---:|---:|---:|---:|\n";
+    let idempotent = number(&modes[0]["rows_per_s"]);
+    for mode in &modes {
+        let latency = &mode["latency"];
+        out += &format!(
+            "| {} | {:.0} | {:.2} | {:.1} | {:.0} | {:.1} | {:.1} | {:.1} |\n",
+            mode["delivery"].as_str().unwrap_or("?"),
+            number(&mode["rows_per_s"]),
+            number(&mode["rows_per_s"]) / idempotent,
+            number(&mode["cpu_ms_per_1k_rows"]),
+            number(&mode["peak_rss_mb"]),
+            number(&latency["p50_ms"]),
+            number(&latency["p99_ms"]),
+            number(&latency["max_ms"]),
+        );
+    }
     out
 }
