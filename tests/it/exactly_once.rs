@@ -291,3 +291,28 @@ async fn a_cluster_without_transactions_stops_the_relay_at_start() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("kafka.delivery = \"exactly_once\"") && stderr.contains("transaction"), "{stderr}");
 }
+
+/// PostgreSQL restarted while a committed batch waits for its mark: the mark fails, the relay
+/// reconnects, writes it (or, having lost its shards' locks, repairs it from the progress
+/// record after fencing), and publishes nothing twice.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_restarted_between_the_commit_and_the_mark_publishes_nothing_twice() {
+    let (mut env, topic, db, config) = backlog_with_exactly_once().await;
+    // The fourth batch is committed to Kafka, then waits 5 s before its mark.
+    let failpoint = [("FAILPOINTS", "relay-before-mark=3*off->1*sleep(5000)")];
+    let mut relay = spawn_relay_process_with_env(&env, &config, &failpoint);
+    wait_until(PATIENCE, "three batches marked", || async {
+        unpublished_count(&db).await <= (ROWS - 3 * BATCH) as i64
+    })
+    .await;
+    env.postgres.as_mut().expect("the test's own PostgreSQL").restart();
+
+    let db = env.client().await;
+    wait_until(PATIENCE, "the relay to reconnect and drain", || async { unpublished_count(&db).await == 0 }).await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+    let log = relay.log();
+    assert!(log.contains("could not mark the batch"), "the restart came between the commit and the mark: {log}");
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+}
