@@ -10,7 +10,7 @@ use crate::support::{
     NewEvent, PATIENCE, RelayProcess, TestEnv, insert_events, marked_event_ids, spawn_relay_process_with_env,
     unique_name, wait_until,
 };
-use outbox_relay::config::{Config, SecurityProtocol};
+use outbox_relay::config::{Config, Delivery, SecurityProtocol};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -32,10 +32,19 @@ fn client(brokers: &str, security: &[(&str, String)]) -> ClientConfig {
 }
 
 async fn create_topic(client: &ClientConfig) -> String {
+    create_topic_with(client, &[]).await
+}
+
+/// A topic of one partition with the topic `configs` given.
+async fn create_topic_with(client: &ClientConfig, configs: &[(&str, &str)]) -> String {
     let admin: AdminClient<DefaultClientContext> = client.create().expect("admin client");
     let name = unique_name("topic");
+    let mut topic = NewTopic::new(&name, 1, TopicReplication::Fixed(1));
+    for (key, value) in configs {
+        topic = topic.set(key, value);
+    }
     let results = admin
-        .create_topics(&[NewTopic::new(&name, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(&[topic], &AdminOptions::new())
         .await
         .expect("create topic");
     for result in results {
@@ -104,6 +113,17 @@ async fn assert_refused_at_startup(env: &TestEnv, relay: &mut RelayProcess, caus
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_over_sasl_ssl_with_scram_sha_512_and_a_verified_broker_certificate() {
+    publish_over_sasl_ssl(Delivery::AtLeastOnce).await;
+}
+
+/// Exactly-once delivery over the same listener: the shards' transactional producers and the
+/// progress topic's reader authenticate like the relay's producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_in_transactions_over_sasl_ssl() {
+    publish_over_sasl_ssl(Delivery::ExactlyOnce).await;
+}
+
+async fn publish_over_sasl_ssl(delivery: Delivery) {
     let env = TestEnv::start().await;
     env.migrate().await;
     let ca = TestCa::new(&env.path(""), "kafka");
@@ -128,6 +148,10 @@ async fn publishes_over_sasl_ssl_with_scram_sha_512_and_a_verified_broker_certif
     let password_file = env.path("sasl-password");
     std::fs::write(&password_file, format!("{}\n", ALICE.1)).unwrap();
     config.kafka.sasl.password_file = Some(password_file);
+    config.kafka.delivery = delivery;
+    if delivery == Delivery::ExactlyOnce {
+        config.kafka.exactly_once.progress_topic = create_topic_with(&reader, &[("cleanup.policy", "compact")]).await;
+    }
     let mut relay = spawn_relay_process_with_env(&env, &config, &[]);
     wait_all_marked(&env, &mut relay, 5).await;
 
