@@ -316,3 +316,82 @@ async fn postgresql_restarted_between_the_commit_and_the_mark_publishes_nothing_
     assert!(log.contains("could not mark the batch"), "the restart came between the commit and the mark: {log}");
     assert_each_row_once_to_read_committed(&env, &db, &topic).await;
 }
+
+/// Rows the broker would refuse (too large for the topic, a topic that does not exist) fail on
+/// their own in this mode too: they are charged, given up after `relay.max_attempts` and park
+/// their keys, while the rows of other keys in the same shards' transactions are committed and
+/// reach read-committed consumers once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_broker_would_refuse_fail_alone_and_the_healthy_rows_commit() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(2).await;
+    let missing = unique_name("missing");
+    let db = env.client().await;
+    let mut too_large = NewEvent::keyed(&topic, "A", 1);
+    too_large.payload = Some(format!(r#"{{"n": 1, "blob": "{}"}}"#, "x".repeat(3 * 1024 * 1024)));
+    let mut events = vec![too_large, NewEvent::keyed(&topic, "A", 2), NewEvent::keyed(&missing, "B", 1)];
+    events.extend((0..400).map(|n| NewEvent::keyed(&topic, &format!("healthy-{}", n % 40), n)));
+    insert_events(&db, &events).await;
+    let mut config = exactly_once(&env).await;
+    config.relay.max_attempts = 3;
+    config.relay.retry_backoff_initial = Duration::from_millis(50);
+    config.relay.retry_backoff_max = Duration::from_millis(200);
+
+    let mut relay = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "the two poison rows given up and the rest published", || async {
+        let failed: i64 =
+            db.query_one("SELECT count(*) FROM outbox WHERE failed_at IS NOT NULL", &[]).await.unwrap().get(0);
+        failed == 2 && unpublished_count(&db).await == 3
+    })
+    .await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+
+    let records = read_topic(&env.brokers, &topic).await;
+    let on_topic: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
+    assert_eq!(on_topic, marked_event_ids(&db).await, "the healthy rows, each marked");
+    assert_eq!(on_topic.len(), 400);
+    assert_eq!(records.len(), 400, "each once to read_committed consumers");
+    let attempts: Vec<i32> = db
+        .query("SELECT attempts FROM outbox WHERE failed_at IS NOT NULL ORDER BY key", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(attempts, [3, 3], "each poison row charged up to relay.max_attempts, no more");
+}
+
+/// A crash between the commit and the mark of a batch in which a row was refused before it was
+/// sent: the repair marks the rows the transaction carried, never the refused row, which the
+/// batch's first progress record named (its second, written once the refusal was known, names
+/// only the rows sent).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_batch_with_a_refused_row_never_marks_that_row() {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let topic = env.create_topic(1).await;
+    let db = env.client().await;
+    let mut too_large = NewEvent::keyed(&topic, "A", 1);
+    too_large.payload = Some(format!(r#"{{"n": 1, "blob": "{}"}}"#, "x".repeat(3 * 1024 * 1024)));
+    let refused = insert_events(&db, &[too_large]).await[0];
+    // Rows of the same key's shard: "A" again, after it, held back; and other rows.
+    let events: Vec<NewEvent> = (0..200).map(|n| NewEvent::keyed(&topic, &format!("k{}", n % 20), n)).collect();
+    insert_events(&db, &events).await;
+    let config = exactly_once(&env).await;
+
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-mark=return")]);
+    assert_eq!(relay.wait().await, None, "the relay was killed by the fault; log:\n{}", relay.log());
+    let mut relay = spawn_relay_process(&env, &config);
+    wait_until(PATIENCE, "the healthy rows marked", || async { unpublished_count(&db).await == 1 }).await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "log:\n{}", relay.log());
+    assert!(relay.log().contains("marked the rows of the shard's last committed batch"), "{}", relay.log());
+    let marked: bool =
+        db.query_one("SELECT published_at IS NOT NULL FROM outbox WHERE id = $1", &[&refused]).await.unwrap().get(0);
+    assert!(!marked, "the refused row was never sent and must stay unpublished");
+    let records = read_topic(&env.brokers, &topic).await;
+    assert_eq!(records.len(), 200, "each healthy row once");
+}

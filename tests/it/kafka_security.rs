@@ -43,10 +43,7 @@ async fn create_topic_with(client: &ClientConfig, configs: &[(&str, &str)]) -> S
     for (key, value) in configs {
         topic = topic.set(key, value);
     }
-    let results = admin
-        .create_topics(&[topic], &AdminOptions::new())
-        .await
-        .expect("create topic");
+    let results = admin.create_topics(&[topic], &AdminOptions::new()).await.expect("create topic");
     for result in results {
         result.unwrap_or_else(|(topic, e)| panic!("create topic {topic}: {e}"));
     }
