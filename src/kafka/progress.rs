@@ -40,8 +40,6 @@ pub struct Progress {
     pub table: String,
     /// The table's OID when the batch was claimed.
     pub table_oid: u32,
-    /// The table's storage file then (a `TRUNCATE` gives it a new one); `None` if partitioned.
-    pub filenode: Option<i64>,
     /// The shard.
     pub shard: i32,
     /// The rows the batch's transaction published.
@@ -210,7 +208,6 @@ mod tests {
             database: "shop".into(),
             table: "public.outbox".into(),
             table_oid: 16384,
-            filenode: Some(16390),
             shard: 3,
             rows: vec![ProgressRow { id: "41".into(), event_id: Some("0190c7a4-0000-7000-8000-000000000001".into()) }],
         }

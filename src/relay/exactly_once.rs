@@ -67,10 +67,11 @@ impl Transactions {
         if config.kafka.delivery != crate::config::Delivery::ExactlyOnce {
             return Ok(None);
         }
+        let name = config.kafka.exactly_once.progress_topic.clone();
         let config = config.clone();
         let topic = tokio::task::spawn_blocking(move || ProgressTopic::check(&config))
             .await
-            .map_err(|e| PublisherError::ProgressTopicUnreadable { topic: String::new(), error: e.to_string() })??;
+            .map_err(|e| PublisherError::ProgressTopicUnreadable { topic: name, error: e.to_string() })??;
         Ok(Some(Transactions { topic, producers: BTreeMap::new(), names: None, ever_started: false }))
     }
 
@@ -219,8 +220,9 @@ impl Relay {
             ));
         }
         // Where the event id is the row id itself, nothing tells a row from one that took its id
-        // since (a truncate restarting the identity): the batch is repaired only in the table it
-        // was claimed from.
+        // since in a table that replaced this one (renamed and recreated, restored): the batch is
+        // repaired only in the table of the OID it was claimed from. A `TRUNCATE ... RESTART
+        // IDENTITY` keeps the OID and is not told apart (the README says so).
         let mapping = &self.mapping;
         if mapping.event_id == mapping.id && progress.table_oid != outbox.table_oid() {
             warn!(
@@ -288,7 +290,6 @@ impl Relay {
                 database: database.clone(),
                 table: table.clone(),
                 table_oid,
-                filenode: None,
                 shard: *shard,
                 rows: Vec::new(),
             };

@@ -255,7 +255,6 @@ async fn the_progress_read_waits_for_transactions_open_below_the_end_rather_than
         database: "db".into(),
         table: "public.outbox".into(),
         table_oid: 1,
-        filenode: None,
         shard: 1,
         rows: vec![ProgressRow { id: "7".into(), event_id: None }],
     };
