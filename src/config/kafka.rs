@@ -69,9 +69,9 @@ pub enum Delivery {
     /// publishes those rows again, and consumers deduplicate by `event_id`.
     #[default]
     AtLeastOnce,
-    /// One Kafka transaction per shard and batch, with a progress record naming its rows; rows
-    /// are marked after the commit, and a crash before the mark is repaired from the progress
-    /// record, so `read_committed` consumers see every row once.
+    /// One Kafka transaction per batch, with a progress record for each of its shards naming
+    /// its rows; rows are marked after the commit, and a crash before the mark is repaired from
+    /// the progress records, so `read_committed` consumers see every row once.
     ExactlyOnce,
 }
 
@@ -79,12 +79,13 @@ pub enum Delivery {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExactlyOnce {
-    /// The compacted topic holding each shard's last committed batch (its rows' ids), written
-    /// in the batch's transaction. Created by the operator, like every topic.
+    /// The compacted topic holding each shard's owner and last committed batches (their rows'
+    /// ids), written in the batches' transactions. Created by the operator, like every topic.
     pub progress_topic: String,
-    /// The start of each shard's `transactional.id`: `PREFIX.DATABASE.SCHEMA.TABLE.SHARD`. Every
-    /// relay of one table uses the same prefix (a new owner of a shard fences the old one by
-    /// it); anything else writing with such an id fences the relay.
+    /// The start of the relay's `transactional.id` (`PREFIX.DATABASE.SCHEMA.TABLE.<random>`,
+    /// new for each producer) and of the progress records' keys
+    /// (`PREFIX.DATABASE.SCHEMA.TABLE.SHARD`). Every relay of one table uses the same prefix (a
+    /// new owner of a shard finds the producer to fence under the shard's key).
     pub transactional_id_prefix: String,
 }
 
@@ -98,10 +99,18 @@ impl Default for ExactlyOnce {
 }
 
 impl ExactlyOnce {
-    /// The `transactional.id` of `shard` of `table` (schema-qualified, as the server names it)
-    /// in `database`.
-    pub fn transactional_id(&self, database: &str, table: &str, shard: i32) -> String {
+    /// The key of the progress records of `shard` of `table` (schema-qualified, as the server
+    /// names it) in `database`.
+    pub fn progress_key(&self, database: &str, table: &str, shard: i32) -> String {
         format!("{}.{database}.{table}.{shard}", self.transactional_id_prefix)
+    }
+
+    /// A new `transactional.id` for a relay's producer of `table` in `database`: unique, so that
+    /// fencing it (by the next owner of one of its shards) fences that producer alone, and a
+    /// producer fenced once is never confused with its successor.
+    pub fn transactional_id(&self, database: &str, table: &str) -> String {
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        format!("{}.{database}.{table}.{}", self.transactional_id_prefix, &unique[..12])
     }
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
@@ -387,7 +396,7 @@ fn check_property(name: &str, value: &str) -> Result<(), ConfigError> {
     if name == "transactional.id" {
         return Err(ConfigError::new(
             key,
-            "the relay sets each shard's transactional id itself with kafka.delivery = \"exactly_once\" (from \
+            "the relay sets its transactional id itself with kafka.delivery = \"exactly_once\" (from \
              kafka.exactly_once.transactional_id_prefix); remove the key",
         ));
     }

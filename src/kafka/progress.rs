@@ -1,14 +1,19 @@
-//! The progress topic of `kafka.delivery = "exactly_once"`: each shard's last committed batch.
+//! The progress topic of `kafka.delivery = "exactly_once"`: each shard's owner and last
+//! committed batch.
 //!
-//! Every transaction of a shard carries, besides its records, one progress record keyed by the
-//! shard's transactional id that names the rows of the batch (ids and event ids). The topic is
-//! compacted, so it keeps each shard's latest. A relay that takes a shard (at start, after a
-//! reconnect, from another relay) first fences the shard's previous producer, then reads the
-//! shard's latest progress record as a `read_committed` consumer and marks the rows it names:
-//! a batch committed to Kafka whose mark the crash prevented is never published again.
+//! Every transaction carries, besides its records, one progress record for each shard it has
+//! rows of, keyed by the shard ([`crate::config::ExactlyOnce::progress_key`]), naming the
+//! transactional id that wrote it and the rows (ids and event ids) committed and perhaps not
+//! yet marked. The topic is compacted, so it keeps each shard's latest. A relay that takes a
+//! shard (at start, after a reconnect, from another relay) first fences the producers the
+//! shard's latest records name, then reads the shard's latest committed record and marks the
+//! rows it names, then commits a record naming itself the owner: a batch committed to Kafka
+//! whose mark a crash prevented is never published again, and the next relay to take the shard
+//! knows whom to fence.
 //!
 //! This module reads and checks the topic; it never touches the table.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
@@ -27,9 +32,12 @@ use crate::kafka::settings::reader_config;
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// The format of the progress record's value; a reader refuses a later one rather than guess.
-pub const FORMAT: u32 = 1;
+/// Format 1 (a producer per shard, keyed by its transactional id) had no `owner`: its writer's
+/// transactional id was the key.
+pub const FORMAT: u32 = 2;
 
-/// A shard's last committed batch, as its progress record holds it.
+/// A shard's owner and its batches committed and perhaps not yet marked, as its progress
+/// record holds them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     /// The value's format ([`FORMAT`]).
@@ -42,7 +50,12 @@ pub struct Progress {
     pub table_oid: u32,
     /// The shard.
     pub shard: i32,
-    /// The rows the batch's transaction published.
+    /// The transactional id that wrote the record: the producer a new owner of the shard must
+    /// fence.
+    #[serde(default)]
+    pub owner: String,
+    /// The rows committed by this record's transaction and by the one before it, whose mark may
+    /// still be under way: every row of the shard committed and perhaps not yet marked.
     pub rows: Vec<ProgressRow>,
 }
 
@@ -63,11 +76,14 @@ impl Progress {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Reads a record's value; `None` for one this relay cannot read (see [`FORMAT`]).
-    pub fn from_json(value: &[u8]) -> Result<Progress, String> {
-        let progress: Progress = serde_json::from_slice(value).map_err(|e| e.to_string())?;
-        if progress.format != FORMAT {
-            return Err(format!("format {} (this relay reads format {FORMAT})", progress.format));
+    /// Reads the value of the record of `key`; an error for one this relay cannot read (see
+    /// [`FORMAT`]).
+    pub fn from_json(key: &[u8], value: &[u8]) -> Result<Progress, String> {
+        let mut progress: Progress = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+        match progress.format {
+            FORMAT => {}
+            1 => progress.owner = String::from_utf8_lossy(key).into_owned(),
+            later => return Err(format!("format {later} (this relay reads formats 1 and {FORMAT})")),
         }
         Ok(progress)
     }
@@ -112,62 +128,113 @@ impl ProgressTopic {
         java_partition(key.as_bytes(), self.partitions as usize)
     }
 
-    /// The latest committed progress record of `key`, read as a `read_committed` consumer from
-    /// the start of its partition to the end it had when the read began; `None` if the key
-    /// has none. Call it only after `init_transactions` of the key's producer returned: until
-    /// then the previous owner's last transaction may still be committing, and a read begun
-    /// before would miss it. Blocks; run it off the async threads.
+    /// The latest committed progress record of `key` ([`ProgressTopic::read_latest_of`]).
     pub fn read_latest(&self, config: &Config, key: &str, within: Duration) -> Result<Option<Progress>, String> {
-        let partition = self.partition_of(key);
+        let mut latest = self.read_latest_of(config, &[key.to_owned()], Isolation::ReadCommitted, within)?;
+        Ok(latest.remove(key))
+    }
+
+    /// The latest progress record of each of `keys` that has one, read from the start of its
+    /// partition to the end the partition had when the read began. `ReadCommitted` sees only
+    /// committed records, and passes a transaction open below that end only once it has
+    /// ended: call it only after the producers that may hold one are fenced, or it waits for
+    /// the broker to abort them. `ReadUncommitted` sees every record written, aborted or still
+    /// open: the latest names the last producer to write for the key. Blocks; run it off the
+    /// async threads.
+    pub fn read_latest_of(
+        &self,
+        config: &Config,
+        keys: &[String],
+        isolation: Isolation,
+        within: Duration,
+    ) -> Result<HashMap<String, Progress>, String> {
+        let mut latest = HashMap::new();
+        let partitions: BTreeMap<i32, ()> = keys.iter().map(|k| (self.partition_of(k), ())).collect();
+        if partitions.is_empty() {
+            return Ok(latest);
+        }
         let consumer: BaseConsumer = reader_config(config)
             .set("group.id", "outbox-relay-progress")
             .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
+            .set("isolation.level", isolation.as_str())
             .create()
             .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + within;
         let left = || deadline.saturating_duration_since(Instant::now());
-        // The end is the high watermark, asked by a read_uncommitted client: asked by this
+        // The end is the high watermark, asked by a read_uncommitted client: asked by a
         // read_committed consumer, the broker answers the last stable offset, which an open
-        // transaction of another shard holds back (a relay killed mid-batch leaves one per
-        // shard until each is fenced), and a read that stopped there missed this shard's last
-        // commit when it was written after: the batch was published again (seen in the
-        // twelve-kill test).
+        // transaction of another relay holds back, and a read that stopped there missed a
+        // shard's last commit when it was written after: the batch was published again (seen
+        // in the twelve-kill test).
         let watermarks: BaseConsumer =
             reader_config(config).set("isolation.level", "read_uncommitted").create().map_err(|e| e.to_string())?;
-        let (_, end) = watermarks
-            .fetch_watermarks(&self.name, partition, left())
-            .map_err(|e| format!("reading the end of {}[{partition}]: {e}", self.name))?;
+        let mut ends = BTreeMap::new();
         let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(&self.name, partition, Offset::Beginning)
-            .map_err(|e: KafkaError| e.to_string())?;
+        for &partition in partitions.keys() {
+            let (_, end) = watermarks
+                .fetch_watermarks(&self.name, partition, left())
+                .map_err(|e| format!("reading the end of {}[{partition}]: {e}", self.name))?;
+            ends.insert(partition, end);
+            assignment
+                .add_partition_offset(&self.name, partition, Offset::Beginning)
+                .map_err(|e: KafkaError| e.to_string())?;
+        }
         consumer.assign(&assignment).map_err(|e| e.to_string())?;
-        let mut latest = None;
-        // The read ends at the partition's end as it was before: every record of this key
-        // committed by then is below it, and a read_committed consumer passes it only once every
-        // transaction below it has ended. Transaction markers take offsets too, so the position
-        // is followed rather than the records.
-        while position(&consumer, &self.name, partition) < end {
+        // The read ends at each partition's end as it was before: every record of a key written
+        // (or, read_committed, committed) by then is below it, and a read_committed consumer
+        // passes it only once every transaction below it has ended. Transaction markers take
+        // offsets too, so the positions are followed rather than the records.
+        let reached = |consumer: &BaseConsumer| {
+            ends.iter().all(|(&partition, &end)| position(consumer, &self.name, partition) >= end)
+        };
+        while !reached(&consumer) {
             if Instant::now() >= deadline {
-                return Err(format!("reading {}[{partition}] to offset {end} took longer than {within:?}", self.name));
+                return Err(format!("reading {} to the ends {ends:?} took longer than {within:?}", self.name));
             }
             match consumer.poll(POLL_TIMEOUT) {
-                Some(Ok(message)) if message.key() == Some(key.as_bytes()) => {
-                    latest = match message.payload() {
-                        Some(value) => Some(Progress::from_json(value).map_err(|e| {
-                            format!("the progress record at {}[{partition}]@{}: {e}", self.name, message.offset())
-                        })?),
-                        // A tombstone: nothing owed.
-                        None => None,
-                    };
+                Some(Ok(message)) => {
+                    let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
+                    if !keys.iter().any(|k| k == key) {
+                        continue;
+                    }
+                    match message.payload() {
+                        Some(value) => {
+                            let progress = Progress::from_json(key.as_bytes(), value).map_err(|e| {
+                                let (partition, offset) = (message.partition(), message.offset());
+                                format!("the progress record at {}[{partition}]@{offset}: {e}", self.name)
+                            })?;
+                            latest.insert(key.to_owned(), progress);
+                        }
+                        // A tombstone: nothing owed, no owner.
+                        None => {
+                            latest.remove(key);
+                        }
+                    }
                 }
-                Some(Ok(_)) | None => {}
+                None => {}
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => tracing::debug!(error = %e, "reading the progress topic; retrying"),
             }
         }
         Ok(latest)
+    }
+}
+
+/// Which records a read of the progress topic sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Committed records only, as a `read_committed` consumer.
+    ReadCommitted,
+    /// Every record written, as a `read_uncommitted` consumer.
+    ReadUncommitted,
+}
+
+impl Isolation {
+    fn as_str(self) -> &'static str {
+        match self {
+            Isolation::ReadCommitted => "read_committed",
+            Isolation::ReadUncommitted => "read_uncommitted",
+        }
     }
 }
 
@@ -209,19 +276,27 @@ mod tests {
             table: "public.outbox".into(),
             table_oid: 16384,
             shard: 3,
+            owner: "relay.shop.public.outbox.7f3a".into(),
             rows: vec![ProgressRow { id: "41".into(), event_id: Some("0190c7a4-0000-7000-8000-000000000001".into()) }],
         }
     }
 
     #[test]
     fn a_progress_record_reads_back_as_written() {
-        assert_eq!(Progress::from_json(&progress().to_json()), Ok(progress()));
+        assert_eq!(Progress::from_json(b"k", &progress().to_json()), Ok(progress()));
+    }
+
+    #[test]
+    fn a_record_of_format_one_was_written_by_the_producer_its_key_names() {
+        let old = Progress { format: 1, owner: String::new(), ..progress() };
+        let read = Progress::from_json(b"relay.shop.public.outbox.3", &old.to_json()).expect("format 1 reads");
+        assert_eq!(read.owner, "relay.shop.public.outbox.3");
     }
 
     #[test]
     fn a_progress_record_of_another_format_is_refused_not_guessed() {
         let later = Progress { format: FORMAT + 1, ..progress() };
-        let refused = Progress::from_json(&later.to_json()).unwrap_err();
-        assert!(refused.contains("format 2"), "{refused}");
+        let refused = Progress::from_json(b"k", &later.to_json()).unwrap_err();
+        assert!(refused.contains("format 3"), "{refused}");
     }
 }

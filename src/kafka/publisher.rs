@@ -82,16 +82,16 @@ pub enum PublisherError {
         /// librdkafka's answer.
         error: String,
     },
-    /// `kafka.delivery = "exactly_once"` and another writer uses this relay's transactional id.
+    /// `kafka.delivery = "exactly_once"` and another relay's table writes progress records
+    /// under this relay's keys.
     #[error(
-        "kafka.exactly_once.transactional_id_prefix: transactional id {transactional_id} is used by {other}; each \
-         table's relays need their own prefix: set kafka.exactly_once.transactional_id_prefix to a name nothing else \
-         uses"
+        "kafka.exactly_once.transactional_id_prefix: the progress key {key} is used by {other}; each table's \
+         relays need their own prefix: set kafka.exactly_once.transactional_id_prefix to a name nothing else uses"
     )]
-    TransactionalIdTaken {
-        /// The id.
-        transactional_id: String,
-        /// Who else wrote with it.
+    ProgressKeyTaken {
+        /// The key.
+        key: String,
+        /// Who else wrote under it.
         other: String,
     },
 }

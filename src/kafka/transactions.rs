@@ -1,11 +1,12 @@
-//! Kafka transactions for `kafka.delivery = "exactly_once"`: one transactional producer per
-//! shard, and what each step of a transaction can answer.
+//! Kafka transactions for `kafka.delivery = "exactly_once"`: the relay's transactional
+//! producer, the fencing of another's, and what each step of a transaction can answer.
 //!
-//! A shard's producer has the transactional id [`crate::config::ExactlyOnce::transactional_id`],
-//! the same in every relay of the table, so that `init_transactions` by a new owner of the
-//! shard fences the old owner at once: its open transaction is aborted and its next step fails
-//! with [`TransactionError::Fenced`]. A transaction's records become visible to `read_committed`
-//! consumers only when it commits, together with the shard's progress record
+//! A relay's producer has a transactional id of its own
+//! ([`crate::config::ExactlyOnce::transactional_id`]), which the progress records of the shards
+//! it writes name. A new owner of a shard fences the producer they name at once ([`fence`]):
+//! `init_transactions` with its id aborts its open transaction, and its next step fails with
+//! [`TransactionError::Fenced`]. A transaction's records become visible to `read_committed`
+//! consumers only when it commits, together with its progress records
 //! ([`crate::kafka::progress`]).
 
 use std::sync::Arc;
@@ -23,9 +24,9 @@ use crate::service::metrics::Metrics;
 /// What a transaction step answered other than success.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TransactionError {
-    /// A newer producer with the shard's transactional id exists (another relay took the shard
-    /// over, or something else uses the id): this one may do nothing more, and its open
-    /// transaction was aborted.
+    /// A newer producer with this one's transactional id exists (another relay took one of its
+    /// shards and fenced it): this one may do nothing more, and its open transaction was
+    /// aborted.
     #[error("fenced by a newer producer with the same transactional id: {0}")]
     Fenced(String),
     /// The transaction cannot commit (a record failed, a broker refused a step); it must be
@@ -64,10 +65,8 @@ impl TransactionError {
     }
 }
 
-/// A shard's transactional producer: a [`Publisher`] whose records go out in transactions.
-pub struct ShardProducer {
-    /// The shard.
-    pub shard: i32,
+/// A relay's transactional producer: a [`Publisher`] whose records go out in transactions.
+pub struct TransactionalProducer {
     /// Its transactional id.
     pub transactional_id: String,
     /// The producer; its `publish` sends a transaction's records.
@@ -76,23 +75,20 @@ pub struct ShardProducer {
     open: bool,
 }
 
-impl ShardProducer {
-    /// Creates the shard's producer and fences every earlier producer of its transactional id
-    /// (`init_transactions`): when it returns, the previous owner's open transaction is
-    /// aborted, or its commit completed, and the previous owner can write nothing more.
+impl TransactionalProducer {
+    /// Creates a producer with `transactional_id` and runs its `init_transactions`.
     pub async fn start(
         config: &Config,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
-        shard: i32,
         transactional_id: String,
         within: Duration,
-    ) -> Result<ShardProducer, StartError> {
+    ) -> Result<TransactionalProducer, StartError> {
         let publisher =
             Publisher::transactional(config, metrics, health, &transactional_id).map_err(StartError::Create)?;
         let producer = publisher.producer.clone();
         match tokio::task::spawn_blocking(move || producer.init_transactions(within)).await {
-            Ok(Ok(())) => Ok(ShardProducer { shard, transactional_id, publisher, open: false }),
+            Ok(Ok(())) => Ok(TransactionalProducer { transactional_id, publisher, open: false }),
             Ok(Err(e)) => {
                 Err(StartError::Init { transactional_id, error: e.to_string(), code: e.rdkafka_error_code() })
             }
@@ -107,18 +103,17 @@ impl ShardProducer {
         Ok(())
     }
 
-    /// Sends the shard's progress record within the open transaction, to its own partition of
-    /// the progress topic, keyed by the transactional id.
+    /// Sends a shard's progress record within the open transaction, keyed `key`, to the key's
+    /// partition of the progress topic.
     pub fn send_progress(
         &self,
         topic: &ProgressTopic,
+        key: &str,
         progress: &Progress,
     ) -> Result<DeliveryFuture, TransactionError> {
         let value = progress.to_json();
-        let record = FutureRecord::to(&topic.name)
-            .key(self.transactional_id.as_str())
-            .payload(value.as_slice())
-            .partition(topic.partition_of(&self.transactional_id));
+        let record =
+            FutureRecord::to(&topic.name).key(key).payload(value.as_slice()).partition(topic.partition_of(key));
         self.publisher.producer.send_result(record).map_err(|(e, _)| TransactionError::of(e))
     }
 
@@ -149,6 +144,23 @@ impl ShardProducer {
     }
 }
 
+/// Fences every producer with `transactional_id`: `init_transactions` with it, which aborts
+/// that producer's open transaction (or completes its commit, if the commit had begun) and
+/// makes its every later step fail. The producer that fenced is then dropped.
+pub async fn fence(config: &Config, transactional_id: &str, within: Duration) -> Result<(), StartError> {
+    let settings = crate::kafka::settings::transactional_producer_config(config, transactional_id);
+    let fencer: rdkafka::producer::BaseProducer =
+        settings.create().map_err(|e| StartError::Create(PublisherError::Create(e)))?;
+    let id = transactional_id.to_owned();
+    match tokio::task::spawn_blocking(move || fencer.init_transactions(within)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            Err(StartError::Init { transactional_id: id, error: e.to_string(), code: e.rdkafka_error_code() })
+        }
+        Err(e) => Err(StartError::Init { transactional_id: id, error: e.to_string(), code: None }),
+    }
+}
+
 /// Runs a transaction step, which blocks until the cluster answers, off the async threads.
 async fn blocking(step: impl FnOnce() -> Result<(), KafkaError> + Send + 'static) -> Result<(), TransactionError> {
     match tokio::task::spawn_blocking(step).await {
@@ -157,7 +169,7 @@ async fn blocking(step: impl FnOnce() -> Result<(), KafkaError> + Send + 'static
     }
 }
 
-/// Why a shard's transactional producer could not start.
+/// Why a transactional producer could not start (or fence another).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// librdkafka refused the configuration.
@@ -166,7 +178,7 @@ pub enum StartError {
     /// `init_transactions` failed.
     #[error("init_transactions of transactional id {transactional_id}: {error}")]
     Init {
-        /// The shard's transactional id.
+        /// The transactional id.
         transactional_id: String,
         /// librdkafka's answer.
         error: String,

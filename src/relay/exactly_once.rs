@@ -1,63 +1,76 @@
 //! Exactly-once batches (`kafka.delivery = "exactly_once"`): a batch goes out in one Kafka
-//! transaction per shard, each with the shard's progress record, and is marked after the
-//! commit; a shard is taken only after its previous producer is fenced and its last committed
-//! batch marked.
+//! transaction of the relay's producer, with a progress record for each shard it has rows of,
+//! and is marked after the commit; a shard's rows go out only once the producer its progress
+//! records name is fenced, its committed rows marked, and a record naming this relay's producer
+//! committed.
 //!
 //! Why a `read_committed` consumer sees each row once, whatever crashes, takeovers and broker
 //! failures interleave (the README gives the long form):
-//! - a shard's records are written only by the producer with its transactional id, and a new
-//!   one (a takeover, a restart) fences the old one in `init_transactions`, which also ends the
-//!   old one's open transaction: aborted, or its commit completed;
-//! - a transaction either commits with its records and the progress record naming its rows, or
-//!   shows none of them: aborted records stay unpublished in the table and go out again;
-//! - a committed batch is marked after the commit; if a crash (of the relay, or of PostgreSQL
-//!   before the mark reached its WAL) comes first, the next owner of the shard reads the shard's
-//!   latest progress record after fencing and marks those rows before it claims anything
-//!   ([`Relay::ready_transactions`]);
-//! - the topic keeps only a shard's latest progress record, so a batch's mark is durable
-//!   (`synchronous_commit = on` on the relay's session) before the shard's next transaction
-//!   commits: a batch claims nothing before the batch before it is marked, and with this mode
-//!   no batch is claimed ahead.
+//! - a shard is taken ([`Relay::ready_transactions`]) by fencing every producer its latest
+//!   progress records name (read as written, committed or not, and as committed), which ends
+//!   their open transactions (aborted, or their commit completed) and stops them writing; then
+//!   reading its latest committed record and marking the rows it names; then committing a
+//!   record naming this relay's producer its owner. Its rows go out only after: so the latest
+//!   record of a shard always names the one producer that may hold its rows in an open
+//!   transaction, and the next owner fences it. A producer is never reused once fenced: a new
+//!   one has a new transactional id and takes every shard again;
+//! - a transaction either commits with its records and the progress records naming their rows,
+//!   or shows none of them: aborted records stay unpublished in the table and go out again;
+//! - a committed batch is marked after the commit, while the next batch's transaction runs; the
+//!   next transaction's progress records name both batches' rows, and nothing is claimed for
+//!   the one after until the mark is written (`synchronous_commit = on`), so a shard's latest
+//!   committed record always names every row of it committed and perhaps not marked: a crash (of
+//!   the relay, or of PostgreSQL before the mark reached its WAL) is repaired by the next owner.
 //!
 //! A record the broker refuses fails the transaction's commit: the transaction is aborted,
 //! the row whose own error it was is charged an attempt (it then waits out its backoff and goes
 //! out alone for its key, and is given up after `relay.max_attempts`), and the other rows go out
 //! again in the next transaction, not charged.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::{Cut, Relay, RelayError};
 use crate::kafka::delivery::Outcome;
-use crate::kafka::progress::{Progress, ProgressRow, ProgressTopic};
+use crate::kafka::progress::{Isolation, Progress, ProgressRow, ProgressTopic};
 use crate::kafka::publisher::{Published, PublisherError};
 use crate::kafka::record::Record;
-use crate::kafka::transactions::{ShardProducer, StartError, TransactionError};
+use crate::kafka::transactions::{StartError, TransactionError, TransactionalProducer, fence};
 use crate::postgres::outbox::Outbox;
 use crate::postgres::row::{RowId, RowRef};
 
 /// How long one commit or abort may wait for the cluster before it is tried again.
 const TRANSACTION_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long `init_transactions` of a shard may wait once the relay has run a transaction: a
-/// cluster that does not answer then is an outage, waited out.
+/// How long `init_transactions` may wait once the relay has run a transaction: a cluster that
+/// does not answer then is an outage, waited out.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The transactional side of the loop: the progress topic, and a started and repaired
-/// producer for each shard held.
+/// How many times the shards' committed records are read again after fencing a producer they
+/// named that the records as written did not: fencing completes a commit under way, which may
+/// then be the latest.
+const FENCING_ROUNDS: usize = 3;
+
+/// The transactional side of the loop: the progress topic, the relay's producer, and the
+/// shards taken for it.
 pub(super) struct Transactions {
     topic: ProgressTopic,
-    /// A producer for each shard held whose previous producer was fenced and whose last
-    /// committed batch is marked: only these shards' rows are produced.
-    producers: BTreeMap<i32, ShardProducer>,
-    /// The database and the table, as transactional ids and progress records name them;
-    /// read at the first connection.
+    /// The relay's producer; `None` before the first turn and after it was fenced or failed.
+    producer: Option<TransactionalProducer>,
+    /// The shards taken for the producer: the producers their progress records named are
+    /// fenced, the rows those records named are marked, and a record naming this producer is
+    /// committed. Only these shards' rows are produced.
+    taken: BTreeSet<i32>,
+    /// The database and the table, as progress records name them; read at the first connection.
     names: Option<(String, String)>,
-    /// Whether a shard's producer ever started: until then the cluster's refusal is a
-    /// configuration problem (a broker without transactions), after it an outage.
+    /// Whether a producer ever started: until then the cluster's refusal is a configuration
+    /// problem (a broker without transactions), after it an outage.
     ever_started: bool,
+    /// The rows, by shard, of the last transaction committed: their mark runs while the next
+    /// transaction does, so its progress records name them too.
+    last_committed: BTreeMap<i32, Vec<ProgressRow>>,
 }
 
 impl Transactions {
@@ -72,49 +85,62 @@ impl Transactions {
         let topic = tokio::task::spawn_blocking(move || ProgressTopic::check(&config))
             .await
             .map_err(|e| PublisherError::ProgressTopicUnreadable { topic: name, error: e.to_string() })??;
-        Ok(Some(Transactions { topic, producers: BTreeMap::new(), names: None, ever_started: false }))
+        Ok(Some(Transactions {
+            topic,
+            producer: None,
+            taken: BTreeSet::new(),
+            names: None,
+            ever_started: false,
+            last_committed: BTreeMap::new(),
+        }))
     }
 
-    /// Forgets every shard's producer: the shards' locks went with the database session, and
-    /// a shard taken again must fence and repair again.
+    /// Forgets the shards taken: their locks went with the database session, and a shard
+    /// locked again must be taken again (another relay may have written it meanwhile).
     pub(super) fn forget(&mut self) {
-        self.producers.clear();
+        self.taken.clear();
     }
 
-    /// Aborts every open transaction (at shutdown, when the grace period cut a batch short):
+    /// Aborts the open transaction (at shutdown, when the grace period cut a batch short):
     /// never left for the broker's transaction timeout, which would hold back `read_committed`
     /// consumers of its partitions until then.
     pub(super) async fn abort_open(&mut self) {
-        for producer in self.producers.values_mut().filter(|p| p.is_open()) {
-            if let Err(e) = producer.abort(TRANSACTION_STEP_TIMEOUT).await {
-                warn!(shard = producer.shard, error = %e, "could not abort the open transaction at shutdown");
-            }
+        if let Some(producer) = self.producer.as_mut().filter(|p| p.is_open())
+            && let Err(e) = producer.abort(TRANSACTION_STEP_TIMEOUT).await
+        {
+            warn!(transactional_id = %producer.transactional_id, error = %e, "could not abort the open transaction at shutdown");
         }
+    }
+
+    /// The key of `shard`'s progress records.
+    fn key(&self, config: &crate::config::Config, shard: i32) -> Option<String> {
+        let (database, table) = self.names.as_ref()?;
+        Some(config.kafka.exactly_once.progress_key(database, table, shard))
     }
 }
 
-/// How one shard's transaction ended.
+/// How a transaction ended.
 enum Ended {
-    Committed,
+    /// Committed; the rows of each shard it committed.
+    Committed(BTreeMap<i32, Vec<ProgressRow>>),
     Aborted,
-    /// The producer is fenced or failed: it is dropped, and the shard fenced and repaired again
-    /// before its next batch.
+    /// The producer is fenced or failed: it is dropped, and a new one takes the shards again
+    /// before the next batch.
     ProducerGone,
 }
 
 impl Relay {
-    /// Makes every shard held ready for transactions before anything is claimed: starts its
-    /// producer (which fences the previous one), reads its latest progress record and marks the
-    /// rows it names. Drops the producers of shards no longer held.
+    /// Makes the relay ready for transactions on every shard held, before anything is claimed:
+    /// starts a producer if there is none, and takes each shard not taken yet for it.
     pub(super) async fn ready_transactions(
         &self,
         tx: &mut Transactions,
         outbox: &Outbox,
         owned: &[i32],
     ) -> Result<(), Cut> {
-        tx.producers.retain(|shard, _| owned.contains(shard));
-        let missing: Vec<i32> = owned.iter().copied().filter(|s| !tx.producers.contains_key(s)).collect();
-        if missing.is_empty() {
+        tx.taken.retain(|shard| owned.contains(shard));
+        tx.last_committed.retain(|shard, _| owned.contains(shard));
+        if tx.producer.is_some() && owned.iter().all(|shard| tx.taken.contains(shard)) {
             return Ok(());
         }
         if tx.names.is_none() {
@@ -124,137 +150,234 @@ impl Relay {
             }
         }
         let Some((database, table)) = tx.names.clone() else { return Err(Cut::NextTurn) };
-        // Every missing shard at once: each start is a few round trips to the transaction
-        // coordinator, and a relay taking over sixteen shards one after another waited seconds.
-        let ever_started = tx.ever_started;
-        let tx_ref = &*tx;
-        let readied = futures::future::join_all(missing.iter().map(|&shard| {
-            let (database, table) = (database.as_str(), table.as_str());
-            async move {
-                let producer = self.start_shard(shard, database, table, ever_started).await?;
-                self.repair(tx_ref, outbox, &producer, database, table).await?;
-                Ok::<_, Cut>(producer)
-            }
-        }))
-        .await;
-        let mut first_cut = None;
-        for readied in readied {
-            match readied {
-                Ok(producer) => {
-                    info!(shard = producer.shard, transactional_id = %producer.transactional_id, "shard ready for transactions");
-                    tx.ever_started = true;
-                    tx.producers.insert(producer.shard, producer);
-                }
-                // A configuration problem outranks an outage.
-                Err(cut @ Cut::Fail(_)) => first_cut = Some(cut),
-                Err(cut) => {
-                    first_cut.get_or_insert(cut);
-                }
-            }
+        if tx.producer.is_none() {
+            // A new producer writes no shard before a record naming it is committed there.
+            tx.taken.clear();
+            let producer = self.start_producer(&database, &table, tx.ever_started).await?;
+            info!(transactional_id = %producer.transactional_id, "started the transactional producer");
+            tx.ever_started = true;
+            tx.producer = Some(producer);
         }
-        first_cut.map_or(Ok(()), Err)
+        let missing: Vec<i32> = owned.iter().copied().filter(|s| !tx.taken.contains(s)).collect();
+        self.take_shards(tx, outbox, &missing).await?;
+        tx.taken.extend(missing);
+        Ok(())
     }
 
-    /// Starts `shard`'s producer, which fences the one before it.
-    async fn start_shard(
+    /// Starts a producer with a new transactional id.
+    async fn start_producer(
         &self,
-        shard: i32,
         database: &str,
         table: &str,
         ever_started: bool,
-    ) -> Result<ShardProducer, Cut> {
-        let transactional_id = self.config.kafka.exactly_once.transactional_id(database, table, shard);
+    ) -> Result<TransactionalProducer, Cut> {
+        let transactional_id = self.config.kafka.exactly_once.transactional_id(database, table);
         let within = if ever_started { INIT_TIMEOUT } else { self.config.kafka.startup_timeout };
-        let started = ShardProducer::start(
+        let started = TransactionalProducer::start(
             &self.config,
             self.metrics.clone(),
             self.health.clone(),
-            shard,
             transactional_id,
             within,
         )
         .await;
         match started {
             Ok(producer) => Ok(producer),
-            Err(StartError::Create(e)) => Err(Cut::Fail(e.into())),
-            Err(StartError::Init { error, .. }) if !ever_started => {
-                Err(Cut::Fail(PublisherError::TransactionsRefused { error }.into()))
-            }
-            Err(e) if e.is_permanent() => {
-                Err(Cut::Fail(PublisherError::TransactionsRefused { error: e.to_string() }.into()))
-            }
-            Err(e) => Err(self.outage(e.to_string()).await),
+            Err(e) => Err(self.start_failed(e, ever_started).await),
         }
     }
 
-    /// Marks the rows of the shard's latest committed batch, which a crash may have left
-    /// unmarked. Runs after the shard's producer fenced the one before it.
+    /// What a producer that could not start (or fence another) means: a configuration problem
+    /// before any producer started, or one the cluster says is permanent; an outage otherwise.
+    async fn start_failed(&self, error: StartError, ever_started: bool) -> Cut {
+        match error {
+            StartError::Create(e) => Cut::Fail(e.into()),
+            StartError::Init { error, .. } if !ever_started => {
+                Cut::Fail(PublisherError::TransactionsRefused { error }.into())
+            }
+            e if e.is_permanent() => Cut::Fail(PublisherError::TransactionsRefused { error: e.to_string() }.into()),
+            e => self.outage(e.to_string()).await,
+        }
+    }
+
+    /// Takes `shards` for the relay's producer: fences the producers their progress records
+    /// name, marks the rows their latest committed records name (which a crash may have left
+    /// unmarked), and commits a record for each naming this relay's producer.
+    async fn take_shards(&self, tx: &mut Transactions, outbox: &Outbox, shards: &[i32]) -> Result<(), Cut> {
+        if shards.is_empty() {
+            return Ok(());
+        }
+        let Some(own_id) = tx.producer.as_ref().map(|p| p.transactional_id.clone()) else { return Err(Cut::NextTurn) };
+        let keys: BTreeMap<String, i32> =
+            shards.iter().filter_map(|&shard| Some((tx.key(&self.config, shard)?, shard))).collect();
+        let key_list: Vec<String> = keys.keys().cloned().collect();
+        // The records as written name the last producer to write each shard, even one whose
+        // transaction is open (frozen, or killed) and holds back a committed read.
+        let written = self.read_progress(tx, &key_list, Isolation::ReadUncommitted).await?;
+        let mut fenced: BTreeSet<String> = BTreeSet::new();
+        self.fence_owners(&written, &own_id, &mut fenced).await?;
+        let mut committed = self.read_progress(tx, &key_list, Isolation::ReadCommitted).await?;
+        for _ in 0..FENCING_ROUNDS {
+            let before = fenced.len();
+            self.fence_owners(&committed, &own_id, &mut fenced).await?;
+            if fenced.len() == before {
+                break;
+            }
+            committed = self.read_progress(tx, &key_list, Isolation::ReadCommitted).await?;
+        }
+        self.repair(tx, outbox, &keys, &committed).await?;
+        self.claim_ownership(tx, &keys).await
+    }
+
+    /// Reads the latest progress records of `keys` as `isolation` sees them.
+    async fn read_progress(
+        &self,
+        tx: &Transactions,
+        keys: &[String],
+        isolation: Isolation,
+    ) -> Result<HashMap<String, Progress>, Cut> {
+        let (config, topic, keys) = (self.config.clone(), tx.topic.clone(), keys.to_vec());
+        let within = self.config.kafka.startup_timeout;
+        let read = tokio::task::spawn_blocking(move || topic.read_latest_of(&config, &keys, isolation, within))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        match read {
+            Ok(latest) => Ok(latest),
+            Err(e) => Err(self.outage(format!("reading the progress topic: {e}")).await),
+        }
+    }
+
+    /// Fences every producer `latest` names but this relay's own and those in `fenced`, all at
+    /// once, and adds them to `fenced`.
+    async fn fence_owners(
+        &self,
+        latest: &HashMap<String, Progress>,
+        own_id: &str,
+        fenced: &mut BTreeSet<String>,
+    ) -> Result<(), Cut> {
+        let owners: BTreeSet<&str> = latest
+            .values()
+            .map(|p| p.owner.as_str())
+            .filter(|owner| !owner.is_empty() && *owner != own_id && !fenced.contains(*owner))
+            .collect();
+        let within = INIT_TIMEOUT.max(self.config.kafka.startup_timeout);
+        let results = futures::future::join_all(owners.iter().map(|owner| fence(&self.config, owner, within))).await;
+        for (owner, result) in owners.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    info!(transactional_id = %owner, "fenced the producer that wrote a shard before");
+                    fenced.insert((*owner).to_owned());
+                }
+                Err(e) => return Err(self.start_failed(e, true).await),
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the rows the shards' latest committed records name, once their producers are
+    /// fenced.
     async fn repair(
         &self,
         tx: &Transactions,
         outbox: &Outbox,
-        producer: &ShardProducer,
-        database: &str,
-        table: &str,
+        keys: &BTreeMap<String, i32>,
+        committed: &HashMap<String, Progress>,
     ) -> Result<(), Cut> {
-        let (config, topic, key) = (self.config.clone(), tx.topic.clone(), producer.transactional_id.clone());
-        let within = self.config.kafka.startup_timeout;
-        let read = tokio::task::spawn_blocking(move || topic.read_latest(&config, &key, within))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-        let progress = match read {
-            Ok(Some(progress)) => progress,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(self.outage(format!("reading the progress topic: {e}")).await),
-        };
-        if progress.database != database || progress.table != table || progress.shard != producer.shard {
-            return Err(Cut::Fail(
-                PublisherError::TransactionalIdTaken {
-                    transactional_id: producer.transactional_id.clone(),
-                    other: format!(
-                        "the relay of table {} in database {} (shard {})",
-                        progress.table, progress.database, progress.shard
-                    ),
-                }
-                .into(),
-            ));
-        }
-        // Where the event id is the row id itself, nothing tells a row from one that took its id
-        // since in a table that replaced this one (renamed and recreated, restored): the batch is
-        // repaired only in the table of the OID it was claimed from. A `TRUNCATE ... RESTART
-        // IDENTITY` keeps the OID and is not told apart (the README says so).
-        let mapping = &self.mapping;
-        if mapping.event_id == mapping.id && progress.table_oid != outbox.table_oid() {
-            warn!(
-                shard = producer.shard,
-                "the shard's last committed batch was claimed from another table of this name; not marking its rows"
+        let Some((database, table)) = tx.names.as_ref() else { return Err(Cut::NextTurn) };
+        let mut rows: Vec<RowRef> = Vec::new();
+        for (key, &shard) in keys {
+            let Some(progress) = committed.get(key) else { continue };
+            if progress.database != *database || progress.table != *table || progress.shard != shard {
+                return Err(Cut::Fail(
+                    PublisherError::ProgressKeyTaken {
+                        key: key.clone(),
+                        other: format!(
+                            "the relay of table {} in database {} (shard {})",
+                            progress.table, progress.database, progress.shard
+                        ),
+                    }
+                    .into(),
+                ));
+            }
+            // Where the event id is the row id itself, nothing tells a row from one that took
+            // its id since in a table that replaced this one (renamed and recreated, restored):
+            // the batch is repaired only in the table of the OID it was claimed from. A
+            // `TRUNCATE ... RESTART IDENTITY` keeps the OID and is not told apart (the README
+            // says so).
+            let mapping = &self.mapping;
+            if mapping.event_id == mapping.id && !progress.rows.is_empty() && progress.table_oid != outbox.table_oid() {
+                warn!(
+                    shard,
+                    "the shard's last committed batch was claimed from another table of this name; not marking its rows"
+                );
+                continue;
+            }
+            rows.extend(
+                progress
+                    .rows
+                    .iter()
+                    .map(|row| RowRef { id: RowId::from(row.id.clone()), event_id: row.event_id.clone() }),
             );
-            return Ok(());
         }
-        let rows: Vec<RowRef> = progress
-            .rows
-            .iter()
-            .map(|row| RowRef { id: RowId::from(row.id.clone()), event_id: row.event_id.clone() })
-            .collect();
         match outbox.mark_published(&rows).await {
             Ok(marked) => {
                 if marked > 0 {
                     info!(
-                        shard = producer.shard,
                         rows = marked,
-                        "marked the rows of the shard's last committed batch, which were not marked yet"
+                        "marked the rows of the shards' last committed batches, which were not marked yet"
                     );
                 }
                 Ok(())
             }
-            Err(e) => Err(self.outage(format!("marking the shard's last committed batch: {e}")).await),
+            Err(e) => Err(self.outage(format!("marking the shards' last committed batches: {e}")).await),
+        }
+    }
+
+    /// Commits a progress record for each shard of `keys` naming this relay's producer, and no
+    /// rows (those named before are marked now).
+    async fn claim_ownership(&self, tx: &mut Transactions, keys: &BTreeMap<String, i32>) -> Result<(), Cut> {
+        let Some((database, table)) = tx.names.clone() else { return Err(Cut::NextTurn) };
+        let Transactions { topic, producer, .. } = tx;
+        let Some(producer) = producer.as_mut() else { return Err(Cut::NextTurn) };
+        let result = async {
+            producer.begin()?;
+            let mut records = Vec::with_capacity(keys.len());
+            for (key, &shard) in keys {
+                let progress = Progress {
+                    format: crate::kafka::progress::FORMAT,
+                    database: database.clone(),
+                    table: table.clone(),
+                    table_oid: 0,
+                    shard,
+                    owner: producer.transactional_id.clone(),
+                    rows: Vec::new(),
+                };
+                records.push(producer.send_progress(topic, key, &progress)?);
+            }
+            self.commit_with_progress(producer, records).await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.metrics.transactions.with_label_values(&["committed"]).inc();
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.transactions.with_label_values(&["aborted"]).inc();
+                let gone = matches!(e, TransactionError::Fenced(_) | TransactionError::Fatal(_))
+                    || producer.abort(TRANSACTION_STEP_TIMEOUT).await.is_err();
+                if gone {
+                    tx.producer = None;
+                }
+                Err(self.outage(format!("committing the shards' new owner: {e}")).await)
+            }
         }
     }
 
     /// Waits out an outage met while readying the shards, then starts the next turn.
     async fn outage(&self, what: String) -> Cut {
         let delay = self.config.relay.backoff_initial.max(Duration::from_secs(1));
-        warn!(error = %what, retry_in = ?delay, "exactly-once delivery cannot start a shard yet; retrying");
+        warn!(error = %what, retry_in = ?delay, "exactly-once delivery cannot take its shards yet; retrying");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = self.shutdown.requested() => {}
@@ -263,9 +386,9 @@ impl Relay {
     }
 
     /// Produces `records` (of rows `rows`, shards `shards`, in the batch's order) in one
-    /// transaction per shard, all at once, and returns each record's outcome: acknowledged only
-    /// if its transaction committed.
-    pub(super) async fn deliver_in_transactions(
+    /// transaction, and returns each record's outcome: acknowledged only if the transaction
+    /// committed. Rows of a shard not taken wait.
+    pub(super) async fn deliver_in_transaction(
         &self,
         tx: &mut Transactions,
         table_oid: u32,
@@ -274,120 +397,127 @@ impl Relay {
         shards: &[i32],
     ) -> Published {
         let mut outcomes = vec![Outcome::Deferred; records.len()];
-        let mut by_shard: BTreeMap<i32, Vec<usize>> = BTreeMap::new();
-        for (index, shard) in shards.iter().enumerate() {
-            by_shard.entry(*shard).or_default().push(index);
-        }
+        let chosen: Vec<usize> = (0..records.len()).filter(|&i| tx.taken.contains(&shards[i])).collect();
+        let keys: BTreeMap<i32, String> =
+            chosen.iter().filter_map(|&i| Some((shards[i], tx.key(&self.config, shards[i])?))).collect();
         let Some((database, table)) = tx.names.clone() else {
             return Published { outcomes, unacknowledged: Vec::new() };
         };
-        let Transactions { topic, producers, .. } = tx;
-        let topic = &*topic;
-        let work = producers.iter_mut().filter_map(|(shard, producer)| {
-            let indices = by_shard.remove(shard)?;
-            let progress = Progress {
-                format: crate::kafka::progress::FORMAT,
-                database: database.clone(),
-                table: table.clone(),
-                table_oid,
-                shard: *shard,
-                rows: Vec::new(),
-            };
-            Some(async move {
-                let records: Vec<Record> = indices.iter().map(|i| records[*i].clone()).collect();
-                let rows: Vec<RowRef> = indices.iter().map(|i| rows[*i].clone()).collect();
-                let (outcomes, ended) = self.one_transaction(producer, topic, &records, &rows, progress).await;
-                (indices, outcomes, ended, *shard)
-            })
-        });
-        let results = futures::future::join_all(work).await;
-        for (indices, shard_outcomes, ended, shard) in results {
-            for (index, outcome) in indices.into_iter().zip(shard_outcomes) {
-                outcomes[index] = outcome;
-            }
-            if let Ended::ProducerGone = ended {
-                producers.remove(&shard);
-            }
+        let Transactions { topic, producer, last_committed, .. } = tx;
+        let Some(producer_ref) = producer.as_mut() else {
+            return Published { outcomes, unacknowledged: Vec::new() };
+        };
+        if chosen.is_empty() {
+            return Published { outcomes, unacknowledged: Vec::new() };
         }
-        // Rows of a shard without a producer (it was dropped this turn) wait for the next batch.
+        let batch = Batch {
+            records: chosen.iter().map(|&i| records[i].clone()).collect(),
+            rows: chosen.iter().map(|&i| rows[i].clone()).collect(),
+            shards: chosen.iter().map(|&i| shards[i]).collect(),
+            keys,
+            carried: last_committed,
+            template: Progress {
+                format: crate::kafka::progress::FORMAT,
+                database,
+                table,
+                table_oid,
+                shard: 0,
+                owner: producer_ref.transactional_id.clone(),
+                rows: Vec::new(),
+            },
+        };
+        let (batch_outcomes, ended) = self.one_transaction(producer_ref, topic, &batch).await;
+        for (&index, outcome) in chosen.iter().zip(batch_outcomes) {
+            outcomes[index] = outcome;
+        }
+        match ended {
+            Ended::Committed(rows) => *last_committed = rows,
+            Ended::Aborted => {}
+            Ended::ProducerGone => *producer = None,
+        }
         Published { outcomes, unacknowledged: Vec::new() }
     }
 
-    /// One shard's transaction: its records, then its progress record, then the commit. Returns
-    /// each record's outcome (acknowledged only if committed) and how the transaction ended.
+    /// One transaction: the progress records, the records, then the commit. Returns each
+    /// record's outcome (acknowledged only if committed) and how the transaction ended.
     async fn one_transaction(
         &self,
-        producer: &mut ShardProducer,
+        producer: &mut TransactionalProducer,
         topic: &ProgressTopic,
-        records: &[Record],
-        rows: &[RowRef],
-        mut progress: Progress,
+        batch: &Batch<'_>,
     ) -> (Vec<Outcome>, Ended) {
-        let deferred = || vec![Outcome::Deferred; records.len()];
+        let deferred = || vec![Outcome::Deferred; batch.records.len()];
         if let Err(e) = producer.begin() {
-            warn!(shard = producer.shard, error = %e, "could not begin a transaction");
+            warn!(transactional_id = %producer.transactional_id, error = %e, "could not begin a transaction");
             return (deferred(), ended_by(&e));
         }
-        // The progress record goes out with the records, naming all of them, rather than after
+        // The progress records go out with the records, naming all of them, rather than after
         // their acknowledgements: a round trip less per transaction. Should some record not be
-        // sent after all (a row refused before sending), a second progress record names only
-        // those acknowledged; the reader takes the last one of the shard, and the commit makes
-        // both visible at once or neither.
-        progress.rows = progress_rows(rows, 0..rows.len());
-        let announced = producer.send_progress(topic, &progress);
-        let published = producer.publisher.publish(records, self.config.relay.stalled_partition_after).await;
+        // sent after all (a row refused before sending), a second progress record of its shard
+        // names only those acknowledged; the reader takes the last one of the shard, and the
+        // commit makes both visible at once or neither.
+        let mut progress_records = Vec::with_capacity(batch.keys.len());
+        for (&shard, key) in &batch.keys {
+            match producer.send_progress(topic, key, &batch.progress(shard, |_| true)) {
+                Ok(announced) => progress_records.push(announced),
+                Err(e) => return self.abort(producer, deferred(), e, &[]).await,
+            }
+        }
+        let published = producer.publisher.publish(&batch.records, self.config.relay.stalled_partition_after).await;
         let outcomes = published.outcomes;
         let acked: Vec<usize> = (0..outcomes.len()).filter(|i| matches!(outcomes[*i], Outcome::Acked { .. })).collect();
         let all_reported = !outcomes.iter().any(|o| matches!(o, Outcome::StillInFlight));
-        let committed = match announced {
-            Err(e) => Err(e),
-            Ok(_) if acked.is_empty() || !all_reported => {
-                Err(TransactionError::Abortable("records of the batch were not acknowledged".to_owned()))
-            }
-            Ok(announced) => {
-                // The crash tests stop the process here, with the shard's records written in an
-                // open transaction, and the fencing tests freeze it here.
-                fail::fail_point!("relay-before-commit", |_| std::process::abort());
-                let mut progress_records = vec![announced];
-                if acked.len() < records.len() {
-                    progress.rows = progress_rows(rows, acked.iter().copied());
-                    match producer.send_progress(topic, &progress) {
-                        Ok(corrected) => progress_records.push(corrected),
-                        Err(e) => return self.abort(producer, outcomes, e, &acked).await,
-                    }
+        if acked.is_empty() || !all_reported {
+            let e = TransactionError::Abortable("records of the batch were not acknowledged".to_owned());
+            return self.abort(producer, outcomes, e, &acked).await;
+        }
+        // The crash tests stop the process here, with the batch's records written in an open
+        // transaction, and the fencing tests freeze it here.
+        fail::fail_point!("relay-before-commit", |_| std::process::abort());
+        if acked.len() < batch.records.len() {
+            let is_acked = |i: usize| matches!(outcomes[i], Outcome::Acked { .. });
+            let short: BTreeSet<i32> = (0..outcomes.len()).filter(|&i| !is_acked(i)).map(|i| batch.shards[i]).collect();
+            for shard in short {
+                match producer.send_progress(topic, &batch.keys[&shard], &batch.progress(shard, is_acked)) {
+                    Ok(corrected) => progress_records.push(corrected),
+                    Err(e) => return self.abort(producer, outcomes, e, &acked).await,
                 }
-                self.commit_with_progress(producer, progress_records).await
             }
-        };
-        match committed {
+        }
+        match self.commit_with_progress(producer, progress_records).await {
             Ok(()) => {
                 self.metrics.transactions.with_label_values(&["committed"]).inc();
-                (outcomes, Ended::Committed)
+                let mut committed: BTreeMap<i32, Vec<ProgressRow>> = BTreeMap::new();
+                for &i in &acked {
+                    committed.entry(batch.shards[i]).or_default().push(progress_row(&batch.rows[i]));
+                }
+                (outcomes, Ended::Committed(committed))
             }
             Err(e) => self.abort(producer, outcomes, e, &acked).await,
         }
     }
 
     /// Ends a transaction that cannot commit: aborts it, or, when the producer is fenced or
-    /// failed, leaves it to the producer's successor. No row of it is acknowledged.
+    /// failed, leaves it to the next owners of its shards. No row of it is acknowledged.
     async fn abort(
         &self,
-        producer: &mut ShardProducer,
+        producer: &mut TransactionalProducer,
         mut outcomes: Vec<Outcome>,
         error: TransactionError,
         acked: &[usize],
     ) -> (Vec<Outcome>, Ended) {
         self.metrics.transactions.with_label_values(&["aborted"]).inc();
         let deferred = vec![Outcome::Deferred; outcomes.len()];
+        let id = &producer.transactional_id;
         if let TransactionError::Fenced(_) | TransactionError::Fatal(_) = error {
-            warn!(shard = producer.shard, error = %error, "the shard's producer can no longer write; its batch goes out again");
+            warn!(transactional_id = %id, error = %error, "the producer can no longer write; its batch goes out again");
             return (deferred, Ended::ProducerGone);
         }
         if !acked.is_empty() || outcomes.iter().any(|o| matches!(o, Outcome::StillInFlight)) {
-            warn!(shard = producer.shard, error = %error, "aborting the shard's transaction; its rows go out again");
+            warn!(transactional_id = %id, error = %error, "aborting the transaction; its rows go out again");
         }
         if let Err(abort) = producer.abort(TRANSACTION_STEP_TIMEOUT).await {
-            warn!(shard = producer.shard, error = %abort, "could not abort the transaction; starting the shard again");
+            warn!(transactional_id = %producer.transactional_id, error = %abort, "could not abort the transaction; starting a new producer");
             return (deferred, Ended::ProducerGone);
         }
         charge_only_own_failures(&mut outcomes);
@@ -397,7 +527,7 @@ impl Relay {
     /// Awaits the progress records, then commits, retrying a commit that timed out.
     async fn commit_with_progress(
         &self,
-        producer: &mut ShardProducer,
+        producer: &mut TransactionalProducer,
         progress_records: Vec<rdkafka::producer::DeliveryFuture>,
     ) -> Result<(), TransactionError> {
         for delivery in progress_records {
@@ -419,7 +549,7 @@ impl Relay {
                     return Ok(());
                 }
                 Err(TransactionError::Retriable(e)) if !self.shutdown.is_requested() => {
-                    warn!(shard = producer.shard, error = %e, "the commit did not complete yet; trying again");
+                    warn!(transactional_id = %producer.transactional_id, error = %e, "the commit did not complete yet; trying again");
                 }
                 Err(e) => return Err(e),
             }
@@ -427,12 +557,35 @@ impl Relay {
     }
 }
 
-/// The progress rows of `rows` at `indices`.
-fn progress_rows(rows: &[RowRef], indices: impl IntoIterator<Item = usize>) -> Vec<ProgressRow> {
-    indices
-        .into_iter()
-        .map(|i| ProgressRow { id: rows[i].id.to_string(), event_id: rows[i].event_id.clone() })
-        .collect()
+/// A batch as one transaction carries it.
+struct Batch<'a> {
+    records: Vec<Record>,
+    rows: Vec<RowRef>,
+    /// The shard of each row.
+    shards: Vec<i32>,
+    /// The progress key of each shard with rows here.
+    keys: BTreeMap<i32, String>,
+    /// The rows of the last transaction committed, whose mark may be under way.
+    carried: &'a BTreeMap<i32, Vec<ProgressRow>>,
+    /// The progress record, but its shard and rows.
+    template: Progress,
+}
+
+impl Batch<'_> {
+    /// The progress record of `shard`: its rows here that `include` keeps, and its rows of the
+    /// last transaction committed.
+    fn progress(&self, shard: i32, include: impl Fn(usize) -> bool) -> Progress {
+        let mut rows: Vec<ProgressRow> = (0..self.rows.len())
+            .filter(|&i| self.shards[i] == shard && include(i))
+            .map(|i| progress_row(&self.rows[i]))
+            .collect();
+        rows.extend(self.carried.get(&shard).into_iter().flatten().cloned());
+        Progress { shard, rows, ..self.template.clone() }
+    }
+}
+
+fn progress_row(row: &RowRef) -> ProgressRow {
+    ProgressRow { id: row.id.to_string(), event_id: row.event_id.clone() }
 }
 
 fn ended_by(error: &TransactionError) -> Ended {

@@ -187,7 +187,9 @@ impl Relay {
         let sent_at = Instant::now();
         let Producing { publisher, transactions } = producing;
         let delivered = match transactions {
-            Some(transactions) => self.deliver_exactly_once(outbox, transactions, &prepared, previous).await,
+            Some(transactions) => {
+                self.deliver_exactly_once(outbox, transactions, &prepared, previous, claiming, &in_flight).await
+            }
             None => {
                 self.deliver_overlapping(outbox, publisher, &prepared.records, previous, claiming, &in_flight).await
             }
@@ -305,28 +307,10 @@ impl Relay {
         publisher: &Publisher,
         records: &[Record],
         previous: Option<Settlement>,
-        mut claiming: Claiming<'_>,
+        claiming: Claiming<'_>,
         in_flight: &[RowId],
     ) -> Option<(Published, Overlap)> {
-        // The next batch is claimed even after a short one: under a steady stream rows commit
-        // while a batch is produced, and claiming them meanwhile lets this batch's mark overlap
-        // their publish (at 5k rows/s this halved the p99 latency). An idle table costs one
-        // empty claim per batch.
-        let mark_previous_and_claim_next = async {
-            let span = tracing::Span::current();
-            if let Some(mut earlier) = previous {
-                let mark_started = Instant::now();
-                if let Err(e) = self.settle(outbox, &mut earlier).await {
-                    return Overlap { previous_unsettled: Some((earlier, e)), ahead: None };
-                }
-                span.record("previous_mark_ms", millis(mark_started.elapsed()));
-            }
-            let claim_started = Instant::now();
-            let ahead = self.claim_ahead(outbox, &mut claiming, in_flight).await;
-            span.record("claim_ahead_ms", millis(claim_started.elapsed()));
-            let ahead = ahead.map(|claimed| Ahead { shards: claiming.shards.to_vec(), claimed });
-            Overlap { previous_unsettled: None, ahead }
-        };
+        let mark_previous_and_claim_next = self.mark_previous_and_claim_next(outbox, previous, claiming, in_flight);
         let stalled_after = self.config.relay.stalled_partition_after;
         let deliver = async {
             let acknowledged = self.awaiting_acknowledgements(publisher.publish(records, stalled_after), records.len());
@@ -341,46 +325,73 @@ impl Relay {
         }
     }
 
-    /// Produces a batch in transactions ([`crate::relay::exactly_once`]) and awaits their
-    /// commits, after writing the `previous` batch's outcome: a shard's next transaction
-    /// commits only once the batch before is marked. Nothing is claimed ahead. `None` when
-    /// shutdown's grace period ends first (the transactions left open are aborted at stop).
+    /// Writes the `previous` batch's outcome, then claims the next batch but `in_flight`:
+    /// the database's side of a batch, run while the broker has it. The next batch is claimed
+    /// even after a short one: under a steady stream rows commit while a batch is produced, and
+    /// claiming them meanwhile lets this batch's mark overlap their publish (at 5k rows/s this
+    /// halved the p99 latency). An idle table costs one empty claim per batch. Nothing is
+    /// claimed over rows that may still look unpublished: the claim waits for the mark, and is
+    /// skipped if it failed.
+    async fn mark_previous_and_claim_next(
+        &self,
+        outbox: &Outbox,
+        previous: Option<Settlement>,
+        mut claiming: Claiming<'_>,
+        in_flight: &[RowId],
+    ) -> Overlap {
+        let span = tracing::Span::current();
+        if let Some(mut earlier) = previous {
+            let mark_started = Instant::now();
+            if let Err(e) = self.settle(outbox, &mut earlier).await {
+                return Overlap { previous_unsettled: Some((earlier, e)), ahead: None };
+            }
+            span.record("previous_mark_ms", millis(mark_started.elapsed()));
+        }
+        let claim_started = Instant::now();
+        let ahead = self.claim_ahead(outbox, &mut claiming, in_flight).await;
+        span.record("claim_ahead_ms", millis(claim_started.elapsed()));
+        let ahead = ahead.map(|claimed| Ahead { shards: claiming.shards.to_vec(), claimed });
+        Overlap { previous_unsettled: None, ahead }
+    }
+
+    /// Produces a batch in a transaction ([`crate::relay::exactly_once`]) and awaits its
+    /// commit, while the database writes the `previous` batch's outcome and then claims the
+    /// next batch but `in_flight`, as [`Relay::deliver_overlapping`] does: the transaction's
+    /// progress records name the previous batch's rows too, since their mark may not be written
+    /// yet. `None` when shutdown's grace period ends first (the transaction left open is aborted
+    /// at stop).
     async fn deliver_exactly_once(
         &self,
         outbox: &Outbox,
         transactions: &mut Transactions,
         prepared: &Prepared,
         previous: Option<Settlement>,
+        claiming: Claiming<'_>,
+        in_flight: &[RowId],
     ) -> Option<(Published, Overlap)> {
-        if let Some(mut earlier) = previous {
-            let mark_started = Instant::now();
-            if let Err(e) = self.settle(outbox, &mut earlier).await {
-                let published =
-                    Published { outcomes: vec![Outcome::Deferred; prepared.records.len()], unacknowledged: Vec::new() };
-                return Some((published, Overlap { previous_unsettled: Some((earlier, e)), ahead: None }));
-            }
-            tracing::Span::current().record("previous_mark_ms", millis(mark_started.elapsed()));
-        }
         let sent = Instant::now();
-        let delivery = self.deliver_in_transactions(
-            transactions,
-            outbox.table_oid(),
-            &prepared.records,
-            &prepared.rows,
-            &prepared.shards,
-        );
-        let committed = self.awaiting_acknowledgements(delivery, prepared.records.len());
-        let published = tokio::select! {
-            published = committed => published,
+        let delivery = async {
+            let transaction = self.deliver_in_transaction(
+                transactions,
+                outbox.table_oid(),
+                &prepared.records,
+                &prepared.rows,
+                &prepared.shards,
+            );
+            let published = self.awaiting_acknowledgements(transaction, prepared.records.len()).await;
+            tracing::Span::current().record("acks_ms", millis(sent.elapsed()));
+            published
+        };
+        let (published, overlap) = tokio::select! {
+            both = async { tokio::join!(delivery, self.mark_previous_and_claim_next(outbox, previous, claiming, in_flight)) } => both,
             _ = self.shutdown.grace_expired(self.config.relay.shutdown_timeout) => return None,
         };
-        tracing::Span::current().record("acks_ms", millis(sent.elapsed()));
         if !published.outcomes.is_empty() && published.outcomes.iter().all(|o| matches!(o, Outcome::Deferred)) {
-            // Every transaction aborted and no row was to blame (a broker refusing a step, a
+            // The transaction aborted and no row was to blame (a broker refusing a step, a
             // fenced producer): the batch goes out again after a pause, not at once.
             self.pause(self.config.relay.backoff_initial, None).await;
         }
-        Some((published, Overlap { previous_unsettled: None, ahead: None }))
+        Some((published, overlap))
     }
 
     /// Sorts a batch's reports into acknowledged rows, failed rows and records still in flight:
