@@ -474,6 +474,10 @@ impl Relay {
         // The crash tests stop the process here, with the batch's records written in an open
         // transaction, and the fencing tests freeze it here.
         fail::fail_point!("relay-before-commit", |_| std::process::abort());
+        // The shutdown tests hold the transaction open here, as a slow broker would.
+        if let Some(ms) = super::publish::failpoint_millis("relay-delay-commit") {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         if acked.len() < batch.records.len() {
             let is_acked = |i: usize| matches!(outcomes[i], Outcome::Acked { .. });
             let short: BTreeSet<i32> = (0..outcomes.len()).filter(|&i| !is_acked(i)).map(|i| batch.shards[i]).collect();

@@ -98,6 +98,110 @@ async fn a_crash_between_the_commit_and_the_mark_publishes_nothing_twice() {
     assert_eq!(uncommitted.len(), ROWS, "nothing was written twice, committed or not");
 }
 
+/// A batch's mark runs while the next batch's transaction does: a crash after that transaction
+/// commits and before the mark leaves two committed batches unmarked. The later one's progress
+/// records name the earlier one's rows too, so the repair marks both; with only its own rows
+/// named, the earlier batch was published again.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_the_previous_batch_is_marked_and_the_next_committed_publishes_nothing_twice() {
+    let (env, topic, db, config) = backlog_with_exactly_once().await;
+
+    // Batches one and two are marked while two and three go out; the mark of the third waits
+    // 3 s while the fourth commits, then the process dies.
+    let failpoint = [("FAILPOINTS", "relay-before-previous-mark=2*off->return(3000)")];
+    let mut relay = spawn_relay_process_with_env(&env, &config, &failpoint);
+    assert_eq!(relay.wait().await, None, "the relay was killed by the fault; log:\n{}", relay.log());
+    assert_eq!(unmarked_event_ids(&db).await.len(), ROWS - 2 * BATCH, "two batches were marked");
+    let before_restart = read_topic(&env.brokers, &topic).await;
+    assert_eq!(before_restart.len(), 4 * BATCH, "the third and fourth batches were committed before the crash");
+
+    let relay = drain_then_stop(&env, &config).await;
+    assert!(relay.log().contains("marked the rows of the shards' last committed batches"), "{}", relay.log());
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+}
+
+/// A shutdown whose grace period ends with a transaction open aborts it rather than leaving it
+/// to the broker's transaction timeout, which would hold `read_committed` consumers of its
+/// partitions back for that long.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_cut_short_mid_transaction_aborts_it_at_once() {
+    let (env, topic, db, mut config) = backlog_with_exactly_once().await;
+    config.relay.shutdown_timeout = Duration::from_secs(1);
+    // A transaction's timeout far longer than the wait below: only an abort ends it in time.
+    config.kafka.properties.insert("transaction.timeout.ms".into(), "300000".into());
+    // The second batch's commit waits 30 s, far past the grace period.
+    let failpoint = [("FAILPOINTS", "relay-delay-commit=1*off->1*return(30000)")];
+    let mut relay = spawn_relay_process_with_env(&env, &config, &failpoint);
+    use rdkafka::consumer::Consumer;
+    let uncommitted: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .expect("consumer");
+    let written = |consumer: &rdkafka::consumer::BaseConsumer| -> i64 {
+        (0..3).map(|p| consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)).map_or(0, |(_, high)| high)).sum()
+    };
+    // The second batch's records are in the log (its commit now waits): stop the relay.
+    wait_until(PATIENCE, "the second batch's records written", || async { written(&uncommitted) > 2 * BATCH as i64 })
+        .await;
+    relay.signal(libc::SIGTERM);
+    relay.wait().await;
+    assert!(!relay.log().contains("could not abort the open transaction"), "{}", relay.log());
+
+    // A read_committed consumer reaches the end of every partition at once: nothing is open.
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    for partition in 0..3 {
+        let (_, stable) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)).expect("watermarks");
+        let (_, high) = uncommitted.fetch_watermarks(&topic, partition, Duration::from_secs(10)).expect("watermarks");
+        assert_eq!(stable, high, "partition {partition}: a transaction is still open below the end");
+    }
+    drain_then_stop(&env, &config).await;
+    assert_each_row_once_to_read_committed(&env, &db, &topic).await;
+}
+
+/// Progress records of another table under this relay's keys (another relay of a table of this
+/// name with the same prefix, or something else writing the topic) stop the relay at start with
+/// the key and the fix, never repairing rows of the other table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_start() {
+    use outbox_relay::kafka::progress::{FORMAT, Progress};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    insert_backlog(&db, &env.create_topic(1).await, 0..10, 2).await;
+    let config = exactly_once(&env).await;
+    let database: String = db.query_one("SELECT current_database()::text", &[]).await.unwrap().get(0);
+    let key = config.kafka.exactly_once.progress_key(&database, "public.outbox", 0);
+    let other = Progress {
+        format: FORMAT,
+        database: database.clone(),
+        table: "billing.outbox".into(),
+        table_oid: 1,
+        shard: 0,
+        owner: String::new(),
+        rows: Vec::new(),
+    };
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &env.brokers).create().expect("producer");
+    let topic = &config.kafka.exactly_once.progress_topic;
+    let value = other.to_json();
+    producer.send(BaseRecord::<str, [u8]>::to(topic).key(key.as_str()).payload(value.as_slice())).expect("send");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+
+    let (code, _, stderr) = run_relay_command(&env, &config);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&key) && stderr.contains("billing.outbox"), "{stderr}");
+    assert!(stderr.contains("kafka.exactly_once.transactional_id_prefix"), "{stderr}");
+    assert_eq!(unpublished_count(&db).await, 10, "nothing published");
+}
+
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_records_and_the_commit_shows_read_committed_consumers_nothing_twice() {
