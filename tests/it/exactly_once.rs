@@ -98,6 +98,36 @@ async fn a_crash_between_the_commit_and_the_mark_publishes_nothing_twice() {
     assert_eq!(uncommitted.len(), ROWS, "nothing was written twice, committed or not");
 }
 
+/// The crash between the commit and the mark with the other ways of running: rows deleted
+/// rather than marked (`outbox.mark = "delete"`), found by polling alone (`relay.listen =
+/// false`), and poison rows skipped. The repair deletes the committed rows; nothing reaches
+/// read_committed consumers twice.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rows_deleted_and_no_notifications_a_crash_between_the_commit_and_the_mark_publishes_nothing_twice() {
+    let (env, topic, db, mut config) = backlog_with_exactly_once().await;
+    env.allow_relay_to_delete();
+    config.outbox.mark = outbox_relay::config::MarkMode::Delete;
+    config.relay.listen = false;
+    config.relay.poll_interval = Duration::from_millis(100);
+    config.relay.on_poison = outbox_relay::config::OnPoison::Skip;
+    let written = all_event_ids(&db).await;
+
+    let mut relay = spawn_relay_process_with_env(&env, &config, &[("FAILPOINTS", "relay-before-mark=3*off->return")]);
+    assert_eq!(relay.wait().await, None, "the relay was killed by the fault; log:\n{}", relay.log());
+    assert_eq!(all_event_ids(&db).await.len(), ROWS - 3 * BATCH, "three batches were deleted");
+    assert_eq!(read_topic(&env.brokers, &topic).await.len(), 4 * BATCH, "the fourth was committed");
+
+    let relay = drain_then_stop(&env, &config).await;
+    assert!(relay.log().contains("marked the rows of the shards' last committed batches"), "{}", relay.log());
+    assert!(all_event_ids(&db).await.is_empty(), "every row deleted");
+    let records = read_topic_as(&env.brokers, &topic, Isolation::ReadCommitted).await;
+    let on_topic: HashSet<String> = records.iter().map(|r| r.event_id()).collect();
+    assert_eq!(on_topic, written, "every row reached read_committed consumers");
+    assert_eq!(records.len(), written.len(), "and none twice");
+    assert_first_copies_in_key_order(&records);
+}
+
 /// A batch's mark runs while the next batch's transaction does: a crash after that transaction
 /// commits and before the mark leaves two committed batches unmarked. The later one's progress
 /// records name the earlier one's rows too, so the repair marks both; with only its own rows
