@@ -37,6 +37,7 @@
 mod batch;
 pub mod claim_floor;
 mod exactly_once;
+mod failpoints;
 mod publish;
 pub mod quarantine;
 pub mod row_failures;

@@ -351,7 +351,7 @@ impl Relay {
         if let Some(mut earlier) = previous {
             // The crash tests stop the process here after the given milliseconds, with the
             // previous batch unmarked while this one's transaction commits.
-            if let Some(ms) = failpoint_millis("relay-before-previous-mark") {
+            if let Some(ms) = super::failpoints::millis("relay-before-previous-mark") {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 std::process::abort();
             }
@@ -647,14 +647,6 @@ impl Relay {
         );
         Some(settlement)
     }
-}
-
-/// The milliseconds failpoint `name` gives when it fires (`return(MS)`): for the tests' waits
-/// that must not block the thread, as the failpoint's own `sleep` does.
-#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
-pub(super) fn failpoint_millis(name: &str) -> Option<u64> {
-    fail::fail_point!(name, |ms| ms.and_then(|ms| ms.parse().ok()));
-    None
 }
 
 /// A duration in milliseconds to a hundredth, for the batch span's fields (a float's full
