@@ -40,7 +40,7 @@ const OUTAGE: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_of_a_busy_partition_killed_mid_drain_loses_nothing_and_charges_no_row() {
-    let figures = the_leader_of_partition_0_killed(Delivery::AtLeastOnce).await;
+    let figures = the_leader_of_partition_0_killed(Delivery::AtLeastOnce, Victim::Topic).await;
     eprintln!("at least once: {figures}");
 }
 
@@ -48,20 +48,43 @@ async fn the_leader_of_a_busy_partition_killed_mid_drain_loses_nothing_and_charg
 /// transactions the failover broke are aborted and go out again, uncharged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_of_a_busy_partition_killed_mid_transaction_shows_read_committed_consumers_each_row_once() {
-    let figures = the_leader_of_partition_0_killed(Delivery::ExactlyOnce).await;
+    let figures = the_leader_of_partition_0_killed(Delivery::ExactlyOnce, Victim::Topic).await;
     assert_eq!(figures.duplicated, 0, "read_committed consumers see each row once: {figures}");
 }
 
-/// Kills the leader of partition 0 mid-drain, restarts it, and checks the guarantees.
-async fn the_leader_of_partition_0_killed(delivery: Delivery) -> Figures {
-    let Drain { log, mut env, topic, db, relay, writer } = drain_under_way_with(50_000, delivery).await;
+/// The leader of the progress topic's partition killed mid-drain: every transaction writes a
+/// progress record there, so each one in flight breaks; they abort and go out again, and
+/// read_committed consumers see each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_of_the_progress_topic_killed_mid_transaction_shows_read_committed_consumers_each_row_once() {
+    let figures = the_leader_of_partition_0_killed(Delivery::ExactlyOnce, Victim::ProgressTopic).await;
+    assert_eq!(figures.duplicated, 0, "read_committed consumers see each row once: {figures}");
+}
 
-    let leader = partition_leader(&env.brokers, &topic, 0);
+/// Whose partition 0 loses its leader.
+#[derive(PartialEq)]
+enum Victim {
+    /// The topic the rows go to.
+    Topic,
+    /// With exactly-once delivery, the progress topic.
+    ProgressTopic,
+}
+
+/// Kills the leader of partition 0 of `victim` mid-drain, restarts it, and checks the
+/// guarantees.
+async fn the_leader_of_partition_0_killed(delivery: Delivery, victim: Victim) -> Figures {
+    let Drain { log, mut env, topic, db, relay, writer, progress_topic } = drain_under_way_with(50_000, delivery).await;
+    let killed_topic = match victim {
+        Victim::Topic => topic.clone(),
+        Victim::ProgressTopic => progress_topic.expect("exactly-once delivery has a progress topic"),
+    };
+
+    let leader = partition_leader(&env.brokers, &killed_topic, 0);
     let marked_at_kill = marked_count(&db).await;
     cluster(&mut env).kill(leader);
     let killed = Instant::now();
-    wait_until(PATIENCE, "a new leader of partition 0 and the drain going on through it", || async {
-        partition_leader(&env.brokers, &topic, 0) != leader
+    wait_until(PATIENCE, "a new leader of partition 0 and the drain going on", || async {
+        partition_leader(&env.brokers, &killed_topic, 0) != leader
             && marked_count(&db).await > marked_at_kill + 2 * BATCH as i64
     })
     .await;
@@ -84,7 +107,7 @@ async fn the_leader_of_partition_0_killed(delivery: Delivery) -> Figures {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_broker_while_a_writer_inserts_loses_nothing_and_charges_no_row() {
-    let Drain { log, mut env, topic, db, relay, writer } = drain_under_way(30_000).await;
+    let Drain { log, mut env, topic, db, relay, writer, .. } = drain_under_way(30_000).await;
 
     let started = Instant::now();
     for node in 1..=NODES {
@@ -223,7 +246,7 @@ async fn two_of_three_brokers_down(how: TakeDown) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_active_controller_killed_mid_drain_loses_nothing_and_charges_no_row() {
-    let Drain { log, mut env, topic, db, relay, writer } = drain_under_way(50_000).await;
+    let Drain { log, mut env, topic, db, relay, writer, .. } = drain_under_way(50_000).await;
 
     let controller = cluster(&mut env).active_controller().expect("an active controller");
     let led: Vec<i32> = (0..3).filter(|p| partition_leader(&env.brokers, &topic, *p) == controller).collect();
@@ -335,6 +358,8 @@ struct Drain {
     db: tokio_postgres::Client,
     relay: RunningRelay,
     writer: Writer,
+    /// With exactly-once delivery, its progress topic.
+    progress_topic: Option<String>,
 }
 
 async fn drain_under_way(rows: usize) -> Drain {
@@ -352,15 +377,17 @@ async fn drain_under_way_with(rows: usize, delivery: Delivery) -> Drain {
     insert_backlog(&db, &topic, 0..rows, KEYS).await;
     let mut config = relay_config(&env);
     config.kafka.delivery = delivery;
+    let mut progress_topic = None;
     if delivery == Delivery::ExactlyOnce {
-        config.kafka.exactly_once.progress_topic =
-            create_topic_with(&env.brokers, 1, &[("cleanup.policy", "compact")]).await;
+        let progress = create_topic_with(&env.brokers, 1, &[("cleanup.policy", "compact")]).await;
+        config.kafka.exactly_once.progress_topic = progress.clone();
         config.kafka.exactly_once.transactional_id_prefix = unique_name("relay");
+        progress_topic = Some(progress);
     }
     let relay = env.spawn_relay(config);
     let writer = Writer::start(&env, &topic, rows).await;
     wait_until(PATIENCE, "the drain to be under way", || async { marked_count(&db).await >= 5 * BATCH as i64 }).await;
-    Drain { log, env, topic, db, relay, writer }
+    Drain { log, env, topic, db, relay, writer, progress_topic }
 }
 
 fn capture_client_log() -> ClientLog {
