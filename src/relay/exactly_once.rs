@@ -529,8 +529,8 @@ impl Relay {
         if acked.len() < batch.records.len() {
             let is_acked = |i: usize| matches!(outcomes[i], Outcome::Acked { .. });
             let short: BTreeSet<i32> = (0..outcomes.len()).filter(|&i| !is_acked(i)).map(|i| batch.shards[i]).collect();
-            for shard in short {
-                match producer.send_progress(topic, &batch.keys[&shard], &batch.progress(shard, is_acked)) {
+            for (shard, key) in batch.keys.iter().filter(|(shard, _)| short.contains(shard)) {
+                match producer.send_progress(topic, key, &batch.progress(*shard, is_acked)) {
                     Ok(corrected) => progress_records.push(corrected),
                     Err(e) => return self.abort(producer, outcomes, e, &acked).await,
                 }

@@ -333,13 +333,13 @@ impl Relay {
         }
     }
 
-    /// Writes the `previous` batch's outcome, then claims the next batch but `in_flight`:
-    /// the database's side of a batch, run while the broker has it. The next batch is claimed
-    /// even after a short one: under a steady stream rows commit while a batch is produced, and
-    /// claiming them meanwhile lets this batch's mark overlap their publish (at 5k rows/s this
-    /// halved the p99 latency). An idle table costs one empty claim per batch. Nothing is
-    /// claimed over rows that may still look unpublished: the claim waits for the mark, and is
-    /// skipped if it failed.
+    /// Writes the `previous` batch's outcome, then, given `claiming`, claims the next batch but
+    /// `in_flight`: the database's side of a batch, run while the broker has it. With
+    /// at-least-once delivery the next batch is claimed even after a short one: under a steady
+    /// stream rows commit while a batch is produced, and claiming them meanwhile lets this
+    /// batch's mark overlap their publish (at 5k rows/s this halved the p99 latency). An idle
+    /// table costs one empty claim per batch. Nothing is claimed over rows that may still look
+    /// unpublished: the claim waits for the mark, and is skipped if it failed.
     async fn mark_previous_and_claim_next(
         &self,
         outbox: &Outbox,
