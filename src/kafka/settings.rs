@@ -57,17 +57,30 @@ pub fn producer_config(config: &Config) -> ClientConfig {
     client
 }
 
+/// The transactional producer's linger, unless the user sets `linger.ms`. In a transaction no
+/// record leaves before its partition is registered with the coordinator (AddPartitionsToTxn),
+/// which takes a round trip after the first record is enqueued: the whole batch is enqueued by
+/// then, so the registration already does what the linger does for the idempotent producer, and
+/// the 5 ms linger only added its remainder to every transaction. At 5k rows/s, 1 ms cut the
+/// transaction's p50 from 12 to 7 ms and the rows' p99 from 52 to 43 ms, with the drain unchanged
+/// (benchmark, `--only exactly_once`).
+const TRANSACTIONAL_LINGER_MS: &str = "1";
+
 /// How long a transaction may stay open before the broker aborts it, unless the user sets
 /// `transaction.timeout.ms`.
 pub const TRANSACTION_TIMEOUT_MS: &str = "60000";
 
-/// The librdkafka configuration of a shard's transactional producer
-/// (`kafka.delivery = "exactly_once"`): the relay's producer with `transactional_id`. A record
+/// The librdkafka configuration of a transactional producer (`kafka.delivery =
+/// "exactly_once"`): the relay's producer with `transactional_id` and a shorter linger
+/// ([`TRANSACTIONAL_LINGER_MS`]). A record
 /// may time out there: its transaction then aborts, and no consumer reading committed data
 /// sees it, so librdkafka's limit is the transaction's (it refuses a longer one).
 pub fn transactional_producer_config(config: &Config, transactional_id: &str) -> ClientConfig {
     let mut client = producer_config(config);
     client.set("transactional.id", transactional_id);
+    if !config.kafka.properties.contains_key("linger.ms") {
+        client.set("linger.ms", TRANSACTIONAL_LINGER_MS);
+    }
     let transaction_timeout =
         config.kafka.properties.get("transaction.timeout.ms").map_or(TRANSACTION_TIMEOUT_MS, String::as_str).to_owned();
     client.set("transaction.timeout.ms", &transaction_timeout);
@@ -119,5 +132,13 @@ mod tests {
         assert_eq!(producer_config(&config).get("linger.ms"), Some("5"));
         config.kafka.properties.insert("linger.ms".to_owned(), "1".to_owned());
         assert_eq!(producer_config(&config).get("linger.ms"), Some("1"));
+    }
+
+    #[test]
+    fn the_transactional_producer_lingers_a_millisecond_unless_the_user_says_otherwise() {
+        let mut config = Config::default();
+        assert_eq!(transactional_producer_config(&config, "t").get("linger.ms"), Some("1"));
+        config.kafka.properties.insert("linger.ms".to_owned(), "7".to_owned());
+        assert_eq!(transactional_producer_config(&config, "t").get("linger.ms"), Some("7"));
     }
 }
