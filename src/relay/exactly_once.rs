@@ -30,7 +30,7 @@
 //! again in the next transaction, not charged.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
@@ -539,6 +539,15 @@ impl Relay {
         match self.commit_with_progress(producer, progress_records).await {
             Ok(()) => {
                 self.metrics.transactions.with_label_values(&["committed"]).inc();
+                // A record is delivered when consumers reading committed data can see it: at the
+                // commit, not at its acknowledgement (`published_at`, the latency metric).
+                let committed_at = SystemTime::now();
+                let mut outcomes = outcomes;
+                for outcome in &mut outcomes {
+                    if let Outcome::Acked { at } = outcome {
+                        *at = committed_at;
+                    }
+                }
                 let mut committed: BTreeMap<i32, Vec<ProgressRow>> = BTreeMap::new();
                 for &i in &acked {
                     committed.entry(batch.shards[i]).or_default().push(progress_row(&batch.rows[i]));
@@ -699,7 +708,6 @@ fn charge_only_own_failures(outcomes: &mut [Outcome]) {
 mod tests {
     use super::*;
     use crate::kafka::delivery::DeliveryError;
-    use std::time::SystemTime;
 
     fn failed(reason: &'static str, transient: bool) -> Outcome {
         Outcome::Failed(DeliveryError { reason, message: reason.to_owned(), transient, producer_unusable: false })

@@ -71,7 +71,7 @@ pub struct Metrics {
     /// `outbox_relay_batch_size`: rows claimed per batch.
     pub batch_size: Histogram,
     /// `outbox_relay_delivery_latency_seconds`: from a row's creation to the broker's
-    /// acknowledgement of its record.
+    /// acknowledgement of its record (with exactly-once delivery, to its transaction's commit).
     pub delivery_latency: Histogram,
     /// `outbox_relay_producer_restarts_total`: new producer sessions started to recover.
     pub producer_restarts: IntCounter,
@@ -169,7 +169,7 @@ impl Metrics {
         let delivery_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "outbox_relay_delivery_latency_seconds",
-                "From a row's creation to the broker's acknowledgement of its record.",
+                "From a row's creation to the broker's acknowledgement of its record (with exactly-once delivery, to its transaction's commit).",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
