@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
+use super::transaction_stalls::{StalledRecord, TransactionStalls};
 use super::{Cut, Relay, RelayError};
 use crate::kafka::delivery::Outcome;
 use crate::kafka::progress::{Isolation, Progress, ProgressRow, ProgressTopic};
@@ -42,6 +43,8 @@ use crate::kafka::record::Record;
 use crate::kafka::transactions::{StartError, TransactionError, TransactionalProducer, fence};
 use crate::postgres::outbox::Outbox;
 use crate::postgres::row::{RowId, RowRef};
+use crate::service::health::Health;
+use crate::service::metrics::Metrics;
 
 /// How long one commit or abort may wait for the cluster before it is tried again.
 const TRANSACTION_STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,6 +76,13 @@ pub(super) struct Transactions {
     /// The rows, by shard, of the last transaction committed: their mark runs while the next
     /// transaction does, so its progress records name them too.
     last_committed: BTreeMap<i32, Vec<ProgressRow>>,
+    /// Keys held back after their partition stalled a transaction.
+    stalls: TransactionStalls,
+    /// Producers this relay replaced after aborting their transaction itself: nothing they
+    /// wrote can commit any more, so a take need not fence them. Fencing one would wait until
+    /// its abort completes, which, when its records went to a partition the broker cannot write
+    /// (the stall that made the relay abort), is as long as that partition stays unwritable.
+    retired: BTreeSet<String>,
 }
 
 impl Transactions {
@@ -83,6 +93,7 @@ impl Transactions {
             return Ok(None);
         }
         let name = config.kafka.exactly_once.progress_topic.clone();
+        let stalled_after = config.relay.stalled_partition_after;
         let config = config.clone();
         let topic = tokio::task::spawn_blocking(move || ProgressTopic::check(&config))
             .await
@@ -94,6 +105,8 @@ impl Transactions {
             names: None,
             ever_started: false,
             last_committed: BTreeMap::new(),
+            stalls: TransactionStalls::new(stalled_after),
+            retired: BTreeSet::new(),
         }))
     }
 
@@ -114,6 +127,14 @@ impl Transactions {
         }
     }
 
+    /// The rows and keys held back after a partition stalled a transaction, to leave out of
+    /// the next claim; reported to the operator.
+    pub(super) fn held(&mut self, metrics: &Metrics, health: &Health) -> (Vec<RowId>, Vec<String>) {
+        let held = self.stalls.held(Instant::now());
+        self.stalls.report(metrics, health);
+        held
+    }
+
     /// The key of `shard`'s progress records.
     fn key(&self, config: &crate::config::Config, shard: i32) -> Option<String> {
         let (database, table) = self.names.as_ref()?;
@@ -129,6 +150,9 @@ enum Ended {
     /// The producer is fenced or failed: it is dropped, and a new one takes the shards again
     /// before the next batch.
     ProducerGone,
+    /// Aborted, and the producer is replaced all the same ([`Relay::abort`] says why): as
+    /// [`Ended::ProducerGone`], but the producer needs no fencing.
+    ProducerRetired,
 }
 
 impl Relay {
@@ -152,7 +176,8 @@ impl Relay {
             }
         }
         let Some((database, table)) = tx.names.clone() else { return Err(Cut::NextTurn) };
-        if tx.producer.is_none() {
+        let new_producer = tx.producer.is_none();
+        if new_producer {
             // A new producer writes no shard before a record naming it is committed there.
             tx.taken.clear();
             let producer = self.start_producer(&database, &table, tx.ever_started).await?;
@@ -163,6 +188,10 @@ impl Relay {
         let missing: Vec<i32> = owned.iter().copied().filter(|s| !tx.taken.contains(s)).collect();
         self.take_shards(tx, outbox, &missing).await?;
         tx.taken.extend(missing);
+        if new_producer {
+            // Every shard held now names the new producer: none names a retired one.
+            tx.retired.clear();
+        }
         Ok(())
     }
 
@@ -223,8 +252,10 @@ impl Relay {
         // transaction is open (frozen, or killed) and holds back a committed read.
         let written = self.read_progress(tx, &key_list, Isolation::ReadUncommitted).await?;
         // The shards' own ids are fenced already, by the takers' start (a record of format 1
-        // names one: its producer per shard had the key as its id).
+        // names one: its producer per shard had the key as its id), and the producers this
+        // relay retired after aborting need no fencing.
         let mut fenced: BTreeSet<String> = key_list.iter().cloned().collect();
+        fenced.extend(tx.retired.iter().cloned());
         self.fence_owners(&written, &own_id, &mut fenced).await?;
         let mut committed = self.read_progress(tx, &key_list, Isolation::ReadCommitted).await?;
         for _ in 0..FENCING_ROUNDS {
@@ -451,7 +482,7 @@ impl Relay {
         let Some((database, table)) = tx.names.clone() else {
             return Published { outcomes, unacknowledged: Vec::new() };
         };
-        let Transactions { topic, producer, last_committed, .. } = tx;
+        let Transactions { topic, producer, last_committed, stalls, retired, .. } = tx;
         let Some(producer_ref) = producer.as_mut() else {
             return Published { outcomes, unacknowledged: Vec::new() };
         };
@@ -474,14 +505,42 @@ impl Relay {
                 rows: Vec::new(),
             },
         };
-        let (batch_outcomes, ended) = self.one_transaction(producer_ref, topic, &batch).await;
+        let (batch_outcomes, ended, stalled) = self.one_transaction(producer_ref, topic, &batch).await;
         for (&index, outcome) in chosen.iter().zip(batch_outcomes) {
             outcomes[index] = outcome;
         }
+        let stalled: Vec<StalledRecord> = stalled
+            .into_iter()
+            .map(|i| StalledRecord {
+                row: batch.rows[i].id.clone(),
+                key: batch.records[i].key.clone(),
+                topic: batch.records[i].topic.clone(),
+                partition: producer_ref.publisher.partition_of(&batch.records[i]),
+            })
+            .collect();
+        stalls.hold(stalled, Instant::now());
         match ended {
-            Ended::Committed(rows) => *last_committed = rows,
+            Ended::Committed(rows) => {
+                let publisher = &producer_ref.publisher;
+                let written: BTreeSet<(&str, i32)> = chosen
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, index)| matches!(outcomes[**index], Outcome::Acked { .. }))
+                    .filter_map(|(i, _)| {
+                        let record = &batch.records[i];
+                        Some((record.topic.as_str(), publisher.partition_of(record)?))
+                    })
+                    .collect();
+                stalls.committed(written);
+                *last_committed = rows;
+            }
             Ended::Aborted => {}
             Ended::ProducerGone => *producer = None,
+            Ended::ProducerRetired => {
+                if let Some(replaced) = producer.take() {
+                    retired.insert(replaced.transactional_id);
+                }
+            }
         }
         Published { outcomes, unacknowledged: Vec::new() }
     }
@@ -493,11 +552,11 @@ impl Relay {
         producer: &mut TransactionalProducer,
         topic: &ProgressTopic,
         batch: &Batch<'_>,
-    ) -> (Vec<Outcome>, Ended) {
+    ) -> (Vec<Outcome>, Ended, Vec<usize>) {
         let deferred = || vec![Outcome::Deferred; batch.records.len()];
         if let Err(e) = producer.begin() {
             warn!(transactional_id = %producer.transactional_id, error = %e, "could not begin a transaction");
-            return (deferred(), ended_by(&e));
+            return (deferred(), ended_by(&e), Vec::new());
         }
         // The progress records go out with the records, naming all of them, rather than after
         // their acknowledgements: a round trip less per transaction. Should some record not be
@@ -508,7 +567,7 @@ impl Relay {
         for (&shard, key) in &batch.keys {
             match producer.send_progress(topic, key, &batch.progress(shard, |_| true)) {
                 Ok(announced) => progress_records.push(announced),
-                Err(e) => return self.abort(producer, deferred(), e, &[]).await,
+                Err(e) => return with_no_stall(self.abort(producer, deferred(), e, &[]).await),
             }
         }
         let published = producer.publisher.publish(&batch.records, self.config.relay.stalled_partition_after).await;
@@ -516,8 +575,13 @@ impl Relay {
         let acked: Vec<usize> = (0..outcomes.len()).filter(|i| matches!(outcomes[*i], Outcome::Acked { .. })).collect();
         let all_reported = !outcomes.iter().any(|o| matches!(o, Outcome::StillInFlight));
         if acked.is_empty() || !all_reported {
+            // Records still unacknowledged after relay.stalled_partition_after: their keys are
+            // held back, so that the next transactions carry the other rows.
+            let stalled: Vec<usize> =
+                (0..outcomes.len()).filter(|&i| matches!(outcomes[i], Outcome::StillInFlight)).collect();
             let e = TransactionError::Abortable("records of the batch were not acknowledged".to_owned());
-            return self.abort(producer, outcomes, e, &acked).await;
+            let (outcomes, ended) = self.abort(producer, outcomes, e, &acked).await;
+            return (outcomes, ended, stalled);
         }
         // The crash tests stop the process here, with the batch's records written in an open
         // transaction, and the fencing tests freeze it here.
@@ -532,7 +596,7 @@ impl Relay {
             for (shard, key) in batch.keys.iter().filter(|(shard, _)| short.contains(shard)) {
                 match producer.send_progress(topic, key, &batch.progress(*shard, is_acked)) {
                     Ok(corrected) => progress_records.push(corrected),
-                    Err(e) => return self.abort(producer, outcomes, e, &acked).await,
+                    Err(e) => return with_no_stall(self.abort(producer, outcomes, e, &acked).await),
                 }
             }
         }
@@ -552,9 +616,9 @@ impl Relay {
                 for &i in &acked {
                     committed.entry(batch.shards[i]).or_default().push(progress_row(&batch.rows[i]));
                 }
-                (outcomes, Ended::Committed(committed))
+                (outcomes, Ended::Committed(committed), Vec::new())
             }
-            Err(e) => self.abort(producer, outcomes, e, &acked).await,
+            Err(e) => with_no_stall(self.abort(producer, outcomes, e, &acked).await),
         }
     }
 
@@ -601,7 +665,7 @@ impl Relay {
                     "records of the aborted transaction may have been written; starting a new producer, whose records \
                      the broker cannot take for theirs"
                 );
-                (outcomes, Ended::ProducerGone)
+                (outcomes, Ended::ProducerRetired)
             }
             Ok(()) => (outcomes, Ended::Aborted),
         }
@@ -669,6 +733,11 @@ impl Batch<'_> {
 
 fn progress_row(row: &RowRef) -> ProgressRow {
     ProgressRow { id: row.id.to_string(), event_id: row.event_id.clone() }
+}
+
+/// A transaction's end with no record stalled.
+fn with_no_stall((outcomes, ended): (Vec<Outcome>, Ended)) -> (Vec<Outcome>, Ended, Vec<usize>) {
+    (outcomes, ended, Vec::new())
 }
 
 fn ended_by(error: &TransactionError) -> Ended {

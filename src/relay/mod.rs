@@ -44,6 +44,7 @@ pub mod row_failures;
 mod settle;
 pub mod shards;
 pub mod stalled;
+mod transaction_stalls;
 pub mod wakeup;
 
 use std::future::Future;
@@ -579,12 +580,14 @@ impl Relay {
         owned: &[i32],
     ) -> Result<Result<Turn, OutboxError>, Cut> {
         let _step = HealthStep::start(&self.health);
-        let claiming = Claiming {
-            shards: owned,
-            floor: &mut st.floor,
-            set_aside: st.stalled.row_ids().cloned().collect(),
-            held_keys: st.stalled.held_keys(),
-        };
+        let mut set_aside: Vec<crate::postgres::row::RowId> = st.stalled.row_ids().cloned().collect();
+        let mut held_keys = st.stalled.held_keys();
+        if let Some(transactions) = st.transactions.as_mut() {
+            let (rows, keys) = transactions.held(&self.metrics, &self.health);
+            set_aside.extend(rows);
+            held_keys.extend(keys);
+        }
+        let claiming = Claiming { shards: owned, floor: &mut st.floor, set_aside, held_keys };
         let pending = std::mem::take(&mut st.pending);
         let producing = Producing { publisher: &st.publisher, transactions: st.transactions.as_mut() };
         let batch = self.relay_batch(outbox, producing, pending, claiming);
