@@ -3,8 +3,8 @@
 //!
 //! Every transaction carries, besides its records, one progress record for each shard it has
 //! rows of, keyed by the shard ([`crate::config::ExactlyOnce::progress_key`]), naming the
-//! transactional id that wrote it and the rows (ids and event ids) committed and perhaps not
-//! yet marked. The topic is compacted, so it keeps each shard's latest. A relay that takes a
+//! transactional id that wrote it, the PostgreSQL server, and the rows (ids and event ids)
+//! committed and perhaps not yet marked. The topic is compacted, so it keeps each shard's latest. A relay that takes a
 //! shard (at start, after a reconnect, from another relay) first fences the producers the
 //! shard's latest records name, then reads the shard's latest committed record and marks the
 //! rows it names, then commits a record naming itself the owner: a batch committed to Kafka
@@ -48,6 +48,11 @@ pub struct Progress {
     pub table: String,
     /// The table's OID when the batch was claimed.
     pub table_oid: u32,
+    /// The PostgreSQL server's system identifier; empty when it could not be read (and in
+    /// records written before it was recorded). Two servers with databases and tables of the
+    /// same names would otherwise share their progress keys.
+    #[serde(default)]
+    pub server: String,
     /// The shard.
     pub shard: i32,
     /// The transactional id that wrote the record: the producer a new owner of the shard must
@@ -275,6 +280,7 @@ mod tests {
             database: "shop".into(),
             table: "public.outbox".into(),
             table_oid: 16384,
+            server: "7715379757901493163".into(),
             shard: 3,
             owner: "relay.shop.public.outbox.7f3a".into(),
             rows: vec![ProgressRow { id: "41".into(), event_id: Some("0190c7a4-0000-7000-8000-000000000001".into()) }],
@@ -284,6 +290,14 @@ mod tests {
     #[test]
     fn a_progress_record_reads_back_as_written() {
         assert_eq!(Progress::from_json(b"k", &progress().to_json()), Ok(progress()));
+    }
+
+    #[test]
+    fn a_record_written_before_the_server_was_recorded_names_none() {
+        let mut value: serde_json::Value = serde_json::from_slice(&progress().to_json()).expect("json");
+        value.as_object_mut().expect("object").remove("server");
+        let read = Progress::from_json(b"k", &serde_json::to_vec(&value).expect("json")).expect("reads");
+        assert_eq!(read.server, "");
     }
 
     #[test]

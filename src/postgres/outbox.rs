@@ -196,6 +196,17 @@ impl Outbox {
         ))
     }
 
+    /// The PostgreSQL server's system identifier (`pg_control_system()`), which its physical
+    /// standbys share and another server (a new `initdb`) does not.
+    pub async fn server_identifier(&self) -> Result<String, OutboxError> {
+        let row = self
+            .client
+            .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
+            .await
+            .map_err(OutboxError::query("read the server's system identifier"))?;
+        row.try_get(0).map_err(OutboxError::query("read the server's system identifier"))
+    }
+
     /// The value of a run-time setting on this connection (`SHOW name`); `name` is a setting
     /// name written in the code, never input.
     pub async fn setting(&self, name: &'static str) -> Result<String, OutboxError> {

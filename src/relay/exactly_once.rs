@@ -70,6 +70,9 @@ pub(super) struct Transactions {
     taken: BTreeSet<i32>,
     /// The database and the table, as progress records name them; read at the first connection.
     names: Option<(String, String)>,
+    /// The PostgreSQL server's system identifier, as progress records name it; read with the
+    /// names, empty when the server would not tell.
+    server: String,
     /// Whether a producer ever started: until then the cluster's refusal is a configuration
     /// problem (a broker without transactions), after it an outage.
     ever_started: bool,
@@ -103,6 +106,7 @@ impl Transactions {
             producer: None,
             taken: BTreeSet::new(),
             names: None,
+            server: String::new(),
             ever_started: false,
             last_committed: BTreeMap::new(),
             stalls: TransactionStalls::new(stalled_after),
@@ -173,6 +177,14 @@ impl Relay {
             match outbox.database_and_table().await {
                 Ok(names) => tx.names = Some(names),
                 Err(e) => return Err(self.outage(format!("reading the database's name: {e}")).await),
+            }
+            match outbox.server_identifier().await {
+                Ok(server) => tx.server = server,
+                Err(e) => warn!(
+                    error = %e,
+                    "cannot read the PostgreSQL server's system identifier: the progress records will not name it, and \
+                     a relay of another server with databases and tables of the same names is not told apart"
+                ),
             }
         }
         let Some((database, table)) = tx.names.clone() else { return Err(Cut::NextTurn) };
@@ -369,6 +381,21 @@ impl Relay {
                     .into(),
                 ));
             }
+            // Another server's database and table of the same names: its rows are not this
+            // table's, whatever their ids, and its relays and this one would fence each other.
+            if !progress.server.is_empty() && !tx.server.is_empty() && progress.server != tx.server {
+                return Err(Cut::Fail(
+                    PublisherError::ProgressKeyTaken {
+                        key: key.clone(),
+                        other: format!(
+                            "the relay of table {} in database {} of another PostgreSQL server (system identifier {}, \
+                             this one's is {}; a database restored from a dump to a new server is another server too)",
+                            progress.table, progress.database, progress.server, tx.server
+                        ),
+                    }
+                    .into(),
+                ));
+            }
             // Where the event id is the row id itself, nothing tells a row from one that took
             // its id since in a table that replaced this one (renamed and recreated, restored):
             // the batch is repaired only in the table of the OID it was claimed from. A
@@ -420,6 +447,7 @@ impl Relay {
                 database: database.clone(),
                 table: table.clone(),
                 table_oid: 0,
+                server: tx.server.clone(),
                 shard,
                 owner: owner.to_owned(),
                 rows: Vec::new(),
@@ -482,7 +510,7 @@ impl Relay {
         let Some((database, table)) = tx.names.clone() else {
             return Published { outcomes, unacknowledged: Vec::new() };
         };
-        let Transactions { topic, producer, last_committed, stalls, retired, .. } = tx;
+        let Transactions { topic, producer, last_committed, stalls, retired, server, .. } = tx;
         let Some(producer_ref) = producer.as_mut() else {
             return Published { outcomes, unacknowledged: Vec::new() };
         };
@@ -500,6 +528,7 @@ impl Relay {
                 database,
                 table,
                 table_oid,
+                server: server.clone(),
                 shard: 0,
                 owner: producer_ref.transactional_id.clone(),
                 rows: Vec::new(),

@@ -218,6 +218,7 @@ async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_star
         database: database.clone(),
         table: "billing.outbox".into(),
         table_oid: 1,
+        server: String::new(),
         shard: 0,
         owner: String::new(),
         rows: Vec::new(),
@@ -234,6 +235,59 @@ async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_star
     assert!(stderr.contains(&key) && stderr.contains("billing.outbox"), "{stderr}");
     assert!(stderr.contains("kafka.exactly_once.transactional_id_prefix"), "{stderr}");
     assert_eq!(unpublished_count(&db).await, 10, "nothing published");
+}
+
+/// A relay of another PostgreSQL server whose database and table have this one's names, with
+/// the same prefix, writes under this relay's keys: its record (here written as that relay
+/// would, naming another server's system identifier and rows whose ids exist here) stops this
+/// relay at start with the key and the fix, and none of those rows is marked here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_records_of_another_server_under_the_relays_keys_stop_it_at_start() {
+    use outbox_relay::kafka::progress::{FORMAT, Progress, ProgressRow};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let db = env.client().await;
+    insert_backlog(&db, &env.create_topic(1).await, 0..10, 2).await;
+    let config = exactly_once(&env).await;
+    let database: String = db.query_one("SELECT current_database()::text", &[]).await.unwrap().get(0);
+    let server: String =
+        db.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.unwrap().get(0);
+    let rows: Vec<(i64, String)> = db
+        .query("SELECT id, event_id::text FROM outbox ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let key = config.kafka.exactly_once.progress_key(&database, "public.outbox", 0);
+    let other_server = format!("{}1", server);
+    let other = Progress {
+        format: FORMAT,
+        database: database.clone(),
+        table: "public.outbox".into(),
+        table_oid: 1,
+        server: other_server.clone(),
+        shard: 0,
+        owner: String::new(),
+        rows: rows
+            .iter()
+            .map(|(id, event_id)| ProgressRow { id: id.to_string(), event_id: Some(event_id.clone()) })
+            .collect(),
+    };
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &env.brokers).create().expect("producer");
+    let topic = &config.kafka.exactly_once.progress_topic;
+    let value = other.to_json();
+    producer.send(BaseRecord::<str, [u8]>::to(topic).key(key.as_str()).payload(value.as_slice())).expect("send");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+
+    let (code, _, stderr) = run_relay_command(&env, &config);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&key) && stderr.contains("another PostgreSQL server"), "{stderr}");
+    assert!(stderr.contains(&other_server) && stderr.contains(&server), "both identifiers named: {stderr}");
+    assert!(stderr.contains("kafka.exactly_once.transactional_id_prefix"), "{stderr}");
+    assert_eq!(unpublished_count(&db).await, 10, "no row of the other server's record marked here");
 }
 
 #[cfg(feature = "failpoints")]
@@ -443,6 +497,7 @@ async fn the_progress_read_waits_for_transactions_open_below_the_end_rather_than
         database: "db".into(),
         table: "public.outbox".into(),
         table_oid: 1,
+        server: String::new(),
         shard: 1,
         owner: "relay.db.public.outbox.0123456789ab".into(),
         rows: vec![ProgressRow { id: "7".into(), event_id: None }],
