@@ -27,7 +27,9 @@
 //! A record the broker refuses fails the transaction's commit: the transaction is aborted,
 //! the row whose own error it was is charged an attempt (it then waits out its backoff and goes
 //! out alone for its key, and is given up after `relay.max_attempts`), and the other rows go out
-//! again in the next transaction, not charged.
+//! again in the next transaction, not charged. A partition that stalls the transaction (no
+//! report for `relay.stalled_partition_after`) aborts it too, and its keys are held out of the
+//! next claims ([`super::transaction_stalls`]) so that the other rows go on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime};
