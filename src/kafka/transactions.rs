@@ -77,6 +77,8 @@ pub struct TransactionalProducer {
     pub publisher: Publisher,
     /// Whether a transaction was begun and neither committed nor aborted.
     open: bool,
+    /// Whether the open transaction was asked to commit: it may then end committed.
+    commit_requested: bool,
 }
 
 impl TransactionalProducer {
@@ -92,7 +94,9 @@ impl TransactionalProducer {
             Publisher::transactional(config, metrics, health, &transactional_id).map_err(StartError::Create)?;
         let producer = publisher.producer.clone();
         match tokio::task::spawn_blocking(move || producer.init_transactions(within)).await {
-            Ok(Ok(())) => Ok(TransactionalProducer { transactional_id, publisher, open: false }),
+            Ok(Ok(())) => {
+                Ok(TransactionalProducer { transactional_id, publisher, open: false, commit_requested: false })
+            }
             Ok(Err(e)) => {
                 Err(StartError::Init { transactional_id, error: e.to_string(), code: e.rdkafka_error_code() })
             }
@@ -104,6 +108,7 @@ impl TransactionalProducer {
     pub fn begin(&mut self) -> Result<(), TransactionError> {
         self.publisher.producer.begin_transaction().map_err(TransactionError::of)?;
         self.open = true;
+        self.commit_requested = false;
         Ok(())
     }
 
@@ -125,6 +130,7 @@ impl TransactionalProducer {
     /// visible to `read_committed` consumers at once.
     pub async fn commit(&mut self, within: Duration) -> Result<(), TransactionError> {
         self.reports_released().await;
+        self.commit_requested = true;
         let producer = self.publisher.producer.clone();
         blocking(move || producer.commit_transaction(within)).await?;
         self.open = false;
@@ -159,6 +165,12 @@ impl TransactionalProducer {
     /// Whether a transaction is open.
     pub fn is_open(&self) -> bool {
         self.open
+    }
+
+    /// Whether the open transaction (or the last one) was asked to commit, whatever the answer:
+    /// one that never was can only end aborted.
+    pub fn commit_requested(&self) -> bool {
+        self.commit_requested
     }
 }
 

@@ -51,6 +51,10 @@ use crate::service::metrics::Metrics;
 /// How long one commit or abort may wait for the cluster before it is tried again.
 const TRANSACTION_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the background fencing of a dropped producer waits for its transaction's abort to
+/// complete ([`Relay::fence_in_background`]): the broker's default transaction timeout.
+const ABANDONED_ABORT_WAIT: Duration = Duration::from_secs(60);
+
 /// How long `init_transactions` may wait once the relay has run a transaction: a cluster that
 /// does not answer then is an outage, waited out.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,8 +87,9 @@ pub(super) struct Transactions {
     last_committed: BTreeMap<i32, Vec<ProgressRow>>,
     /// Keys held back after their partition stalled a transaction.
     stalls: TransactionStalls,
-    /// Producers this relay replaced after aborting their transaction itself: nothing they
-    /// wrote can commit any more, so a take need not fence them. Fencing one would wait until
+    /// Producers this relay replaced after aborting their transaction itself (or giving up on
+    /// an abort of one it never asked to commit): nothing they wrote can commit any more, so a
+    /// take need not fence them. Fencing one would wait until
     /// its abort completes, which, when its records went to a partition the broker cannot write
     /// (the stall that made the relay abort), is as long as that partition stays unwritable.
     retired: BTreeSet<String>,
@@ -156,9 +161,13 @@ enum Ended {
     /// The producer is fenced or failed: it is dropped, and a new one takes the shards again
     /// before the next batch.
     ProducerGone,
-    /// Aborted, and the producer is replaced all the same ([`Relay::abort`] says why): as
-    /// [`Ended::ProducerGone`], but the producer needs no fencing.
-    ProducerRetired,
+    /// Aborted, or never asked to commit and so bound to end aborted, and the producer is
+    /// replaced ([`Relay::abort`] says why): as [`Ended::ProducerGone`], but the producer needs
+    /// no fencing. `abort_pending`: the abort did not complete, and the coordinator is to be
+    /// asked to abort the transaction by fencing the producer in the background.
+    ProducerRetired {
+        abort_pending: bool,
+    },
 }
 
 impl Relay {
@@ -483,6 +492,24 @@ impl Relay {
         }
     }
 
+    /// Fences the relay's own producer `transactional_id`, dropped with its transaction open,
+    /// without waiting: its `init_transactions` makes the coordinator abort that transaction
+    /// now, and returns only once every partition the transaction wrote has its marker, which a
+    /// stalled partition may hold back for long.
+    fn fence_in_background(&self, transactional_id: String) {
+        let config = self.config.clone();
+        tokio::spawn(async move {
+            match fence(&config, &transactional_id, ABANDONED_ABORT_WAIT).await {
+                Ok(()) => info!(transactional_id, "the transaction left open by a dropped producer is aborted"),
+                Err(e) => warn!(
+                    transactional_id,
+                    error = %e,
+                    "fencing a dropped producer did not complete; the broker aborts its transaction at its timeout"
+                ),
+            }
+        });
+    }
+
     /// Waits out an outage met while readying the shards, then starts the next turn.
     async fn outage(&self, what: String) -> Cut {
         let delay = self.config.relay.backoff_initial.max(Duration::from_secs(1));
@@ -567,9 +594,15 @@ impl Relay {
             }
             Ended::Aborted => {}
             Ended::ProducerGone => *producer = None,
-            Ended::ProducerRetired => {
+            Ended::ProducerRetired { abort_pending } => {
                 if let Some(replaced) = producer.take() {
-                    retired.insert(replaced.transactional_id);
+                    let id = replaced.transactional_id.clone();
+                    // Dropped first: its records in flight are purged, and it sends nothing more.
+                    drop(replaced);
+                    if abort_pending {
+                        self.fence_in_background(id.clone());
+                    }
+                    retired.insert(id);
                 }
             }
         }
@@ -686,6 +719,22 @@ impl Relay {
         let aborted = producer.abort(TRANSACTION_STEP_TIMEOUT).await;
         charge_only_own_failures(&mut outcomes);
         match aborted {
+            // Never asked to commit, the transaction can only end aborted. librdkafka sends the
+            // abort only once the records in flight are answered, and a record to a partition
+            // that lost its in-sync replicas may wait in the leader until the transaction's
+            // timeout. So the producer is dropped, and the coordinator is asked to abort its
+            // transaction at once by fencing it, in the background: the markers reach every
+            // partition that takes them (the progress topic's among them, which the next take
+            // reads) while the stalled one holds its own back.
+            Err(abort) if !producer.commit_requested() => {
+                warn!(
+                    transactional_id = %producer.transactional_id,
+                    error = %abort,
+                    "could not abort the transaction; starting a new producer, and fencing this one in the background \
+                     (its transaction, never committed, ends aborted)"
+                );
+                (deferred, Ended::ProducerRetired { abort_pending: true })
+            }
             Err(abort) => {
                 warn!(transactional_id = %producer.transactional_id, error = %abort, "could not abort the transaction; starting a new producer");
                 (deferred, Ended::ProducerGone)
@@ -696,7 +745,7 @@ impl Relay {
                     "records of the aborted transaction may have been written; starting a new producer, whose records \
                      the broker cannot take for theirs"
                 );
-                (outcomes, Ended::ProducerRetired)
+                (outcomes, Ended::ProducerRetired { abort_pending: false })
             }
             Ok(()) => (outcomes, Ended::Aborted),
         }
