@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -118,8 +118,10 @@ impl ProgressTopic {
             Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len() as i32,
             _ => return Err(PublisherError::ProgressTopicMissing { topic: name }),
         };
-        let policy = cleanup_policy(config, &name, waited)
-            .map_err(|error| PublisherError::ProgressTopicUnreadable { topic: name.clone(), error })?;
+        let policy = cleanup_policy(config, &name, waited).map_err(|e| match e {
+            ReadError::Refused(error) => PublisherError::ProgressTopicRefused { topic: name.clone(), error },
+            ReadError::Failed(error) => PublisherError::ProgressTopicUnreadable { topic: name.clone(), error },
+        })?;
         let policies: Vec<&str> = policy.split(',').map(str::trim).collect();
         if !policies.contains(&"compact") || policies.contains(&"delete") {
             return Err(PublisherError::ProgressTopicNotCompacted { topic: name, policy });
@@ -135,7 +137,9 @@ impl ProgressTopic {
 
     /// The latest committed progress record of `key` ([`ProgressTopic::read_latest_of`]).
     pub fn read_latest(&self, config: &Config, key: &str, within: Duration) -> Result<Option<Progress>, String> {
-        let mut latest = self.read_latest_of(config, &[key.to_owned()], Isolation::ReadCommitted, within)?;
+        let mut latest = self
+            .read_latest_of(config, &[key.to_owned()], Isolation::ReadCommitted, within)
+            .map_err(|e| e.to_string())?;
         Ok(latest.remove(key))
     }
 
@@ -152,7 +156,7 @@ impl ProgressTopic {
         keys: &[String],
         isolation: Isolation,
         within: Duration,
-    ) -> Result<HashMap<String, Progress>, String> {
+    ) -> Result<HashMap<String, Progress>, ReadError> {
         let mut latest = HashMap::new();
         let partitions: BTreeMap<i32, ()> = keys.iter().map(|k| (self.partition_of(k), ())).collect();
         if partitions.is_empty() {
@@ -163,7 +167,7 @@ impl ProgressTopic {
             .set("enable.auto.commit", "false")
             .set("isolation.level", isolation.as_str())
             .create()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReadError::Failed(e.to_string()))?;
         let deadline = Instant::now() + within;
         let left = || deadline.saturating_duration_since(Instant::now());
         // The end is the high watermark, asked by a read_uncommitted client: asked by a
@@ -171,20 +175,22 @@ impl ProgressTopic {
         // transaction of another relay holds back, and a read that stopped there missed a
         // shard's last commit when it was written after: the batch was published again (seen
         // in the twelve-kill test).
-        let watermarks: BaseConsumer =
-            reader_config(config).set("isolation.level", "read_uncommitted").create().map_err(|e| e.to_string())?;
+        let watermarks: BaseConsumer = reader_config(config)
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .map_err(|e| ReadError::Failed(e.to_string()))?;
         let mut ends = BTreeMap::new();
         let mut assignment = TopicPartitionList::new();
         for &partition in partitions.keys() {
             let (_, end) = watermarks
                 .fetch_watermarks(&self.name, partition, left())
-                .map_err(|e| format!("reading the end of {}[{partition}]: {e}", self.name))?;
+                .map_err(|e| ReadError::Failed(format!("reading the end of {}[{partition}]: {e}", self.name)))?;
             ends.insert(partition, end);
             assignment
                 .add_partition_offset(&self.name, partition, Offset::Beginning)
-                .map_err(|e: KafkaError| e.to_string())?;
+                .map_err(|e: KafkaError| ReadError::Failed(e.to_string()))?;
         }
-        consumer.assign(&assignment).map_err(|e| e.to_string())?;
+        consumer.assign(&assignment).map_err(|e| ReadError::Failed(e.to_string()))?;
         // The read ends at each partition's end as it was before: every record of a key written
         // (or, read_committed, committed) by then is below it, and a read_committed consumer
         // passes it only once every transaction below it has ended. Transaction markers take
@@ -194,7 +200,10 @@ impl ProgressTopic {
         };
         while !reached(&consumer) {
             if Instant::now() >= deadline {
-                return Err(format!("reading {} to the ends {ends:?} took longer than {within:?}", self.name));
+                return Err(ReadError::Failed(format!(
+                    "reading {} to the ends {ends:?} took longer than {within:?}",
+                    self.name
+                )));
             }
             match consumer.poll(POLL_TIMEOUT) {
                 Some(Ok(message)) => {
@@ -206,7 +215,10 @@ impl ProgressTopic {
                         Some(value) => {
                             let progress = Progress::from_json(key.as_bytes(), value).map_err(|e| {
                                 let (partition, offset) = (message.partition(), message.offset());
-                                format!("the progress record at {}[{partition}]@{offset}: {e}", self.name)
+                                ReadError::Failed(format!(
+                                    "the progress record at {}[{partition}]@{offset}: {e}",
+                                    self.name
+                                ))
                             })?;
                             latest.insert(key.to_owned(), progress);
                         }
@@ -218,11 +230,25 @@ impl ProgressTopic {
                 }
                 None => {}
                 Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::TopicAuthorizationFailed) => {
+                    return Err(ReadError::Refused(format!("reading it: {e}")));
+                }
                 Some(Err(e)) => tracing::debug!(error = %e, "reading the progress topic; retrying"),
             }
         }
         Ok(latest)
     }
+}
+
+/// Why the progress topic could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The cluster refused the relay's principal (the topic's ACLs): waiting does not fix it.
+    #[error("{0}")]
+    Refused(String),
+    /// Anything else: a broker unavailable, a record this relay cannot read.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Which records a read of the progress topic sees.
@@ -253,20 +279,26 @@ fn position(consumer: &BaseConsumer, topic: &str, partition: i32) -> i64 {
 }
 
 /// The topic's `cleanup.policy` as the brokers describe it.
-fn cleanup_policy(config: &Config, topic: &str, within: Duration) -> Result<String, String> {
+fn cleanup_policy(config: &Config, topic: &str, within: Duration) -> Result<String, ReadError> {
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        reader_config(config).create().map_err(|e| e.to_string())?;
+        reader_config(config).create().map_err(|e| ReadError::Failed(e.to_string()))?;
     let options = AdminOptions::new().request_timeout(Some(within));
     let resource = [ResourceSpecifier::Topic(topic)];
     // The admin client completes its futures from its own thread.
     let mut described = futures::executor::block_on(admin.describe_configs(&resource, &options))
-        .map_err(|e| format!("describing its configuration: {e}"))?;
+        .map_err(|e| ReadError::Failed(format!("describing its configuration: {e}")))?;
     match described.pop() {
+        // A topic has every setting described, defaults included. None is how a refusal
+        // arrives: rust-rdkafka (0.39) passes on no error of a single resource, and a broker
+        // refuses a principal without DescribeConfigs on the topic (its ACLs).
+        Some(Ok(resource)) if resource.entries.is_empty() => Err(ReadError::Refused(
+            "describing its configuration: the brokers described none of its settings".to_owned(),
+        )),
         Some(Ok(resource)) => {
             Ok(resource.get("cleanup.policy").and_then(|entry| entry.value.clone()).unwrap_or_else(|| "delete".into()))
         }
-        Some(Err(code)) => Err(format!("describing its configuration: {code}")),
-        None => Err("describing its configuration: no answer".to_owned()),
+        Some(Err(code)) => Err(ReadError::Failed(format!("describing its configuration: {code}"))),
+        None => Err(ReadError::Failed("describing its configuration: no answer".to_owned())),
     }
 }
 

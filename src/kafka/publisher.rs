@@ -70,13 +70,40 @@ pub enum PublisherError {
         /// Why.
         error: String,
     },
+    /// `kafka.delivery = "exactly_once"` and the cluster refused the relay's principal the
+    /// progress topic (its ACLs).
+    #[error(
+        "kafka.exactly_once.progress_topic: the cluster refused the relay's principal access to topic {topic} \
+         ({error}); with ACLs, the principal needs Read, Write and DescribeConfigs on it (see the README)"
+    )]
+    ProgressTopicRefused {
+        /// The topic.
+        topic: String,
+        /// What was refused, and librdkafka's answer.
+        error: String,
+    },
+    /// `kafka.delivery = "exactly_once"` and the cluster refused the relay's principal a
+    /// transactional id (its ACLs).
+    #[error(
+        "kafka.exactly_once.transactional_id_prefix: the cluster refused the relay's principal transactional id \
+         {transactional_id} ({error}); with ACLs, the principal needs Write on the transactional ids that start \
+         with \"{prefix}.\" (a prefixed ACL; see the README)"
+    )]
+    TransactionalIdRefused {
+        /// The transactional id.
+        transactional_id: String,
+        /// `kafka.exactly_once.transactional_id_prefix`.
+        prefix: String,
+        /// librdkafka's answer.
+        error: String,
+    },
     /// `kafka.delivery = "exactly_once"` and the cluster cannot do transactions for the relay.
     #[error(
         "kafka.delivery = \"exactly_once\": the cluster refused a transactional producer ({error}); it needs brokers \
          with transactions (Apache Kafka 0.11 or later with a transaction state log that can be created: \
          transaction.state.log.replication.factor and min.insync.replicas no higher than the brokers there are) \
-         and, with ACLs, Write and Describe on the transactional ids kafka.exactly_once.transactional_id_prefix.* \
-         (see the README); or use kafka.delivery = \"at_least_once\""
+         and, with ACLs, Write on the transactional ids that start with kafka.exactly_once.transactional_id_prefix \
+         and a dot (see the README); or use kafka.delivery = \"at_least_once\""
     )]
     TransactionsRefused {
         /// librdkafka's answer.

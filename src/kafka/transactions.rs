@@ -37,6 +37,10 @@ pub enum TransactionError {
     /// aborted, and none of its records becomes visible.
     #[error("the transaction must be aborted: {0}")]
     Abortable(String),
+    /// The cluster refused the relay's principal a topic of the transaction (its ACLs); the
+    /// transaction must be aborted, as [`TransactionError::Abortable`].
+    #[error("the transaction must be aborted: {0}")]
+    Refused(String),
     /// The step timed out or met a passing broker error; it may be called again.
     #[error("{0}")]
     Retriable(String),
@@ -59,6 +63,9 @@ impl TransactionError {
             )
         ) {
             return TransactionError::Fenced(text);
+        }
+        if code == Some(RDKafkaErrorCode::TopicAuthorizationFailed) {
+            return TransactionError::Refused(text);
         }
         match &error {
             KafkaError::Transaction(e) if e.is_fatal() => TransactionError::Fatal(text),

@@ -34,12 +34,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant, SystemTime};
 
+use rdkafka::error::RDKafkaErrorCode;
 use tracing::{info, warn};
 
 use super::transaction_stalls::{StalledRecord, TransactionStalls};
 use super::{Cut, Relay, RelayError};
 use crate::kafka::delivery::Outcome;
-use crate::kafka::progress::{Isolation, Progress, ProgressRow, ProgressTopic};
+use crate::kafka::progress::{Isolation, Progress, ProgressRow, ProgressTopic, ReadError};
 use crate::kafka::publisher::{Published, PublisherError};
 use crate::kafka::record::Record;
 use crate::kafka::transactions::{StartError, TransactionError, TransactionalProducer, fence};
@@ -246,6 +247,14 @@ impl Relay {
     async fn start_failed(&self, error: StartError, ever_started: bool) -> Cut {
         match error {
             StartError::Create(e) => Cut::Fail(e.into()),
+            StartError::Init {
+                transactional_id,
+                error,
+                code: Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed),
+            } => {
+                let prefix = self.config.kafka.exactly_once.transactional_id_prefix.clone();
+                Cut::Fail(PublisherError::TransactionalIdRefused { transactional_id, prefix, error }.into())
+            }
             StartError::Init { error, .. } if !ever_started => {
                 Cut::Fail(PublisherError::TransactionsRefused { error }.into())
             }
@@ -333,9 +342,12 @@ impl Relay {
         let within = self.config.kafka.startup_timeout;
         let read = tokio::task::spawn_blocking(move || topic.read_latest_of(&config, &keys, isolation, within))
             .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+            .unwrap_or_else(|e| Err(ReadError::Failed(e.to_string())));
         match read {
             Ok(latest) => Ok(latest),
+            Err(ReadError::Refused(error)) => {
+                Err(Cut::Fail(PublisherError::ProgressTopicRefused { topic: tx.topic.name.clone(), error }.into()))
+            }
             Err(e) => Err(self.outage(format!("reading the progress topic: {e}")).await),
         }
     }
@@ -468,7 +480,12 @@ impl Relay {
                 let committed = async {
                     taker.begin()?;
                     let record = taker.send_progress(topic, &key, &progress)?;
-                    self.commit_with_progress(&mut taker, vec![record]).await
+                    // The commit before the record's report: a record the transaction cannot
+                    // take (the progress topic refuses the relay's principal) is purged unsent,
+                    // its report saying only that, and the commit, which librdkafka then refuses
+                    // (it commits only a transaction whose every record was written), says why.
+                    self.commit(&mut taker).await?;
+                    progress_written(record).await
                 }
                 .await;
                 if committed.is_err() {
@@ -488,6 +505,10 @@ impl Relay {
         }
         match first_error {
             None => Ok(()),
+            Some(TransactionError::Refused(e)) => {
+                let error = format!("writing to it: {e}");
+                Err(Cut::Fail(PublisherError::ProgressTopicRefused { topic: topic.name.clone(), error }.into()))
+            }
             Some(e) => Err(self.outage(format!("committing the shards' new owner: {e}")).await),
         }
     }
@@ -758,16 +779,13 @@ impl Relay {
         progress_records: Vec<rdkafka::producer::DeliveryFuture>,
     ) -> Result<(), TransactionError> {
         for delivery in progress_records {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(TransactionError::Abortable(format!("the progress record was not written: {e}")));
-                }
-                Err(_) => {
-                    return Err(TransactionError::Abortable("the producer closed before the progress record".into()));
-                }
-            }
+            progress_written(delivery).await?;
         }
+        self.commit(producer).await
+    }
+
+    /// Commits the open transaction, retrying a commit that timed out.
+    async fn commit(&self, producer: &mut TransactionalProducer) -> Result<(), TransactionError> {
         let started = Instant::now();
         loop {
             match producer.commit(TRANSACTION_STEP_TIMEOUT).await {
@@ -808,6 +826,15 @@ impl Batch<'_> {
             .collect();
         rows.extend(self.carried.get(&shard).into_iter().flatten().cloned());
         Progress { shard, rows, ..self.template.clone() }
+    }
+}
+
+/// Whether the progress record of `delivery` was written.
+async fn progress_written(delivery: rdkafka::producer::DeliveryFuture) -> Result<(), TransactionError> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(TransactionError::Abortable(format!("the progress record was not written: {e}"))),
+        Err(_) => Err(TransactionError::Abortable("the producer closed before the progress record".into())),
     }
 }
 

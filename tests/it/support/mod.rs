@@ -12,8 +12,9 @@
 //!
 //! - [`environment`]: free ports, unique names, how long to wait; [`processes`]: the child
 //!   processes the harness starts, which die with the test.
-//! - The servers: [`postgres`], [`kafka`], and for the security tests [`tls`] (a test CA) and
-//!   [`secured_kafka`] (a node with TLS and SASL listeners).
+//! - The servers: [`postgres`], [`kafka`], and for the security tests [`tls`] (a test CA),
+//!   [`secured_kafka`] (a node with TLS and SASL listeners, enforcing ACLs if asked) and
+//!   [`kafka_acls`] (what a test grants a user there).
 //! - [`test_env`]: [`TestEnv`], one test's database, broker, scratch directory and relay
 //!   configuration.
 //! - The PostgreSQL side: [`database`] (connections, the relay's role) and [`outbox_rows`]
@@ -24,7 +25,7 @@
 //!   at random moments), and [`http`] (its metrics and health endpoints).
 //!
 //! What the tests call is re-exported here, so a test module needs one `use crate::support::*`;
-//! the security tests import [`tls`] and [`secured_kafka`] by path.
+//! the security tests import [`tls`], [`secured_kafka`] and [`kafka_acls`] by path.
 
 pub mod crashes;
 pub mod database;
@@ -32,6 +33,7 @@ pub mod environment;
 pub mod http;
 pub mod in_process_relay;
 pub mod kafka;
+pub mod kafka_acls;
 pub mod outbox_rows;
 pub mod postgres;
 pub mod processes;

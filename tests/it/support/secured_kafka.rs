@@ -6,6 +6,11 @@
 //! points its clients at the one it checks. The PLAINTEXT listener stays: the node's brokers and
 //! controller talk over it, and the SCRAM users are created through it (no user can log in
 //! before one exists).
+//!
+//! A node started with [`SecuredKafka::start_with_acls`] enforces ACLs: a SCRAM user may do only
+//! what a test grants it ([`super::kafka_acls`]). The PLAINTEXT and controller listeners'
+//! principal, `User:ANONYMOUS`, is its super user: the node itself, and the test creating users,
+//! topics and ACLs and reading topics back.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,13 +91,31 @@ impl SecuredKafka {
     /// Starts a node whose certificate (for `localhost`) `ca` signs, and which trusts client
     /// certificates `ca` signs, then creates `users`.
     pub async fn start(ca: &TestCa, users: &[ScramUser<'_>]) -> SecuredKafka {
+        Self::start_with(ca, users, &[]).await
+    }
+
+    /// As [`SecuredKafka::start`], on a node that enforces ACLs (Kafka's `StandardAuthorizer`):
+    /// `users` may do nothing a test does not grant them; the PLAINTEXT listener
+    /// ([`SecuredKafka::super_user_address`]) may do everything.
+    pub async fn start_with_acls(ca: &TestCa, users: &[ScramUser<'_>]) -> SecuredKafka {
+        let authorizer = [
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users=User:ANONYMOUS",
+            // Kafka's default, written out: a resource without ACLs is nobody's but the super user's.
+            "allow.everyone.if.no.acl.found=false",
+        ];
+        Self::start_with(ca, users, &authorizer).await
+    }
+
+    async fn start_with(ca: &TestCa, users: &[ScramUser<'_>], properties: &[&str]) -> SecuredKafka {
         let (cert, key) = ca.issue("broker", &["localhost"]);
         // A PEM keystore is the private key (PKCS#8) followed by the certificate chain.
         let keystore = cert.with_file_name("broker-keystore.pem");
         let pem = [std::fs::read_to_string(&key).expect("broker key"), std::fs::read_to_string(&cert).expect("cert")];
         std::fs::write(&keystore, pem.concat()).expect("write the broker's keystore");
 
-        let (kafka, ports) = Self::start_node(&keystore.display().to_string(), &ca.ca_file().display().to_string());
+        let (kafka, ports) =
+            Self::start_node(&keystore.display().to_string(), &ca.ca_file().display().to_string(), properties);
         let kafka = SecuredKafka { kafka, ports, key_file: key };
         for (name, password, mechanism) in users {
             create_scram_user(&kafka.kafka, name, password, mechanism);
@@ -103,8 +126,9 @@ impl SecuredKafka {
         kafka
     }
 
-    /// Starts the node with every listener; returns it and each listener's port.
-    fn start_node(keystore: &str, truststore: &str) -> (Kafka, Vec<u16>) {
+    /// Starts the node with every listener and the extra broker `properties`; returns it and
+    /// each listener's port.
+    fn start_node(keystore: &str, truststore: &str, extra: &[&str]) -> (Kafka, Vec<u16>) {
         for _ in 0..3 {
             let (client, controller) = (free_port(), free_port());
             let ports: Vec<u16> = Listener::ALL.iter().map(|_| free_port()).collect();
@@ -142,6 +166,7 @@ impl SecuredKafka {
             properties.push(format!("listeners={}", listeners.join(",")));
             properties.push(format!("advertised.listeners={}", advertised.join(",")));
             properties.push(format!("listener.security.protocol.map={}", protocols.join(",")));
+            properties.extend(extra.iter().map(|p| p.to_string()));
             let properties: Vec<&str> = properties.iter().map(String::as_str).collect();
             let mut kafka = Kafka::prepare_on(&[client, controller], &properties);
             if kafka.start_all() {
@@ -157,6 +182,12 @@ impl SecuredKafka {
     pub fn address(&self, listener: Listener) -> String {
         let index = Listener::ALL.iter().position(|l| *l == listener).expect("a listener");
         format!("localhost:{}", self.ports[index])
+    }
+
+    /// `127.0.0.1:PORT` of the PLAINTEXT listener, for `bootstrap.servers`: on a node started
+    /// with [`SecuredKafka::start_with_acls`], its clients are the super user.
+    pub fn super_user_address(&self) -> String {
+        self.kafka.address()
     }
 
     /// The broker's private key (PEM), which no client may ever show.
