@@ -186,8 +186,6 @@ impl Relay {
         let delivery_started = Instant::now();
         let sent_at = Instant::now();
         let Producing { publisher, transactions } = producing;
-        // Exactly-once, after a short batch: the claim that follows its commit.
-        let mut claiming_after_commit = None;
         let delivered = match transactions {
             Some(transactions) => {
                 // Only a full batch (a backlog) claims the next one ahead. After a short one the
@@ -196,13 +194,7 @@ impl Relay {
                 // wrote its markers (AddPartitionsToTxn then answers CONCURRENT_TRANSACTIONS,
                 // which librdkafka retries 20 ms later). At 5k rows/s, in four alternating runs
                 // of the benchmark's exactly_once section: p99 64-75 ms without, 88-127 ms with.
-                // A short batch claims the next one after its commit instead (below).
-                let claiming = if full {
-                    Some(claiming)
-                } else {
-                    claiming_after_commit = Some(claiming);
-                    None
-                };
+                let claiming = full.then_some(claiming);
                 self.deliver_exactly_once(outbox, transactions, &prepared, previous, claiming, &in_flight).await
             }
             None => {
@@ -239,20 +231,7 @@ impl Relay {
         // The batch claimed ahead assumed every row of this one would be published: a failed or
         // deferred row must be retried (or hold its key) before anything claimed after it.
         let all_acknowledged = settlement.acked.len() == claimed_count;
-        let mut overlap = Overlap { ahead: overlap.ahead.filter(|_| all_acknowledged), ..overlap };
-        // Exactly-once, after a short batch that committed whole: the next batch is claimed now,
-        // before this one's mark, which is then written while the next transaction runs (its
-        // progress records name this batch's rows). The mark's durable commit no longer stands
-        // between two transactions: at 5k rows/s that was about 2 ms of a 10 ms cycle.
-        if let Some(mut claiming) = claiming_after_commit
-            && all_acknowledged
-            && overlap.previous_unsettled.is_none()
-        {
-            let claim_started = Instant::now();
-            let ahead = self.claim_ahead(outbox, &mut claiming, &in_flight).await;
-            span.record("claim_ahead_ms", millis(claim_started.elapsed()));
-            overlap.ahead = ahead.map(|claimed| Ahead { shards: claiming.shards.to_vec(), claimed });
-        }
+        let overlap = Overlap { ahead: overlap.ahead.filter(|_| all_acknowledged), ..overlap };
         Ok(self.finish_batch(outbox, sorted, overlap, full, started).await)
     }
 
