@@ -71,8 +71,8 @@ const TRANSACTIONAL_LINGER_MS: &str = "1";
 pub const TRANSACTION_TIMEOUT_MS: &str = "60000";
 
 /// The librdkafka configuration of a transactional producer (`kafka.delivery =
-/// "exactly_once"`): the relay's producer with `transactional_id` and a shorter linger
-/// ([`TRANSACTIONAL_LINGER_MS`]). A record
+/// "exactly_once"`): the relay's producer with `transactional_id` and a shorter linger (1 ms;
+/// see `TRANSACTIONAL_LINGER_MS`). A record
 /// may time out there: its transaction then aborts, and no consumer reading committed data
 /// sees it, so librdkafka's limit is the transaction's (it refuses a longer one).
 pub fn transactional_producer_config(config: &Config, transactional_id: &str) -> ClientConfig {
