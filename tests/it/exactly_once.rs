@@ -199,13 +199,29 @@ async fn a_shutdown_cut_short_mid_transaction_aborts_it_at_once() {
     assert_each_row_once_to_read_committed(&env, &db, &topic).await;
 }
 
+/// Writes `progress` under `key` to the relay's progress topic, as something other than this
+/// relay would.
+fn write_progress_record(
+    env: &TestEnv,
+    config: &Config,
+    key: &str,
+    progress: &outbox_relay::kafka::progress::Progress,
+) {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &env.brokers).create().expect("producer");
+    let topic = &config.kafka.exactly_once.progress_topic;
+    let value = progress.to_json();
+    producer.send(BaseRecord::<str, [u8]>::to(topic).key(key).payload(value.as_slice())).expect("send");
+    producer.flush(Duration::from_secs(10)).expect("flush");
+}
+
 /// Progress records of another table under this relay's keys (another relay of a table of this
 /// name with the same prefix, or something else writing the topic) stop the relay at start with
 /// the key and the fix, never repairing rows of the other table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_start() {
     use outbox_relay::kafka::progress::{FORMAT, Progress};
-    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let env = TestEnv::start().await;
     env.migrate().await;
     let db = env.client().await;
@@ -223,12 +239,7 @@ async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_star
         owner: String::new(),
         rows: Vec::new(),
     };
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", &env.brokers).create().expect("producer");
-    let topic = &config.kafka.exactly_once.progress_topic;
-    let value = other.to_json();
-    producer.send(BaseRecord::<str, [u8]>::to(topic).key(key.as_str()).payload(value.as_slice())).expect("send");
-    producer.flush(Duration::from_secs(10)).expect("flush");
+    write_progress_record(&env, &config, &key, &other);
 
     let (code, _, stderr) = run_relay_command(&env, &config);
     assert_eq!(code, 2, "{stderr}");
@@ -244,7 +255,6 @@ async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_star
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_records_of_another_server_under_the_relays_keys_stop_it_at_start() {
     use outbox_relay::kafka::progress::{FORMAT, Progress, ProgressRow};
-    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let env = TestEnv::start().await;
     env.migrate().await;
     let db = env.client().await;
@@ -275,12 +285,7 @@ async fn progress_records_of_another_server_under_the_relays_keys_stop_it_at_sta
             .map(|(id, event_id)| ProgressRow { id: id.to_string(), event_id: Some(event_id.clone()) })
             .collect(),
     };
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", &env.brokers).create().expect("producer");
-    let topic = &config.kafka.exactly_once.progress_topic;
-    let value = other.to_json();
-    producer.send(BaseRecord::<str, [u8]>::to(topic).key(key.as_str()).payload(value.as_slice())).expect("send");
-    producer.flush(Duration::from_secs(10)).expect("flush");
+    write_progress_record(&env, &config, &key, &other);
 
     let (code, _, stderr) = run_relay_command(&env, &config);
     assert_eq!(code, 2, "{stderr}");

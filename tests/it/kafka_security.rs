@@ -290,18 +290,25 @@ fn progress_reader_group_acl() -> Acl {
     Acl::allow(Operation::Describe, Resource::Group("outbox-relay-progress".to_owned()))
 }
 
+/// A database, and a broker that enforces ACLs, with alice as its one SCRAM user, and a topic
+/// (created by the super user).
+async fn with_acls_enforced() -> (TestEnv, TestCa, SecuredKafka, String) {
+    let env = TestEnv::start().await;
+    env.migrate().await;
+    let ca = TestCa::new(&env.path(""), "kafka");
+    let broker = SecuredKafka::start_with_acls(&ca, &[ALICE]).await;
+    let topic = create_topic(&client(&broker.super_user_address(), &[])).await;
+    (env, ca, broker, topic)
+}
+
 /// The README's ACLs are enough: on a broker that enforces ACLs, a principal granted `Write` on
 /// the topic, [`exactly_once_acls`] and [`progress_reader_group_acl`], nothing more, publishes a
 /// backlog in transactions, and again after a restart (which reads the shards' progress records
 /// back), without a refusal in its log; `read_committed` consumers see each row once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_with_only_the_documented_acls_publishes_every_row_once() {
-    let env = TestEnv::start().await;
-    env.migrate().await;
-    let ca = TestCa::new(&env.path(""), "kafka");
-    let broker = SecuredKafka::start_with_acls(&ca, &[ALICE]).await;
+    let (env, ca, broker, topic) = with_acls_enforced().await;
     let super_user = broker.super_user_address();
-    let topic = create_topic(&client(&super_user, &[])).await;
     let config = exactly_once_as_alice(&env, &ca, &broker).await;
     let mut acls = exactly_once_acls(&config);
     acls.push(Acl::allow(Operation::Write, Resource::Topic(topic.clone())));
@@ -331,12 +338,8 @@ async fn exactly_once_with_only_the_documented_acls_publishes_every_row_once() {
 /// code 2 and a line naming what is missing, rather than retrying forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_without_one_of_the_documented_acls_exits_2_at_startup_naming_it() {
-    let env = TestEnv::start().await;
-    env.migrate().await;
-    let ca = TestCa::new(&env.path(""), "kafka");
-    let broker = SecuredKafka::start_with_acls(&ca, &[ALICE]).await;
+    let (env, ca, broker, topic) = with_acls_enforced().await;
     let super_user = broker.super_user_address();
-    let topic = create_topic(&client(&super_user, &[])).await;
     kafka_acls::grant(&super_user, ALICE_PRINCIPAL, &[Acl::allow(Operation::Write, Resource::Topic(topic.clone()))]);
     insert(&env, &topic, 3).await;
 
