@@ -71,8 +71,8 @@ const TRANSACTIONAL_LINGER_MS: &str = "1";
 pub const TRANSACTION_TIMEOUT_MS: &str = "60000";
 
 /// The librdkafka configuration of a transactional producer (`kafka.delivery =
-/// "exactly_once"`): the relay's producer with `transactional_id` and a shorter linger (1 ms;
-/// see `TRANSACTIONAL_LINGER_MS`). A record
+/// "exactly_once"`): the relay's producer with `transactional_id`, a shorter linger (1 ms;
+/// see `TRANSACTIONAL_LINGER_MS`) and TCP_NODELAY. A record
 /// may time out there: its transaction then aborts, and no consumer reading committed data
 /// sees it, so librdkafka's limit is the transaction's (it refuses a longer one).
 pub fn transactional_producer_config(config: &Config, transactional_id: &str) -> ClientConfig {
@@ -80,6 +80,13 @@ pub fn transactional_producer_config(config: &Config, transactional_id: &str) ->
     client.set("transactional.id", transactional_id);
     if !config.kafka.properties.contains_key("linger.ms") {
         client.set("linger.ms", TRANSACTIONAL_LINGER_MS);
+    }
+    // A transaction is a chain of small requests, each waiting for the answer to the one
+    // before (AddPartitionsToTxn, the records, EndTxn): TCP_NODELAY, as Kafka's Java client sets
+    // on every socket, keeps Nagle's algorithm from holding one back. In two benchmark runs at
+    // 5k rows/s, p99 45.7 and 46.6 ms against 45.3-50.5 ms in four without.
+    if !config.kafka.properties.contains_key("socket.nagle.disable") {
+        client.set("socket.nagle.disable", "true");
     }
     let transaction_timeout =
         config.kafka.properties.get("transaction.timeout.ms").map_or(TRANSACTION_TIMEOUT_MS, String::as_str).to_owned();
@@ -135,10 +142,13 @@ mod tests {
     }
 
     #[test]
-    fn the_transactional_producer_lingers_a_millisecond_unless_the_user_says_otherwise() {
+    fn the_transactional_producer_lingers_a_millisecond_without_nagle_unless_the_user_says_otherwise() {
         let mut config = Config::default();
         assert_eq!(transactional_producer_config(&config, "t").get("linger.ms"), Some("1"));
+        assert_eq!(transactional_producer_config(&config, "t").get("socket.nagle.disable"), Some("true"));
         config.kafka.properties.insert("linger.ms".to_owned(), "7".to_owned());
+        config.kafka.properties.insert("socket.nagle.disable".to_owned(), "false".to_owned());
         assert_eq!(transactional_producer_config(&config, "t").get("linger.ms"), Some("7"));
+        assert_eq!(transactional_producer_config(&config, "t").get("socket.nagle.disable"), Some("false"));
     }
 }
