@@ -600,16 +600,16 @@ impl Relay {
         stalls.hold(stalled, Instant::now());
         match ended {
             Ended::Committed(rows) => {
+                // Lazy: the partitions written are worked out only while some partition is held.
                 let publisher = &producer_ref.publisher;
-                let written: BTreeSet<(&str, i32)> = chosen
+                let written = chosen
                     .iter()
                     .enumerate()
                     .filter(|(_, index)| matches!(outcomes[**index], Outcome::Acked { .. }))
                     .filter_map(|(i, _)| {
                         let record = &batch.records[i];
                         Some((record.topic.as_str(), publisher.partition_of(record)?))
-                    })
-                    .collect();
+                    });
                 stalls.committed(written);
                 *last_committed = rows;
             }
