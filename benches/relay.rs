@@ -494,6 +494,8 @@ async fn broker_ceiling_rate(rows: i64, brokers: Option<&str>) -> f64 {
             key: Some(format!("key-{}", n % KEYS)),
             payload: Some(format!(r#"{{"n": {n}, "pad": "{}"}}"#, "x".repeat(SMALL_PAD as usize)).into_bytes()),
             headers: vec![("event_id".to_owned(), Some(uuid::Uuid::new_v4().to_string()))],
+            partition: None,
+            timestamp_ms: None,
         })
         .collect();
     // Warm up: metadata, connections, the producer id.

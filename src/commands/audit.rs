@@ -33,7 +33,6 @@ use serde::Serialize;
 
 use crate::commands::{Outcome, Report};
 use crate::config::{Config, MarkMode};
-use crate::kafka::record::EVENT_ID_HEADER;
 use crate::postgres::audit_rows::RowRange;
 use crate::postgres::error::OutboxError;
 use crate::postgres::layout::{Layout, Mapping};
@@ -405,7 +404,7 @@ pub async fn audit(
     }
     let topic_filter = match mapping.topic {
         crate::postgres::layout::TopicSource::Column(_) => Some(topic),
-        crate::postgres::layout::TopicSource::Template(_) => None,
+        crate::postgres::layout::TopicSource::Template(_) | crate::postgres::layout::TopicSource::Route(_) => None,
     };
     let rows: Vec<_> = outbox
         .audit_rows(range, topic_filter)
@@ -712,7 +711,7 @@ fn read_topic(
                     let newest = keys.entry(key_digest(Some(key))).or_insert(timestamp);
                     *newest = (*newest).max(timestamp);
                 }
-                let Some(event_id) = event_id_of(&message) else {
+                let Some(event_id) = event_id_of(&message, &config.outbox.record.event_id_header) else {
                     continue;
                 };
                 if let Some(entry) = seen.get_mut(&event_id) {
@@ -865,13 +864,11 @@ fn key_digest(key: Option<&[u8]>) -> u64 {
     hasher.finish()
 }
 
-fn event_id_of<M: Message>(message: &M) -> Option<String> {
+/// The event id of a record: the value of its header named `header`
+/// (`outbox.record.event_id_header`).
+fn event_id_of<M: Message>(message: &M, header: &str) -> Option<String> {
     let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == EVENT_ID_HEADER)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+    headers.iter().find(|h| h.key == header).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// A digest of what makes two copies of an event the same record: its bytes. The partition is

@@ -59,6 +59,10 @@ column_roles! {
     FailedAt,
     /// A W3C `traceparent` for the record's header.
     Traceparent,
+    /// The record's timestamp.
+    Timestamp,
+    /// Java properties text holding a trace context (`traceparent=...`), Debezium's tracing column.
+    TracingContext,
 }
 
 /// Whether a table must have a role's column.
@@ -250,6 +254,24 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             summary: "a column whose value becomes the record's `traceparent` header",
             definition: None,
         },
+        ColumnDeclaration {
+            role: Timestamp,
+            key: "timestamp",
+            default_column: None,
+            presence: Optional,
+            types: Some(TIMESTAMPTZ),
+            summary: "the record's timestamp (`\"\"`: when the relay sends it; Debezium's `table.field.event.timestamp`)",
+            definition: None,
+        },
+        ColumnDeclaration {
+            role: TracingContext,
+            key: "tracing_context",
+            default_column: None,
+            presence: Optional,
+            types: Some(ColumnTypes { allowed: &["text", "character varying"], described: "text" }),
+            summary: "Java properties text whose `traceparent` and `tracestate` become headers (Debezium's `tracing.span.context.field`)",
+            definition: None,
+        },
     ]
 };
 
@@ -335,6 +357,14 @@ pub struct Columns {
     /// consumer. Off by default; a `traceparent` in the headers column travels anyway.
     #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub traceparent: Option<String>,
+    /// The record's timestamp (Debezium's `table.field.event.timestamp`); without it a record
+    /// is stamped when the relay sends it.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub timestamp: Option<String>,
+    /// Java properties text (`traceparent=00-...`), as Debezium's tracing column holds it: its
+    /// `traceparent` and `tracestate` become headers. Off by default.
+    #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
+    pub tracing_context: Option<String>,
 }
 
 impl Default for Columns {
@@ -359,6 +389,8 @@ impl Default for Columns {
             last_attempt_at: optional(LastAttemptAt),
             failed_at: optional(FailedAt),
             traceparent: optional(Traceparent),
+            timestamp: optional(Timestamp),
+            tracing_context: optional(TracingContext),
         }
     }
 }
@@ -386,6 +418,8 @@ impl Columns {
             ColumnRole::LastAttemptAt => optional(&self.last_attempt_at),
             ColumnRole::FailedAt => optional(&self.failed_at),
             ColumnRole::Traceparent => optional(&self.traceparent),
+            ColumnRole::Timestamp => optional(&self.timestamp),
+            ColumnRole::TracingContext => optional(&self.tracing_context),
         }
     }
 

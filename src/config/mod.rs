@@ -18,10 +18,12 @@ mod kafka;
 mod load;
 mod names;
 mod outbox;
+mod record;
 mod relay;
 mod secrets;
 mod serde_text;
 mod service;
+mod topic_route;
 mod validate;
 
 use serde::{Deserialize, Serialize};
@@ -31,9 +33,11 @@ pub use database::{ConnectSettings, DatabaseConfig, SSL_MODES, TlsMode, without_
 pub use kafka::{Delivery, ExactlyOnce, KafkaConfig, KafkaSasl, KafkaTls, SecurityProtocol};
 pub use names::{Identifier, TopicTemplate};
 pub use outbox::{MarkMode, OutboxConfig};
+pub use record::{KeyFormat, Placement, PlacementTarget, RecordConfig, ValueFormat};
 pub use relay::{MIN_TAKEOVER_AFTER, OnPoison, RelayConfig};
 pub use secrets::{REDACTED, Secret, is_secret_property, redact_connection_string};
 pub use service::{HealthConfig, LogConfig, LogFormat, MetricsConfig, RetentionConfig, TelemetryConfig};
+pub use topic_route::{DEFAULT_ROUTE_REGEX, DEFAULT_ROUTE_REPLACEMENT, TopicRoute, TopicRouteConfig};
 
 /// Prefix of every environment variable the relay reads.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";

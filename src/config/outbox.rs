@@ -3,8 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Columns;
 use super::serde_text::{deserialize_optional, serialize_optional};
+use super::{Columns, RecordConfig, TopicRouteConfig};
 
 /// `[outbox]`: the table and how its columns become a Kafka record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,6 +17,10 @@ pub struct OutboxConfig {
     /// When set, `columns.topic` is not used.
     #[serde(serialize_with = "serialize_optional", deserialize_with = "deserialize_optional")]
     pub topic_template: Option<String>,
+    /// Routes by one column through a regular expression, as Debezium's outbox router does.
+    /// When set, neither `columns.topic` nor `topic_template` is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_route: Option<TopicRouteConfig>,
     /// What "published" means for a row: `update` sets the published-at column, `delete`
     /// removes the row once the broker has it.
     pub mark: MarkMode,
@@ -26,6 +30,8 @@ pub struct OutboxConfig {
     pub per_key_order: bool,
     /// Column names.
     pub columns: Columns,
+    /// The record's shape beyond its columns: headers, encodings, placements.
+    pub record: RecordConfig,
 }
 
 impl Default for OutboxConfig {
@@ -33,9 +39,11 @@ impl Default for OutboxConfig {
         OutboxConfig {
             table: "outbox".to_owned(),
             topic_template: None,
+            topic_route: None,
             mark: MarkMode::Update,
             per_key_order: true,
             columns: Columns::default(),
+            record: RecordConfig::default(),
         }
     }
 }

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use super::{Config, ConfigError, Identifier, MIN_TAKEOVER_AFTER, MarkMode, REDACTED, TopicTemplate};
+use super::{
+    Config, ConfigError, Identifier, MIN_TAKEOVER_AFTER, MarkMode, PlacementTarget, REDACTED, TopicRoute, TopicTemplate,
+};
 
 impl Config {
     /// Checks every value the loops rely on. Called by [`Config::load`]; call it again after
@@ -121,7 +123,17 @@ impl Config {
         for (key, name) in columns.named() {
             Identifier::parse(name).map_err(|p| ConfigError::new(format!("outbox.columns.{key}"), p))?;
         }
+        if let Some(route) = &outbox.topic_route {
+            if outbox.topic_template.is_some() {
+                return Err(ConfigError::new(
+                    "outbox.topic_route",
+                    "and outbox.topic_template are both set; a row's topic comes from one of them",
+                ));
+            }
+            TopicRoute::parse(route).map_err(|(key, p)| ConfigError::new(format!("outbox.topic_route.{key}"), p))?;
+        }
         match (&outbox.topic_template, &columns.topic) {
+            _ if outbox.topic_route.is_some() => {}
             (Some(template), _) => {
                 TopicTemplate::parse(template).map_err(|p| ConfigError::new("outbox.topic_template", p))?;
             }
@@ -133,10 +145,37 @@ impl Config {
                 ));
             }
         }
+        self.validate_record_shape()?;
         if outbox.mark == MarkMode::Update && columns.published_at.is_none() {
             return Err(ConfigError::new(
                 "outbox.columns.published_at",
                 "is empty, but outbox.mark = \"update\" needs it; name the column or set outbox.mark = \"delete\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_record_shape(&self) -> Result<(), ConfigError> {
+        let record = &self.outbox.record;
+        let header = &record.event_id_header;
+        if header.is_empty() {
+            return Err(ConfigError::new(
+                "outbox.record.event_id_header",
+                "is empty; consumers find the event id by this header's name (Debezium's is \"id\")",
+            ));
+        }
+        let placements = record.parsed_placements().map_err(|p| ConfigError::new("outbox.record.placements", p))?;
+        if !record.value_format.is_json()
+            && let Some(envelope) = placements.iter().find(|p| p.target == PlacementTarget::Envelope)
+        {
+            return Err(ConfigError::new(
+                "outbox.record.placements",
+                format!(
+                    "puts column \"{}\" into an envelope, which is a JSON object; set outbox.record.value_format = \"json_string\" or \"json_expanded\"",
+                    envelope.column.as_str()
+                ),
             ));
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! exactly-once delivery.
 
 pub(crate) mod client_context;
+pub mod connect_json;
 pub mod delivery;
 pub(crate) mod partitioner;
 pub mod progress;
@@ -10,4 +11,5 @@ pub mod publisher;
 pub mod record;
 pub mod settings;
 pub(crate) mod topic_limits;
+pub(crate) mod trace_context;
 pub mod transactions;

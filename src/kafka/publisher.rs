@@ -295,6 +295,11 @@ impl Publisher {
                 Some(Ok(limits)) => *limits,
                 None => TopicLimits::default(),
             };
+            if let Some(error) = self.partition_out_of_range(record) {
+                outcomes[index] = Outcome::Failed(error);
+                blocked.extend(key);
+                continue;
+            }
             if let Some(refusal) = self.batching.refusal(record, &limits) {
                 // The row's own error: it will not fit, or not be valid, later either.
                 outcomes[index] = Outcome::Failed(DeliveryError {
@@ -377,9 +382,31 @@ impl Publisher {
     /// from the partition count the last topic check saw; `None` for a keyless record (its
     /// partition is picked at random) or a topic not checked.
     pub fn partition_of(&self, record: &Record) -> Option<i32> {
+        if record.partition.is_some() {
+            return record.partition;
+        }
         let key = record.key.as_deref()?;
         let partitions = self.known_topics.lock().ok()?.get(&record.topic)?.partitions;
         Some(java_partition(key.as_bytes(), partitions))
+    }
+
+    /// The row's own error when a placed partition column names a partition the topic lacks
+    /// (as of the last topic check): librdkafka would fail it as an unknown partition, which
+    /// says nothing of the column.
+    fn partition_out_of_range(&self, record: &Record) -> Option<DeliveryError> {
+        let partition = record.partition?;
+        let partitions = self.known_topics.lock().ok()?.get(&record.topic)?.partitions;
+        (usize::try_from(partition).ok()? >= partitions).then(|| DeliveryError {
+            reason: "partition_out_of_range",
+            message: format!(
+                "the row names partition {partition} (outbox.record.placements), but topic \"{}\" has {partitions} (0 to {}); \
+                 fix the row's partition column, or add partitions to the topic",
+                record.topic,
+                partitions.saturating_sub(1)
+            ),
+            transient: false,
+            producer_unusable: false,
+        })
     }
 
     /// Sends the records a broker refused as a batch (several refused for a batch-level
@@ -538,6 +565,12 @@ fn future_record(record: &Record) -> FutureRecord<'_, str, [u8]> {
         headers = headers.insert(Header { key: name, value: value.as_deref() });
     }
     let mut future = FutureRecord::to(&record.topic).headers(headers);
+    if let Some(partition) = record.partition {
+        future = future.partition(partition);
+    }
+    if let Some(timestamp_ms) = record.timestamp_ms {
+        future = future.timestamp(timestamp_ms);
+    }
     if let Some(key) = &record.key {
         future = future.key(key.as_str());
     }

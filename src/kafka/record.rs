@@ -5,10 +5,14 @@
 //! (a NULL topic, headers that are not an object of strings) is refused here with an error that
 //! says what is wrong with it; it is never published half-encoded.
 
-use crate::postgres::layout::TopicSource;
+use crate::config::{KeyFormat, PlacementTarget, ValueFormat};
+use crate::kafka::connect_json::{self, column_header, column_json};
+use crate::kafka::trace_context::trace_headers;
+use crate::postgres::layout::{Layout, PayloadKind};
 use crate::postgres::row::OutboxRow;
 
-/// The name of the header carrying the row's stable event id.
+/// The default name of the header carrying the row's stable event id
+/// (`outbox.record.event_id_header`).
 pub const EVENT_ID_HEADER: &str = "event_id";
 
 /// The W3C trace context header.
@@ -26,29 +30,135 @@ pub struct Record {
     pub key: Option<String>,
     /// Value bytes; `None` is a tombstone.
     pub payload: Option<Vec<u8>>,
-    /// Headers in order; the last one is always `event_id`.
+    /// Headers in order: the row's own, its trace context, the event id, then the placed
+    /// columns.
     pub headers: Vec<(String, Option<String>)>,
+    /// The partition a placed column names; `None`: the key's partition.
+    pub partition: Option<i32>,
+    /// The timestamp column, in milliseconds since the epoch; `None`: when it is sent.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl Record {
-    /// Builds the record for `row`, or says why the row cannot be published.
-    pub fn from_row(row: &OutboxRow, topic: &TopicSource) -> Result<Record, String> {
-        let topic = topic.topic(&row.topic_values)?;
+    /// Builds the record for `row` in the shape `layout` gives it, or says why the row cannot
+    /// be published.
+    pub fn from_row(row: &OutboxRow, layout: &Layout) -> Result<Record, String> {
+        let mapping = &layout.mapping;
+        let shape = &mapping.record;
+        let topic = mapping.topic.topic(&row.topic_values)?;
         check_topic_name(&topic)?;
         let mut headers = match &row.headers {
             Some(json) => parse_headers(json)?,
             None => Vec::new(),
         };
-        // A traceparent column joins the trace unless the headers already carry one.
-        if let Some(traceparent) = &row.traceparent
-            && !headers.iter().any(|(name, _)| name == TRACEPARENT_HEADER)
-        {
-            headers.push((TRACEPARENT_HEADER.to_owned(), Some(traceparent.clone())));
+        // A traceparent column joins the trace unless the headers already carry one; a tracing
+        // context column adds what neither carries.
+        let mut trace = Vec::new();
+        if let Some(traceparent) = &row.traceparent {
+            trace.push((TRACEPARENT_HEADER.to_owned(), traceparent.clone()));
         }
-        // The relay's event_id is the one consumers deduplicate on; a row cannot override it.
-        headers.retain(|(name, _)| name != EVENT_ID_HEADER);
-        headers.push((EVENT_ID_HEADER.to_owned(), Some(row.event_id.clone())));
-        Ok(Record { topic, key: row.key.clone(), payload: row.payload.clone(), headers })
+        if let Some(context) = &row.tracing_context {
+            trace.extend(trace_headers(context));
+        }
+        for (name, value) in trace {
+            if !headers.iter().any(|(seen, _)| *seen == name) {
+                headers.push((name, Some(value)));
+            }
+        }
+        // The relay's event id is the one consumers deduplicate on; a row cannot override it.
+        let event_id_header = shape.event_id_header.as_str();
+        headers.retain(|(name, _)| name != event_id_header);
+        headers.push((event_id_header.to_owned(), Some(row.event_id.clone())));
+
+        let mut partition = None;
+        let mut envelope = Vec::new();
+        for ((placement, kind), value) in mapping.placements.iter().zip(&layout.placement_kinds).zip(&row.placed) {
+            match placement.target {
+                PlacementTarget::Header => {
+                    headers.push((placement.alias.clone(), value.as_deref().map(|v| column_header(v, *kind))))
+                }
+                PlacementTarget::Envelope => envelope.push((&placement.alias, column_json(value.as_deref(), *kind))),
+                PlacementTarget::Partition => {
+                    partition = value.as_deref().map(|v| partition_of(placement.column.as_str(), v)).transpose()?
+                }
+            }
+        }
+        let key = match shape.key_format {
+            KeyFormat::AsStored => row.key.clone(),
+            // A NULL key is JSON's null, as Connect writes a missing value of an optional field.
+            KeyFormat::Json if mapping.key.is_some() => Some(column_json(row.key.as_deref(), layout.key_kind)),
+            KeyFormat::Json => None,
+        };
+        let payload = value(row.payload.as_deref(), layout, &envelope)?;
+        if let Some(ms) = row.timestamp_ms
+            && ms < 0
+        {
+            return Err(format!(
+                "timestamp column \"{}\" is before 1970; Kafka takes no earlier timestamp",
+                mapping.timestamp.as_ref().map_or("", |c| c.as_str())
+            ));
+        }
+        Ok(Record { topic, key, payload, headers, partition, timestamp_ms: row.timestamp_ms })
+    }
+}
+
+/// The value bytes of a payload in the configured format, wrapped in the envelope when columns
+/// are placed there.
+fn value(payload: Option<&[u8]>, layout: &Layout, envelope: &[(&String, String)]) -> Result<Option<Vec<u8>>, String> {
+    let shape = &layout.mapping.record;
+    // Debezium's test of an empty payload, Java's trim: nothing but characters up to the space.
+    let blank = payload.is_some_and(|p| p.iter().all(|b| *b <= b' '));
+    if shape.tombstone_on_empty_payload && (payload.is_none() || blank) {
+        return Ok(None);
+    }
+    let Some(payload) = payload else {
+        // A NULL payload: a tombstone as stored; JSON's null when written as JSON, as Connect
+        // writes a missing value.
+        return Ok(shape.value_format.is_json().then(|| wrap(envelope, "null".to_owned()).into_bytes()));
+    };
+    let json = match shape.value_format {
+        ValueFormat::AsStored => return Ok(Some(payload.to_vec())),
+        _ if layout.payload == PayloadKind::Bytes => {
+            return Err("a bytea payload has no text to write as JSON (outbox.record.value_format)".to_owned());
+        }
+        ValueFormat::JsonString => connect_json::json_string(payload_text(payload)?),
+        ValueFormat::JsonExpanded => {
+            let text = payload_text(payload)?;
+            connect_json::expand(text).unwrap_or_else(|| connect_json::json_string(text))
+        }
+    };
+    Ok(Some(wrap(envelope, json).into_bytes()))
+}
+
+fn payload_text(payload: &[u8]) -> Result<&str, String> {
+    std::str::from_utf8(payload).map_err(|e| format!("payload is not UTF-8 text: {e}"))
+}
+
+/// `{"payload": ..., alias: value, ...}` when columns are placed into the envelope; the
+/// payload alone otherwise.
+fn wrap(envelope: &[(&String, String)], payload: String) -> String {
+    if envelope.is_empty() {
+        return payload;
+    }
+    let mut out = String::with_capacity(payload.len() + 32 * envelope.len());
+    out.push_str("{\"payload\":");
+    out.push_str(&payload);
+    for (alias, value) in envelope {
+        out.push(',');
+        connect_json::push_json_string(&mut out, alias);
+        out.push(':');
+        out.push_str(value);
+    }
+    out.push('}');
+    out
+}
+
+/// The partition a placed column names: from 0 up; whether the topic has it is checked when
+/// the record is sent.
+fn partition_of(column: &str, value: &str) -> Result<i32, String> {
+    match value.parse::<i64>().map(i32::try_from) {
+        Ok(Ok(partition)) if partition >= 0 => Ok(partition),
+        _ => Err(format!("partition column \"{column}\" holds {value}; a partition is a number from 0 up")),
     }
 }
 
@@ -129,7 +239,16 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Identifier, TopicTemplate};
+    use crate::config::Config;
+    use crate::postgres::layout::Mapping;
+    use crate::postgres::layout::tests::{standard_layout, standard_layout_columns};
+
+    /// The standard table's layout under `config`, with `extra` columns added to the table.
+    fn layout_of(config: Config, extra: &[(&str, &str)]) -> Layout {
+        let mut columns = standard_layout_columns();
+        columns.extend(extra.iter().map(|(n, t)| (n.to_string(), t.to_string())));
+        Mapping::from_config(&config).unwrap().resolve(&columns).unwrap()
+    }
 
     fn row() -> OutboxRow {
         OutboxRow {
@@ -141,12 +260,15 @@ mod tests {
             topic_values: vec![Some("orders".into())],
             created_at: None,
             traceparent: None,
+            timestamp_ms: None,
+            tracing_context: None,
             shard: 0,
+            placed: Vec::new(),
         }
     }
 
-    fn topic_column() -> TopicSource {
-        TopicSource::Column(Identifier::parse("topic").unwrap())
+    fn topic_column() -> Layout {
+        standard_layout()
     }
 
     #[test]
@@ -213,8 +335,10 @@ mod tests {
     fn a_template_topic_is_built_from_the_rows_columns() {
         let mut row = row();
         row.topic_values = vec![Some("order".into())];
-        let source = TopicSource::Template(TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap());
-        assert_eq!(Record::from_row(&row, &source).unwrap().topic, "outbox.event.order");
+        let mut config = Config::default();
+        config.outbox.topic_template = Some("outbox.event.{aggregatetype}".into());
+        let layout = layout_of(config, &[("aggregatetype", "text")]);
+        assert_eq!(Record::from_row(&row, &layout).unwrap().topic, "outbox.event.order");
     }
 
     mod hostile {
@@ -301,8 +425,11 @@ mod tests {
                     headers,
                     created_at: None,
                     traceparent,
+                    timestamp_ms: None,
+                    tracing_context: None,
                     shard: 0,
                     topic_values,
+                    placed: Vec::new(),
                 })
         }
 
@@ -320,8 +447,7 @@ mod tests {
 
             #[test]
             fn any_row_becomes_a_whole_record_or_a_reason(row in rows()) {
-                let topic = TopicSource::Column(Identifier::parse("topic").unwrap());
-                match Record::from_row(&row, &topic) {
+                match Record::from_row(&row, &standard_layout()) {
                     Ok(record) => {
                         let event_ids: Vec<_> = record.headers.iter().filter(|(n, _)| n == EVENT_ID_HEADER).collect();
                         prop_assert_eq!(event_ids.len(), 1);
@@ -354,9 +480,180 @@ mod tests {
 }
 
 #[cfg(test)]
+mod debezium_shape_tests {
+    //! The shapes of Debezium's outbox router: its table, its header and placements, and the
+    //! converters' encodings. `tests/it/debezium_compare.rs` checks them against Debezium's own.
+
+    use super::*;
+    use crate::config::{Config, TopicRouteConfig};
+
+    /// Debezium's documented table with `examples/debezium.toml`'s record options.
+    fn debezium(change: impl FnOnce(&mut Config)) -> Layout {
+        let mut config = Config::default();
+        let outbox = &mut config.outbox;
+        outbox.table = "outboxevent".into();
+        outbox.mark = crate::config::MarkMode::Delete;
+        outbox.topic_route = Some(TopicRouteConfig {
+            column: "aggregatetype".into(),
+            regex: crate::config::DEFAULT_ROUTE_REGEX.into(),
+            replacement: crate::config::DEFAULT_ROUTE_REPLACEMENT.into(),
+        });
+        outbox.columns.id = "id".into();
+        outbox.columns.event_id = "id".into();
+        outbox.columns.key = Some("aggregateid".into());
+        let columns = &mut outbox.columns;
+        (columns.topic, columns.headers, columns.created_at, columns.published_at) = (None, None, None, None);
+        (columns.attempts, columns.last_error, columns.last_attempt_at) = (None, None, None);
+        (columns.failed_at, columns.xact_id) = (None, None);
+        outbox.record.event_id_header = "id".into();
+        outbox.record.placements = vec!["type:header:eventType".into()];
+        change(&mut config);
+        let table = [
+            ("id", "uuid"),
+            ("aggregatetype", "character varying(255)"),
+            ("aggregateid", "character varying(255)"),
+            ("type", "character varying(255)"),
+            ("payload", "jsonb"),
+            ("partition_no", "integer"),
+            ("weight", "double precision"),
+            ("occurred_at", "timestamp without time zone"),
+            ("tracingspancontext", "text"),
+        ];
+        let columns: Vec<(String, String)> = table.iter().map(|(n, t)| (n.to_string(), t.to_string())).collect();
+        crate::postgres::layout::Mapping::from_config(&config).unwrap().resolve(&columns).unwrap()
+    }
+
+    fn row(payload: Option<&str>) -> OutboxRow {
+        OutboxRow {
+            id: "4c1b3a3e-6a43-4b0e-9b7c-0f5d1e2a3b4c".into(),
+            event_id: "4c1b3a3e-6a43-4b0e-9b7c-0f5d1e2a3b4c".into(),
+            key: Some("order-1".into()),
+            payload: payload.map(|p| p.as_bytes().to_vec()),
+            headers: None,
+            created_at: None,
+            traceparent: None,
+            timestamp_ms: None,
+            tracing_context: None,
+            shard: 0,
+            topic_values: vec![Some("order".into())],
+            placed: vec![Some("OrderCreated".into())],
+        }
+    }
+
+    fn value(record: &Record) -> &str {
+        std::str::from_utf8(record.payload.as_deref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn debeziums_documented_example_routes_keys_and_heads_as_its_router_does() {
+        let record = Record::from_row(&row(Some(r#"{"total": 3}"#)), &debezium(|_| {})).unwrap();
+        assert_eq!(record.topic, "outbox.event.order");
+        assert_eq!(record.key.as_deref(), Some("order-1"));
+        assert_eq!(value(&record), r#"{"total": 3}"#, "the payload as stored");
+        let id = row(None).event_id;
+        assert_eq!(
+            record.headers,
+            [("id".to_owned(), Some(id)), ("eventType".to_owned(), Some("OrderCreated".to_owned()))]
+        );
+        assert_eq!((record.partition, record.timestamp_ms), (None, None));
+    }
+
+    #[test]
+    fn the_json_formats_quote_the_key_and_the_payload_or_expand_it() {
+        let json_string = debezium(|c| {
+            c.outbox.record.key_format = KeyFormat::Json;
+            c.outbox.record.value_format = ValueFormat::JsonString;
+        });
+        let record = Record::from_row(&row(Some(r#"{"total": 3}"#)), &json_string).unwrap();
+        assert_eq!(record.key.as_deref(), Some(r#""order-1""#));
+        assert_eq!(value(&record), r#""{\"total\": 3}""#);
+        let expanded = debezium(|c| c.outbox.record.value_format = ValueFormat::JsonExpanded);
+        let record = Record::from_row(&row(Some(r#"{"total": 3, "note": null}"#)), &expanded).unwrap();
+        assert_eq!(value(&record), r#"{"total":3}"#);
+    }
+
+    #[test]
+    fn a_null_payload_is_a_tombstone_as_stored_and_json_null_as_json_unless_tombstones_are_asked_for() {
+        assert_eq!(Record::from_row(&row(None), &debezium(|_| {})).unwrap().payload, None);
+        let json = |tombstone: bool| {
+            debezium(move |c| {
+                c.outbox.record.value_format = ValueFormat::JsonString;
+                c.outbox.record.tombstone_on_empty_payload = tombstone;
+            })
+        };
+        assert_eq!(value(&Record::from_row(&row(None), &json(false)).unwrap()), "null");
+        assert_eq!(Record::from_row(&row(None), &json(true)).unwrap().payload, None);
+    }
+
+    #[test]
+    fn a_blank_payload_is_a_tombstone_only_when_asked_for() {
+        let text = |tombstone: bool| debezium(move |c| c.outbox.record.tombstone_on_empty_payload = tombstone);
+        assert_eq!(value(&Record::from_row(&row(Some(" \n")), &text(false)).unwrap()), " \n");
+        assert_eq!(Record::from_row(&row(Some(" \n")), &text(true)).unwrap().payload, None);
+        assert!(Record::from_row(&row(Some("x")), &text(true)).unwrap().payload.is_some());
+    }
+
+    #[test]
+    fn envelope_fields_follow_the_payload_typed_as_their_columns() {
+        let layout = debezium(|c| {
+            c.outbox.record.value_format = ValueFormat::JsonExpanded;
+            c.outbox.record.placements =
+                vec!["type:envelope:eventType".into(), "weight:envelope".into(), "partition_no:envelope:p".into()];
+        });
+        let mut row = row(Some(r#"{"a": 1}"#));
+        row.placed = vec![Some("OrderCreated".into()), Some("2".into()), None];
+        let record = Record::from_row(&row, &layout).unwrap();
+        assert_eq!(value(&record), r#"{"payload":{"a":1},"eventType":"OrderCreated","weight":2.0,"p":null}"#);
+        row.payload = None;
+        let record = Record::from_row(&row, &layout).unwrap();
+        assert_eq!(value(&record), r#"{"payload":null,"eventType":"OrderCreated","weight":2.0,"p":null}"#);
+    }
+
+    #[test]
+    fn a_partition_column_sets_the_partition_and_a_negative_one_refuses_the_row() {
+        let layout = debezium(|c| c.outbox.record.placements = vec!["partition_no:partition".into()]);
+        let mut row = row(Some("{}"));
+        row.placed = vec![Some("2".into())];
+        assert_eq!(Record::from_row(&row, &layout).unwrap().partition, Some(2));
+        row.placed = vec![None];
+        assert_eq!(Record::from_row(&row, &layout).unwrap().partition, None, "NULL: the key's partition");
+        row.placed = vec![Some("-1".into())];
+        let err = Record::from_row(&row, &layout).unwrap_err();
+        assert!(err.contains("\"partition_no\"") && err.contains("-1"), "{err}");
+    }
+
+    #[test]
+    fn the_timestamp_and_the_tracing_context_reach_the_record() {
+        let layout = debezium(|c| {
+            c.outbox.columns.timestamp = Some("occurred_at".into());
+            c.outbox.columns.tracing_context = Some("tracingspancontext".into());
+        });
+        let mut row = row(Some("{}"));
+        row.timestamp_ms = Some(1_764_900_000_123);
+        let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        row.tracing_context = Some(format!("#Thu Dec 03 10:00:00 UTC 2026\ntraceparent={traceparent}\n"));
+        let record = Record::from_row(&row, &layout).unwrap();
+        assert_eq!(record.timestamp_ms, Some(1_764_900_000_123));
+        assert_eq!(record.headers[0], ("traceparent".to_owned(), Some(traceparent.to_owned())));
+        assert_eq!(record.headers[1].0, "id");
+        row.timestamp_ms = Some(-1);
+        assert!(Record::from_row(&row, &layout).unwrap_err().contains("before 1970"));
+    }
+
+    #[test]
+    fn a_routed_topic_that_is_not_a_valid_name_refuses_the_row() {
+        let mut row = row(Some("{}"));
+        row.topic_values = vec![Some("no spaces".into())];
+        assert!(Record::from_row(&row, &debezium(|_| {})).unwrap_err().contains("not a valid Kafka topic"));
+        row.topic_values = vec![None];
+        assert!(Record::from_row(&row, &debezium(|_| {})).unwrap_err().contains("\"aggregatetype\" is NULL"));
+    }
+}
+
+#[cfg(test)]
 mod traceparent_tests {
     use super::*;
-    use crate::config::Identifier;
+    use crate::postgres::layout::tests::standard_layout;
 
     fn row(headers: Option<&str>, traceparent: Option<&str>) -> OutboxRow {
         OutboxRow {
@@ -368,13 +665,16 @@ mod traceparent_tests {
             topic_values: vec![Some("t".into())],
             created_at: None,
             traceparent: traceparent.map(|t| t.to_owned()),
+            timestamp_ms: None,
+            tracing_context: None,
             shard: 0,
+            placed: Vec::new(),
         }
     }
 
     #[test]
     fn a_traceparent_column_becomes_a_header_unless_the_headers_carry_one() {
-        let topic = TopicSource::Column(Identifier::parse("topic").unwrap());
+        let topic = standard_layout();
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let record = Record::from_row(&row(None, Some(tp)), &topic).unwrap();
         assert!(record.headers.contains(&("traceparent".to_owned(), Some(tp.to_owned()))));

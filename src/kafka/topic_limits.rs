@@ -162,6 +162,8 @@ mod tests {
             key: key.map(str::to_owned),
             payload: Some(vec![b'x'; payload_len]),
             headers: vec![("event_id".into(), Some("0190e8a4-0000-7000-8000-000000000000".into()))],
+            partition: None,
+            timestamp_ms: None,
         }
     }
 

@@ -137,7 +137,9 @@ impl Layout {
         }
         match &m.topic {
             TopicSource::Column(c) => filters.push(format!("({Topic}::text IS NULL OR o.{c} = {Topic}::text)")),
-            TopicSource::Template(_) => filters.push(format!("({Topic}::text IS NULL OR true)")),
+            TopicSource::Template(_) | TopicSource::Route(_) => {
+                filters.push(format!("({Topic}::text IS NULL OR true)"))
+            }
         }
         let topic: Vec<String> =
             m.topic.columns().iter().enumerate().map(|(i, c)| format!("o.{c}::text AS {TOPIC_PREFIX}{i}")).collect();

@@ -54,6 +54,10 @@ mod column {
     pub const CREATED_AT: &str = "r_created_at";
     /// The traceparent column as text, or NULL.
     pub const TRACEPARENT: &str = "r_traceparent";
+    /// The record timestamp column as milliseconds since the epoch (`int8`), or NULL.
+    pub const TIMESTAMP_MS: &str = "r_timestamp_ms";
+    /// The tracing-context column as text, or NULL.
+    pub const TRACING_CONTEXT: &str = "r_tracing_context";
     /// The row's shard (`int4`): with exactly-once delivery, its shard's transaction carries it.
     pub const SHARD: &str = "r_shard";
     /// Where the claim found its first live row (`int8`, see [`crate::relay::claim_floor`]), or
@@ -80,6 +84,9 @@ mod column {
     /// The topic column, or the template's columns, as text, named this followed by their
     /// position in [`crate::postgres::layout::TopicSource::columns`] (`topic_0`, ...).
     pub const TOPIC_PREFIX: &str = "topic_";
+    /// The placed columns (`outbox.record.placements`) as text, named this followed by their
+    /// position in [`crate::postgres::layout::Mapping::placements`].
+    pub const PLACED_PREFIX: &str = "placed_";
 }
 
 /// What one claim saw, besides its rows: where its first unpublished row was, its snapshot, and
@@ -404,20 +411,30 @@ impl Layout {
         let topic: Vec<String> =
             m.topic.columns().iter().enumerate().map(|(i, c)| format!("o.{c}::text AS {TOPIC_PREFIX}{i}")).collect();
         let topic_out: Vec<String> = (0..topic.len()).map(|i| format!("c.{TOPIC_PREFIX}{i}")).collect();
+        // Placed columns go after the topic's, so that each set is read by its prefix alone.
+        let placed: String = m
+            .placements
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!(", o.{}::text AS {PLACED_PREFIX}{i}", p.column))
+            .collect();
+        let placed_out: String = (0..m.placements.len()).map(|i| format!(", c.{PLACED_PREFIX}{i}")).collect();
         format!(
             "WITH window_rows AS (\
                SELECT o.{order} AS r_order, o.{id}::text AS {ID}, o.{event_id}::text AS {EVENT_ID}, {key} AS {KEY}, \
                       o.{payload} AS {PAYLOAD}, {headers} AS {HEADERS}, {created_at} AS {CREATED_AT}, \
-                      {traceparent} AS {TRACEPARENT}, {shard} AS {SHARD}, {topic}, {ready} AS r_ready, \
+                      {traceparent} AS {TRACEPARENT}, {timestamp_ms} AS {TIMESTAMP_MS}, \
+                      {tracing_context} AS {TRACING_CONTEXT}, {shard} AS {SHARD}, {topic}{placed}, {ready} AS r_ready, \
                       {retrying} AS r_retrying \
                FROM {table} AS o WHERE {filters} ORDER BY o.{order} LIMIT {limit}), \
              claimed AS (SELECT * FROM (\
                SELECT w.*, bool_or(NOT w.r_ready OR w.r_retrying) OVER (PARTITION BY w.{KEY} ORDER BY w.r_order \
                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS r_blocked FROM window_rows AS w) AS c \
                WHERE c.r_ready AND (c.{KEY} IS NULL OR NOT coalesce(c.r_blocked, false))) \
-             SELECT c.{ID}, c.{EVENT_ID}, c.{KEY}, c.{PAYLOAD}, c.{HEADERS}, c.{CREATED_AT}, c.{TRACEPARENT}, c.{SHARD}, \
+             SELECT c.{ID}, c.{EVENT_ID}, c.{KEY}, c.{PAYLOAD}, c.{HEADERS}, c.{CREATED_AT}, c.{TRACEPARENT}, \
+                    c.{TIMESTAMP_MS}, c.{TRACING_CONTEXT}, c.{SHARD}, \
                     v.{FIRST_UNPUBLISHED}, v.{SNAPSHOT_XMIN}, v.{SNAPSHOT_XMAX}, v.{IDS_GROW_WITH_TIME}, \
-                    v.{TABLE_OID}, v.{TABLE_FILENODE}, v.{SEQUENCE_OID}, v.{SEQUENCE_LAST_VALUE}, {topic_out} \
+                    v.{TABLE_OID}, v.{TABLE_FILENODE}, v.{SEQUENCE_OID}, v.{SEQUENCE_LAST_VALUE}, {topic_out}{placed_out} \
              FROM (SELECT {first_unpublished} AS {FIRST_UNPUBLISHED}, \
                           pg_snapshot_xmin(pg_current_snapshot())::text AS {SNAPSHOT_XMIN}, \
                           pg_snapshot_xmax(pg_current_snapshot())::text AS {SNAPSHOT_XMAX}, \
@@ -435,6 +452,12 @@ impl Layout {
                 None => "NULL::float8".to_owned(),
             },
             traceparent = text_or_null(&m.traceparent),
+            // Truncated toward zero, as Debezium divides a timestamp's microseconds.
+            timestamp_ms = match &m.timestamp {
+                Some(c) => format!("trunc(extract(epoch FROM o.{c}) * 1000)::int8"),
+                None => "NULL::int8".to_owned(),
+            },
+            tracing_context = text_or_null(&m.tracing_context),
             shard = self.shard_sql("o"),
             topic = topic.join(", "),
             table = m.table_sql(),
@@ -561,6 +584,8 @@ fn decoded_size(row: &Result<OutboxRow, UnreadableRow>) -> usize {
                 + text(&row.headers)
                 + text(&row.traceparent)
                 + row.topic_values.iter().map(text).sum::<usize>()
+                + row.placed.iter().map(text).sum::<usize>()
+                + text(&row.tracing_context)
         }
         Err(unreadable) => unreadable.id.len() + unreadable.problem.len(),
     }
@@ -606,11 +631,19 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, UnreadableRow> {
     let headers: Option<String> = row.try_get(column::HEADERS).map_err(|e| field("headers", e))?;
     let created_at: Option<f64> = row.try_get(column::CREATED_AT).map_err(|e| field("created_at", e))?;
     let traceparent: Option<String> = row.try_get(column::TRACEPARENT).map_err(|e| field("traceparent", e))?;
+    let timestamp_ms: Option<i64> = row.try_get(column::TIMESTAMP_MS).map_err(|e| field("timestamp", e))?;
+    let tracing_context: Option<String> =
+        row.try_get(column::TRACING_CONTEXT).map_err(|e| field("tracing_context", e))?;
     let shard: i32 = row.try_get(column::SHARD).map_err(|e| field("shard", e))?;
     // The topic columns are read by position, in the order their names number them.
     let mut topic_values = Vec::new();
     for (i, _) in row.columns().iter().enumerate().filter(|(_, c)| c.name().starts_with(column::TOPIC_PREFIX)) {
         topic_values.push(row.try_get::<_, Option<String>>(i).map_err(|e| field("topic", e))?);
+    }
+    let mut placed = Vec::new();
+    for (i, c) in row.columns().iter().enumerate().filter(|(_, c)| c.name().starts_with(column::PLACED_PREFIX)) {
+        let name = c.name().to_owned();
+        placed.push(row.try_get::<_, Option<String>>(i).map_err(|e| field(&name, e))?);
     }
     Ok(OutboxRow {
         id,
@@ -620,8 +653,11 @@ fn decode_row(row: &tokio_postgres::Row) -> Result<OutboxRow, UnreadableRow> {
         headers,
         created_at,
         traceparent,
+        timestamp_ms,
+        tracing_context,
         shard,
         topic_values,
+        placed,
     })
 }
 

@@ -9,7 +9,7 @@
 use std::fmt;
 
 use crate::config::{ColumnPresence, ColumnRole, Config, MarkMode, OnPoison};
-use crate::config::{Identifier, TopicTemplate};
+use crate::config::{Identifier, Placement, PlacementTarget, RecordConfig, TopicRoute, TopicTemplate};
 
 /// `schema.table` or `table`, quoted.
 fn qualified_sql(parts: &[Identifier]) -> String {
@@ -23,6 +23,8 @@ pub enum TopicSource {
     Column(Identifier),
     /// A template over one or more columns.
     Template(TopicTemplate),
+    /// One column through a regular expression, as Debezium's outbox router routes.
+    Route(TopicRoute),
 }
 
 impl TopicSource {
@@ -31,6 +33,7 @@ impl TopicSource {
         match self {
             TopicSource::Column(c) => vec![c],
             TopicSource::Template(t) => t.columns(),
+            TopicSource::Route(r) => vec![r.column()],
         }
     }
 
@@ -42,6 +45,7 @@ impl TopicSource {
                 _ => Err(format!("topic column \"{}\" is NULL", column.as_str())),
             },
             TopicSource::Template(template) => template.render(values),
+            TopicSource::Route(route) => route.topic(values.first().and_then(Option::as_deref)),
         }
     }
 }
@@ -92,6 +96,14 @@ pub struct Mapping {
     pub failed_at: Option<Identifier>,
     /// A W3C traceparent to send as a header.
     pub traceparent: Option<Identifier>,
+    /// The record's timestamp.
+    pub timestamp: Option<Identifier>,
+    /// Java properties text holding a trace context.
+    pub tracing_context: Option<Identifier>,
+    /// Columns placed into headers, the envelope or the partition, in configured order.
+    pub placements: Vec<Placement>,
+    /// The record's shape: event-id header, formats, tombstones.
+    pub record: RecordConfig,
     /// Update or delete on publish.
     pub mark: MarkMode,
     /// Whether a failed row holds back its key.
@@ -109,10 +121,13 @@ impl Mapping {
         let outbox = &config.outbox;
         let named = |role: ColumnRole| outbox.columns.name(role).map(Identifier::parse).transpose();
         let required = |role: ColumnRole| named(role)?.ok_or_else(|| format!("{} is empty", role.config_key()));
-        let topic = match (&outbox.topic_template, outbox.columns.name(Topic)) {
-            (Some(template), _) => TopicSource::Template(TopicTemplate::parse(template)?),
-            (None, Some(column)) => TopicSource::Column(Identifier::parse(column)?),
-            (None, None) => return Err("no topic column or template".to_owned()),
+        let topic = match (&outbox.topic_route, &outbox.topic_template, outbox.columns.name(Topic)) {
+            (Some(route), _, _) => TopicSource::Route(
+                TopicRoute::parse(route).map_err(|(key, p)| format!("outbox.topic_route.{key}: {p}"))?,
+            ),
+            (None, Some(template), _) => TopicSource::Template(TopicTemplate::parse(template)?),
+            (None, None, Some(column)) => TopicSource::Column(Identifier::parse(column)?),
+            (None, None, None) => return Err("no topic column or template".to_owned()),
         };
         let id = required(Id)?;
         Ok(Mapping {
@@ -132,6 +147,10 @@ impl Mapping {
             last_attempt_at: named(LastAttemptAt)?,
             failed_at: named(FailedAt)?,
             traceparent: named(Traceparent)?,
+            timestamp: named(Timestamp)?,
+            tracing_context: named(TracingContext)?,
+            placements: outbox.record.parsed_placements()?,
+            record: outbox.record.clone(),
             mark: outbox.mark,
             on_poison: config.relay.on_poison,
             shards: config.relay.shards,
@@ -148,7 +167,7 @@ impl Mapping {
             ColumnRole::EventId => Some(&self.event_id),
             ColumnRole::Topic => match &self.topic {
                 TopicSource::Column(column) => Some(column),
-                TopicSource::Template(_) => None,
+                TopicSource::Template(_) | TopicSource::Route(_) => None,
             },
             ColumnRole::Key => self.key.as_ref(),
             ColumnRole::Payload => Some(&self.payload),
@@ -161,6 +180,8 @@ impl Mapping {
             ColumnRole::LastAttemptAt => self.last_attempt_at.as_ref(),
             ColumnRole::FailedAt => self.failed_at.as_ref(),
             ColumnRole::Traceparent => self.traceparent.as_ref(),
+            ColumnRole::Timestamp => self.timestamp.as_ref(),
+            ColumnRole::TracingContext => self.tracing_context.as_ref(),
         }
     }
 
@@ -188,6 +209,7 @@ impl Mapping {
                 let key = match self.topic {
                     TopicSource::Column(_) => role.config_key(),
                     TopicSource::Template(_) => "outbox.topic_template".to_owned(),
+                    TopicSource::Route(_) => "outbox.topic_route.column".to_owned(),
                 };
                 roles.extend(self.topic.columns().into_iter().map(|column| MappedColumn {
                     role,
@@ -210,6 +232,11 @@ impl Mapping {
             .into_iter()
             .map(|mapped| Privilege { privilege: "SELECT", column: Some(mapped.column.clone()), reason: mapped.key })
             .collect();
+        needed.extend(self.placements.iter().map(|placement| Privilege {
+            privilege: "SELECT",
+            column: Some(placement.column.clone()),
+            reason: "outbox.record.placements".to_owned(),
+        }));
         if let Some(published_at) = &self.published_at {
             needed.push(Privilege {
                 privilege: "UPDATE",
@@ -264,6 +291,29 @@ impl Mapping {
                 return Err(LayoutError { key: mapped.key, problem });
             }
         }
+        for placement in &self.placements {
+            let entry = || format!("{}:{}", placement.column.as_str(), placement.alias);
+            let Some(ty) = type_of(&placement.column) else {
+                return Err(LayoutError {
+                    key: "outbox.record.placements".to_owned(),
+                    problem: format!(
+                        "table {} has no column \"{}\" (placement \"{}\")",
+                        self.table_name(),
+                        placement.column.as_str(),
+                        entry()
+                    ),
+                });
+            };
+            if placement.target == PlacementTarget::Partition && ColumnKind::of(&ty) != ColumnKind::Integer {
+                return Err(LayoutError {
+                    key: "outbox.record.placements".to_owned(),
+                    problem: format!(
+                        "column \"{}\" has type {ty}; a partition is a number: smallint, integer or bigint",
+                        placement.column.as_str()
+                    ),
+                });
+            }
+        }
         // Every mapped column exists from here on.
         let type_of = |column: &Identifier| type_of(column).unwrap_or_default();
         for role in ColumnRole::ALL {
@@ -277,6 +327,7 @@ impl Mapping {
                 });
             }
         }
+        let placement_kinds = self.placements.iter().map(|p| ColumnKind::of(&type_of(&p.column))).collect();
         let payload = match type_of(&self.payload).as_str() {
             "jsonb" | "json" => PayloadKind::Json,
             "bytea" => PayloadKind::Bytes,
@@ -288,6 +339,8 @@ impl Mapping {
             id_type: type_of(&self.id),
             order_type: type_of(&self.order_by),
             last_error_type: self.last_error.as_ref().map(type_of),
+            key_kind: self.key.as_ref().map_or(ColumnKind::Text, |key| ColumnKind::of(&type_of(key))),
+            placement_kinds,
             failing_rows_by_key_index: false,
         })
     }
@@ -352,6 +405,40 @@ pub struct Layout {
     /// failing row of the row's key in a probe or two; read from the catalog when the session
     /// opens (see [`Layout::claim_sql`] for what it changes).
     pub failing_rows_by_key_index: bool,
+    /// What the key column holds, for a JSON key (`outbox.record.key_format = "json"`).
+    pub key_kind: ColumnKind,
+    /// What each placed column holds, in the order of [`Mapping::placements`].
+    pub placement_kinds: Vec<ColumnKind>,
+}
+
+/// What a column holds, as far as a record needs to know: Kafka Connect writes numbers and
+/// booleans as such in JSON and in headers, and other values as text. The claim reads every
+/// placed column as text; this says how to write that text back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    /// smallint, integer, bigint.
+    Integer,
+    /// boolean.
+    Boolean,
+    /// double precision.
+    Double,
+    /// real.
+    Real,
+    /// Anything else, written as its text.
+    Text,
+}
+
+impl ColumnKind {
+    /// The kind of a column of `format_type` `ty`.
+    pub fn of(ty: &str) -> ColumnKind {
+        match ty.split('(').next().unwrap_or(ty).trim() {
+            "smallint" | "integer" | "bigint" => ColumnKind::Integer,
+            "boolean" => ColumnKind::Boolean,
+            "double precision" => ColumnKind::Double,
+            "real" => ColumnKind::Real,
+            _ => ColumnKind::Text,
+        }
+    }
 }
 
 /// What the catalog says about the claim order column: whether it can give a key's rows their

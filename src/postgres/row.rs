@@ -21,10 +21,16 @@ pub struct OutboxRow {
     pub created_at: Option<f64>,
     /// A W3C traceparent from its own column, sent as the `traceparent` header.
     pub traceparent: Option<String>,
+    /// The record timestamp column, in milliseconds since the epoch.
+    pub timestamp_ms: Option<i64>,
+    /// The tracing-context column: Java properties text holding `traceparent=...`.
+    pub tracing_context: Option<String>,
     /// The row's shard: with exactly-once delivery, the shard whose transaction carries it.
     pub shard: i32,
     /// Values of the topic column, or of the template's columns in order.
     pub topic_values: Vec<Option<String>>,
+    /// The placed columns' values as text, in the order of `outbox.record.placements`.
+    pub placed: Vec<Option<String>>,
 }
 
 impl OutboxRow {

@@ -26,6 +26,7 @@ use crate::kafka::delivery::Outcome;
 use crate::kafka::publisher::{PendingReport, Published, Publisher};
 use crate::kafka::record::Record;
 use crate::postgres::error::OutboxError;
+use crate::postgres::layout::Layout;
 use crate::postgres::outbox::Outbox;
 use crate::postgres::row::{OutboxRow, RowFailure, RowId, RowKey, RowRef, UnreadableRow};
 
@@ -180,7 +181,7 @@ impl Relay {
         debug!(rows = claimed_count, "claimed a batch");
         let in_flight = claimed.row_ids();
         let full = claimed.full;
-        let prepared = self.prepare(claimed.rows);
+        let prepared = self.prepare(outbox.layout(), claimed.rows);
         let records = prepared.records.len();
 
         let delivery_started = Instant::now();
@@ -239,7 +240,7 @@ impl Relay {
     /// key in this batch, exactly as a failed row holds them back in later claims: they are not
     /// produced, and stay unpublished and untouched until the failed row is published or (with
     /// `skip`) given up.
-    fn prepare(&self, claimed: Vec<Result<OutboxRow, UnreadableRow>>) -> Prepared {
+    fn prepare(&self, layout: &Layout, claimed: Vec<Result<OutboxRow, UnreadableRow>>) -> Prepared {
         let mut prepared = Prepared {
             records: Vec::with_capacity(claimed.len()),
             rows: Vec::with_capacity(claimed.len()),
@@ -255,7 +256,7 @@ impl Relay {
                     deferred += 1;
                     continue;
                 }
-                Ok(row) => match Record::from_row(&row, &self.mapping.topic) {
+                Ok(row) => match Record::from_row(&row, layout) {
                     Ok(record) => Ok((row.row_ref(), row.created_at, row.shard, record)),
                     Err(problem) => Err(UnreadableRow {
                         id: row.id,
