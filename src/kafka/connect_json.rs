@@ -15,7 +15,9 @@ use crate::postgres::layout::ColumnKind;
 
 /// Appends `text` as a JSON string, escaped as Jackson escapes it: `"` and `\`, the control
 /// characters with a short form (`\b \t \n \f \r`) in it, the others as `\u00XX` with upper-case
-/// hex. Everything else, DEL and U+2028 included, is written as is.
+/// hex, and characters beyond the Basic Multilingual Plane (emoji) as their escaped UTF-16
+/// surrogate pair (`\uD83D\uDE00`). Everything else, DEL, U+2028 and é included, is written as
+/// is.
 pub fn push_json_string(out: &mut String, text: &str) {
     out.push('"');
     for c in text.chars() {
@@ -27,17 +29,27 @@ pub fn push_json_string(out: &mut String, text: &str) {
             '\n' => out.push_str("\\n"),
             '\u{0C}' => out.push_str("\\f"),
             '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x20 => {
-                const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                let code = c as usize;
-                out.push_str("\\u00");
-                out.push(HEX[code >> 4] as char);
-                out.push(HEX[code & 0xF] as char);
+            c if (c as u32) < 0x20 => push_unicode_escape(out, c as u16),
+            // Jackson writes a character beyond the BMP as its UTF-16 surrogate pair, escaped.
+            c if (c as u32) > 0xFFFF => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    push_unicode_escape(out, *unit);
+                }
             }
             c => out.push(c),
         }
     }
     out.push('"');
+}
+
+/// `\uXXXX` with upper-case hex, as Jackson writes it.
+fn push_unicode_escape(out: &mut String, unit: u16) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push_str("\\u");
+    for shift in [12, 8, 4, 0] {
+        out.push(HEX[usize::from((unit >> shift) & 0xF)] as char);
+    }
 }
 
 /// `text` as a JSON string.
@@ -546,7 +558,7 @@ mod tests {
     fn strings_are_escaped_as_jackson_escapes_them() {
         assert_eq!(json_string("a\"b\\c/d"), r#""a\"b\\c/d""#);
         assert_eq!(json_string("\n\t\r\u{08}\u{0C}"), r#""\n\t\r\b\f""#);
-        assert_eq!(json_string("\u{01}\u{1F}\u{7F}\u{2028}é😀"), "\"\\u0001\\u001F\u{7F}\u{2028}é😀\"");
+        assert_eq!(json_string("\u{01}\u{1F}\u{7F}\u{2028}é😀"), "\"\\u0001\\u001F\u{7F}\u{2028}é\\uD83D\\uDE00\"");
     }
 
     #[test]
