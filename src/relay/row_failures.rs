@@ -73,6 +73,9 @@ fn fix(reason: &str) -> &'static str {
         "not_authorized" => "grant the relay's Kafka principal WRITE on the topic",
         "invalid_record" => "correct the row: the broker refused the record (the error says why)",
         "invalid_row" => "correct the row: it cannot become a Kafka record (the error says which column)",
+        "partition_out_of_range" => {
+            "correct the row's partition column (outbox.record.placements), or add partitions to the topic"
+        }
         _ => "see the error",
     }
 }

@@ -37,6 +37,7 @@ pub const PUBLISH_ERROR_REASONS: &[&str] = &[
     "producer_fenced",
     "producer_closed",
     "invalid_row",
+    "partition_out_of_range",
     "other",
 ];
 
