@@ -590,6 +590,82 @@ mod tests {
         );
     }
 
+    mod hostile {
+        //! Whatever a payload holds, expansion returns JSON or leaves it a string, never panics;
+        //! strings and doubles read back as what was written.
+
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::*;
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+                any::<String>().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map("[a-z]{0,3}", inner, 0..6)
+                        .prop_map(|map| Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn an_expanded_payload_is_json_and_keeps_every_non_null_scalar(value in json()) {
+                let text = value.to_string();
+                if let Some(expanded) = expand(&text) {
+                    let back: Value = serde_json::from_str(&expanded).expect("expansion writes JSON");
+                    prop_assert!(back.is_object());
+                    fn strings(v: &Value, out: &mut Vec<String>) {
+                        match v {
+                            Value::String(s) => out.push(s.clone()),
+                            Value::Array(a) => a.iter().for_each(|e| strings(e, out)),
+                            Value::Object(o) => o.values().for_each(|e| strings(e, out)),
+                            _ => {}
+                        }
+                    }
+                    let (mut before, mut after) = (Vec::new(), Vec::new());
+                    strings(&value, &mut before);
+                    strings(&back, &mut after);
+                    before.sort();
+                    after.sort();
+                    prop_assert_eq!(before, after, "every string survives, none is made up");
+                }
+            }
+
+            #[test]
+            fn any_text_expands_or_not_without_panicking(text in any::<String>()) {
+                let _ = expand(&text);
+                let _ = expand(&format!("{{\"a\": {text}}}"));
+            }
+
+            #[test]
+            fn a_json_string_reads_back_as_the_text(text in any::<String>()) {
+                prop_assert_eq!(serde_json::from_str::<String>(&json_string(&text)).unwrap(), text);
+            }
+
+            #[test]
+            fn a_java_double_reads_back_as_the_double(value in any::<f64>().prop_filter("finite", |f| f.is_finite())) {
+                prop_assert_eq!(java_double(value).parse::<f64>().unwrap(), value);
+            }
+        }
+
+        #[test]
+        fn nesting_deeper_than_jackson_reads_is_not_expanded() {
+            let deep = format!("{}1{}", "{\"a\":".repeat(2000), "}".repeat(2000));
+            assert_eq!(expand(&deep), None);
+        }
+    }
+
     #[test]
     fn payloads_debezium_cannot_expand_stay_strings() {
         for payload in [
