@@ -21,7 +21,7 @@
 #   scripts/debezium.sh teardown DIR        stop it, then drop its replication slot and
 #                                           publication from the database
 #
-# run/start options (all but --poll-interval-ms required):
+# run/start options (--brokers, --database, --table and --slot required):
 #   --brokers HOST:PORT,...    the Apache Kafka cluster
 #   --database URL             postgres://user@host:port/dbname (a superuser or a replication
 #                              role); the server must run with wal_level=logical
@@ -30,6 +30,16 @@
 #   --slot NAME                the replication slot (created on first start, kept after stop)
 #   --poll-interval-ms MS      how often the connector hands WAL changes to Connect (Debezium's
 #                              default 500)
+#   --connector-property K=V   add or override a property of the connector (repeatable): the
+#                              EventRouter's as transforms.outbox.*, say
+#                              transforms.outbox.table.expand.json.payload=true, or converters
+#                              of the connector's own (key.converter=..., with
+#                              key.converter.schemas.enable=false)
+#   --worker-property K=V      add or override a property of the Connect worker (repeatable)
+#
+# The properties given are appended to their file after the defaults described below, and a
+# Java properties file keeps the last line of a key: a property given overrides a default, and
+# of one given twice the last wins. Backslashes are kept as written (doubled in the file).
 #
 # The connector streams changes from its slot and never snapshots existing rows
 # (snapshot.mode=no_data): rows written while it is stopped are read from the slot when it
@@ -90,6 +100,7 @@ configure() {
     local dir=$1
     shift
     local brokers="" database="" table="" slot="" poll_ms=500
+    local connector_properties=() worker_properties=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --brokers) brokers=$2; shift 2 ;;
@@ -97,6 +108,8 @@ configure() {
             --table) table=$2; shift 2 ;;
             --slot) slot=$2; shift 2 ;;
             --poll-interval-ms) poll_ms=$2; shift 2 ;;
+            --connector-property) connector_properties+=("$(property "$1" "${2-}")"); shift 2 ;;
+            --worker-property) worker_properties+=("$(property "$1" "${2-}")"); shift 2 ;;
             *) die "unknown option $1" ;;
         esac
     done
@@ -121,6 +134,7 @@ value.converter=org.apache.kafka.connect.storage.StringConverter
 # Connect's REST API on a free port: two workers on one machine must not collide on 8083.
 listeners=http://127.0.0.1:$(free_port)
 EOF
+    [ ${#worker_properties[@]} -eq 0 ] || printf '%s\n' "${worker_properties[@]}" >>"$dir/worker.properties"
     cat >"$dir/connector.properties" <<EOF
 name=outbox-$slot
 connector.class=io.debezium.connector.postgresql.PostgresConnector
@@ -143,6 +157,7 @@ transforms.outbox.type=io.debezium.transforms.outbox.EventRouter
 transforms.outbox.table.expand.json.payload=false
 transforms.outbox.route.topic.replacement=\${routedByValue}
 EOF
+    [ ${#connector_properties[@]} -eq 0 ] || printf '%s\n' "${connector_properties[@]}" >>"$dir/connector.properties"
     cat >"$dir/log4j2.properties" <<'EOF'
 appender.out.type = Console
 appender.out.name = out
@@ -153,6 +168,15 @@ rootLogger.appenderRef.out.ref = out
 EOF
     echo "$database" >"$dir/database"
     echo "$slot" >"$dir/slot"
+}
+
+# OPTION's KEY=VALUE as a properties line. Java reads a backslash as an escape, so each is
+# doubled and the value is read as written; a line break would end the property.
+property() {
+    local option=$1 pair=$2
+    [[ "$pair" == ?*=* ]] || die "$option takes KEY=VALUE, not '$pair'"
+    [[ "$pair" != *$'\n'* ]] || die "$option $pair: a property is one line"
+    printf '%s\n' "${pair//\\/\\\\}"
 }
 
 run() {
@@ -222,9 +246,9 @@ command=${1:-}
 case "$command" in
     fetch) fetch ;;
     cached) [ -f "$CACHE/.complete" ] && printf '%s\n' "$CACHE" ;;
-    run) [ $# -ge 1 ] || die "usage: debezium.sh run DIR --brokers B --database URL --table S.T --slot NAME [--poll-interval-ms MS]"; run "$@" ;;
-    start) [ $# -ge 1 ] || die "usage: debezium.sh start DIR --brokers B --database URL --table S.T --slot NAME [--poll-interval-ms MS]"; start "$@" ;;
+    run) [ $# -ge 1 ] || die "usage: debezium.sh run DIR --brokers B --database URL --table S.T --slot NAME [--poll-interval-ms MS] [--connector-property K=V]... [--worker-property K=V]..."; run "$@" ;;
+    start) [ $# -ge 1 ] || die "usage: debezium.sh start DIR --brokers B --database URL --table S.T --slot NAME [--poll-interval-ms MS] [--connector-property K=V]... [--worker-property K=V]..."; start "$@" ;;
     stop) [ $# -eq 1 ] || die "usage: debezium.sh stop DIR"; stop "$1" ;;
     teardown) [ $# -eq 1 ] || die "usage: debezium.sh teardown DIR"; teardown "$1" ;;
-    *) sed -n '2,44s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,55s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
 esac

@@ -14,6 +14,9 @@
 # need more:
 #   - a Java 17 JDK (openjdk-17-jdk-headless): tests/it/java_consumer.rs runs a Java source file,
 #     which Java's source launcher compiles;
+#   - Kafka Connect's and Debezium's PostgreSQL connector's jars from Maven Central into the
+#     same cache (scripts/debezium.sh fetch, about 60 MB): tests/it/debezium_compare.rs checks
+#     our records against Debezium's outbox EventRouter's;
 #   - cargo-nextest, the test runner, built from source (about 11 minutes on 2 cores).
 set -euo pipefail
 
@@ -57,6 +60,7 @@ if ! pkg-config --exists openssl 2>/dev/null; then
 fi
 
 kafka_cached() { "$(dirname "$0")/kafka.sh" cached >/dev/null 2>&1; }
+debezium_cached() { [ "$for_what" != test ] || "$(dirname "$0")/debezium.sh" cached >/dev/null 2>&1; }
 
 if [ "$for_what" = test ]; then
     if ! command -v javac >/dev/null 2>&1; then
@@ -67,11 +71,16 @@ elif ! command -v java >/dev/null 2>&1; then
     say "installing a Java runtime (Debian package openjdk-17-jre-headless) for Apache Kafka"
     apt_install openjdk-17-jre-headless
 fi
-if ! kafka_cached && ! command -v mvn >/dev/null 2>&1; then
-    say "installing Maven (Debian package maven) to fetch Apache Kafka's jars"
+if ! { kafka_cached && debezium_cached; } && ! command -v mvn >/dev/null 2>&1; then
+    say "installing Maven (Debian package maven) to fetch Apache Kafka's (and Debezium's) jars"
     apt_install maven
 fi
 "$(dirname "$0")/kafka.sh" fetch >/dev/null
+# After Kafka's, with the same Maven: the Debezium comparison test runs Debezium's connector on
+# Kafka Connect, whose jars come from Maven Central too.
+if [ "$for_what" = test ]; then
+    "$(dirname "$0")/debezium.sh" fetch >/dev/null
+fi
 
 if [ "$for_what" = test ] && ! cargo nextest --version >/dev/null 2>&1; then
     say "installing cargo-nextest (built from source: about 11 minutes on 2 cores)"

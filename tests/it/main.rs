@@ -12,6 +12,7 @@ mod claim_floor;
 mod cluster;
 mod config;
 mod crash;
+mod debezium_compare;
 mod debezium_examples;
 mod delivery;
 mod exactly_once;

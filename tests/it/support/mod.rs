@@ -23,12 +23,15 @@
 //!   [`record_checks`] (order, duplicates, partitioning).
 //! - The relay: [`in_process_relay`], [`relay_process`] (the binary), [`crashes`] (killing it
 //!   at random moments), and [`http`] (its metrics and health endpoints).
+//! - The relay ours is compared with: [`debezium`] (Debezium's outbox EventRouter on Kafka
+//!   Connect).
 //!
 //! What the tests call is re-exported here, so a test module needs one `use crate::support::*`;
 //! the security tests import [`tls`], [`secured_kafka`] and [`kafka_acls`] by path.
 
 pub mod crashes;
 pub mod database;
+pub mod debezium;
 pub mod environment;
 pub mod http;
 pub mod in_process_relay;
@@ -47,6 +50,7 @@ pub mod topics;
 
 pub use crashes::*;
 pub use database::*;
+pub use debezium::Debezium;
 pub use environment::*;
 pub use http::*;
 pub use in_process_relay::*;

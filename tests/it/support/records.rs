@@ -1,6 +1,7 @@
 //! A topic's records as a consumer sees them ([`Received`]: partition, offset, key, value,
 //! headers): reading a topic back, exactly or up to a count, and producing a copy of a record as
-//! a crash between publish and mark would.
+//! a crash between publish and mark would. [`RawRecord`]s are the same records from several
+//! topics with their bytes untouched, for comparing two producers' output byte for byte.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -199,4 +200,77 @@ pub async fn produce_copy(brokers: &str, topic: &str, record: &Received, payload
         copy = copy.payload(value.as_slice());
     }
     producer.send(copy, Duration::from_secs(30)).await.unwrap_or_else(|(e, _)| panic!("produce a copy: {e}"));
+}
+
+/// One record exactly as a consumer receives it, from any topic: for comparing the bytes two
+/// producers wrote, where [`Received`] reads one topic and decodes its key as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    /// Topic it was on.
+    pub topic: String,
+    /// Partition it was on.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+    /// Key bytes; `None` for a record without a key.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes; `None` for a tombstone.
+    pub value: Option<Vec<u8>>,
+    /// Headers in order, each value `None` when the header has none.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The record's timestamp (milliseconds since the epoch), if it has one.
+    pub timestamp: Option<i64>,
+}
+
+impl RawRecord {
+    /// The value of the first header called `name`, if it has one.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.as_deref())
+    }
+}
+
+/// Reads `topics` from the beginning until `expected` records arrived (the harness's own
+/// end-of-topic sentinels left out) and returns them, each partition's in offset order; panics
+/// if they do not arrive `within`.
+pub async fn consume_records(brokers: &str, topics: &[&str], expected: usize, within: Duration) -> Vec<RawRecord> {
+    let consumer = consumer(brokers);
+    let mut assignment = TopicPartitionList::new();
+    for topic in topics {
+        let partitions = partition_count(brokers, topic);
+        assert!(partitions > 0, "topic {topic} does not exist");
+        for p in 0..partitions {
+            assignment.add_partition_offset(topic, p, Offset::Beginning).expect("assignment");
+        }
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut records = Vec::with_capacity(expected);
+    let deadline = Instant::now() + within;
+    while records.len() < expected {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let message = match tokio::time::timeout(remaining, consumer.recv()).await {
+            Ok(Ok(message)) => message,
+            Ok(Err(e)) => panic!("reading {topics:?}: {e}"),
+            Err(_) => panic!("received {} of {expected} records from {topics:?} within {within:?}", records.len()),
+        };
+        let record = to_raw_record(&message);
+        if record.header(SENTINEL_HEADER).is_none() {
+            records.push(record);
+        }
+    }
+    records
+}
+
+fn to_raw_record(message: &rdkafka::message::BorrowedMessage<'_>) -> RawRecord {
+    RawRecord {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers: message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default(),
+        timestamp: message.timestamp().to_millis(),
+    }
 }

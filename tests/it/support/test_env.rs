@@ -45,6 +45,13 @@ impl TestEnv {
         Self::start_with(Postgres::start, shared_or_own_broker).await
     }
 
+    /// As [`TestEnv::start`], on a server that writes logical WAL (`wal_level=logical`), which
+    /// Debezium's connector reads ([`super::debezium`]). With `OUTBOX_TEST_DATABASE_URL` the
+    /// server is that one, as it is: [`super::debezium::Debezium::start`] checks it.
+    pub async fn start_with_logical_wal() -> TestEnv {
+        Self::start_with(|| Postgres::start_with(&["wal_level=logical"]), shared_or_own_broker).await
+    }
+
     /// As [`TestEnv::start`], with a single-node Kafka of this test's own, whatever
     /// `OUTBOX_TEST_KAFKA_BROKERS` says.
     pub async fn start_with_own_broker() -> TestEnv {
