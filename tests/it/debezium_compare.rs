@@ -214,6 +214,9 @@ async fn insert_rows(db: &tokio_postgres::Client, aggregates: &Aggregates, rows:
 async fn debezium_records(env: &TestEnv, setup: Setup, aggregates: &Aggregates, rows: &[&Row]) -> Vec<RawRecord> {
     let db = env.client().await;
     db.batch_execute(OUTBOX_TABLE).await.expect("create Debezium's outbox table");
+    // As a user moving to the relay prepares the table while Debezium runs: the relay's
+    // columns are there before the rows, so `seq` numbers them in insertion order.
+    crate::debezium_examples::run_debezium_sql(env);
     let debezium =
         Debezium::start(&env.database_url, &env.brokers, "public.outboxevent", &setup.debezium_properties()).await;
     insert_rows(&db, aggregates, rows).await;
@@ -225,23 +228,40 @@ async fn debezium_records(env: &TestEnv, setup: Setup, aggregates: &Aggregates, 
     }
 }
 
-/// TODO(issue 25, the relay's half): run our relay in `setup` on an identical copy of `rows`
-/// and return its records.
-///
-/// - Configuration: `examples/debezium.toml` with `setup`'s overrides (key and value
-///   encodings, payload expansion, envelope, tombstones), pointed at this test's database and
-///   broker (`env.config()` has the test's URLs and fast polling).
-/// - Rows: Debezium leaves them in `outboxevent` of `env.database_url` (it reads the WAL, not
-///   the table) and is stopped and its slot dropped before this runs, so the relay can read
-///   that very table; ids ascend in insertion order. Or insert them into a fresh database
-///   with [`OUTBOX_TABLE`] and [`insert_rows`].
-/// - Records: the relay writes to the same topics as Debezium (`aggregates.topics()`, same
-///   aggregate types, since the envelope carries them), where Debezium's records already are:
-///   read `2 * rows.len()` with `consume_records` and keep those without Debezium's
-///   `__debezium.context.*` headers ([`written_by_relay`]).
+/// Runs the relay with `examples/debezium.toml` as shipped, `setup`'s converter options set in
+/// environment variables (as an operator would set them), on the rows Debezium read: Debezium
+/// reads the WAL and leaves them in `outboxevent`, and is stopped (its slot dropped) by now.
+/// The relay writes to the same topics, where Debezium's records already are; its own are
+/// those without Debezium's context headers.
 async fn relay_records(env: &TestEnv, setup: Setup, aggregates: &Aggregates, rows: &[&Row]) -> Vec<RawRecord> {
-    let _ = (env, aggregates, rows, written_by_relay);
-    todo!("issue 25: run the relay in {setup:?} and collect its records")
+    let mut vars: Vec<(String, String)> =
+        crate::debezium_examples::connection_vars(env).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    let record = |key: &str| format!("OUTBOX_RELAY_OUTBOX__RECORD__{key}");
+    if setup != Setup::StringConverter {
+        vars.push((record("KEY_FORMAT"), "json".to_owned()));
+    }
+    let value_format = match setup {
+        Setup::StringConverter => "as_stored",
+        Setup::JsonConverter => "json_string",
+        Setup::ExpandedJson | Setup::ExpandedJsonEnvelope => "json_expanded",
+    };
+    vars.push((record("VALUE_FORMAT"), value_format.to_owned()));
+    if setup == Setup::ExpandedJsonEnvelope {
+        vars.push((
+            record("PLACEMENTS"),
+            r#"["type:header:eventType", "aggregatetype:envelope:aggregateType"]"#.to_owned(),
+        ));
+        vars.push((record("TOMBSTONE_ON_EMPTY_PAYLOAD"), "true".to_owned()));
+    }
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let example = crate::debezium_examples::example("debezium.toml");
+    let mut relay = spawn_relay_process_from(&example, &vars, &env.path(""));
+    let topics = aggregates.topics();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let records = written_by_relay(consume_records(&env.brokers, &topics, 2 * rows.len(), PATIENCE).await);
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "{setup:?}: {}", relay.log());
+    records
 }
 
 /// The records in `records` that Debezium did not write: those without its context headers.
@@ -283,7 +303,7 @@ fn assert_same_records(setup: Setup, debezium: &[RawRecord], relay: &[RawRecord]
                 show(ours.key.as_deref())
             ));
         }
-        if theirs.value != ours.value {
+        if theirs.value != ours.value && !(expanded_field_order_varies(setup, id) && same_json(theirs, ours)) {
             differences.push(format!(
                 "  value      Debezium {}\n             relay    {}",
                 show(theirs.value.as_deref()),
@@ -330,6 +350,22 @@ fn assert_same_records(setup: Setup, debezium: &[RawRecord], relay: &[RawRecord]
         problems.len(),
         problems.join("\n\n")
     );
+}
+
+/// Row 07's payload, an array of objects with different fields, is expanded by Debezium into
+/// objects that each get every field; it merges them in the order of a Java `HashSet` of their
+/// schemas, whose hash includes an enum's identity hash, so the order changes from one run of
+/// Connect to the next (the measured runs saw `qty, sku, name, extra, price` and `name, extra,
+/// price, qty, sku`). The relay keeps the order of first appearance. Only there may the bytes
+/// differ, and only in the order of fields: the JSON must be the same.
+fn expanded_field_order_varies(setup: Setup, id: &str) -> bool {
+    EXPANDING.contains(&setup) && id == "00000000-0000-4000-8000-000000000007"
+}
+
+/// Whether two values are the same JSON, objects' field order aside.
+fn same_json(theirs: &RawRecord, ours: &RawRecord) -> bool {
+    let parse = |r: &RawRecord| r.value.as_deref().and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok());
+    parse(theirs).is_some() && parse(theirs) == parse(ours)
 }
 
 /// `records` by their event id, noting records without one and ids seen twice.
@@ -411,25 +447,21 @@ async fn assert_relay_writes_what_debezium_writes(setup: Setup) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "TODO(issue 25): relay_records, the relay's half"]
 async fn with_string_converters_the_relay_writes_what_debezium_writes() {
     assert_relay_writes_what_debezium_writes(Setup::StringConverter).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "TODO(issue 25): relay_records, the relay's half"]
 async fn with_json_converters_the_relay_writes_what_debezium_writes() {
     assert_relay_writes_what_debezium_writes(Setup::JsonConverter).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "TODO(issue 25): relay_records, the relay's half"]
 async fn with_expanded_json_the_relay_writes_what_debezium_writes() {
     assert_relay_writes_what_debezium_writes(Setup::ExpandedJson).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "TODO(issue 25): relay_records, the relay's half"]
 async fn with_an_envelope_and_tombstones_the_relay_writes_what_debezium_writes() {
     assert_relay_writes_what_debezium_writes(Setup::ExpandedJsonEnvelope).await;
 }
