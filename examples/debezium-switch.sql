@@ -16,18 +16,24 @@
 -- too, and its publication lists tables (publication.autocreate.mode=filtered), replace the
 -- ALTER PUBLICATION line by: ALTER PUBLICATION :"publication" DROP TABLE outboxevent;
 --
+-- The marker's aggregatetype is outbox_relay_switch unless -v marker=NAME says otherwise.
+--
 -- If it cannot get the lock within lock_timeout (a long transaction writes the table), it
 -- fails and changes nothing: run it again.
 
 \set ON_ERROR_STOP on
+\if :{?marker}
+\else
+\set marker outbox_relay_switch
+\endif
 BEGIN;
 SET LOCAL lock_timeout = '5s';
 LOCK TABLE outboxevent IN SHARE ROW EXCLUSIVE MODE;
 INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload)
-    VALUES (gen_random_uuid(), 'outbox_relay_switch', 'outbox_relay_switch', 'OutboxRelaySwitch', NULL);
+    VALUES (gen_random_uuid(), :'marker', :'marker', 'OutboxRelaySwitch', NULL);
 ALTER PUBLICATION :"publication" SET (publish = 'update, delete');
 CREATE TABLE outbox_relay_switch AS
     SELECT o.seq AS last_debezium_seq, o.id AS marker_id, now() AS switched_at
-    FROM outboxevent AS o WHERE o.aggregatetype = 'outbox_relay_switch' ORDER BY o.seq DESC LIMIT 1;
+    FROM outboxevent AS o WHERE o.aggregatetype = :'marker' ORDER BY o.seq DESC LIMIT 1;
 COMMIT;
 SELECT last_debezium_seq, marker_id FROM outbox_relay_switch;

@@ -14,6 +14,7 @@ mod config;
 mod crash;
 mod debezium_compare;
 mod debezium_examples;
+mod debezium_migration;
 mod delivery;
 mod exactly_once;
 mod failures;

@@ -1,0 +1,167 @@
+//! The README's migration from Debezium's outbox router to the relay, step by step, while an
+//! application keeps writing: Debezium publishes every row committed before the switch
+//! (`examples/debezium-switch.sql`), the relay every row after it; no event is lost or published
+//! twice, and each aggregate's events stay in order across the switch.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::debezium_examples::{DEBEZIUM_TABLE, connection_vars, example, run_debezium_sql};
+use crate::support::*;
+
+/// Aggregates the application writes events of, each numbered from 0 in the order written.
+const AGGREGATES: usize = 6;
+
+/// The rows the application committed: event id, aggregate id and the event's number.
+type Committed = Arc<Mutex<Vec<(String, String, i64)>>>;
+
+/// Writes transactions of one to three events, each of an aggregate picked in turn, until
+/// `stop`; records what committed.
+async fn application(database_url: String, aggregatetype: String, stop: Arc<AtomicBool>, committed: Committed) {
+    let mut db = connect(&database_url).await;
+    let mut next = [0i64; AGGREGATES];
+    let mut turn = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let tx = db.transaction().await.expect("begin");
+        let mut written = Vec::new();
+        for _ in 0..1 + turn % 3 {
+            let aggregate = turn % AGGREGATES;
+            turn += 1;
+            let aggregateid = format!("a-{aggregate}");
+            let n = next[aggregate];
+            next[aggregate] += 1;
+            let row = tx
+                .query_one(
+                    "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload) \
+                     VALUES (gen_random_uuid(), $1, $2, 'Changed', jsonb_build_object('n', $3::int8)) RETURNING id::text",
+                    &[&aggregatetype, &aggregateid, &n],
+                )
+                .await
+                .expect("the application's INSERT");
+            written.push((row.get::<_, String>(0), aggregateid, n));
+        }
+        tx.commit().await.expect("commit");
+        committed.lock().unwrap().extend(written);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+/// Waits until the application has committed `more` rows beyond what it had.
+async fn written_more(committed: &Committed, more: usize) {
+    let from = committed.lock().unwrap().len();
+    wait_until(PATIENCE, "the application writing", || async { committed.lock().unwrap().len() >= from + more }).await;
+}
+
+fn psql(env: &TestEnv, args: &[&str]) -> String {
+    let out = Command::new(postgres::bindir().join("psql"))
+        .arg(&env.database_url)
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql");
+    let output = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "psql {args:?}: {output}{}", String::from_utf8_lossy(&out.stderr));
+    output
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_guide_hands_the_table_from_debezium_to_the_relay_without_losing_or_repeating_an_event() {
+    let env = TestEnv::start_with_logical_wal().await;
+    let db = env.client().await;
+    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
+    let (aggregatetype, marker) = (unique_name("order"), unique_name("switch"));
+    let (topic, marker_topic) = (format!("outbox.event.{aggregatetype}"), format!("outbox.event.{marker}"));
+    create_topic(&env.brokers, &topic, 3).await;
+    create_topic(&env.brokers, &marker_topic, 1).await;
+    // Debezium's documented example, as the user runs it today.
+    let debezium = Debezium::start(
+        &env.database_url,
+        &env.brokers,
+        "public.outboxevent",
+        &[
+            ("transforms.outbox.route.topic.replacement", "outbox.event.${routedByValue}"),
+            ("transforms.outbox.table.fields.additional.placement", "type:header:eventType"),
+        ],
+    )
+    .await;
+    let (stop, committed): (Arc<AtomicBool>, Committed) = Default::default();
+    let writer =
+        tokio::spawn(application(env.database_url.clone(), aggregatetype.clone(), stop.clone(), committed.clone()));
+    written_more(&committed, 50).await;
+
+    // 1. Prepare the table while Debezium runs and the application writes.
+    run_debezium_sql(&env);
+    written_more(&committed, 50).await;
+    // 2. The application never deletes its rows. 3. The switch.
+    let switch_sql = example("debezium-switch.sql");
+    let publication = format!("publication={}", debezium.slot);
+    let marker_name = format!("marker={marker}");
+    psql(&env, &["-v", &publication, "-v", &marker_name, "-f", switch_sql.to_str().unwrap()]);
+    let switch = db.query_one("SELECT last_debezium_seq, marker_id::text FROM outbox_relay_switch", &[]).await.unwrap();
+    let (last_debezium_seq, marker_id): (i64, String) = (switch.get(0), switch.get(1));
+    written_more(&committed, 50).await;
+    // 4. Debezium finishes what was committed before the switch: its marker arrives last.
+    let markers = consume_records(&env.brokers, &[&marker_topic], 1, PATIENCE).await;
+    assert_eq!(markers[0].header("id"), Some(marker_id.as_bytes()), "the switch's marker");
+    drop(debezium); // a graceful stop; then its slot and publication go (step 6)
+    // 5. Remove what Debezium published, start the relay.
+    db.execute("DELETE FROM outboxevent WHERE seq <= $1", &[&last_debezium_seq]).await.unwrap();
+    let connection = connection_vars(&env);
+    let vars: Vec<(&str, &str)> = connection.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut relay = spawn_relay_process_from(&example("debezium.toml"), &vars, &env.path(""));
+    written_more(&committed, 50).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("the application");
+    wait_until(PATIENCE, "the relay publishing every row since the switch", || async {
+        db.query_one("SELECT count(*) FROM outboxevent", &[]).await.unwrap().get::<_, i64>(0) == 0
+    })
+    .await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "{}", relay.log());
+
+    let committed = committed.lock().unwrap().clone();
+    let records = consume_records(&env.brokers, &[&topic], committed.len(), PATIENCE).await;
+    let by_debezium: HashSet<&[u8]> = records
+        .iter()
+        .filter(|r| r.header("__debezium.context.runId").is_some())
+        .filter_map(|r| r.header("id"))
+        .collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for record in &records {
+        *seen.entry(String::from_utf8_lossy(record.header("id").expect("an id header")).into_owned()).or_default() += 1;
+    }
+    let repeated: Vec<_> = seen.iter().filter(|(_, copies)| **copies > 1).map(|(id, _)| id).collect();
+    assert!(
+        repeated.is_empty(),
+        "{} events published twice across the switch, e.g. {:?}",
+        repeated.len(),
+        &repeated[..repeated.len().min(3)]
+    );
+    let lost: Vec<_> = committed.iter().filter(|(id, ..)| !seen.contains_key(id)).collect();
+    assert!(lost.is_empty(), "{} events lost across the switch, e.g. {:?}", lost.len(), &lost[..lost.len().min(3)]);
+    assert_eq!(seen.len(), committed.len(), "only the application's events");
+    assert!(by_debezium.len() >= 100, "Debezium published the rows before the switch: {}", by_debezium.len());
+    assert!(records.len() - by_debezium.len() >= 50, "the relay the rows after it");
+
+    // Each aggregate's events in the order written, on one partition, Debezium's before the relay's.
+    let number: HashMap<&str, (&str, i64)> =
+        committed.iter().map(|(id, a, n)| (id.as_str(), (a.as_str(), *n))).collect();
+    let mut by_partition: BTreeMap<i32, Vec<&RawRecord>> = BTreeMap::new();
+    for record in &records {
+        by_partition.entry(record.partition).or_default().push(record);
+    }
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (_, mut in_partition) in by_partition {
+        in_partition.sort_by_key(|r| r.offset);
+        for record in in_partition {
+            let id = std::str::from_utf8(record.header("id").unwrap()).unwrap();
+            let (aggregate, n) = number[id];
+            let previous = last.insert(aggregate, n);
+            assert_eq!(previous.map_or(0, |p| p + 1), n, "{aggregate}: event {n} after {previous:?}");
+        }
+    }
+}
