@@ -88,7 +88,12 @@ pub fn classify(error: &KafkaError) -> DeliveryError {
         // charging each row an attempt would only park every key until `retry --all`. Waited
         // out as an outage: readiness fails and the error is logged until the grant is fixed.
         Some(C::ClusterAuthorizationFailed) => ("not_authorized", true),
-        Some(C::InvalidRecord | C::InvalidMessage | C::InvalidArgument) => ("invalid_record", false),
+        // A timestamp the topic's `message.timestamp.{before,after}.max.ms` refuses (a record
+        // timestamp column, `outbox.columns.timestamp`): the record's own, and the broker refuses
+        // its whole batch for it.
+        Some(C::InvalidRecord | C::InvalidMessage | C::InvalidArgument | C::InvalidTimestamp) => {
+            ("invalid_record", false)
+        }
         Some(C::AllBrokersDown | C::BrokerTransportFailure) => ("broker_unavailable", true),
         _ => ("other", true),
     };
@@ -163,5 +168,7 @@ mod tests {
         assert!(!timeout.producer_unusable && timeout.transient);
         let too_large = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge));
         assert!(!too_large.transient, "a record too large for the broker will not fit later either");
+        let timestamp = classify(&KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTimestamp));
+        assert!(!timestamp.transient && timestamp.reason == "invalid_record", "the row's own timestamp: {timestamp:?}");
     }
 }

@@ -269,3 +269,69 @@ async fn a_partition_column_places_records_and_a_partition_the_topic_lacks_fails
         .get(0);
     assert_eq!(waiting, 1, "the key's later row waits behind it (relay.on_poison = park_key)");
 }
+
+/// Debezium's timestamp and tracing columns on a real broker: the record carries the row's
+/// time as its timestamp (a NULL one: the time it is sent) and the writer's trace context as
+/// headers; a time the broker refuses (Kafka 4 takes none more than an hour ahead) fails only
+/// its row, with the broker's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timestamp_and_tracing_columns_reach_the_record_and_a_refused_time_fails_only_its_row() {
+    let env = TestEnv::start().await;
+    let db = env.client().await;
+    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
+    db.batch_execute("ALTER TABLE outboxevent ADD COLUMN occurred_at timestamp, ADD COLUMN tracingspancontext text")
+        .await
+        .unwrap();
+    run_debezium_sql(&env);
+    let aggregate = unique_name("order");
+    let topic = format!("outbox.event.{aggregate}");
+    create_topic(&env.brokers, &topic, 1).await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let context = format!("#Sat Dec 05 02:00:00 UTC 2026\ntraceparent={traceparent}\ntracestate=congo\\=t61rcWkgMzE\n");
+    let insert = "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload, occurred_at, tracingspancontext) \
+                  VALUES (gen_random_uuid(), $1, $2, 'T', '{}', $3::text::timestamp, $4)";
+    let rows: [(&str, Option<&str>, Option<&str>); 4] = [
+        ("past", Some("2020-01-02 03:04:05.678901"), Some(context.as_str())),
+        ("unset", None, None),
+        ("future", Some("2999-01-01 00:00:00"), None),
+        ("after", Some("2021-06-01 00:00:00"), None),
+    ];
+    for (key, occurred_at, context) in rows {
+        db.execute(insert, &[&aggregate, &key, &occurred_at, &context]).await.unwrap();
+    }
+    let path = edited_example(&env, |text| {
+        text.replacen(
+            "published_at = \"\"",
+            "published_at = \"\"\ntimestamp = \"occurred_at\"\ntracing_context = \"tracingspancontext\"",
+            1,
+        )
+    });
+    let mut connection = connection_vars(&env);
+    connection.extend([
+        ("OUTBOX_RELAY_RELAY__MAX_ATTEMPTS", "2".to_owned()),
+        ("OUTBOX_RELAY_RELAY__RETRY_BACKOFF_INITIAL", "50ms".to_owned()),
+    ]);
+    let before_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let mut relay = spawn_relay_process_from(&path, &vars(&connection), &env.path(""));
+    let records = consume_records(&env.brokers, &[&topic], 3, PATIENCE).await;
+    wait_until(PATIENCE, "the row with a time an hour ahead given up on", || async {
+        db.query_opt("SELECT 1 FROM outboxevent WHERE failed_at IS NOT NULL", &[]).await.unwrap().is_some()
+    })
+    .await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "{}", relay.log());
+
+    let by_key: HashMap<&[u8], &RawRecord> = records.iter().map(|r| (r.key.as_deref().unwrap(), r)).collect();
+    let past = by_key[b"past".as_slice()];
+    assert_eq!(past.timestamp, Some(1_577_934_245_678), "2020-01-02 03:04:05.678 UTC, cut to the millisecond");
+    assert_eq!(past.header("traceparent"), Some(traceparent.as_bytes()));
+    assert_eq!(past.header("tracestate"), Some(b"congo=t61rcWkgMzE".as_slice()));
+    let names: Vec<&str> = past.headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["traceparent", "tracestate", "id", "eventType"]);
+    assert!(by_key[b"unset".as_slice()].timestamp.is_some_and(|t| t >= before_ms - 1000), "NULL: the time it is sent");
+    assert_eq!(by_key[b"after".as_slice()].timestamp, Some(1_622_505_600_000));
+    assert!(!by_key.contains_key(b"future".as_slice()));
+    let error: String =
+        db.query_one("SELECT last_error FROM outboxevent WHERE failed_at IS NOT NULL", &[]).await.unwrap().get(0);
+    assert!(error.to_lowercase().contains("timestamp"), "the broker's reason: {error}");
+}
