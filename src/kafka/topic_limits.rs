@@ -30,6 +30,11 @@ pub struct TopicLimits {
     /// Whether the topic is compacted (`cleanup.policy` includes `compact`), which refuses a
     /// record without a key.
     pub compacted: bool,
+    /// How far before and after the broker's clock a record's own timestamp may be
+    /// (`message.timestamp.before.max.ms`, `message.timestamp.after.max.ms`; Kafka 4 refuses
+    /// one more than an hour ahead by default), in milliseconds; `None` when unknown or when
+    /// the topic stamps records itself (`message.timestamp.type=LogAppendTime`).
+    pub timestamp_window: Option<(i64, i64)>,
 }
 
 impl TopicLimits {
@@ -39,6 +44,12 @@ impl TopicLimits {
         TopicLimits {
             max_message_bytes: value("max.message.bytes").and_then(|v| v.trim().parse().ok()),
             compacted: value("cleanup.policy").is_some_and(|v| v.split(',').any(|p| p.trim() == "compact")),
+            timestamp_window: match value("message.timestamp.type") {
+                Some("LogAppendTime") => None,
+                _ => value("message.timestamp.before.max.ms")
+                    .zip(value("message.timestamp.after.max.ms"))
+                    .and_then(|(before, after)| Some((before.trim().parse().ok()?, after.trim().parse().ok()?))),
+            },
         }
     }
 }
@@ -74,6 +85,9 @@ impl ProducerBatching {
                 ),
             ));
         }
+        if let Some(refusal) = timestamp_refusal(record, limits, now_ms()) {
+            return Some(refusal);
+        }
         let limit = limits.max_message_bytes?;
         let size = batch_size_alone(record);
         (self.uncompressed && size > limit).then(|| {
@@ -96,6 +110,32 @@ impl ProducerBatching {
         let limit = limits.max_message_bytes?;
         (self.uncompressed && limit < self.batch_size + RECORD_BATCH_OVERHEAD).then_some(limit)
     }
+}
+
+/// The refusal of a record whose own timestamp (`outbox.columns.timestamp`) lies outside the
+/// topic's window around `now_ms`: the broker refuses the whole batch holding it.
+fn timestamp_refusal(record: &Record, limits: &TopicLimits, now_ms: i64) -> Option<Refusal> {
+    let (timestamp, (before, after)) = (record.timestamp_ms?, limits.timestamp_window?);
+    let (key, limit) = if timestamp > now_ms.saturating_add(after) {
+        ("message.timestamp.after.max.ms", after)
+    } else if timestamp < now_ms.saturating_sub(before) {
+        ("message.timestamp.before.max.ms", before)
+    } else {
+        return None;
+    };
+    Some(refused(
+        "invalid_record",
+        format!(
+            "the row's timestamp ({timestamp} ms since the epoch, from outbox.columns.timestamp) is more than topic {}'s              {key} = {limit} from now: Kafka refuses it; correct the row's timestamp, or raise the topic's {key}",
+            record.topic
+        ),
+    ))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A record the broker would refuse whatever it is batched with: the row's own error.
@@ -130,9 +170,11 @@ pub fn record_size(record: &Record) -> usize {
         .iter()
         .map(|(name, value)| bytes(Some(name.len())) + bytes(value.as_ref().map(String::len)))
         .sum();
-    // attributes (1), timestamp delta and offset delta (at most 5 bytes each here).
+    // attributes (1), timestamp delta and offset delta (at most 5 bytes each here, but a
+    // timestamp of the row's own may lie years from its batch's first: up to 10).
+    let timestamp_delta = if record.timestamp_ms.is_some() { 10 } else { 5 };
     let body = 1
-        + 5
+        + timestamp_delta
         + 5
         + bytes(record.key.as_ref().map(String::len))
         + bytes(record.payload.as_ref().map(Vec::len))
@@ -167,6 +209,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_timestamp_outside_the_topics_window_is_refused_before_sending_and_only_then() {
+        let limits = TopicLimits { timestamp_window: Some((1_000, 3_600_000)), ..TopicLimits::default() };
+        let stamped = |ms: i64| Record { timestamp_ms: Some(ms), ..record(Some("k"), 1) };
+        let now = 1_764_900_000_000;
+        let ahead = timestamp_refusal(&stamped(now + 3_600_001), &limits, now).expect("refused");
+        assert!(ahead.message.contains("message.timestamp.after.max.ms = 3600000"), "{}", ahead.message);
+        assert!(timestamp_refusal(&stamped(now - 1_001), &limits, now).unwrap().message.contains("before.max.ms"));
+        assert_eq!(timestamp_refusal(&stamped(now + 3_600_000), &limits, now), None);
+        assert_eq!(timestamp_refusal(&record(Some("k"), 1), &limits, now), None, "stamped when sent");
+        let log_append = HashMap::from([
+            ("message.timestamp.type", Some("LogAppendTime")),
+            ("message.timestamp.before.max.ms", Some("1000")),
+            ("message.timestamp.after.max.ms", Some("1000")),
+        ]);
+        assert_eq!(TopicLimits::from_entries(&log_append).timestamp_window, None, "the broker stamps them");
+    }
+
     const PLAIN: ProducerBatching = ProducerBatching { batch_size: LIBRDKAFKA_BATCH_SIZE, uncompressed: true };
 
     #[test]
@@ -180,7 +240,7 @@ mod tests {
 
     #[test]
     fn a_record_over_the_topics_limit_is_refused_naming_both_sizes() {
-        let limits = TopicLimits { max_message_bytes: Some(1000), compacted: false };
+        let limits = TopicLimits { max_message_bytes: Some(1000), compacted: false, timestamp_window: None };
         assert_eq!(PLAIN.refusal(&record(Some("k"), 500), &limits), None);
         let refusal = PLAIN.refusal(&record(Some("k"), 2000), &limits).expect("too large");
         assert_eq!(refusal.reason, "message_too_large");
@@ -194,15 +254,15 @@ mod tests {
         let entries =
             HashMap::from([("cleanup.policy", Some("compact,delete")), ("max.message.bytes", Some("200000"))]);
         let limits = TopicLimits::from_entries(&entries);
-        assert_eq!(limits, TopicLimits { max_message_bytes: Some(200_000), compacted: true });
+        assert_eq!(limits, TopicLimits { max_message_bytes: Some(200_000), compacted: true, timestamp_window: None });
         assert_eq!(PLAIN.refusal(&record(None, 10), &limits).map(|r| r.reason), Some("invalid_record"));
         assert_eq!(PLAIN.refusal(&record(Some("k"), 10), &limits), None);
     }
 
     #[test]
     fn only_a_topic_whose_limit_is_below_the_producers_batches_needs_its_records_in_flight_bounded() {
-        let small = TopicLimits { max_message_bytes: Some(200_000), compacted: false };
-        let default = TopicLimits { max_message_bytes: Some(1_048_588), compacted: false };
+        let small = TopicLimits { max_message_bytes: Some(200_000), compacted: false, timestamp_window: None };
+        let default = TopicLimits { max_message_bytes: Some(1_048_588), compacted: false, timestamp_window: None };
         assert_eq!(PLAIN.in_flight_limit(&small), Some(200_000));
         assert_eq!(PLAIN.in_flight_limit(&default), None);
         assert_eq!(PLAIN.in_flight_limit(&TopicLimits::default()), None);

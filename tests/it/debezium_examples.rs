@@ -210,8 +210,27 @@ async fn bad_record_shape_settings_exit_2_with_one_line_naming_the_key() {
     }
 }
 
+/// `vars` with exactly-once delivery, its own compacted progress topic and transactional ids.
+async fn with_exactly_once(env: &TestEnv, vars: &mut Vec<(&'static str, String)>) {
+    let progress = create_topic_with(&env.brokers, 1, &[("cleanup.policy", "compact")]).await;
+    vars.extend([
+        ("OUTBOX_RELAY_KAFKA__DELIVERY", "exactly_once".to_owned()),
+        ("OUTBOX_RELAY_KAFKA__EXACTLY_ONCE__PROGRESS_TOPIC", progress),
+        ("OUTBOX_RELAY_KAFKA__EXACTLY_ONCE__TRANSACTIONAL_ID_PREFIX", unique_name("relay")),
+    ]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_column_places_records_and_a_partition_the_topic_lacks_fails_only_its_row() {
+    partition_column(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_column_places_records_and_a_partition_the_topic_lacks_fails_only_its_row_in_transactions() {
+    partition_column(true).await;
+}
+
+async fn partition_column(exactly_once: bool) {
     let env = TestEnv::start().await;
     let db = env.client().await;
     db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
@@ -243,6 +262,9 @@ async fn a_partition_column_places_records_and_a_partition_the_topic_lacks_fails
         ("OUTBOX_RELAY_RELAY__MAX_ATTEMPTS", "2".to_owned()),
         ("OUTBOX_RELAY_RELAY__RETRY_BACKOFF_INITIAL", "50ms".to_owned()),
     ]);
+    if exactly_once {
+        with_exactly_once(&env, &mut connection).await;
+    }
     let mut relay = spawn_relay_process_from(&path, &vars(&connection), &env.path(""));
     let records = consume(&env.brokers, &topic, 3).await;
     wait_until(PATIENCE, "the row naming partition 5 given up on", || async {
@@ -276,6 +298,15 @@ async fn a_partition_column_places_records_and_a_partition_the_topic_lacks_fails
 /// its row, with the broker's reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timestamp_and_tracing_columns_reach_the_record_and_a_refused_time_fails_only_its_row() {
+    timestamp_and_tracing_columns(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timestamp_and_tracing_columns_reach_the_record_and_a_refused_time_fails_only_its_row_in_transactions() {
+    timestamp_and_tracing_columns(true).await;
+}
+
+async fn timestamp_and_tracing_columns(exactly_once: bool) {
     let env = TestEnv::start().await;
     let db = env.client().await;
     db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
@@ -311,6 +342,9 @@ async fn the_timestamp_and_tracing_columns_reach_the_record_and_a_refused_time_f
         ("OUTBOX_RELAY_RELAY__MAX_ATTEMPTS", "2".to_owned()),
         ("OUTBOX_RELAY_RELAY__RETRY_BACKOFF_INITIAL", "50ms".to_owned()),
     ]);
+    if exactly_once {
+        with_exactly_once(&env, &mut connection).await;
+    }
     let before_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let mut relay = spawn_relay_process_from(&path, &vars(&connection), &env.path(""));
     let records = consume_records(&env.brokers, &[&topic], 3, PATIENCE).await;
