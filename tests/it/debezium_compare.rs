@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use crate::support::*;
+use outbox_relay::config::Delivery;
 
 /// Debezium's outbox table, as its documentation creates it.
 const OUTBOX_TABLE: &str = "CREATE TABLE outboxevent (
@@ -233,9 +234,18 @@ async fn debezium_records(env: &TestEnv, setup: Setup, aggregates: &Aggregates, 
 /// reads the WAL and leaves them in `outboxevent`, and is stopped (its slot dropped) by now.
 /// The relay writes to the same topics, where Debezium's records already are; its own are
 /// those without Debezium's context headers.
-async fn relay_records(env: &TestEnv, setup: Setup, aggregates: &Aggregates, rows: &[&Row]) -> Vec<RawRecord> {
-    let mut vars: Vec<(String, String)> =
-        crate::debezium_examples::connection_vars(env).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+async fn relay_records(
+    env: &TestEnv,
+    setup: Setup,
+    delivery: Delivery,
+    aggregates: &Aggregates,
+    rows: &[&Row],
+) -> Vec<RawRecord> {
+    let mut connection = crate::debezium_examples::connection_vars(env);
+    if delivery == Delivery::ExactlyOnce {
+        crate::debezium_examples::with_exactly_once(env, &mut connection).await;
+    }
+    let mut vars: Vec<(String, String)> = connection.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     let record = |key: &str| format!("OUTBOX_RELAY_OUTBOX__RECORD__{key}");
     if setup != Setup::StringConverter {
         vars.push((record("KEY_FORMAT"), "json".to_owned()));
@@ -437,18 +447,29 @@ fn describe(record: &RawRecord) -> String {
 
 /// Runs Debezium and the relay in `setup` on the same rows and compares their records.
 async fn assert_relay_writes_what_debezium_writes(setup: Setup) {
+    assert_relay_writes_what_debezium_writes_with(setup, Delivery::AtLeastOnce).await;
+}
+
+/// As [`assert_relay_writes_what_debezium_writes`], the relay delivering as `delivery` says.
+async fn assert_relay_writes_what_debezium_writes_with(setup: Setup, delivery: Delivery) {
     let env = TestEnv::start_with_logical_wal().await;
     let aggregates = Aggregates::new();
     aggregates.create_topics(&env.brokers).await;
     let rows = rows_for(setup);
     let debezium = debezium_records(&env, setup, &aggregates, &rows).await;
-    let relay = relay_records(&env, setup, &aggregates, &rows).await;
+    let relay = relay_records(&env, setup, delivery, &aggregates, &rows).await;
     assert_same_records(setup, &debezium, &relay);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_string_converters_the_relay_writes_what_debezium_writes() {
     assert_relay_writes_what_debezium_writes(Setup::StringConverter).await;
+}
+
+/// The same records from transactions: read_committed consumers see what Debezium writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_string_converters_and_exactly_once_delivery_the_relay_writes_what_debezium_writes() {
+    assert_relay_writes_what_debezium_writes_with(Setup::StringConverter, Delivery::ExactlyOnce).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,7 +211,7 @@ async fn bad_record_shape_settings_exit_2_with_one_line_naming_the_key() {
 }
 
 /// `vars` with exactly-once delivery, its own compacted progress topic and transactional ids.
-async fn with_exactly_once(env: &TestEnv, vars: &mut Vec<(&'static str, String)>) {
+pub async fn with_exactly_once(env: &TestEnv, vars: &mut Vec<(&'static str, String)>) {
     let progress = create_topic_with(&env.brokers, 1, &[("cleanup.policy", "compact")]).await;
     vars.extend([
         ("OUTBOX_RELAY_KAFKA__DELIVERY", "exactly_once".to_owned()),
