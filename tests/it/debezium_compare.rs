@@ -18,17 +18,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use crate::debezium_examples::DEBEZIUM_TABLE;
 use crate::support::*;
 use outbox_relay::config::Delivery;
-
-/// Debezium's outbox table, as its documentation creates it.
-const OUTBOX_TABLE: &str = "CREATE TABLE outboxevent (
-    id            uuid NOT NULL PRIMARY KEY,
-    aggregatetype varchar(255) NOT NULL,
-    aggregateid   varchar(255) NOT NULL,
-    type          varchar(255) NOT NULL,
-    payload       jsonb
-)";
 
 /// The headers Debezium adds to every record about the connector run that wrote it: its
 /// `topic.prefix`, task number, connector type and a UUID per run.
@@ -214,7 +206,7 @@ async fn insert_rows(db: &tokio_postgres::Client, aggregates: &Aggregates, rows:
 /// returns its records from the aggregates' topics (which exist).
 async fn debezium_records(env: &TestEnv, setup: Setup, aggregates: &Aggregates, rows: &[&Row]) -> Vec<RawRecord> {
     let db = env.client().await;
-    db.batch_execute(OUTBOX_TABLE).await.expect("create Debezium's outbox table");
+    db.batch_execute(DEBEZIUM_TABLE).await.expect("create Debezium's outbox table");
     // As a user moving to the relay prepares the table while Debezium runs: the relay's
     // columns are there before the rows, so `seq` numbers them in insertion order.
     crate::debezium_examples::run_debezium_sql(env);

@@ -210,6 +210,36 @@ async fn bad_record_shape_settings_exit_2_with_one_line_naming_the_key() {
     }
 }
 
+/// Debezium's table with the `extra` columns (`name type`), prepared by `examples/debezium.sql`,
+/// and a topic of `partitions` for a new aggregate type: the table's client, the aggregate
+/// type and its topic.
+async fn prepared_table(env: &TestEnv, extra: &[&str], partitions: i32) -> (tokio_postgres::Client, String, String) {
+    let db = env.client().await;
+    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
+    for column in extra {
+        db.batch_execute(&format!("ALTER TABLE outboxevent ADD COLUMN {column}")).await.unwrap();
+    }
+    run_debezium_sql(env);
+    let aggregate = unique_name("order");
+    let topic = format!("outbox.event.{aggregate}");
+    create_topic(&env.brokers, &topic, partitions).await;
+    (db, aggregate, topic)
+}
+
+/// The relay's environment for the poison-row tests: the connection, a row given up after two
+/// quick attempts, and with `exactly_once` transactions.
+async fn poison_vars(env: &TestEnv, exactly_once: bool) -> Vec<(&'static str, String)> {
+    let mut vars = connection_vars(env);
+    vars.extend([
+        ("OUTBOX_RELAY_RELAY__MAX_ATTEMPTS", "2".to_owned()),
+        ("OUTBOX_RELAY_RELAY__RETRY_BACKOFF_INITIAL", "50ms".to_owned()),
+    ]);
+    if exactly_once {
+        with_exactly_once(env, &mut vars).await;
+    }
+    vars
+}
+
 /// `vars` with exactly-once delivery, its own compacted progress topic and transactional ids.
 pub async fn with_exactly_once(env: &TestEnv, vars: &mut Vec<(&'static str, String)>) {
     let progress = create_topic_with(&env.brokers, 1, &[("cleanup.policy", "compact")]).await;
@@ -232,13 +262,7 @@ async fn a_partition_column_places_records_and_a_partition_the_topic_lacks_fails
 
 async fn partition_column(exactly_once: bool) {
     let env = TestEnv::start().await;
-    let db = env.client().await;
-    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
-    db.batch_execute("ALTER TABLE outboxevent ADD COLUMN partition_no int").await.unwrap();
-    run_debezium_sql(&env);
-    let aggregate = unique_name("order");
-    let topic = format!("outbox.event.{aggregate}");
-    create_topic(&env.brokers, &topic, 2).await;
+    let (db, aggregate, topic) = prepared_table(&env, &["partition_no int"], 2).await;
     let insert = "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload, partition_no) \
                   VALUES (gen_random_uuid(), $1, $2, 'T', $3::text::jsonb, $4)";
     for (key, n, partition) in [
@@ -257,14 +281,7 @@ async fn partition_column(exactly_once: bool) {
             1,
         )
     });
-    let mut connection = connection_vars(&env);
-    connection.extend([
-        ("OUTBOX_RELAY_RELAY__MAX_ATTEMPTS", "2".to_owned()),
-        ("OUTBOX_RELAY_RELAY__RETRY_BACKOFF_INITIAL", "50ms".to_owned()),
-    ]);
-    if exactly_once {
-        with_exactly_once(&env, &mut connection).await;
-    }
+    let connection = poison_vars(&env, exactly_once).await;
     let mut relay = spawn_relay_process_from(&path, &vars(&connection), &env.path(""));
     let records = consume(&env.brokers, &topic, 3).await;
     wait_until(PATIENCE, "the row naming partition 5 given up on", || async {
@@ -308,15 +325,7 @@ async fn the_timestamp_and_tracing_columns_reach_the_record_and_a_refused_time_f
 
 async fn timestamp_and_tracing_columns(exactly_once: bool) {
     let env = TestEnv::start().await;
-    let db = env.client().await;
-    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
-    db.batch_execute("ALTER TABLE outboxevent ADD COLUMN occurred_at timestamp, ADD COLUMN tracingspancontext text")
-        .await
-        .unwrap();
-    run_debezium_sql(&env);
-    let aggregate = unique_name("order");
-    let topic = format!("outbox.event.{aggregate}");
-    create_topic(&env.brokers, &topic, 1).await;
+    let (db, aggregate, topic) = prepared_table(&env, &["occurred_at timestamp", "tracingspancontext text"], 1).await;
     let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let context = format!("#Sat Dec 05 02:00:00 UTC 2026\ntraceparent={traceparent}\ntracestate=congo\\=t61rcWkgMzE\n");
     let insert = "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload, occurred_at, tracingspancontext) \
@@ -337,14 +346,7 @@ async fn timestamp_and_tracing_columns(exactly_once: bool) {
             1,
         )
     });
-    let mut connection = connection_vars(&env);
-    connection.extend([
-        ("OUTBOX_RELAY_RELAY__MAX_ATTEMPTS", "2".to_owned()),
-        ("OUTBOX_RELAY_RELAY__RETRY_BACKOFF_INITIAL", "50ms".to_owned()),
-    ]);
-    if exactly_once {
-        with_exactly_once(&env, &mut connection).await;
-    }
+    let connection = poison_vars(&env, exactly_once).await;
     let before_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let mut relay = spawn_relay_process_from(&path, &vars(&connection), &env.path(""));
     let records = consume_records(&env.brokers, &[&topic], 3, PATIENCE).await;

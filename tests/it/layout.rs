@@ -2,6 +2,7 @@
 //! the topic can be a template over columns, and payloads of type jsonb, json, text and bytea
 //! are sent as stored.
 
+use crate::debezium_examples::DEBEZIUM_TABLE;
 use crate::support::*;
 use outbox_relay::config::MarkMode;
 
@@ -231,15 +232,6 @@ async fn an_order_column_that_cannot_keep_a_keys_insertion_order_is_refused_nami
     consume(&env.brokers, &format!("outbox.event.{topic}"), 1).await;
     relay.stop().await.expect("clean stop");
 }
-
-/// Debezium's outbox table as its documentation creates it.
-const DEBEZIUM_TABLE: &str = "CREATE TABLE outboxevent (
-    id            uuid NOT NULL PRIMARY KEY,
-    aggregatetype varchar(255) NOT NULL,
-    aggregateid   varchar(255) NOT NULL,
-    type          varchar(255) NOT NULL,
-    payload       jsonb
-)";
 
 /// Runs `outbox-relay check` on `config` with `settings` (config keys and values, given as the
 /// environment variables that override them), returning exit code and standard output.
