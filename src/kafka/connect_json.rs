@@ -525,7 +525,7 @@ impl Parser<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -590,7 +590,7 @@ mod tests {
         );
     }
 
-    mod hostile {
+    pub(crate) mod hostile {
         //! Whatever a payload holds, expansion returns JSON or leaves it a string, never panics;
         //! strings and doubles read back as what was written.
 
@@ -599,7 +599,11 @@ mod tests {
 
         use super::*;
 
-        fn json() -> impl Strategy<Value = Value> {
+        /// Any JSON document (finite numbers), nested a few levels, with object keys from `keys`.
+        pub(crate) fn any_json<K>(keys: K) -> impl Strategy<Value = Value>
+        where
+            K: Strategy<Value = String> + Clone + 'static,
+        {
             let leaf = prop_oneof![
                 Just(Value::Null),
                 any::<bool>().prop_map(Value::Bool),
@@ -607,13 +611,17 @@ mod tests {
                 any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
                 any::<String>().prop_map(Value::String),
             ];
-            leaf.prop_recursive(4, 32, 6, |inner| {
+            leaf.prop_recursive(4, 32, 6, move |inner| {
                 prop_oneof![
                     prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                    prop::collection::btree_map("[a-z]{0,3}", inner, 0..6)
+                    prop::collection::btree_map(keys.clone(), inner, 0..6)
                         .prop_map(|map| Value::Object(map.into_iter().collect())),
                 ]
             })
+        }
+
+        fn json() -> impl Strategy<Value = Value> {
+            any_json("[a-z]{0,3}")
         }
 
         proptest! {
