@@ -70,6 +70,19 @@ fn psql(env: &TestEnv, args: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_migration_guide_hands_the_table_from_debezium_to_the_relay_without_losing_or_repeating_an_event() {
+    migrate("filtered").await;
+}
+
+/// Debezium's default publication publishes every table (`FOR ALL TABLES`), from which no table
+/// can be dropped; the switch stops its inserts all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_migration_guide_works_with_debeziums_default_publication_of_all_tables() {
+    migrate("all_tables").await;
+}
+
+/// The guide, with Debezium's publication made in `publication_mode`
+/// (`publication.autocreate.mode`).
+async fn migrate(publication_mode: &str) {
     let env = TestEnv::start_with_logical_wal().await;
     let db = env.client().await;
     db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
@@ -85,9 +98,16 @@ async fn the_migration_guide_hands_the_table_from_debezium_to_the_relay_without_
         &[
             ("transforms.outbox.route.topic.replacement", "outbox.event.${routedByValue}"),
             ("transforms.outbox.table.fields.additional.placement", "type:header:eventType"),
+            ("publication.autocreate.mode", publication_mode),
         ],
     )
     .await;
+    let all_tables: bool = db
+        .query_one("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&debezium.slot])
+        .await
+        .expect("Debezium's publication")
+        .get(0);
+    assert_eq!(all_tables, publication_mode == "all_tables", "the publication Debezium made");
     let (stop, committed): (Arc<AtomicBool>, Committed) = Default::default();
     let writer =
         tokio::spawn(application(env.database_url.clone(), aggregatetype.clone(), stop.clone(), committed.clone()));
@@ -164,4 +184,63 @@ async fn the_migration_guide_hands_the_table_from_debezium_to_the_relay_without_
             assert_eq!(previous.map_or(0, |p| p + 1), n, "{aggregate}: event {n} after {previous:?}");
         }
     }
+}
+
+/// The switch behind a transaction that keeps writing the table: it gives up after its lock
+/// timeout and changes nothing (the publication still publishes inserts, no marker, no record of
+/// a switch), so that running it again later is safe; run twice, the second run changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_that_cannot_get_its_lock_or_runs_twice_changes_nothing() {
+    let env = TestEnv::start().await;
+    let db = env.client().await;
+    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
+    run_debezium_sql(&env);
+    db.batch_execute("CREATE PUBLICATION dbz_publication FOR TABLE outboxevent").await.unwrap();
+    let inserts_published = async |db: &tokio_postgres::Client| -> bool {
+        db.query_one("SELECT pubinsert FROM pg_publication WHERE pubname = 'dbz_publication'", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let switch_sql = example("debezium-switch.sql");
+    let switch = |env: &TestEnv| {
+        Command::new(postgres::bindir().join("psql"))
+            .arg(&env.database_url)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", "publication=dbz_publication", "-f"])
+            .arg(&switch_sql)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run psql")
+    };
+
+    let mut writer = env.client().await;
+    let open = writer.transaction().await.unwrap();
+    open.execute(
+        "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload) VALUES (gen_random_uuid(), 'a', 'b', 'T', '{}')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let out = switch(&env);
+    assert!(!out.status.success(), "the switch cannot get its lock behind the open transaction");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lock timeout"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(inserts_published(&db).await, "the publication is as it was");
+    let switches: i64 = db
+        .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'outbox_relay_switch'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(switches, 0, "no record of a switch");
+    open.commit().await.unwrap();
+    let markers: i64 =
+        db.query_one("SELECT count(*) FROM outboxevent WHERE type = 'OutboxRelaySwitch'", &[]).await.unwrap().get(0);
+    assert_eq!(markers, 0, "no marker");
+
+    assert!(switch(&env).status.success(), "once the transaction has ended");
+    assert!(!inserts_published(&db).await);
+    let out = switch(&env);
+    assert!(!out.status.success(), "a second run finds the first one's record");
+    let markers: i64 =
+        db.query_one("SELECT count(*) FROM outboxevent WHERE type = 'OutboxRelaySwitch'", &[]).await.unwrap().get(0);
+    assert_eq!(markers, 1, "the second run added no marker");
 }
