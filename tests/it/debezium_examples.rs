@@ -172,7 +172,7 @@ async fn bad_record_shape_settings_exit_2_with_one_line_naming_the_key() {
     run_debezium_sql(&env);
     let connection = connection_vars(&env);
     let placements = r#"placements = ["type:header:eventType"]"#;
-    let cases: [(&str, &str, &str, &[&str]); 5] = [
+    let cases: [(&str, &str, &str, &[&str]); 8] = [
         (placements, r#"placements = ["kind:header:eventType"]"#, "outbox.record.placements", &["no column \"kind\""]),
         (
             placements,
@@ -181,6 +181,9 @@ async fn bad_record_shape_settings_exit_2_with_one_line_naming_the_key() {
             &["\"type\"", "a partition is a number"],
         ),
         (placements, r#"placements = ["type:body"]"#, "outbox.record.placements", &["\"body\" is not a placement"]),
+        (placements, r#"placements = ["type:envelope"]"#, "outbox.record.placements", &["json_string"]),
+        (placements, r#"placements = ["type:header:id"]"#, "outbox.record.placements", &["event id's header"]),
+        (r#"event_id_header = "id""#, r#"event_id_header = """#, "outbox.record.event_id_header", &["is empty"]),
         (
             r#"regex = "(?<routedByValue>.*)""#,
             r#"regex = "(?<routedByValue>.*""#,
