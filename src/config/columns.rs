@@ -140,7 +140,7 @@ const DECLARATIONS: [ColumnDeclaration; ColumnRole::ALL.len()] = {
             default_column: Some("event_id"),
             presence: Required,
             types: any,
-            summary: "sent as the `event_id` header (may be the id column)",
+            summary: "sent as the `event_id` header, or `outbox.record.event_id_header` (may be the id column)",
             definition: None,
         },
         ColumnDeclaration {
