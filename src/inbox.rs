@@ -71,9 +71,14 @@ pub fn check_consumer_config(config: &ClientConfig) -> Result<(), InboxError> {
 /// message is delivered again.
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
-    /// The message carries no `event_id` header, so it cannot be deduplicated.
-    #[error("message {topic}[{partition}]@{offset} has no event_id header; it cannot be deduplicated")]
+    /// The message carries no event-id header, so it cannot be deduplicated.
+    #[error(
+        "message {topic}[{partition}]@{offset} has no {header} header; it cannot be deduplicated (a relay with \
+         outbox.record.event_id_header names it otherwise: Inbox::with_event_id_header)"
+    )]
     MissingEventId {
+        /// The header looked for.
+        header: String,
         /// Its topic.
         topic: String,
         /// Its partition.
@@ -165,14 +170,21 @@ pub struct Event<'a> {
 impl<'a> Event<'a> {
     /// The event carried by `message`, or an error if it has no `event_id` header.
     pub fn from_message(message: &'a BorrowedMessage<'a>) -> Result<Event<'a>, InboxError> {
+        Self::from_message_with_header(message, EVENT_ID_HEADER)
+    }
+
+    /// The event carried by `message`, its id in header `header` (the relay's
+    /// `outbox.record.event_id_header`; Debezium's records name it `id`).
+    pub fn from_message_with_header(message: &'a BorrowedMessage<'a>, header: &str) -> Result<Event<'a>, InboxError> {
         let headers: Vec<(&str, Option<&[u8]>)> =
             message.headers().map(|h| h.iter().map(|h| (h.key, h.value)).collect()).unwrap_or_default();
         let event_id = headers
             .iter()
-            .find(|(name, _)| *name == EVENT_ID_HEADER)
+            .find(|(name, _)| *name == header)
             .and_then(|(_, value)| *value)
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .ok_or_else(|| InboxError::MissingEventId {
+                header: header.to_owned(),
                 topic: message.topic().to_owned(),
                 partition: message.partition(),
                 offset: message.offset(),
@@ -195,6 +207,8 @@ pub struct Inbox {
     record_sql: String,
     prune_sql: String,
     consumer: String,
+    /// The header holding the event id.
+    event_id_header: String,
 }
 
 impl Inbox {
@@ -220,7 +234,14 @@ impl Inbox {
                  WHERE consumer = $1 AND processed_at < now() - $2::float8 * interval '1 second' LIMIT $3)"
             ),
             consumer: consumer.to_owned(),
+            event_id_header: EVENT_ID_HEADER.to_owned(),
         })
+    }
+
+    /// This inbox reading the event id from header `header`: the relay's
+    /// `outbox.record.event_id_header` when it is set (Debezium's records name it `id`).
+    pub fn with_event_id_header(self, header: &str) -> Inbox {
+        Inbox { event_id_header: header.to_owned(), ..self }
     }
 
     /// Records `event` in `tx`; true if it is new, false if this consumer applied it before.
@@ -267,7 +288,7 @@ impl Inbox {
         H: AsyncFnOnce(&Transaction<'_>, &Event<'_>) -> Result<(), E>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let event = Event::from_message(message)?;
+        let event = Event::from_message_with_header(message, &self.event_id_header)?;
         let handled = match self.apply(client, &event, handler).await {
             Ok(handled) => handled,
             Err(failure) => return Err(seek_back(consumer, message, failure)),

@@ -360,3 +360,63 @@ async fn the_example_consumer_parks_a_bad_payload_and_goes_on() {
     let again = run_balance_consumer(&env, &topic, &group);
     assert_eq!(again.trim(), "applied 1 events, skipped 0 duplicates, parked 0 bad payloads");
 }
+
+/// Records in Debezium's shape (`examples/debezium.toml`) carry the event id in header `id`: an
+/// inbox told so deduplicates them; the default one refuses them, naming the header it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_reads_the_event_id_from_the_header_the_relay_writes_it_to() {
+    use crate::debezium_examples::{DEBEZIUM_TABLE, connection_vars, example, run_debezium_sql};
+    use outbox_relay::inbox::{Handled, InboxError};
+
+    let env = TestEnv::start().await;
+    let mut db = env.client().await;
+    db.batch_execute(DEBEZIUM_TABLE).await.unwrap();
+    run_debezium_sql(&env);
+    db.batch_execute(INBOX_SQL).await.unwrap();
+    let aggregate = unique_name("order");
+    let topic = format!("outbox.event.{aggregate}");
+    create_topic(&env.brokers, &topic, 1).await;
+    db.execute(
+        "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload) \
+         VALUES (gen_random_uuid(), $1, 'o-1', 'OrderCreated', '{\"n\": 1}')",
+        &[&aggregate],
+    )
+    .await
+    .unwrap();
+    let connection = connection_vars(&env);
+    let vars: Vec<(&str, &str)> = connection.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut relay = spawn_relay_process_from(&example("debezium.toml"), &vars, &env.path(""));
+    let published = consume(&env.brokers, &topic, 1).await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "{}", relay.log());
+    // A copy, as a relay crash between publish and mark makes one.
+    produce_copy(&env.brokers, &topic, &published[0], None).await;
+
+    let group = unique_name("group");
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.brokers)
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let inbox = Inbox::new(&group).with_event_id_header("id");
+    let mut applied = 0;
+    for expected in [Handled::Applied, Handled::Duplicate] {
+        let message = tokio::time::timeout(PATIENCE, consumer.recv()).await.expect("a message").unwrap();
+        match Event::from_message(&message) {
+            Err(InboxError::MissingEventId { header, .. }) => assert_eq!(header, "event_id"),
+            other => panic!("the default inbox finds no event_id header: {other:?}"),
+        }
+        let handled = inbox
+            .handle(&mut db, &consumer, &message, async |_, _| {
+                applied += 1;
+                Ok::<_, tokio_postgres::Error>(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(handled, expected);
+    }
+    assert_eq!(applied, 1, "the copy is skipped");
+}
