@@ -469,10 +469,22 @@ impl Publisher {
     async fn check_topics(&self, records: &[Record]) -> HashMap<String, Result<TopicLimits, DeliveryError>> {
         let mut checked: HashMap<String, Result<TopicLimits, DeliveryError>> = HashMap::new();
         let mut unchecked: HashSet<&str> = HashSet::new();
+        // A row naming a partition beyond the count last seen may name one added since: the
+        // topic is checked again rather than the row charged for a stale count.
+        let mut highest_named: HashMap<&str, usize> = HashMap::new();
+        for record in records {
+            if let Some(partition) = record.partition.and_then(|p| usize::try_from(p).ok()) {
+                let highest = highest_named.entry(record.topic.as_str()).or_default();
+                *highest = (*highest).max(partition);
+            }
+        }
         if let Ok(known) = self.known_topics.lock() {
             for topic in records.iter().map(|r| r.topic.as_str()) {
+                let names_unknown_partition = highest_named
+                    .get(topic)
+                    .is_some_and(|highest| known.get(topic).is_some_and(|known| *highest >= known.partitions));
                 match known.get(topic) {
-                    Some(known) if known.checked_at.elapsed() <= TOPIC_RECHECK_AFTER => {
+                    Some(known) if known.checked_at.elapsed() <= TOPIC_RECHECK_AFTER && !names_unknown_partition => {
                         checked.insert(topic.to_owned(), Ok(known.limits));
                     }
                     _ => {

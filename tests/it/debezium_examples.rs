@@ -374,3 +374,40 @@ async fn timestamp_and_tracing_columns(exactly_once: bool) {
         db.query_one("SELECT last_error FROM outboxevent WHERE failed_at IS NOT NULL", &[]).await.unwrap().get(0);
     assert!(error.to_lowercase().contains("timestamp"), "the broker's reason: {error}");
 }
+
+/// Partitions added to a live topic: a row naming one of them goes there at once, not charged
+/// an attempt for the count the relay saw before (it checks the topic again first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_naming_a_partition_added_while_the_relay_runs_goes_there_uncharged() {
+    let env = TestEnv::start().await;
+    let (db, aggregate, topic) = prepared_table(&env, &["partition_no int"], 2).await;
+    let insert = "INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload, partition_no) \
+                  VALUES (gen_random_uuid(), $1, $2, 'T', '{}', $3)";
+    db.execute(insert, &[&aggregate, &"before", &Some(1i32)]).await.unwrap();
+    let path = edited_example(&env, |text| {
+        text.replacen(
+            r#"placements = ["type:header:eventType"]"#,
+            r#"placements = ["type:header:eventType", "partition_no:partition"]"#,
+            1,
+        )
+    });
+    let connection = poison_vars(&env, false).await;
+    let mut relay = spawn_relay_process_from(&path, &vars(&connection), &env.path(""));
+    consume(&env.brokers, &topic, 1).await;
+    add_partitions(&env.brokers, &topic, 4).await;
+    db.execute(insert, &[&aggregate, &"added", &Some(3i32)]).await.unwrap();
+    let records = consume(&env.brokers, &topic, 2).await;
+    wait_until(PATIENCE, "both rows published", || async {
+        db.query_one("SELECT count(*) FROM outboxevent", &[]).await.unwrap().get::<_, i64>(0) == 0
+    })
+    .await;
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait().await, Some(0), "{}", relay.log());
+    let added = records.iter().find(|r| r.key.as_deref() == Some("added")).expect("the new partition's row");
+    assert_eq!(added.partition, 3);
+    assert!(
+        !relay.log().contains("partition_out_of_range") && !relay.log().contains("names partition 3"),
+        "{}",
+        relay.log()
+    );
+}

@@ -75,3 +75,14 @@ pub async fn alter_topic(brokers: &str, topic: &str, configs: &[(&str, &str)]) {
         result.unwrap_or_else(|(resource, e)| panic!("alter {resource:?}: {e}"));
     }
 }
+
+/// Grows `topic` to `partitions` partitions, as an operator adds partitions to a live topic.
+pub async fn add_partitions(brokers: &str, topic: &str, partitions: usize) {
+    use rdkafka::admin::NewPartitions;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let grow = NewPartitions::new(topic, partitions);
+    for result in admin.create_partitions(&[grow], &AdminOptions::new()).await.expect("add partitions") {
+        result.unwrap_or_else(|(topic, e)| panic!("add partitions to {topic}: {e}"));
+    }
+}
