@@ -85,7 +85,10 @@ impl ProducerBatching {
                 ),
             ));
         }
-        if let Some(refusal) = timestamp_refusal(record, limits, now_ms()) {
+        // The clock is read only for the records that carry a timestamp of their own.
+        if record.timestamp_ms.is_some()
+            && let Some(refusal) = timestamp_refusal(record, limits, now_ms())
+        {
             return Some(refusal);
         }
         let limit = limits.max_message_bytes?;

@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use crate::support::*;
 
@@ -27,13 +26,8 @@ pub fn example(name: &str) -> PathBuf {
 
 /// Runs `examples/debezium.sql` with psql as its header says, as the table's owner.
 pub fn run_debezium_sql(env: &TestEnv) {
-    let out = Command::new(postgres::bindir().join("psql"))
-        .arg(&env.database_url)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
-        .arg(example("debezium.sql"))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run psql");
+    let script = example("debezium.sql");
+    let out = run_psql(&env.database_url, &["-f", script.to_str().unwrap()]).expect("run psql");
     assert!(
         out.status.success(),
         "examples/debezium.sql failed: {}{}",
@@ -243,6 +237,17 @@ async fn poison_vars(env: &TestEnv, exactly_once: bool) -> Vec<(&'static str, St
     vars
 }
 
+/// Waits until the relay gives up on a row (`what`), and returns its aggregate id and error.
+async fn given_up_row(db: &tokio_postgres::Client, what: &str) -> (String, String) {
+    let given_up = "SELECT aggregateid, last_error FROM outboxevent WHERE failed_at IS NOT NULL";
+    wait_until(PATIENCE, &format!("{what} given up on"), || async {
+        db.query_opt(given_up, &[]).await.unwrap().is_some()
+    })
+    .await;
+    let row = db.query_one(given_up, &[]).await.unwrap();
+    (row.get(0), row.get(1))
+}
+
 /// `vars` with exactly-once delivery, its own compacted progress topic and transactional ids.
 pub async fn with_exactly_once(env: &TestEnv, vars: &mut Vec<(&'static str, String)>) {
     let progress = create_topic_with(&env.brokers, 1, &[("cleanup.policy", "compact")]).await;
@@ -287,13 +292,7 @@ async fn partition_column(exactly_once: bool) {
     let connection = poison_vars(&env, exactly_once).await;
     let mut relay = spawn_relay_process_from(&path, &vars(&connection), &env.path(""));
     let records = consume(&env.brokers, &topic, 3).await;
-    wait_until(PATIENCE, "the row naming partition 5 given up on", || async {
-        db.query_opt("SELECT 1 FROM outboxevent WHERE failed_at IS NOT NULL", &[]).await.unwrap().is_some()
-    })
-    .await;
-    let row =
-        db.query_one("SELECT aggregateid, last_error FROM outboxevent WHERE failed_at IS NOT NULL", &[]).await.unwrap();
-    let failed: (String, String) = (row.get(0), row.get(1));
+    let failed = given_up_row(&db, "the row naming partition 5").await;
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0), "{}", relay.log());
 
@@ -353,10 +352,7 @@ async fn timestamp_and_tracing_columns(exactly_once: bool) {
     let before_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let mut relay = spawn_relay_process_from(&path, &vars(&connection), &env.path(""));
     let records = consume_records(&env.brokers, &[&topic], 3, PATIENCE).await;
-    wait_until(PATIENCE, "the row with a time an hour ahead given up on", || async {
-        db.query_opt("SELECT 1 FROM outboxevent WHERE failed_at IS NOT NULL", &[]).await.unwrap().is_some()
-    })
-    .await;
+    let (_, error) = given_up_row(&db, "the row with a time an hour ahead").await;
     relay.signal(libc::SIGTERM);
     assert_eq!(relay.wait().await, Some(0), "{}", relay.log());
 
@@ -370,8 +366,6 @@ async fn timestamp_and_tracing_columns(exactly_once: bool) {
     assert!(by_key[b"unset".as_slice()].timestamp.is_some_and(|t| t >= before_ms - 1000), "NULL: the time it is sent");
     assert_eq!(by_key[b"after".as_slice()].timestamp, Some(1_622_505_600_000));
     assert!(!by_key.contains_key(b"future".as_slice()));
-    let error: String =
-        db.query_one("SELECT last_error FROM outboxevent WHERE failed_at IS NOT NULL", &[]).await.unwrap().get(0);
     assert!(error.to_lowercase().contains("timestamp"), "the broker's reason: {error}");
 }
 

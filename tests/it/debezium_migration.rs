@@ -4,7 +4,6 @@
 //! twice, and each aggregate's events stay in order across the switch.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,17 +54,18 @@ async fn written_more(committed: &Committed, more: usize) {
     wait_until(PATIENCE, "the application writing", || async { committed.lock().unwrap().len() >= from + more }).await;
 }
 
-fn psql(env: &TestEnv, args: &[&str]) -> String {
-    let out = Command::new(postgres::bindir().join("psql"))
-        .arg(&env.database_url)
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run psql");
-    let output = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "psql {args:?}: {output}{}", String::from_utf8_lossy(&out.stderr));
-    output
+/// Runs `examples/debezium-switch.sql` for Debezium's `publication`, with `marker` as the
+/// marker's aggregate type when given.
+fn run_switch(env: &TestEnv, publication: &str, marker: Option<&str>) -> std::process::Output {
+    let script = example("debezium-switch.sql");
+    let publication = format!("publication={publication}");
+    let mut args = vec!["-v", publication.as_str()];
+    let marker = marker.map(|m| format!("marker={m}"));
+    if let Some(marker) = &marker {
+        args.extend(["-v", marker.as_str()]);
+    }
+    args.extend(["-f", script.to_str().unwrap()]);
+    run_psql(&env.database_url, &args).expect("run psql")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,10 +117,8 @@ async fn migrate(publication_mode: &str) {
     run_debezium_sql(&env);
     written_more(&committed, 50).await;
     // 2. The application never deletes its rows. 3. The switch.
-    let switch_sql = example("debezium-switch.sql");
-    let publication = format!("publication={}", debezium.slot);
-    let marker_name = format!("marker={marker}");
-    psql(&env, &["-v", &publication, "-v", &marker_name, "-f", switch_sql.to_str().unwrap()]);
+    let switched = run_switch(&env, &debezium.slot, Some(&marker));
+    assert!(switched.status.success(), "the switch: {}", String::from_utf8_lossy(&switched.stderr));
     let switch = db.query_one("SELECT last_debezium_seq, marker_id::text FROM outbox_relay_switch", &[]).await.unwrap();
     let (last_debezium_seq, marker_id): (i64, String) = (switch.get(0), switch.get(1));
     written_more(&committed, 50).await;
@@ -202,16 +200,7 @@ async fn a_switch_that_cannot_get_its_lock_or_runs_twice_changes_nothing() {
             .unwrap()
             .get(0)
     };
-    let switch_sql = example("debezium-switch.sql");
-    let switch = |env: &TestEnv| {
-        Command::new(postgres::bindir().join("psql"))
-            .arg(&env.database_url)
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", "publication=dbz_publication", "-f"])
-            .arg(&switch_sql)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run psql")
-    };
+    let switch = |env: &TestEnv| run_switch(env, "dbz_publication", None);
 
     let mut writer = env.client().await;
     let open = writer.transaction().await.unwrap();

@@ -216,12 +216,9 @@ fn write_progress_record(
     producer.flush(Duration::from_secs(10)).expect("flush");
 }
 
-/// Progress records of another table under this relay's keys (another relay of a table of this
-/// name with the same prefix, or something else writing the topic) stop the relay at start with
-/// the key and the fix, never repairing rows of the other table.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_start() {
-    use outbox_relay::kafka::progress::{FORMAT, Progress};
+/// The standard table holding ten unpublished rows, an exactly-once configuration, the
+/// database's name and the key of shard 0's progress records.
+async fn ten_rows_and_shard_0s_progress_key() -> (TestEnv, tokio_postgres::Client, Config, String, String) {
     let env = TestEnv::start().await;
     env.migrate().await;
     let db = env.client().await;
@@ -229,6 +226,16 @@ async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_star
     let config = exactly_once(&env).await;
     let database: String = db.query_one("SELECT current_database()::text", &[]).await.unwrap().get(0);
     let key = config.kafka.exactly_once.progress_key(&database, "public.outbox", 0);
+    (env, db, config, database, key)
+}
+
+/// Progress records of another table under this relay's keys (another relay of a table of this
+/// name with the same prefix, or something else writing the topic) stop the relay at start with
+/// the key and the fix, never repairing rows of the other table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_start() {
+    use outbox_relay::kafka::progress::{FORMAT, Progress};
+    let (env, db, config, database, key) = ten_rows_and_shard_0s_progress_key().await;
     let other = Progress {
         format: FORMAT,
         database: database.clone(),
@@ -255,12 +262,7 @@ async fn progress_records_of_another_table_under_the_relays_keys_stop_it_at_star
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_records_of_another_server_under_the_relays_keys_stop_it_at_start() {
     use outbox_relay::kafka::progress::{FORMAT, Progress, ProgressRow};
-    let env = TestEnv::start().await;
-    env.migrate().await;
-    let db = env.client().await;
-    insert_backlog(&db, &env.create_topic(1).await, 0..10, 2).await;
-    let config = exactly_once(&env).await;
-    let database: String = db.query_one("SELECT current_database()::text", &[]).await.unwrap().get(0);
+    let (env, db, config, database, key) = ten_rows_and_shard_0s_progress_key().await;
     let server: String =
         db.query_one("SELECT system_identifier::text FROM pg_control_system()", &[]).await.unwrap().get(0);
     let rows: Vec<(i64, String)> = db
@@ -270,7 +272,6 @@ async fn progress_records_of_another_server_under_the_relays_keys_stop_it_at_sta
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let key = config.kafka.exactly_once.progress_key(&database, "public.outbox", 0);
     let other_server = format!("{}1", server);
     let other = Progress {
         format: FORMAT,

@@ -12,18 +12,24 @@ use super::postgres;
 /// that the script sets one; an external server may check it.
 pub const RELAY_PASSWORD: &str = "relay-secret";
 
+/// Runs psql against `url` as an operator would (no psqlrc, quiet, stopping at the first
+/// error) with `args` (`-v` variables, `-f FILE`, ...), returning its output.
+pub fn run_psql(url: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
+    Command::new(postgres::bindir().join("psql"))
+        .arg(url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+}
+
 /// Runs `sql/relay_role.sql` with psql against `owner_url` for `role`; the error carries psql's
 /// output.
 pub fn run_relay_role_script(owner_url: &str, role: &str, allow_delete: bool) -> Result<String, String> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/relay_role.sql");
-    let out = Command::new(postgres::bindir().join("psql"))
-        .arg(owner_url)
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
-        .args(["-v", &format!("relay_role={role}"), "-v", &format!("relay_password={RELAY_PASSWORD}")])
-        .args(["-v", if allow_delete { "allow_delete=on" } else { "allow_delete=off" }])
-        .args(["-f", script])
-        .stdin(Stdio::null())
-        .output()
+    let (role, password) = (format!("relay_role={role}"), format!("relay_password={RELAY_PASSWORD}"));
+    let delete = if allow_delete { "allow_delete=on" } else { "allow_delete=off" };
+    let out = run_psql(owner_url, &["-v", &role, "-v", &password, "-v", delete, "-f", script])
         .map_err(|e| format!("run psql: {e}"))?;
     let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if out.status.success() { Ok(output) } else { Err(format!("sql/relay_role.sql failed: {output}")) }
