@@ -313,8 +313,8 @@ async fn partition_column(exactly_once: bool) {
 
 /// Debezium's timestamp and tracing columns on a real broker: the record carries the row's
 /// time as its timestamp (a NULL one: the time it is sent) and the writer's trace context as
-/// headers; a time the broker refuses (Kafka 4 takes none more than an hour ahead) fails only
-/// its row, with the broker's reason.
+/// headers; a time the topic refuses (Kafka 4 takes none more than an hour ahead) fails only
+/// its row, refused before sending with the topic's limit named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timestamp_and_tracing_columns_reach_the_record_and_a_refused_time_fails_only_its_row() {
     timestamp_and_tracing_columns(false).await;
@@ -366,7 +366,7 @@ async fn timestamp_and_tracing_columns(exactly_once: bool) {
     assert!(by_key[b"unset".as_slice()].timestamp.is_some_and(|t| t >= before_ms - 1000), "NULL: the time it is sent");
     assert_eq!(by_key[b"after".as_slice()].timestamp, Some(1_622_505_600_000));
     assert!(!by_key.contains_key(b"future".as_slice()));
-    assert!(error.to_lowercase().contains("timestamp"), "the broker's reason: {error}");
+    assert!(error.to_lowercase().contains("timestamp"), "the reason: {error}");
 }
 
 /// Partitions added to a live topic: a row naming one of them goes there at once, not charged
