@@ -32,6 +32,14 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
+/// `count` distinct free TCP ports on 127.0.0.1: each stays bound until all are chosen, so the
+/// system cannot hand out one port twice (separate [`free_port`] calls can).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port")).collect();
+    listeners.iter().map(|l| l.local_addr().map(|a| a.port()).expect("free port")).collect()
+}
+
 /// A name no other test uses: lower case, so it is the same quoted or not.
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::environment::free_port;
+use super::environment::free_ports;
 use super::processes::{print_log_tail, reap_if_exited, set_parent_death_signal, stop_child};
 
 /// How long a node may take to serve after its JVM starts, on a loaded 2-core machine.
@@ -55,7 +55,7 @@ impl Kafka {
     /// Writes the configuration of `nodes` nodes and formats their storage, without starting
     /// them: the ports are reserved so a relay can be pointed at a broker not yet running.
     pub fn prepare(nodes: usize, properties: &[&str]) -> Kafka {
-        let ports: Vec<u16> = (0..nodes * 2).map(|_| free_port()).collect();
+        let ports = free_ports(nodes * 2);
         Self::prepare_on(&ports, properties)
     }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use super::environment::{PATIENCE, free_port, wait_until};
+use super::environment::{PATIENCE, free_ports, wait_until};
 use super::kafka::{self, Kafka};
 use super::tls::TestCa;
 
@@ -130,8 +130,8 @@ impl SecuredKafka {
     /// each listener's port.
     fn start_node(keystore: &str, truststore: &str, extra: &[&str]) -> (Kafka, Vec<u16>) {
         for _ in 0..3 {
-            let (client, controller) = (free_port(), free_port());
-            let ports: Vec<u16> = Listener::ALL.iter().map(|_| free_port()).collect();
+            let mut ports = free_ports(Listener::ALL.len() + 2);
+            let (client, controller) = (ports.remove(0), ports.remove(0));
             let mut listeners =
                 vec![format!("PLAINTEXT://127.0.0.1:{client}"), format!("CONTROLLER://127.0.0.1:{controller}")];
             let mut advertised = vec![format!("PLAINTEXT://127.0.0.1:{client}")];
